@@ -1,0 +1,35 @@
+# Tandem: every target uses the project's own virtual environment in .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TANDEM := $(VENV)/bin/tandem
+STAMP  := $(VENV)/.installed
+CERTS  ?= .certs
+AGENTS ?= edge-1,edge-2,edge-3,edge-4
+
+.PHONY: install protos check-protos certs run test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+# Regenerate the checked-in Python code (messages, stubs, services) from protos/.
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=services --pyi_out=services \
+		--grpc_python_out=services protos/tandem/v1/*.proto
+
+certs: $(STAMP)
+	test -f $(CERTS)/ca.pem || $(TANDEM) certs init --dir $(CERTS) --agents $(AGENTS)
+
+# The demo: a coordinator and 4 agents on loopback, 10 rounds of federated training.
+run: $(STAMP) certs
+	$(TANDEM) demo --certs $(CERTS) --agents 4 --rounds 10
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(CERTS) .state .pytest_cache

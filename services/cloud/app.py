@@ -1,0 +1,87 @@
+"""Start-up and shutdown order of the coordinator, and nothing else."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from cloud.intake import UpdateIntake
+from cloud.jobs import JobManager
+from cloud.models import ModelRepository
+from cloud.registry import Registry
+from cloud.service import AdminService, CoordinatorService
+from cloud.store import Store
+from tandem import grpcserver, metrics, tls
+from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICES = [
+    coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+]
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    listen: str
+    certs: Path
+    state: Path
+    metrics: str | None = None
+    health: str | None = None  # plaintext health-only port for probes that cannot present a certificate
+    heartbeat_interval: float = 5.0
+    grace: float = 10.0
+
+
+class Coordinator:
+    def __init__(self, config: CloudConfig) -> None:
+        self.config = config
+        self.port = 0
+        self.health_port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.store = Store(cfg.state)
+        self.registry = Registry()
+        self.models = ModelRepository(self.store)
+        self.jobs = JobManager(self.store, self.registry, self.models)
+        intake = UpdateIntake(self.store, self.jobs, self.models)
+
+        self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
+            CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, cfg.heartbeat_interval),
+            self.server,
+        )
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminService(self.store, self.registry, self.models, self.jobs), self.server
+        )
+        self.health = grpcserver.add_standard_services(self.server, SERVICES)
+        self.port = self.server.add_secure_port(cfg.listen, tls.server_credentials(cfg.certs))
+        self.health_server: grpc.aio.Server | None = None
+        if cfg.health:
+            self.health_server = grpcserver.create_server()
+            grpcserver.add_health_only(self.health_server, self.health)
+            self.health_port = self.health_server.add_insecure_port(cfg.health)
+            await self.health_server.start()
+        await self.server.start()
+        resumed = self.jobs.resume()
+        if resumed:
+            log.info("resumed jobs %s", resumed)
+        if cfg.metrics:
+            _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
+        await grpcserver.set_serving(self.health, SERVICES, True)
+        log.info("coordinator listening on port %d", self.port)
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING first, end control streams, let uploads finish, then close."""
+        await self.health.enter_graceful_shutdown()
+        self.registry.close_all("coordinator shutting down")
+        await self.server.stop(self.config.grace)
+        await self.jobs.shutdown()
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        self.store.close()

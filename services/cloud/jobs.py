@@ -1,0 +1,141 @@
+"""Jobs: start, stop, describe, and resume after a restart. One JobRunner per running job."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cloud.models import ModelRepository
+from cloud.registry import Registry
+from cloud.rounds import JobRunner
+from cloud.spec import JobSpec
+from cloud.store import Store
+from tandem.errors import FailedPrecondition, InvalidArgument, NotFound
+from tandem.v1 import admin_pb2
+
+_STATES = {
+    "running": admin_pb2.JOB_STATE_RUNNING,
+    "completed": admin_pb2.JOB_STATE_COMPLETED,
+    "stopped": admin_pb2.JOB_STATE_STOPPED,
+    "failed": admin_pb2.JOB_STATE_FAILED,
+}
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class JobManager:
+    def __init__(self, store: Store, registry: Registry, models: ModelRepository) -> None:
+        self._store = store
+        self._registry = registry
+        self._models = models
+        self._runners: dict[str, JobRunner] = {}
+
+    def resume(self) -> list[str]:
+        """Start a runner for every job the store says is running; returns their ids."""
+        for row in self._store.list_jobs("running"):
+            self._launch(row["job_id"], JobSpec.from_dict(json.loads(row["spec"])))
+        return sorted(self._runners)
+
+    async def start_job(self, spec: JobSpec) -> str:
+        job_id = uuid.uuid4().hex[:12]
+        arrays = self._models.initial_arrays(spec.model, spec.seed)
+        version = await self._models.write(spec.model, arrays, job_id, 0)
+        self._store.add_version(version)
+        self._models.published(version)
+        self._store.create_job(job_id, spec.to_dict(), version.version)
+        self._launch(job_id, spec)
+        return job_id
+
+    def _launch(self, job_id: str, spec: JobSpec) -> None:
+        runner = JobRunner(job_id, spec, self._store, self._registry, self._models)
+        self._runners[job_id] = runner
+        runner.start()
+
+    async def stop_job(self, job_id: str) -> None:
+        row = self._job_row(job_id)
+        if row["state"] != "running":
+            raise FailedPrecondition(f"job {job_id} is {row['state']}, not running")
+        runner = self._runners.pop(job_id, None)
+        if runner is not None:
+            await runner.stop()
+        self._store.set_job_state(job_id, "stopped", "stopped by an admin")
+
+    async def shutdown(self) -> None:
+        """Stop every runner; their jobs stay `running` in the store and resume on restart."""
+        for runner in list(self._runners.values()):
+            await runner.stop()
+        self._runners.clear()
+
+    def runner(self, job_id: str) -> JobRunner:
+        """The runner of a running job, for the update intake."""
+        if not job_id:
+            raise InvalidArgument("job_id is required")
+        row = self._job_row(job_id)
+        runner = self._runners.get(job_id)
+        if row["state"] != "running" or runner is None or runner.done:
+            raise FailedPrecondition(f"job {job_id} is {row['state']}; it accepts no updates")
+        return runner
+
+    def _job_row(self, job_id: str) -> sqlite3.Row:
+        row = self._store.get_job(job_id)
+        if row is None:
+            raise NotFound(f"no job {job_id!r}")
+        return row
+
+    # ---- accounting ----------------------------------------------------------
+
+    def count_download(self, model: str, version: int, nbytes: int) -> None:
+        """Attribute a model download to the open round that trains from that version."""
+        for runner in self._runners.values():
+            rnd = runner.round
+            if rnd is not None and runner.spec.model == model and rnd.base.version == version:
+                self._store.add_round_bytes(runner.job_id, rnd.number, down=nbytes)
+
+    def count_rejection(self, job_id: str, round_: int, nbytes: int) -> None:
+        runner = self._runners.get(job_id)
+        if runner is not None and runner.round is not None and runner.round.number == round_:
+            self._store.add_round_bytes(job_id, round_, up=nbytes, rejected=1)
+
+    # ---- views -------------------------------------------------------------
+
+    def describe(self, job_id: str) -> admin_pb2.Job:
+        row = self._job_row(job_id)
+        spec = JobSpec.from_dict(json.loads(row["spec"]))
+        job = admin_pb2.Job(
+            job_id=job_id, spec=spec.to_proto(), state=_STATES[row["state"]], current_round=row["current_round"],
+            version=row["version"], message=row["message"], created=_timestamp(row["created"]),
+        )
+        for r in self._store.closed_rounds(job_id):
+            updates = self._store.list_updates(job_id, r["round"])
+            job.rounds.append(
+                admin_pb2.RoundResult(
+                    round=r["round"], accuracy=r["accuracy"] or 0.0, loss=r["loss"] or 0.0,
+                    local_loss=r["local_loss"] or 0.0, seconds=r["seconds"] or 0.0, bytes_up=r["bytes_up"],
+                    bytes_down=r["bytes_down"], accepted=len(updates), rejected=r["rejected"],
+                    version=r["version"], sha256=r["sha256"], attempts=r["attempt"],
+                    agents=[u.agent for u in updates],
+                )
+            )
+        if row["state"] == "running":
+            current = self._store.get_round(job_id, row["current_round"])
+            if current is not None and current["state"] == "open":
+                accepted = self._store.list_updates(job_id, current["round"])
+                job.open_round.CopyFrom(
+                    admin_pb2.OpenRound(
+                        round=current["round"], attempt=current["attempt"], base_version=current["base_version"],
+                        selected=json.loads(current["selected"]), accepted_agents=[u.agent for u in accepted],
+                        rejected=current["rejected"], deadline=_timestamp(current["deadline"]),
+                    )
+                )
+        return job
+
+    def list_jobs(self) -> list[admin_pb2.Job]:
+        return [self.describe(row["job_id"]) for row in self._store.list_jobs()]
+

@@ -1,0 +1,107 @@
+"""Agents with an open control stream, and the queues that feed their streams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tandem import metrics
+from tandem.v1 import coordinator_pb2 as pb
+
+
+@dataclass
+class Session:
+    """One open control stream. `queue` holds messages for the agent; None ends it."""
+
+    agent_id: str
+    hello: pb.Hello
+    connected_since: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.time)
+    measurements: dict[str, float] = field(default_factory=dict)
+    queue: asyncio.Queue[pb.CoordinatorMessage | None] = field(default_factory=asyncio.Queue)
+
+    def send(self, message: pb.CoordinatorMessage) -> None:
+        self.queue.put_nowait(message)
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
+
+
+ConnectListener = Callable[[Session], None]
+
+
+class Registry:
+    """Who is connected right now. A reconnecting agent replaces its older session."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._listeners: list[ConnectListener] = []
+        self._changed = asyncio.Condition()
+
+    def add_listener(self, listener: ConnectListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ConnectListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    async def connect(self, agent_id: str, hello: pb.Hello) -> Session:
+        old = self._sessions.get(agent_id)
+        if old is not None:
+            old.close()
+        session = Session(agent_id, hello)
+        self._sessions[agent_id] = session
+        metrics.CONNECTED_AGENTS.set(len(self._sessions))
+        metrics.AGENT_CONNECTS.inc()
+        await self._notify()
+        return session
+
+    def announce(self, session: Session) -> None:
+        """Tell listeners (job runners) that the session is ready for work."""
+        for listener in list(self._listeners):
+            listener(session)
+
+    async def disconnect(self, session: Session) -> None:
+        if self._sessions.get(session.agent_id) is session:
+            del self._sessions[session.agent_id]
+            metrics.CONNECTED_AGENTS.set(len(self._sessions))
+            await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_changed(self, timeout: float) -> None:
+        """Return when an agent connects or disconnects, or after `timeout` seconds."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def get(self, agent_id: str) -> Session | None:
+        return self._sessions.get(agent_id)
+
+    def connected(self) -> list[str]:
+        return sorted(self._sessions)
+
+    def sessions(self) -> list[Session]:
+        return [self._sessions[a] for a in sorted(self._sessions)]
+
+    def send(self, agent_id: str, message: pb.CoordinatorMessage) -> bool:
+        session = self._sessions.get(agent_id)
+        if session is None:
+            return False
+        session.send(message)
+        return True
+
+    def broadcast(self, message: pb.CoordinatorMessage) -> None:
+        for session in self._sessions.values():
+            session.send(message)
+
+    def close_all(self, reason: str) -> None:
+        for session in self._sessions.values():
+            session.send(pb.CoordinatorMessage(shutdown=pb.Shutdown(reason=reason)))
+            session.close()

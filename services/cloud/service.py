@@ -1,0 +1,175 @@
+"""Thin gRPC adapters for the coordinator: check identity, delegate, translate errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cloud.intake import UpdateIntake
+from cloud.jobs import JobManager
+from cloud.models import ModelRepository
+from cloud.registry import Registry, Session
+from cloud.spec import JobSpec
+from cloud.store import Store
+from tandem import codec, metrics
+from tandem.certs import ROLE_ADMIN, ROLE_AGENT
+from tandem.errors import InvalidArgument, grpc_errors, grpc_stream_errors
+from tandem.tls import peer_identity, require_role
+from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
+from tandem.v1 import coordinator_pb2 as pb
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(
+        self, store: Store, registry: Registry, models: ModelRepository, jobs: JobManager, intake: UpdateIntake,
+        heartbeat_interval: float,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._models = models
+        self._jobs = jobs
+        self._intake = intake
+        self._heartbeat_interval = heartbeat_interval
+
+    @grpc_stream_errors
+    async def Connect(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CoordinatorMessage]:
+        identity = require_role(context, ROLE_AGENT)
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("hello"):
+            raise InvalidArgument("the first message on Connect must be a Hello")
+        session = await self._registry.connect(identity.name, first.hello)
+        self._store.agent_connected(identity.name, first.hello.num_examples, first.hello.device)
+        session.send(
+            pb.CoordinatorMessage(
+                welcome=pb.Welcome(agent_id=identity.name, heartbeat_interval_seconds=self._heartbeat_interval)
+            )
+        )
+        self._registry.announce(session)
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        try:
+            while (message := await session.queue.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            await self._registry.disconnect(session)
+
+    async def _read(self, session: Session, request_iterator: AsyncIterator[pb.AgentMessage]) -> None:
+        try:
+            async for message in request_iterator:
+                if message.HasField("heartbeat"):
+                    session.last_seen = time.time()
+                    session.measurements.update(message.heartbeat.measurements)
+                    self._store.agent_seen(session.agent_id)
+        except (grpc.RpcError, asyncio.CancelledError):
+            pass
+        finally:
+            session.close()
+
+    @grpc_errors
+    async def UploadUpdate(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
+    ) -> pb.UpdateReceipt:
+        identity = require_role(context, ROLE_AGENT)
+        return await self._intake.receive(identity.name, request_iterator)
+
+    @grpc_stream_errors
+    async def DownloadModel(  # noqa: N802
+        self, request: pb.ModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelChunk]:
+        peer_identity(context)  # any identity from the deployment's CA may read models
+        row, arrays = await self._models.load(request.model, request.version)
+        specs = codec.specs_of(arrays)
+        header = pb.ModelHeader(
+            model=row.model, version=row.version, sha256=row.sha256,
+            tensors=[spec.to_proto() for spec in specs.values()],
+            total_bytes=sum(spec.nbytes for spec in specs.values()),
+        )
+        sent = 0
+        message = pb.ModelChunk(header=header)
+        sent += message.ByteSize()
+        yield message
+        for chunk in codec.iter_chunks(arrays):
+            message = pb.ModelChunk(tensor=chunk)
+            sent += message.ByteSize()
+            yield message
+        metrics.BYTES_SENT.labels("model").inc(sent)
+        self._jobs.count_download(row.model, row.version, sent)
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, store: Store, registry: Registry, models: ModelRepository, jobs: JobManager) -> None:
+        self._store = store
+        self._registry = registry
+        self._models = models
+        self._jobs = jobs
+
+    @grpc_errors
+    async def ListAgents(  # noqa: N802
+        self, request: admin_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListAgentsResponse:
+        require_role(context, ROLE_ADMIN)
+        response = admin_pb2.ListAgentsResponse()
+        for row in self._store.list_agents():
+            session = self._registry.get(row["agent"])
+            info = admin_pb2.AgentInfo(
+                agent_id=row["agent"], connected=session is not None, last_seen=_timestamp(row["last_seen"]),
+                num_examples=row["num_examples"], device=row["device"], connects=row["connects"],
+            )
+            if session is not None:
+                info.connected_since.CopyFrom(_timestamp(session.connected_since))
+                info.measurements.update(session.measurements)
+            response.agents.append(info)
+        return response
+
+    @grpc_errors
+    async def StartJob(  # noqa: N802
+        self, request: admin_pb2.StartJobRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Job:
+        require_role(context, ROLE_ADMIN)
+        job_id = await self._jobs.start_job(JobSpec.from_proto(request.spec))
+        return self._jobs.describe(job_id)
+
+    @grpc_errors
+    async def GetJob(self, request: admin_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> admin_pb2.Job:  # noqa: N802
+        require_role(context, ROLE_ADMIN)
+        return self._jobs.describe(request.job_id)
+
+    @grpc_errors
+    async def ListJobs(  # noqa: N802
+        self, request: admin_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListJobsResponse:
+        require_role(context, ROLE_ADMIN)
+        return admin_pb2.ListJobsResponse(jobs=self._jobs.list_jobs())
+
+    @grpc_errors
+    async def StopJob(self, request: admin_pb2.StopJobRequest, context: grpc.aio.ServicerContext) -> admin_pb2.Job:  # noqa: N802
+        require_role(context, ROLE_ADMIN)
+        await self._jobs.stop_job(request.job_id)
+        return self._jobs.describe(request.job_id)
+
+    @grpc_errors
+    async def ListModelVersions(  # noqa: N802
+        self, request: admin_pb2.ListModelVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListModelVersionsResponse:
+        require_role(context, ROLE_ADMIN)
+        return admin_pb2.ListModelVersionsResponse(
+            versions=[
+                admin_pb2.ModelVersion(
+                    model=v.model, version=v.version, sha256=v.sha256, job_id=v.job_id or "", round=v.round or 0,
+                    created=_timestamp(v.created), bytes=v.bytes,
+                )
+                for v in self._store.list_versions(request.model)
+            ]
+        )

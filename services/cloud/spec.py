@@ -1,0 +1,88 @@
+"""A federated training job's settings: defaults, validation, wire form."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tandem import zoo
+from tandem.errors import InvalidArgument, NotFound
+from tandem.v1 import admin_pb2
+
+CODECS = ("none",)
+EVAL_SETS = ("", "digits")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    model: str
+    rounds: int
+    min_clients: int
+    clients_per_round: int = 0
+    deadline: float = 60.0
+    eval: str = ""
+    epochs: int = 5
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    codec: str = "none"
+    seed: int = 0
+    max_update_bytes: int = 256 << 20
+
+    def validate(self) -> JobSpec:
+        if self.model not in zoo.model_names():
+            raise NotFound(f"unknown model {self.model!r}; the zoo has {zoo.model_names()}")
+        _check(1 <= self.rounds <= 100_000, f"rounds must be in 1..100000, got {self.rounds}")
+        _check(1 <= self.min_clients <= 100_000, f"min_clients must be >= 1, got {self.min_clients}")
+        _check(
+            self.clients_per_round == 0 or self.clients_per_round >= self.min_clients,
+            f"clients_per_round ({self.clients_per_round}) must be 0 (all) or >= min_clients ({self.min_clients})",
+        )
+        _check(0 < self.deadline <= 86_400, f"deadline must be in (0, 86400] seconds, got {self.deadline}")
+        _check(self.eval in EVAL_SETS, f"unknown eval set {self.eval!r}; known: {[e for e in EVAL_SETS if e]}")
+        _check(1 <= self.epochs <= 1_000, f"epochs must be in 1..1000, got {self.epochs}")
+        _check(1 <= self.batch_size <= 65_536, f"batch_size must be in 1..65536, got {self.batch_size}")
+        _check(
+            math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 100,
+            f"learning_rate must be in (0, 100], got {self.learning_rate}",
+        )
+        _check(self.codec in CODECS, f"unknown codec {self.codec!r}; supported: {list(CODECS)}")
+        return self
+
+    @classmethod
+    def from_proto(cls, msg: admin_pb2.JobSpec) -> JobSpec:
+        """Zero fields take the defaults (proto3 cannot tell unset from zero)."""
+        defaults = cls(model="", rounds=0, min_clients=0)
+        return cls(
+            model=msg.model,
+            rounds=msg.rounds,
+            min_clients=msg.min_clients,
+            clients_per_round=msg.clients_per_round,
+            deadline=msg.round_deadline_seconds or defaults.deadline,
+            eval=msg.eval,
+            epochs=msg.epochs or defaults.epochs,
+            batch_size=msg.batch_size or defaults.batch_size,
+            learning_rate=msg.learning_rate or defaults.learning_rate,
+            codec=msg.codec or defaults.codec,
+            seed=msg.seed,
+        ).validate()
+
+    def to_proto(self) -> admin_pb2.JobSpec:
+        return admin_pb2.JobSpec(
+            model=self.model, rounds=self.rounds, min_clients=self.min_clients,
+            clients_per_round=self.clients_per_round, round_deadline_seconds=self.deadline, eval=self.eval,
+            epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate, codec=self.codec,
+            seed=self.seed,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        return cls(**data)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidArgument(message)

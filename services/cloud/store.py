@@ -1,0 +1,284 @@
+"""Durable coordinator state: SQLite for records, safetensors files for tensors.
+
+Every write that acknowledges something to a peer is committed (WAL, synchronous
+FULL) before the acknowledgement goes out, so a SIGKILL loses nothing that was
+acknowledged. Tensor files are written to a temporary name, fsynced and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    model TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL, path TEXT NOT NULL,
+    job_id TEXT, round INTEGER, created REAL NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (model, version));
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, current_round INTEGER NOT NULL,
+    version INTEGER NOT NULL, message TEXT NOT NULL DEFAULT '', created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    job_id TEXT NOT NULL, round INTEGER NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL,
+    base_version INTEGER NOT NULL, selected TEXT NOT NULL, opened REAL NOT NULL, deadline REAL NOT NULL,
+    rejected INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
+    bytes_down INTEGER NOT NULL DEFAULT 0, accuracy REAL, loss REAL, local_loss REAL, seconds REAL,
+    version INTEGER, sha256 TEXT, closed REAL,
+    PRIMARY KEY (job_id, round));
+CREATE TABLE IF NOT EXISTS updates (
+    job_id TEXT NOT NULL, round INTEGER NOT NULL, agent TEXT NOT NULL, digest TEXT NOT NULL,
+    num_examples INTEGER NOT NULL, local_loss REAL NOT NULL, path TEXT, bytes INTEGER NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (job_id, round, agent));
+CREATE TABLE IF NOT EXISTS agents (
+    agent TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    connects INTEGER NOT NULL, num_examples INTEGER NOT NULL, device TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    model: str
+    version: int
+    sha256: str
+    path: str
+    job_id: str | None
+    round: int | None
+    created: float
+    bytes: int
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    agent: str
+    digest: str
+    num_examples: int
+    local_loss: float
+    path: str | None
+    bytes: int
+
+
+def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
+    """Write a safetensors file atomically and durably; returns its size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = save(dict(arrays))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return len(data)
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Tensors from a safetensors file: no pickle is ever involved."""
+    return load_file(str(path))
+
+
+class Store:
+    """The coordinator's records. Called from the event loop; every call is short."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(directory / "tandem.db", isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _one(self, sql: str, *args: Any) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
+        return row
+
+    # ---- model versions ---------------------------------------------------
+
+    def model_path(self, model: str, version: int) -> Path:
+        return self.directory / "models" / model / f"v{version:06d}.safetensors"
+
+    def update_path(self, job_id: str, round_: int, agent: str) -> Path:
+        return self.directory / "updates" / job_id / f"r{round_:05d}" / f"{agent}.safetensors"
+
+    def next_version(self, model: str) -> int:
+        row = self._one("SELECT MAX(version) AS v FROM versions WHERE model = ?", model)
+        return int(row["v"] or 0) + 1 if row else 1
+
+    def add_version(self, row: VersionRow) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?)",
+                (row.model, row.version, row.sha256, row.path, row.job_id, row.round, row.created, row.bytes),
+            )
+
+    def get_version(self, model: str, version: int) -> VersionRow | None:
+        if version == 0:
+            row = self._one("SELECT * FROM versions WHERE model = ? ORDER BY version DESC LIMIT 1", model)
+        else:
+            row = self._one("SELECT * FROM versions WHERE model = ? AND version = ?", model, version)
+        return VersionRow(**dict(row)) if row else None
+
+    def list_versions(self, model: str = "") -> list[VersionRow]:
+        sql, args = "SELECT * FROM versions", ()
+        if model:
+            sql, args = sql + " WHERE model = ?", (model,)
+        return [VersionRow(**dict(r)) for r in self._db.execute(sql + " ORDER BY model, version", args)]
+
+    # ---- jobs -------------------------------------------------------------
+
+    def create_job(self, job_id: str, spec: Mapping[str, Any], version: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?)",
+                (job_id, json.dumps(dict(spec)), "running", 1, version, "", time.time()),
+            )
+
+    def get_job(self, job_id: str) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM jobs WHERE job_id = ?", job_id)
+
+    def list_jobs(self, state: str | None = None) -> list[sqlite3.Row]:
+        if state:
+            return list(self._db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY created", (state,)))
+        return list(self._db.execute("SELECT * FROM jobs ORDER BY created"))
+
+    def set_job_state(self, job_id: str, state: str, message: str = "") -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET state = ?, message = ? WHERE job_id = ?", (state, message, job_id))
+
+    # ---- rounds -----------------------------------------------------------
+
+    def get_round(self, job_id: str, round_: int) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM rounds WHERE job_id = ? AND round = ?", job_id, round_)
+
+    def closed_rounds(self, job_id: str) -> list[sqlite3.Row]:
+        return list(
+            self._db.execute("SELECT * FROM rounds WHERE job_id = ? AND state = 'closed' ORDER BY round", (job_id,))
+        )
+
+    def open_round(
+        self, job_id: str, round_: int, attempt: int, base_version: int, selected: list[str], deadline: float
+    ) -> None:
+        """Create the round, or record a new attempt of it (keeping its counters)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rounds (job_id, round, state, attempt, base_version, selected, opened, deadline)"
+                " VALUES (?,?,'open',?,?,?,?,?) ON CONFLICT (job_id, round) DO UPDATE SET"
+                " attempt = excluded.attempt, selected = excluded.selected, deadline = excluded.deadline",
+                (job_id, round_, attempt, base_version, json.dumps(selected), time.time(), deadline),
+            )
+
+    def set_selected(self, job_id: str, round_: int, selected: list[str]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rounds SET selected = ? WHERE job_id = ? AND round = ?", (json.dumps(selected), job_id, round_)
+            )
+
+    def add_round_bytes(self, job_id: str, round_: int, up: int = 0, down: int = 0, rejected: int = 0) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rounds SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ?, rejected = rejected + ?"
+                " WHERE job_id = ? AND round = ?",
+                (up, down, rejected, job_id, round_),
+            )
+
+    def close_round(
+        self, job_id: str, round_: int, version: VersionRow, accuracy: float | None, loss: float | None,
+        local_loss: float, final: bool,
+    ) -> None:
+        """Publish the round's version and advance the job, in one transaction."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?)",
+                (version.model, version.version, version.sha256, version.path, version.job_id,
+                 version.round, version.created, version.bytes),
+            )
+            now = time.time()
+            db.execute(
+                "UPDATE rounds SET state = 'closed', accuracy = ?, loss = ?, local_loss = ?, seconds = ? - opened,"
+                " version = ?, sha256 = ?, closed = ? WHERE job_id = ? AND round = ?",
+                (accuracy, loss, local_loss, now, version.version, version.sha256, now, job_id, round_),
+            )
+            db.execute(
+                "UPDATE jobs SET current_round = ?, version = ?, state = ? WHERE job_id = ?",
+                (round_ + 1, version.version, "completed" if final else "running", job_id),
+            )
+
+    # ---- updates ----------------------------------------------------------
+
+    def add_update(self, job_id: str, round_: int, row: UpdateRow, wire_bytes: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?)",
+                (job_id, round_, row.agent, row.digest, row.num_examples, row.local_loss, row.path, row.bytes,
+                 time.time()),
+            )
+            db.execute(
+                "UPDATE rounds SET bytes_up = bytes_up + ? WHERE job_id = ? AND round = ?", (wire_bytes, job_id, round_)
+            )
+
+    def get_update(self, job_id: str, round_: int, agent: str) -> UpdateRow | None:
+        row = self._one(
+            "SELECT agent, digest, num_examples, local_loss, path, bytes FROM updates"
+            " WHERE job_id = ? AND round = ? AND agent = ?", job_id, round_, agent,
+        )
+        return UpdateRow(**dict(row)) if row else None
+
+    def list_updates(self, job_id: str, round_: int) -> list[UpdateRow]:
+        rows = self._db.execute(
+            "SELECT agent, digest, num_examples, local_loss, path, bytes FROM updates"
+            " WHERE job_id = ? AND round = ? ORDER BY agent", (job_id, round_),
+        )
+        return [UpdateRow(**dict(r)) for r in rows]
+
+    def forget_update_files(self, job_id: str, round_: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE updates SET path = NULL WHERE job_id = ? AND round = ?", (job_id, round_))
+
+    # ---- agents -----------------------------------------------------------
+
+    def agent_connected(self, agent: str, num_examples: int, device: str) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO agents VALUES (?,?,?,1,?,?) ON CONFLICT (agent) DO UPDATE SET"
+                " last_seen = excluded.last_seen, connects = connects + 1,"
+                " num_examples = excluded.num_examples, device = excluded.device",
+                (agent, now, now, num_examples, device),
+            )
+
+    def agent_seen(self, agent: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE agents SET last_seen = ? WHERE agent = ?", (time.time(), agent))
+
+    def list_agents(self) -> list[sqlite3.Row]:
+        return list(self._db.execute("SELECT * FROM agents ORDER BY agent"))

@@ -1,0 +1,242 @@
+"""The edge agent daemon: a control stream to the cloud that survives any break,
+and local training on data that never leaves the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import numpy as np
+
+from edge import transfer
+from tandem import __version__, codec, data, grpcserver, metrics, tls, training, zoo
+from tandem.v1 import coordinator_pb2 as pb
+from tandem.v1 import coordinator_pb2_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Codes worth trying again: the coordinator is restarting, draining or unreachable.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    cloud: str
+    certs: Path
+    agent_id: str
+    data: str
+    metrics: str | None = None
+    backoff_initial: float = 0.5
+    backoff_max: float = 15.0
+
+
+@dataclass
+class HeldModel:
+    version: int
+    sha256: str
+    arrays: dict[str, np.ndarray]
+
+
+class Backoff:
+    """Full-jitter exponential backoff: a random wait in [0, min(cap, base * 2**n))."""
+
+    def __init__(self, initial: float, cap: float) -> None:
+        self.initial, self.cap, self.failures = initial, cap, 0
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return random.uniform(0, min(self.cap, self.initial * 2**self.failures))
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.dataset = data.load_data(config.data)
+        self.client_index = data.partition_index(config.data)
+        self.held: dict[str, HeldModel] = {}
+        self.welcomed = asyncio.Event()
+        self._tasks: dict[tuple[str, int], pb.TrainTask] = {}  # newest message for each (job, round)
+        self._done: set[tuple[str, int]] = set()
+        self._training: asyncio.Task[None] | None = None
+        self._measurements: dict[str, float] = {"examples": float(len(self.dataset))}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep a control stream open until `stop` is set, reconnecting with backoff."""
+        credentials = tls.agent_credentials(self.config.certs, self.config.agent_id)
+        async with grpcserver.secure_channel(self.config.cloud, credentials) as channel:
+            self._stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
+            while not stop.is_set():
+                session = asyncio.create_task(self._session())
+                stopper = asyncio.create_task(stop.wait())
+                await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if not session.done():
+                    session.cancel()
+                    break
+                if session.result():
+                    backoff.reset()
+                delay = backoff.next_delay()
+                log.info("control stream closed; reconnecting in %.1f s", delay)
+                metrics.EDGE_RECONNECTS.inc()
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+            if self._training is not None:
+                self._training.cancel()
+
+    async def _session(self) -> bool:
+        """One control stream; returns whether the coordinator welcomed us."""
+        outgoing: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
+        outgoing.put_nowait(pb.AgentMessage(hello=pb.Hello(
+            agent_version=__version__, num_examples=len(self.dataset), device="cpu",
+            models={name: held.version for name, held in self.held.items()},
+        )))
+
+        async def requests() -> AsyncIterator[pb.AgentMessage]:
+            while True:
+                yield await outgoing.get()
+
+        call = self._stub.Connect(requests())
+        heartbeat: asyncio.Task[None] | None = None
+        welcomed = False
+        code = grpc.StatusCode.OK
+        try:
+            async for message in call:
+                kind = message.WhichOneof("kind")
+                if kind == "welcome":
+                    welcomed = True
+                    self.welcomed.set()
+                    metrics.EDGE_CONNECTED.set(1)
+                    interval = message.welcome.heartbeat_interval_seconds or 5.0
+                    heartbeat = asyncio.create_task(self._heartbeats(outgoing, interval))
+                    log.info("connected to %s as %s", self.config.cloud, message.welcome.agent_id)
+                elif kind == "task":
+                    self._on_task(message.task)
+                elif kind == "model":
+                    log.info("new global version: %s v%d", message.model.model, message.model.version)
+                elif kind == "shutdown":
+                    log.info("coordinator says: %s", message.shutdown.reason)
+                    break
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            log.warning("control stream broke: %s %s", exc.code().name, exc.details())
+        finally:
+            transfer.count_call("Connect", code)
+            self.welcomed.clear()
+            metrics.EDGE_CONNECTED.set(0)
+            if heartbeat is not None:
+                heartbeat.cancel()
+            call.cancel()
+        return welcomed
+
+    async def _heartbeats(self, outgoing: asyncio.Queue[pb.AgentMessage], interval: float) -> None:
+        seq = 0
+        while True:
+            await asyncio.sleep(interval)
+            seq += 1
+            outgoing.put_nowait(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=seq, measurements=self._measurements)))
+
+    # ---- training tasks --------------------------------------------------------
+
+    def _on_task(self, task: pb.TrainTask) -> None:
+        key = (task.job_id, task.round)
+        fresh = key not in self._tasks
+        self._tasks[key] = task  # a re-sent task may carry a later deadline
+        if key in self._done or (not fresh and self._training is not None and not self._training.done()):
+            return
+        if self._training is not None and not self._training.done():
+            self._training.cancel()  # a newer round supersedes the old one
+        self._training = asyncio.create_task(self._train_and_upload(key), name=f"train-{key}")
+
+    async def _train_and_upload(self, key: tuple[str, int]) -> None:
+        task = self._tasks[key]
+        try:
+            base = await self._retry(key, "download", lambda: self._ensure_model(task))
+            delta, loss, seconds = await self._train(task, base)
+            header = pb.UpdateHeader(
+                job_id=task.job_id, round=task.round, base_version=task.base_version,
+                num_examples=len(self.dataset), codec="none", local_loss=loss,
+            )
+            receipt = await self._retry(
+                key, "upload", lambda: transfer.upload_update(self._stub, header, delta, timeout=120)
+            )
+            self._done.add(key)
+            metrics.EDGE_TASKS.labels("duplicate" if receipt.duplicate else "uploaded").inc()
+            log.info(
+                "job %s round %d: trained %.2f s, loss %.4f, update %s accepted%s",
+                task.job_id, task.round, seconds, loss, receipt.digest[:12], " (duplicate)" if receipt.duplicate else "",
+            )
+        except asyncio.CancelledError:
+            metrics.EDGE_TASKS.labels("superseded").inc()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            self._done.add(key)
+            metrics.EDGE_TASKS.labels("rejected").inc()
+            log.warning("job %s round %d: %s %s", task.job_id, task.round, exc.code().name, exc.details())
+        except Exception:
+            metrics.EDGE_TASKS.labels("failed").inc()
+            log.exception("job %s round %d failed", task.job_id, task.round)
+        finally:
+            self._tasks = {k: v for k, v in self._tasks.items() if k[0] != key[0] or k[1] >= key[1]}
+
+    async def _retry(self, key: tuple[str, int], what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Retry transient failures until the task's deadline (re-read: it may move)."""
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
+        while True:
+            try:
+                return await attempt()
+            except (grpc.aio.AioRpcError, transfer.ModelMismatch) as exc:
+                retryable = isinstance(exc, transfer.ModelMismatch) or exc.code() in RETRYABLE
+                deadline = self._tasks[key].deadline.ToNanoseconds() / 1e9
+                delay = backoff.next_delay()
+                if not retryable or time.time() + delay > deadline:
+                    raise
+                log.info("%s failed (%s); retrying in %.1f s", what, exc, delay)
+                await asyncio.sleep(delay)
+                await self.welcomed.wait()
+
+    async def _ensure_model(self, task: pb.TrainTask) -> HeldModel:
+        held = self.held.get(task.model)
+        if held is not None and held.version == task.base_version and held.sha256 == task.base_sha256:
+            return held
+        expected = codec.specs_of(training.state_arrays(zoo.build_model(task.model)))
+        arrays = await transfer.download_model(
+            self._stub, task.model, task.base_version, expected, task.base_sha256, timeout=120
+        )
+        held = HeldModel(task.base_version, task.base_sha256, arrays)
+        self.held[task.model] = held
+        metrics.MODEL_VERSION.labels(task.model).set(task.base_version)
+        return held
+
+    async def _train(self, task: pb.TrainTask, base: HeldModel) -> tuple[dict[str, np.ndarray], float, float]:
+        def work() -> tuple[dict[str, np.ndarray], float]:
+            net = zoo.build_model(task.model)
+            training.load_state_arrays(net, base.arrays)
+            loss = training.train_local(
+                net, self.dataset, task.training.epochs, task.training.batch_size, task.training.learning_rate,
+                training.shuffle_seed(task.round, self.client_index),
+            )
+            local = training.state_arrays(net)
+            return {name: local[name] - base.arrays[name] for name in local}, loss
+
+        start = time.perf_counter()
+        delta, loss = await asyncio.to_thread(work)
+        seconds = time.perf_counter() - start
+        metrics.EDGE_TRAIN_SECONDS.observe(seconds)
+        metrics.EDGE_LOCAL_LOSS.set(loss)
+        self._measurements["train_seconds"] = seconds
+        return delta, loss, seconds

@@ -1,0 +1,3 @@
+"""Tandem's shared library: wire contracts, tensor codec, TLS, metrics, models, data."""
+
+__version__ = "0.1.0"

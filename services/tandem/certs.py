@@ -1,0 +1,309 @@
+"""A deployment's private certificate authority and the certificates it issues.
+
+One CA per deployment signs a server certificate for the cloud, a client certificate
+for the admin, and one client certificate per edge agent. Who a peer is comes from
+the `tandem://ROLE/NAME` URI in its certificate's SubjectAlternativeName, so the
+identity is exactly what the CA vouched for. The CA key stays in the directory so
+agents can be added later; every private key file is 0600 from the moment it exists.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import ipaddress
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ROLE_AGENT = "agent"
+ROLE_ADMIN = "admin"
+ROLE_SERVER = "server"
+ROLES = frozenset({ROLE_AGENT, ROLE_ADMIN, ROLE_SERVER})
+
+URI_SCHEME = "tandem://"
+SERVER_CN = "tandem-cloud"
+SERVER_NAME = "cloud"
+ADMIN_NAME = "admin"
+
+# Lowercase, starts alphanumeric, at most 63 characters: safe as a file name, a DNS
+# label and a URI path segment without any escaping.
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+# Peers whose clocks run a little behind still accept a freshly issued certificate.
+_CLOCK_SKEW = datetime.timedelta(minutes=5)
+# The CA outlives the leaf certificates it signs, so agents added later still chain.
+_CA_MIN_DAYS = 3650
+
+_KEY_MODE = 0o600
+_CERT_MODE = 0o644
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a peer is, as vouched for by the deployment's CA."""
+
+    role: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.role}/{self.name}"
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a valid agent name; raise ValueError saying why not."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"invalid name {name!r}: use 1-63 characters of lowercase letters, digits, '.', '_' "
+            "or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def agent_paths(directory: Path, name: str) -> tuple[Path, Path]:
+    """The (certificate, key) paths of agent `name` in a deployment directory."""
+    validate_name(name)
+    agents = Path(directory) / "agents"
+    return agents / f"{name}.pem", agents / f"{name}.key"
+
+
+# --- files --------------------------------------------------------------------------
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to `path` with `mode` set at creation, so a key is never readable by others."""
+    with os.fdopen(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, mode), "wb") as f:
+        # O_CREAT's mode is masked by the umask and ignored for an existing file.
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _write_pair(cert_path: Path, key_path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    _write(key_path, _key_pem(key), _KEY_MODE)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
+
+
+# --- issuing ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Issuer:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tandem"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
+
+
+def _check_days(days: int) -> None:
+    if days < 1:
+        raise ValueError(f"certificate lifetime must be at least 1 day, got {days}")
+
+
+def _new_ca(days: int) -> _Issuer:
+    key = _new_key()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = _name("Tandem deployment CA")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=max(days, _CA_MIN_DAYS)))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return _Issuer(cert, key)
+
+
+def _issue(
+    issuer: _Issuer,
+    cn: str,
+    identity: Identity,
+    usage: x509.ObjectIdentifier,
+    days: int,
+    hosts: Sequence[x509.GeneralName] = (),
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A leaf certificate carrying `identity` as a SAN URI, for one extended key usage."""
+    key = _new_key()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    # Never outlive the CA: a chain with an expired CA fails anyway, and confusingly.
+    not_after = min(now + datetime.timedelta(days=days), issuer.cert.not_valid_after_utc)
+    ca_ski = issuer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    uri = x509.UniformResourceIdentifier(f"{URI_SCHEME}{identity.role}/{identity.name}")
+    sans: list[x509.GeneralName] = [*hosts, uri]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(issuer.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(issuer.key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """localhost and 127.0.0.1 plus `hosts`, each an IP SAN if it parses as one, else DNS."""
+    names: list[x509.GeneralName] = []
+    for host in ["localhost", "127.0.0.1", *hosts]:
+        host = host.strip()
+        if not host:
+            raise ValueError("empty host name for the server certificate")
+        try:
+            name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            name = x509.DNSName(host.lower())
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _load_issuer(directory: Path) -> _Issuer:
+    ca_pem, ca_key = directory / "ca.pem", directory / "ca.key"
+    if not ca_pem.is_file() or not ca_key.is_file():
+        raise FileNotFoundError(
+            f"no certificate authority in {directory} (need ca.pem and ca.key; run `tandem certs init` first)"
+        )
+    key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{ca_key} is not an EC private key")
+    return _Issuer(x509.load_pem_x509_certificate(ca_pem.read_bytes()), key)
+
+
+# --- public operations -------------------------------------------------------------
+
+
+def init_deployment(directory: Path, agents: Sequence[str], hosts: Sequence[str] = (), days: int = 365) -> None:
+    """Create a new CA and the cloud, admin and agent certificates in `directory`.
+
+    Refuses to touch a directory that already holds a CA, so a deployment's
+    certificates are never silently replaced.
+    """
+    directory = Path(directory)
+    _check_days(days)
+    if isinstance(agents, str):
+        raise TypeError("agents must be a sequence of names, not a single string")
+    names = [validate_name(a) for a in agents]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate agent names: {', '.join(duplicates)}")
+    host_names = _host_names(hosts)
+    if (directory / "ca.pem").exists():
+        raise FileExistsError(
+            f"{directory / 'ca.pem'} already exists: refusing to overwrite an existing deployment "
+            "(use `add_agent` to add agents, or choose an empty directory)"
+        )
+
+    (directory / "agents").mkdir(parents=True, exist_ok=True)
+    ca = _new_ca(days)
+    _write(directory / "ca.key", _key_pem(ca.key), _KEY_MODE)
+
+    server = Identity(ROLE_SERVER, SERVER_NAME)
+    cert, key = _issue(ca, SERVER_CN, server, ExtendedKeyUsageOID.SERVER_AUTH, days, host_names)
+    _write_pair(directory / "cloud.pem", directory / "cloud.key", cert, key)
+    cert, key = _issue(ca, ADMIN_NAME, Identity(ROLE_ADMIN, ADMIN_NAME), ExtendedKeyUsageOID.CLIENT_AUTH, days)
+    _write_pair(directory / "admin.pem", directory / "admin.key", cert, key)
+    for name in names:
+        cert, key = _issue(ca, name, Identity(ROLE_AGENT, name), ExtendedKeyUsageOID.CLIENT_AUTH, days)
+        _write_pair(*agent_paths(directory, name), cert, key)
+
+    # ca.pem last: its presence marks a complete deployment, so an interrupted init
+    # can simply be run again.
+    _write(directory / "ca.pem", ca.cert.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
+
+
+def add_agent(directory: Path, name: str, days: int = 365) -> tuple[Path, Path]:
+    """Issue a certificate for a new agent from the deployment's CA; returns (cert, key) paths."""
+    directory = Path(directory)
+    _check_days(days)
+    cert_path, key_path = agent_paths(directory, name)
+    issuer = _load_issuer(directory)
+    if cert_path.exists() or key_path.exists():
+        raise FileExistsError(f"agent {name!r} already exists in {directory} ({cert_path})")
+    cert, key = _issue(issuer, name, Identity(ROLE_AGENT, name), ExtendedKeyUsageOID.CLIENT_AUTH, days)
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_pair(cert_path, key_path, cert, key)
+    return cert_path, key_path
+
+
+@functools.lru_cache(maxsize=1024)
+def identity_from_pem(pem: bytes) -> Identity | None:
+    """The Tandem identity in a certificate's SAN URI, or None if it carries none.
+
+    Called on every RPC with the peer's already verified certificate, hence the cache.
+    An unparsable certificate, an unknown role, a bad name, or more than one distinct
+    identity all give None: the caller treats that as unauthenticated.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    found: set[Identity] = set()
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if not uri.startswith(URI_SCHEME):
+            continue
+        role, sep, name = uri[len(URI_SCHEME):].partition("/")
+        if not sep or role not in ROLES or not _NAME_RE.fullmatch(name):
+            return None
+        found.add(Identity(role, name))
+    return found.pop() if len(found) == 1 else None

@@ -1,0 +1,152 @@
+"""Every Prometheus metric Tandem exports, defined once, and the gRPC interceptor.
+
+Names follow `tandem_<subsystem>_<name>_<unit>`, counters end in `_total`, and
+units are base units (seconds, bytes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# ---- every server: gRPC -----------------------------------------------------
+
+RPC_HANDLED = Counter(
+    "tandem_rpc_server_handled_total", "RPCs completed on the server, by method and status code.",
+    ["service", "method", "code"],
+)
+RPC_SECONDS = Histogram(
+    "tandem_rpc_server_handling_seconds", "Time from the start to the end of an RPC on the server.",
+    ["service", "method"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600, 3600),
+)
+RPC_CLIENT_HANDLED = Counter(
+    "tandem_rpc_client_handled_total", "RPCs completed by a client, by method and status code.",
+    ["method", "code"],
+)
+
+# ---- coordinator ------------------------------------------------------------
+
+CONNECTED_AGENTS = Gauge("tandem_coordinator_connected_agents", "Agents with an open control stream.")
+AGENT_CONNECTS = Counter("tandem_coordinator_agent_connects_total", "Control streams opened by agents.")
+UPDATES_ACCEPTED = Counter("tandem_coordinator_updates_accepted_total", "Model updates accepted.")
+UPDATES_DUPLICATE = Counter("tandem_coordinator_updates_duplicate_total", "Re-sent updates answered as duplicates.")
+UPDATES_REJECTED = Counter(
+    "tandem_coordinator_updates_rejected_total", "Model updates rejected, by reason.", ["reason"]
+)
+ROUNDS = Counter("tandem_coordinator_rounds_total", "Round attempts that ended, by outcome.", ["outcome"])
+ROUND_SECONDS = Histogram(
+    "tandem_coordinator_round_duration_seconds", "Wall time of a closed round, from opening to publishing.",
+    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
+)
+MODEL_VERSION = Gauge("tandem_model_version", "Newest model version published (cloud) or held (edge).", ["model"])
+ROUND_ACCURACY = Gauge("tandem_coordinator_round_accuracy_ratio", "Test accuracy after the last closed round.", ["job"])
+BYTES_RECEIVED = Counter(
+    "tandem_coordinator_received_bytes_total", "Tensor bytes received by the coordinator, by kind.", ["kind"]
+)
+BYTES_SENT = Counter("tandem_coordinator_sent_bytes_total", "Tensor bytes sent by the coordinator, by kind.", ["kind"])
+
+# ---- edge agent -------------------------------------------------------------
+
+EDGE_CONNECTED = Gauge("tandem_edge_connected", "1 while the agent's control stream to the cloud is open.")
+EDGE_RECONNECTS = Counter("tandem_edge_reconnects_total", "Control stream re-openings after a break.")
+EDGE_BYTES_SENT = Counter("tandem_edge_sent_bytes_total", "Tensor bytes sent by the agent, by kind.", ["kind"])
+EDGE_BYTES_RECEIVED = Counter(
+    "tandem_edge_received_bytes_total", "Tensor bytes received by the agent, by kind.", ["kind"]
+)
+EDGE_TRAIN_SECONDS = Histogram(
+    "tandem_edge_train_duration_seconds", "Wall time of local training for one task.",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
+EDGE_TASKS = Counter("tandem_edge_tasks_total", "Training tasks finished, by outcome.", ["outcome"])
+EDGE_LOCAL_LOSS = Gauge("tandem_edge_local_loss", "Mean local training loss of the last task.")
+
+
+def serve_metrics(address: str) -> tuple[str, int]:
+    """Expose the default registry over HTTP at HOST:PORT (port 0 picks one)."""
+    host, _, port = address.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
+    bound_host, bound_port = server.server_address[:2]
+    return str(bound_host), int(bound_port)
+
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+def _code(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every RPC, unary and streaming alike."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        service, method = _split(handler_call_details.method)
+
+        def record(start: float, code: str) -> None:
+            RPC_HANDLED.labels(service, method, code).inc()
+            RPC_SECONDS.labels(service, method).observe(time.perf_counter() - start)
+
+        def unary_response(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start, code = time.perf_counter(), "UNKNOWN"
+                try:
+                    result = await behavior(request, context)
+                    code = _code(context)
+                    return result
+                except grpc.aio.AbortError:
+                    code = _code(context)
+                    raise
+                except BaseException:
+                    code = "CANCELLED" if context.cancelled() else "UNKNOWN"
+                    raise
+                finally:
+                    record(start, code)
+
+            return wrapped
+
+        def stream_response(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                start, code = time.perf_counter(), "UNKNOWN"
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                    code = _code(context)
+                except grpc.aio.AbortError:
+                    code = _code(context)
+                    raise
+                except BaseException:
+                    code = "CANCELLED" if context.cancelled() else "UNKNOWN"
+                    raise
+                finally:
+                    record(start, code)
+
+            return wrapped
+
+        serialize = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **serialize)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **serialize)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **serialize)
+        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **serialize)

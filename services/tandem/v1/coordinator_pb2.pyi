@@ -1,0 +1,193 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from tandem.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AgentMessage(_message.Message):
+    __slots__ = ("hello", "heartbeat")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    heartbeat: Heartbeat
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("agent_version", "num_examples", "device", "models")
+    class ModelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    agent_version: str
+    num_examples: int
+    device: str
+    models: _containers.ScalarMap[str, int]
+    def __init__(self, agent_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., device: _Optional[str] = ..., models: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("seq", "measurements")
+    class MeasurementsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    measurements: _containers.ScalarMap[str, float]
+    def __init__(self, seq: _Optional[int] = ..., measurements: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class CoordinatorMessage(_message.Message):
+    __slots__ = ("welcome", "task", "model", "shutdown")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    task: TrainTask
+    model: ModelNotice
+    shutdown: Shutdown
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[TrainTask, _Mapping]] = ..., model: _Optional[_Union[ModelNotice, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("agent_id", "heartbeat_interval_seconds")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    heartbeat_interval_seconds: float
+    def __init__(self, agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+
+class TrainingConfig(_message.Message):
+    __slots__ = ("epochs", "batch_size", "learning_rate")
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+
+class TrainTask(_message.Message):
+    __slots__ = ("job_id", "round", "model", "base_version", "base_sha256", "training", "codec", "deadline", "max_update_bytes")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    model: str
+    base_version: int
+    base_sha256: str
+    training: TrainingConfig
+    codec: str
+    deadline: _timestamp_pb2.Timestamp
+    max_update_bytes: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., model: _Optional[str] = ..., base_version: _Optional[int] = ..., base_sha256: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., codec: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_update_bytes: _Optional[int] = ...) -> None: ...
+
+class ModelNotice(_message.Message):
+    __slots__ = ("model", "version", "sha256", "job_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    sha256: str
+    job_id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class Shutdown(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class UpdateChunk(_message.Message):
+    __slots__ = ("header", "tensor")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    tensor: _tensor_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("job_id", "round", "base_version", "num_examples", "codec", "local_loss")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    base_version: int
+    num_examples: int
+    codec: str
+    local_loss: float
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., codec: _Optional[str] = ..., local_loss: _Optional[float] = ...) -> None: ...
+
+class UpdateReceipt(_message.Message):
+    __slots__ = ("job_id", "round", "agent_id", "digest", "duplicate", "bytes_received")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    agent_id: str
+    digest: str
+    duplicate: bool
+    bytes_received: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., agent_id: _Optional[str] = ..., digest: _Optional[str] = ..., duplicate: _Optional[bool] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class ModelRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ModelChunk(_message.Message):
+    __slots__ = ("header", "tensor")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    header: ModelHeader
+    tensor: _tensor_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class ModelHeader(_message.Message):
+    __slots__ = ("model", "version", "sha256", "tensors", "total_bytes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    sha256: str
+    tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
+    total_bytes: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...

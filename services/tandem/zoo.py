@@ -1,0 +1,67 @@
+"""The model zoo: partitionable models, each an ``nn.Sequential`` of stages.
+
+Inference can be split between edge and cloud only at a stage boundary (the
+``start_layer`` of an inference request indexes these stages), so every model here
+is a flat ``nn.Sequential`` whose top-level children are the stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A named model: its per-example input shape, class count and an unseeded builder."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    builder: Callable[[], nn.Sequential]
+
+
+def _mlp() -> nn.Sequential:
+    # Layers are created in the same order as the flat reference
+    # Sequential(Linear, ReLU, Linear, ReLU, Linear), so after the same seed the
+    # weights are identical to DESIGN.md's reference model.
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(64, 512), nn.ReLU()),
+        nn.Sequential(nn.Linear(512, 512), nn.ReLU()),
+        nn.Linear(512, 10),
+    )
+
+
+_ZOO: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in (
+        ZooEntry(name="mlp", input_shape=(64,), num_classes=10, builder=_mlp),
+    )
+}
+
+
+def model_names() -> list[str]:
+    """The names of every model in the zoo, sorted."""
+    return sorted(_ZOO)
+
+
+def get_entry(name: str) -> ZooEntry:
+    """The zoo entry called ``name``; KeyError naming the known models otherwise."""
+    try:
+        return _ZOO[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(model_names())}") from None
+
+
+def build_model(name: str, seed: int = 0) -> nn.Sequential:
+    """A fresh model whose weights depend only on ``(name, seed)``.
+
+    The seed is applied inside a forked RNG so the caller's global torch RNG is untouched.
+    """
+    entry = get_entry(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return entry.builder()

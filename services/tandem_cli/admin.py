@@ -1,0 +1,70 @@
+"""Admin client helpers: a channel with the admin certificate and JSON views of jobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tandem import grpcserver, tls
+from tandem.v1 import admin_pb2, admin_pb2_grpc
+
+STATE_NAMES = {
+    admin_pb2.JOB_STATE_RUNNING: "running",
+    admin_pb2.JOB_STATE_COMPLETED: "completed",
+    admin_pb2.JOB_STATE_STOPPED: "stopped",
+    admin_pb2.JOB_STATE_FAILED: "failed",
+}
+
+
+def admin_channel(cloud: str, certs: Path) -> grpc.aio.Channel:
+    return grpcserver.secure_channel(cloud, tls.admin_credentials(certs))
+
+
+def admin_stub(channel: grpc.aio.Channel) -> admin_pb2_grpc.AdminStub:
+    return admin_pb2_grpc.AdminStub(channel)
+
+
+def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
+    """A job as plain JSON-able data (ints stay ints, unlike MessageToDict's int64 strings)."""
+    spec = job.spec
+    out: dict[str, Any] = {
+        "job_id": job.job_id,
+        "state": STATE_NAMES.get(job.state, "unknown"),
+        "model": spec.model,
+        "current_round": job.current_round,
+        "version": job.version,
+        "message": job.message,
+        "spec": {
+            "model": spec.model, "rounds": spec.rounds, "min_clients": spec.min_clients,
+            "clients_per_round": spec.clients_per_round, "deadline": spec.round_deadline_seconds,
+            "eval": spec.eval, "epochs": spec.epochs, "batch_size": spec.batch_size,
+            "learning_rate": spec.learning_rate, "codec": spec.codec, "seed": spec.seed,
+        },
+        "rounds": [
+            {
+                "round": r.round, "accuracy": r.accuracy, "loss": r.loss, "local_loss": r.local_loss,
+                "seconds": round(r.seconds, 3), "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
+                "accepted": r.accepted, "rejected": r.rejected, "version": r.version, "sha256": r.sha256,
+                "attempts": r.attempts, "agents": list(r.agents),
+            }
+            for r in job.rounds
+        ],
+    }
+    if job.HasField("open_round"):
+        o = job.open_round
+        out["open_round"] = {
+            "round": o.round, "attempt": o.attempt, "base_version": o.base_version, "selected": list(o.selected),
+            "accepted_agents": list(o.accepted_agents), "rejected": o.rejected,
+            "deadline": o.deadline.ToNanoseconds() / 1e9,
+        }
+    return out
+
+
+def round_line(r: dict[str, Any]) -> str:
+    return (
+        f"round {r['round']:>3}  local loss {r['local_loss']:.4f}  test loss {r['loss']:.4f}  "
+        f"accuracy {r['accuracy']:.4f}  {r['seconds']:6.2f} s  up {r['bytes_up'] / 1e6:7.2f} MB  "
+        f"down {r['bytes_down'] / 1e6:7.2f} MB  ({r['accepted']} updates)"
+    )

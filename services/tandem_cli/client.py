@@ -1,0 +1,95 @@
+"""`tandem job|agents|models`: admin calls over mutual TLS with the admin certificate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from tandem.v1 import admin_pb2
+from tandem_cli.admin import admin_channel, admin_stub, job_dict, round_line
+
+TERMINAL = {"completed", "stopped", "failed"}
+
+
+def _print_job(job: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(job, indent=2))
+        return
+    print(f"job {job['job_id']}: {job['state']}, model {job['model']}, round {job['current_round']}"
+          f"/{job['spec']['rounds']}, version {job['version']}")
+    for r in job["rounds"]:
+        print("  " + round_line(r))
+    if job.get("message"):
+        print(f"  {job['message']}")
+
+
+async def run_client(args: argparse.Namespace) -> int:
+    async with admin_channel(args.cloud, args.certs) as channel:
+        stub = admin_stub(channel)
+        if args.command == "agents":
+            agents = (await stub.ListAgents(admin_pb2.ListAgentsRequest())).agents
+            rows = [{"agent_id": a.agent_id, "connected": a.connected, "num_examples": a.num_examples,
+                     "connects": a.connects, "measurements": dict(a.measurements)} for a in agents]
+            for row in rows if not args.json else []:
+                print(f"{row['agent_id']:<20} {'connected' if row['connected'] else 'offline':<10} "
+                      f"{row['num_examples']:>7} examples  {row['connects']} connects")
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            return 0
+        if args.command == "models":
+            versions = (await stub.ListModelVersions(admin_pb2.ListModelVersionsRequest(model=args.model))).versions
+            rows = [{"model": v.model, "version": v.version, "sha256": v.sha256, "job_id": v.job_id,
+                     "round": v.round, "bytes": v.bytes} for v in versions]
+            for row in rows if not args.json else []:
+                print(f"{row['model']:<10} v{row['version']:<5} {row['sha256'][:16]}  job {row['job_id']} "
+                      f"round {row['round']}")
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            return 0
+        return await _job(args, stub)
+
+
+async def _job(args: argparse.Namespace, stub: Any) -> int:
+    action = args.job_command
+    if action == "start":
+        spec = admin_pb2.JobSpec(
+            model=args.model, rounds=args.rounds, min_clients=args.min_clients,
+            clients_per_round=args.clients_per_round, round_deadline_seconds=args.deadline, eval=args.eval,
+            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, codec=args.codec, seed=args.seed,
+        )
+        job = await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))
+        print(job.job_id)
+        return 0
+    if action == "list":
+        jobs = [job_dict(j) for j in (await stub.ListJobs(admin_pb2.ListJobsRequest())).jobs]
+        if args.json:
+            print(json.dumps(jobs, indent=2))
+        for j in jobs if not args.json else []:
+            print(f"{j['job_id']}  {j['state']:<10} {j['model']:<8} round {j['current_round']}/{j['spec']['rounds']}")
+        return 0
+    if action == "stop":
+        job = job_dict(await stub.StopJob(admin_pb2.StopJobRequest(job_id=args.job_id)))
+    elif action == "status":
+        job = job_dict(await stub.GetJob(admin_pb2.GetJobRequest(job_id=args.job_id)))
+    else:
+        job = await wait_job(stub, args.job_id, args.timeout, echo=not args.json)
+    _print_job(job, args.json)
+    return 0 if job["state"] in ("running", "completed") or action == "stop" else 1
+
+
+async def wait_job(stub: Any, job_id: str, timeout: float, echo: bool) -> dict[str, Any]:
+    """Poll a job until it ends; with `echo`, print each round as it closes."""
+    start = time.monotonic()
+    printed = 0
+    while True:
+        job = job_dict(await stub.GetJob(admin_pb2.GetJobRequest(job_id=job_id)))
+        for r in job["rounds"][printed:]:
+            if echo:
+                print(round_line(r), flush=True)
+        printed = len(job["rounds"])
+        if job["state"] in TERMINAL or (timeout and time.monotonic() - start > timeout):
+            return job
+        await asyncio.sleep(0.25)

@@ -1,0 +1,155 @@
+"""The `tandem` command: certificates, the coordinator, edge agents, jobs, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import grpc
+
+from tandem import certs
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def _client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cloud", default=_env("TANDEM_CLOUD", "localhost:7443"),
+                        help="coordinator address HOST:PORT (env TANDEM_CLOUD; default %(default)s)")
+    parser.add_argument("--certs", type=Path, default=Path(_env("TANDEM_CERTS", ".certs") or ".certs"),
+                        help="deployment certificate directory (env TANDEM_CERTS; default %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Cloud-edge collaborative AI.")
+    parser.add_argument("--log-level", default=_env("TANDEM_LOG_LEVEL", "INFO"), help="logging level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_certs = sub.add_parser("certs", help="make the deployment's CA and certificates")
+    certs_sub = p_certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    p = certs_sub.add_parser("init", help="create a CA, the cloud's server certificate, the admin's and agents'")
+    p.add_argument("--dir", type=Path, required=True, help="directory to write (must not hold a CA yet)")
+    p.add_argument("--agents", default="", help="comma-separated agent names")
+    p.add_argument("--hosts", default="", help="extra server names or IPs for the cloud certificate, comma-separated")
+    p.add_argument("--days", type=int, default=365, help="validity of the leaf certificates")
+    p = certs_sub.add_parser("add-agent", help="issue a certificate for one more agent")
+    p.add_argument("name", help="the agent's name: its identity everywhere")
+    p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
+    p.add_argument("--days", type=int, default=365)
+
+    p = sub.add_parser("cloud", help="run the coordinator")
+    p.add_argument("--listen", default="0.0.0.0:7443", help="gRPC address (mutual TLS), HOST:PORT")
+    p.add_argument("--certs", type=Path, default=Path(_env("TANDEM_CERTS", ".certs") or ".certs"))
+    p.add_argument("--state", type=Path, required=True, help="state directory (SQLite and tensor files)")
+    p.add_argument("--metrics", default=None, help="Prometheus metrics address HOST:PORT")
+    p.add_argument("--health", default=None, help="plaintext gRPC health-only address HOST:PORT, for probes")
+    p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between agent heartbeats")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
+
+    p = sub.add_parser("edge", help="run an edge agent")
+    _client_args(p)
+    p.add_argument("--id", required=True, help="agent name; its certificate is CERTS/agents/ID.pem")
+    p.add_argument("--data", required=True,
+                   help="local data: digits:I/N (partition I of N, 0-based, of the reference workload) "
+                        "or a directory of .npz/.safetensors files with arrays x and y")
+    p.add_argument("--metrics", default=None, help="Prometheus metrics address HOST:PORT")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for local training")
+
+    p_job = sub.add_parser("job", help="start, watch and stop federated training jobs")
+    job_sub = p_job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    p = job_sub.add_parser("start", help="start a job and print its id")
+    _client_args(p)
+    p.add_argument("--model", required=True, help="model name in the zoo (e.g. mlp)")
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--min-clients", type=int, required=True, help="updates needed to close a round")
+    p.add_argument("--clients-per-round", type=int, default=0, help="agents selected per round (0: all)")
+    p.add_argument("--deadline", type=float, default=60.0, help="seconds a round waits for updates")
+    p.add_argument("--eval", default="", help="held-out data in the cloud for test accuracy (digits)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--codec", default="none", help="update codec (none: dense float32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and agent selection")
+    for action, text in (("status", "print a job"), ("wait", "wait for a job to end, then print it"),
+                         ("stop", "stop a running job")):
+        p = job_sub.add_parser(action, help=text)
+        _client_args(p)
+        p.add_argument("job_id")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        if action == "wait":
+            p.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0: never)")
+    p = job_sub.add_parser("list", help="list jobs")
+    _client_args(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("agents", help="list agents the coordinator knows")
+    _client_args(p)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("models", help="list published model versions")
+    _client_args(p)
+    p.add_argument("--model", default="")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="coordinator + agents on loopback, federated training of the reference workload")
+    p.add_argument("--certs", type=Path, default=Path(".certs"))
+    p.add_argument("--agents", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--min-accuracy", type=float, default=0.93, help="exit 1 below this final test accuracy")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _dispatch(args)
+    except grpc.aio.AioRpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except (ValueError, FileExistsError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "certs":
+        if args.certs_command == "init":
+            agents = [a for a in args.agents.split(",") if a]
+            hosts = [h for h in args.hosts.split(",") if h]
+            certs.init_deployment(args.dir, agents, hosts, days=args.days)
+            print(f"wrote CA, cloud, admin and {len(agents)} agent certificates to {args.dir}")
+        else:
+            cert, _ = certs.add_agent(args.dir, args.name, days=args.days)
+            print(f"wrote {cert}")
+        return 0
+    if args.command == "cloud":
+        from tandem_cli.run import run_cloud
+
+        return asyncio.run(run_cloud(args))
+    if args.command == "edge":
+        from tandem_cli.run import run_edge
+
+        return asyncio.run(run_edge(args))
+    if args.command == "demo":
+        from tandem_cli.demo import run_demo
+
+        return asyncio.run(run_demo(args))
+    from tandem_cli.client import run_client
+
+    return asyncio.run(run_client(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

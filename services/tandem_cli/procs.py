@@ -1,0 +1,57 @@
+"""Starting and stopping Tandem processes on this machine (the demo and the tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def tandem_process(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start `tandem ARGS` as a child process with its output in `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tandem_cli", *args], stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def start_cloud(certs: Path, state: Path, log: Path, extra: list[str] = ()) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:  # type: ignore[assignment]
+    """Start a coordinator on a free loopback port; returns it and its bound ports."""
+    ready = state.with_name(state.name + ".ready.json")
+    ready.unlink(missing_ok=True)
+    proc = tandem_process(
+        ["cloud", "--listen", "127.0.0.1:0", "--certs", str(certs), "--state", str(state),
+         "--metrics", "127.0.0.1:0", "--ready-file", str(ready), "--grace", "3", *extra],
+        log,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"coordinator exited with {proc.returncode}; see {log}")
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"coordinator did not start in 60 s; see {log}")
+        time.sleep(0.05)
+    return proc, json.loads(ready.read_text())
+
+
+def start_agent(cloud: str, certs: Path, name: str, data: str, log: Path) -> subprocess.Popen[bytes]:
+    return tandem_process(["edge", "--cloud", cloud, "--certs", str(certs), "--id", name, "--data", data], log)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
