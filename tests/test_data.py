@@ -60,14 +60,14 @@ def test_partition_is_label_skewed() -> None:
 def test_partition_redraws_with_next_seed() -> None:
     labels = np.repeat(np.arange(10), 20)
     sizes = [
-        min(p.shape[0] for p in dirichlet_partition(labels, 10, alpha=0.1, seed=s, min_size=0))
+        min(p.shape[0] for p in dirichlet_partition(labels, 5, alpha=0.1, seed=s, min_size=0))
         for s in range(50)
     ]
     bad = next(s for s, m in enumerate(sizes) if m < 10)
     good = next(s for s in range(bad, 50) if sizes[s] >= 10)
     assert good > bad
-    parts = dirichlet_partition(labels, 10, alpha=0.1, seed=bad)
-    expected = dirichlet_partition(labels, 10, alpha=0.1, seed=good, min_size=0)
+    parts = dirichlet_partition(labels, 5, alpha=0.1, seed=bad)
+    expected = dirichlet_partition(labels, 5, alpha=0.1, seed=good, min_size=0)
     assert all(np.array_equal(a, b) for a, b in zip(parts, expected, strict=True))
     _check_partition(parts, labels.shape[0], 10)
 

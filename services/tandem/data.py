@@ -33,8 +33,8 @@ class Dataset:
 def digits_split() -> tuple[Dataset, Dataset]:
     """The reference workload's (train, test) split of scikit-learn's digits (DESIGN.md)."""
     # Lazy: scikit-learn costs a second to import and only this function needs it.
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped, unused-ignore]
+    from sklearn.model_selection import train_test_split  # type: ignore[import-untyped, unused-ignore]
 
     digits = load_digits()
     x = (np.asarray(digits.images, dtype=np.float64).reshape(-1, 64) / 16.0).astype(

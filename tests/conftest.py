@@ -1,0 +1,42 @@
+"""Shared fixtures: certificates made once per session, an in-process coordinator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from cloud.app import CloudConfig, Coordinator
+from tandem import certs
+
+AGENTS = [f"agent-{i}" for i in range(6)]
+
+
+@pytest.fixture(scope="session")
+def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("certs")
+    certs.init_deployment(directory, AGENTS)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def foreign_certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another deployment with its own CA, and agent names that collide with ours."""
+    directory = tmp_path_factory.mktemp("foreign-certs")
+    certs.init_deployment(directory, AGENTS)
+    return directory
+
+
+@pytest_asyncio.fixture
+async def coordinator(tmp_path: Path, certs_dir: Path) -> AsyncIterator[Coordinator]:
+    """A real coordinator on a loopback port with mutual TLS, in this process."""
+    config = CloudConfig(
+        listen="127.0.0.1:0", certs=certs_dir, state=tmp_path / "state", health="127.0.0.1:0",
+        heartbeat_interval=0.5, grace=1.0,
+    )
+    server = Coordinator(config)
+    await server.start()
+    yield server
+    await server.stop()
