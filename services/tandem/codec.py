@@ -8,6 +8,7 @@ expects, so a size, offset or type read from the wire is never trusted.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def to_proto(self) -> tensor_pb2.TensorSpec:
         return tensor_pb2.TensorSpec(name=self.name, dtype=dtype_to_proto(self.dtype), shape=self.shape)
@@ -82,11 +83,22 @@ def spec_from_proto(msg: tensor_pb2.TensorSpec, limit_bytes: int) -> TensorSpec:
     return spec
 
 
+def _contiguous(array: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping the shape (np.ascontiguousarray turns 0-d into 1-d)."""
+    array = np.asarray(array)
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def _raw(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, for any shape, zero-size and 0-d included."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
 # ---- whole tensors -------------------------------------------------------------
 
 
 def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
-    array = np.ascontiguousarray(array)
+    array = _contiguous(array)
     return tensor_pb2.Tensor(dtype=dtype_to_proto(array.dtype), shape=array.shape, data=array.tobytes())
 
 
@@ -95,7 +107,7 @@ def from_proto(msg: tensor_pb2.Tensor, max_bytes: int = 64 << 20) -> np.ndarray:
     dtype = dtype_from_proto(msg.dtype)
     if any(d < 0 for d in msg.shape):
         raise CodecError(f"negative dimension in shape {list(msg.shape)}")
-    expected = int(np.prod(msg.shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(msg.shape) * dtype.itemsize
     if expected > max_bytes:
         raise CodecError(f"tensor of {expected} bytes exceeds the limit of {max_bytes}")
     if len(msg.data) != expected:
@@ -109,8 +121,8 @@ def from_proto(msg: tensor_pb2.Tensor, max_bytes: int = 64 << 20) -> np.ndarray:
 def iter_chunks(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES) -> Iterator[tensor_pb2.TensorChunk]:
     """Split named tensors into chunks of at most `chunk_bytes`, in sorted name order."""
     for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
-        data = memoryview(array).cast("B")
+        array = _contiguous(arrays[name])
+        data = _raw(array)
         dtype = dtype_to_proto(array.dtype)
         offset = 0
         while True:
@@ -179,8 +191,8 @@ def state_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     """
     digest = hashlib.sha256()
     for name in sorted(arrays):
-        array = np.ascontiguousarray(arrays[name])
+        array = _contiguous(arrays[name])
         header = f"{name}\0{array.dtype.str}\0{','.join(map(str, array.shape))}\0"
         digest.update(header.encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(_raw(array))
     return digest.hexdigest()

@@ -21,13 +21,15 @@ def tandem_process(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def start_cloud(certs: Path, state: Path, log: Path, extra: list[str] = ()) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:  # type: ignore[assignment]
-    """Start a coordinator on a free loopback port; returns it and its bound ports."""
+def start_cloud(
+    certs: Path, state: Path, log: Path, listen: str = "127.0.0.1:0"
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start a coordinator (on a free loopback port by default); returns it and its bound ports."""
     ready = state.with_name(state.name + ".ready.json")
     ready.unlink(missing_ok=True)
     proc = tandem_process(
-        ["cloud", "--listen", "127.0.0.1:0", "--certs", str(certs), "--state", str(state),
-         "--metrics", "127.0.0.1:0", "--ready-file", str(ready), "--grace", "3", *extra],
+        ["cloud", "--listen", listen, "--certs", str(certs), "--state", str(state),
+         "--metrics", "127.0.0.1:0", "--ready-file", str(ready), "--grace", "3"],
         log,
     )
     deadline = time.monotonic() + 60
@@ -41,8 +43,13 @@ def start_cloud(certs: Path, state: Path, log: Path, extra: list[str] = ()) -> t
     return proc, json.loads(ready.read_text())
 
 
-def start_agent(cloud: str, certs: Path, name: str, data: str, log: Path) -> subprocess.Popen[bytes]:
-    return tandem_process(["edge", "--cloud", cloud, "--certs", str(certs), "--id", name, "--data", data], log)
+def start_agent(
+    cloud: str, certs: Path, name: str, data: str, log: Path, metrics: str | None = None
+) -> subprocess.Popen[bytes]:
+    extra = ["--metrics", metrics] if metrics else []
+    return tandem_process(
+        ["edge", "--cloud", cloud, "--certs", str(certs), "--id", name, "--data", data, *extra], log
+    )
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:
