@@ -166,3 +166,20 @@ async def _sleep() -> None:
     import asyncio
 
     await asyncio.sleep(0.05)
+
+
+async def test_update_over_the_jobs_size_limit_is_resource_exhausted(
+    coordinator: Coordinator, certs_dir: Path
+) -> None:
+    stream = ControlStream(coordinator.port, certs_dir, "agent-3")
+    await stream.open()
+    try:
+        await start_job(coordinator.port, certs_dir, model="mlp", rounds=1, min_clients=1,
+                        round_deadline_seconds=60, max_update_bytes=100_000)
+        task = (await stream.next("task")).task
+        async with agent_channel(coordinator.port, certs_dir, "agent-3") as channel:
+            code = await upload_code(coordinator_pb2_grpc.CoordinatorStub(channel),
+                                     update_messages(header_for(task), delta(0.01)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await stream.close()

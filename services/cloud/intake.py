@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -30,8 +31,23 @@ class UpdateIntake:
         self._jobs = jobs
         self._models = models
         # One upload at a time per (job, round, agent), so a re-send racing the
-        # original is answered as a duplicate instead of colliding.
-        self._locks: dict[tuple[str, int, str], asyncio.Lock] = {}
+        # original is answered as a duplicate instead of colliding. Each entry counts
+        # its users and goes away with the last one.
+        self._locks: dict[tuple[str, int, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, key: tuple[str, int, str]) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
     async def receive(self, agent: str, messages: AsyncIterator[pb.UpdateChunk]) -> pb.UpdateReceipt:
         first = await anext(messages, None)
@@ -41,18 +57,14 @@ class UpdateIntake:
         header = first.header
         wire = first.ByteSize()
         key = (header.job_id, header.round, agent)
-        lock = self._locks.setdefault(key, asyncio.Lock())
         try:
-            async with lock:
+            async with self._lock(key):
                 receipt, wire = await self._receive(agent, header, messages, wire)
         except (TandemError, codec.CodecError) as exc:
             reason = exc.reason if isinstance(exc, TandemError) else "malformed"
             metrics.UPDATES_REJECTED.labels(reason).inc()
             self._jobs.count_rejection(header.job_id, header.round, wire)
             raise
-        finally:
-            if not lock.locked():
-                self._locks.pop(key, None)
         metrics.BYTES_RECEIVED.labels("update").inc(wire)
         return receipt
 

@@ -46,6 +46,7 @@ class JobSpec:
             math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 100,
             f"learning_rate must be in (0, 100], got {self.learning_rate}",
         )
+        _check(self.max_update_bytes > 0, f"max_update_bytes must be positive, got {self.max_update_bytes}")
         _check(self.codec in CODECS, f"unknown codec {self.codec!r}; supported: {list(CODECS)}")
         return self
 
@@ -65,6 +66,7 @@ class JobSpec:
             learning_rate=msg.learning_rate or defaults.learning_rate,
             codec=msg.codec or defaults.codec,
             seed=msg.seed,
+            max_update_bytes=msg.max_update_bytes or defaults.max_update_bytes,
         ).validate()
 
     def to_proto(self) -> admin_pb2.JobSpec:
@@ -72,7 +74,7 @@ class JobSpec:
             model=self.model, rounds=self.rounds, min_clients=self.min_clients,
             clients_per_round=self.clients_per_round, round_deadline_seconds=self.deadline, eval=self.eval,
             epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate, codec=self.codec,
-            seed=self.seed,
+            seed=self.seed, max_update_bytes=self.max_update_bytes,
         )
 
     def to_dict(self) -> dict[str, Any]:

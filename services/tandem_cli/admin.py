@@ -41,6 +41,7 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
             "clients_per_round": spec.clients_per_round, "deadline": spec.round_deadline_seconds,
             "eval": spec.eval, "epochs": spec.epochs, "batch_size": spec.batch_size,
             "learning_rate": spec.learning_rate, "codec": spec.codec, "seed": spec.seed,
+            "max_update_bytes": spec.max_update_bytes,
         },
         "rounds": [
             {

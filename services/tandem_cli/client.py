@@ -59,6 +59,7 @@ async def _job(args: argparse.Namespace, stub: Any) -> int:
             model=args.model, rounds=args.rounds, min_clients=args.min_clients,
             clients_per_round=args.clients_per_round, round_deadline_seconds=args.deadline, eval=args.eval,
             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, codec=args.codec, seed=args.seed,
+            max_update_bytes=args.max_update_bytes,
         )
         job = await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))
         print(job.job_id)
@@ -76,6 +77,9 @@ async def _job(args: argparse.Namespace, stub: Any) -> int:
         job = job_dict(await stub.GetJob(admin_pb2.GetJobRequest(job_id=args.job_id)))
     else:
         job = await wait_job(stub, args.job_id, args.timeout, echo=not args.json)
+        if not args.json:  # the rounds were printed as they closed
+            print(f"job {job['job_id']}: {job['state']}, version {job['version']}")
+            return 0 if job["state"] == "completed" else 1
     _print_job(job, args.json)
     return 0 if job["state"] in ("running", "completed") or action == "stop" else 1
 

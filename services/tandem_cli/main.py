@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--codec", default="none", help="update codec (none: dense float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and agent selection")
+    p.add_argument("--max-update-bytes", type=int, default=0, help="largest update accepted (0: 256 MiB)")
     for action, text in (("status", "print a job"), ("wait", "wait for a job to end, then print it"),
                          ("stop", "stop a running job")):
         p = job_sub.add_parser(action, help=text)
