@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CERTS  ?= .certs
 AGENTS ?= edge-1,edge-2,edge-3,edge-4
 
-.PHONY: install protos check-protos certs run test clean
+.PHONY: install protos certs run test typecheck clean
 
 install: $(STAMP)
 
@@ -28,7 +28,11 @@ certs: $(STAMP)
 run: $(STAMP) certs
 	$(TANDEM) demo --certs $(CERTS) --agents 4 --rounds 10
 
-test: $(STAMP)
+# Strict typing of everything but the generated code.
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy -p tandem -p cloud -p edge -p tandem_cli
+
+test: typecheck
 	$(PY) -m pytest -q
 
 clean:

@@ -149,6 +149,7 @@ class Store:
         return VersionRow(**dict(row)) if row else None
 
     def list_versions(self, model: str = "") -> list[VersionRow]:
+        args: tuple[str, ...]
         sql, args = "SELECT * FROM versions", ()
         if model:
             sql, args = sql + " WHERE model = ?", (model,)

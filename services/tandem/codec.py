@@ -21,7 +21,7 @@ from tandem.v1 import tensor_pb2
 # fast path).
 CHUNK_BYTES = 1 << 20
 
-_TO_NUMPY: dict[int, np.dtype] = {
+_TO_NUMPY: dict[tensor_pb2.DType, np.dtype] = {
     tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
     tensor_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
     tensor_pb2.DTYPE_INT8: np.dtype("i1"),
@@ -29,7 +29,7 @@ _TO_NUMPY: dict[int, np.dtype] = {
     tensor_pb2.DTYPE_INT32: np.dtype("<i4"),
     tensor_pb2.DTYPE_INT64: np.dtype("<i8"),
 }
-_FROM_NUMPY: dict[np.dtype, int] = {v: k for k, v in _TO_NUMPY.items()}
+_FROM_NUMPY: dict[np.dtype, tensor_pb2.DType] = {v: k for k, v in _TO_NUMPY.items()}
 
 
 class CodecError(ValueError):
@@ -52,14 +52,14 @@ class TensorSpec:
         return tensor_pb2.TensorSpec(name=self.name, dtype=dtype_to_proto(self.dtype), shape=self.shape)
 
 
-def dtype_to_proto(dtype: np.dtype) -> int:
+def dtype_to_proto(dtype: np.dtype) -> tensor_pb2.DType:
     try:
         return _FROM_NUMPY[np.dtype(dtype)]
     except KeyError:
         raise CodecError(f"dtype {dtype} has no wire encoding") from None
 
 
-def dtype_from_proto(value: int) -> np.dtype:
+def dtype_from_proto(value: tensor_pb2.DType) -> np.dtype:
     try:
         return _TO_NUMPY[value]
     except KeyError:
@@ -91,7 +91,7 @@ def _contiguous(array: np.ndarray) -> np.ndarray:
 
 def _raw(array: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array, for any shape, zero-size and 0-d included."""
-    return memoryview(array.reshape(-1).view(np.uint8))
+    return array.reshape(-1).view(np.uint8).data
 
 
 # ---- whole tensors -------------------------------------------------------------
