@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,7 @@ import pytest_asyncio
 
 from cloud.app import CloudConfig, Coordinator
 from tandem import certs
+from tests.cluster import Cluster
 
 AGENTS = [f"agent-{i}" for i in range(6)]
 
@@ -40,3 +41,24 @@ async def coordinator(tmp_path: Path, certs_dir: Path) -> AsyncIterator[Coordina
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """Keep each phase's report on the test item, so fixtures can see whether it failed."""
+    report: pytest.TestReport = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def cluster(request: pytest.FixtureRequest, tmp_path: Path, certs_dir: Path) -> Iterator[Cluster]:
+    """Real coordinator and agent processes; their logs are printed when a test fails."""
+    cluster = Cluster(tmp_path, certs_dir)
+    try:
+        yield cluster
+    finally:
+        cluster.stop_all()
+        report = getattr(request.node, "report_call", None)
+        if report is None or report.failed:
+            print(cluster.logs())

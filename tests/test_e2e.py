@@ -9,29 +9,16 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.simulation import simulate_fedavg
-from tests.cluster import Cluster
+from tests.cluster import Cluster  # the `cluster` fixture is in conftest.py
 
 ROUND_KEYS = {"round", "accuracy", "loss", "local_loss", "seconds", "bytes_up", "bytes_down", "accepted",
               "rejected", "version", "sha256"}
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, certs_dir: Path) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path, certs_dir)
-    try:
-        yield cluster
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
 
 
 def tandem(*args: str) -> str:

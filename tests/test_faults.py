@@ -11,25 +11,13 @@ import asyncio
 import signal
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tandem.v1 import admin_pb2
-from tests.cluster import Cluster
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, certs_dir: Path) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path, certs_dir)
-    try:
-        yield cluster
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        cluster.stop_all()
+from tests.cluster import Cluster  # the `cluster` fixture is in conftest.py
 
 
 def spec(rounds: int, min_clients: int, deadline: float) -> admin_pb2.StartJobRequest:
@@ -38,11 +26,13 @@ def spec(rounds: int, min_clients: int, deadline: float) -> admin_pb2.StartJobRe
     ))
 
 
-async def wait_for(cluster: Cluster, job_id: str, check: "object", timeout: float = 60) -> admin_pb2.Job:
+async def wait_for(
+    cluster: Cluster, job_id: str, check: Callable[[admin_pb2.Job], bool], timeout: float = 60
+) -> admin_pb2.Job:
     async with asyncio.timeout(timeout):
         while True:
             job = await cluster.job(job_id)
-            if check(job):  # type: ignore[operator]
+            if check(job):
                 return job
             await asyncio.sleep(0.1)
 

@@ -6,8 +6,9 @@ units are base units (seconds, bytes).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -86,6 +87,24 @@ def _code(context: grpc.aio.ServicerContext) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
 
 
+@contextlib.contextmanager
+def _observed(service: str, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """Count and time one RPC, with the status code it ended with."""
+    start, code = time.perf_counter(), "UNKNOWN"
+    try:
+        yield
+        code = _code(context)
+    except grpc.aio.AbortError:
+        code = _code(context)
+        raise
+    except BaseException:
+        code = "CANCELLED" if context.cancelled() else "UNKNOWN"
+        raise
+    finally:
+        RPC_HANDLED.labels(service, method, code).inc()
+        RPC_SECONDS.labels(service, method).observe(time.perf_counter() - start)
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
     """Counts and times every RPC, unary and streaming alike."""
 
@@ -99,43 +118,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
             return handler
         service, method = _split(handler_call_details.method)
 
-        def record(start: float, code: str) -> None:
-            RPC_HANDLED.labels(service, method, code).inc()
-            RPC_SECONDS.labels(service, method).observe(time.perf_counter() - start)
-
         def unary_response(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
             async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                start, code = time.perf_counter(), "UNKNOWN"
-                try:
-                    result = await behavior(request, context)
-                    code = _code(context)
-                    return result
-                except grpc.aio.AbortError:
-                    code = _code(context)
-                    raise
-                except BaseException:
-                    code = "CANCELLED" if context.cancelled() else "UNKNOWN"
-                    raise
-                finally:
-                    record(start, code)
+                with _observed(service, method, context):
+                    return await behavior(request, context)
 
             return wrapped
 
         def stream_response(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
             async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                start, code = time.perf_counter(), "UNKNOWN"
-                try:
+                with _observed(service, method, context):
                     async for response in behavior(request, context):
                         yield response
-                    code = _code(context)
-                except grpc.aio.AbortError:
-                    code = _code(context)
-                    raise
-                except BaseException:
-                    code = "CANCELLED" if context.cancelled() else "UNKNOWN"
-                    raise
-                finally:
-                    record(start, code)
 
             return wrapped
 
