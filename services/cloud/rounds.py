@@ -173,8 +173,8 @@ class JobRunner:
     def check_update(self, agent: str, header: pb.UpdateHeader) -> OpenRound:
         """The open round an update from `agent` may join, or the precise reason why not."""
         rnd = self.round
-        current = self._store.get_job(self.job_id)
         if rnd is None or header.round != rnd.number:
+            current = self._store.get_job(self.job_id)
             at = current["current_round"] if current else "?"
             raise FailedPrecondition(f"round {header.round} of job {self.job_id} is not open (current round: {at})")
         if not rnd.accepting:

@@ -63,6 +63,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 yield message
         finally:
             reader.cancel()
+            self._store.agent_seen(identity.name, session.last_seen)  # heartbeats stay in memory until here
             await self._registry.disconnect(session)
 
     async def _read(self, session: Session, request_iterator: AsyncIterator[pb.AgentMessage]) -> None:
@@ -71,7 +72,6 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 if message.HasField("heartbeat"):
                     session.last_seen = time.time()
                     session.measurements.update(message.heartbeat.measurements)
-                    self._store.agent_seen(session.agent_id)
         except (grpc.RpcError, asyncio.CancelledError):
             pass
         finally:
@@ -123,8 +123,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         response = admin_pb2.ListAgentsResponse()
         for row in self._store.list_agents():
             session = self._registry.get(row["agent"])
+            last_seen = session.last_seen if session is not None else row["last_seen"]
             info = admin_pb2.AgentInfo(
-                agent_id=row["agent"], connected=session is not None, last_seen=_timestamp(row["last_seen"]),
+                agent_id=row["agent"], connected=session is not None, last_seen=_timestamp(last_seen),
                 num_examples=row["num_examples"], device=row["device"], connects=row["connects"],
             )
             if session is not None:

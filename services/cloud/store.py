@@ -277,9 +277,9 @@ class Store:
                 (agent, now, now, num_examples, device),
             )
 
-    def agent_seen(self, agent: str) -> None:
+    def agent_seen(self, agent: str, when: float) -> None:
         with self._tx() as db:
-            db.execute("UPDATE agents SET last_seen = ? WHERE agent = ?", (time.time(), agent))
+            db.execute("UPDATE agents SET last_seen = MAX(last_seen, ?) WHERE agent = ?", (when, agent))
 
     def list_agents(self) -> list[sqlite3.Row]:
         return list(self._db.execute("SELECT * FROM agents ORDER BY agent"))
