@@ -299,3 +299,22 @@ def test_a_shape_whose_element_count_overflows_int64_is_over_the_limit() -> None
         codec.spec_from_proto(tensor_pb2.TensorSpec(name="w", dtype=tensor_pb2.DTYPE_FLOAT32, shape=huge), 1 << 20)
     with pytest.raises(codec.CodecError, match="exceeds the limit"):
         codec.from_proto(tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=huge))
+
+
+def test_variable_length_spec_accepts_up_to_its_bound() -> None:
+    bound = {"idx": codec.TensorSpec("idx", np.dtype("u1"), (10,), exact=False)}
+    for length in (0, 3, 10):
+        arrays = {"idx": np.arange(length, dtype=np.uint8)}
+        assembler = codec.ChunkAssembler(bound)
+        for chunk in codec.iter_chunks(arrays, chunk_bytes=4):
+            assembler.add(chunk)
+        np.testing.assert_array_equal(assembler.result()["idx"], arrays["idx"])
+    for shape in ([11], [2, 2]):
+        with pytest.raises(codec.CodecError, match="at most"):
+            codec.ChunkAssembler(bound).add(tensor_pb2.TensorChunk(name="idx", dtype=tensor_pb2.DTYPE_UINT8,
+                                                                  shape=shape, data=b"\0"))
+    assembler = codec.ChunkAssembler(bound)
+    assembler.add(tensor_pb2.TensorChunk(name="idx", dtype=tensor_pb2.DTYPE_UINT8, shape=[4], data=b"\0\0"))
+    with pytest.raises(codec.CodecError, match="shape changed"):
+        assembler.add(tensor_pb2.TensorChunk(name="idx", dtype=tensor_pb2.DTYPE_UINT8, shape=[8], offset=2,
+                                             data=b"\0\0"))

@@ -43,6 +43,14 @@ class TensorSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
+    # False: a 1-D tensor of *at most* shape[0] elements (a variable-size encoding);
+    # its chunks declare the actual length, which is checked against the bound.
+    exact: bool = True
+
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        if self.exact:
+            return shape == self.shape
+        return len(shape) == 1 and 0 <= shape[0] <= self.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -145,6 +153,7 @@ class ChunkAssembler:
 
     def __init__(self, expected: Mapping[str, TensorSpec]) -> None:
         self._expected = dict(expected)
+        self._declared: dict[str, TensorSpec] = {}  # the exact spec of each tensor begun
         self._buffers: dict[str, bytearray] = {}
         self._done: set[str] = set()
         self.bytes_received = 0
@@ -158,8 +167,16 @@ class ChunkAssembler:
         dtype = dtype_from_proto(chunk.dtype)
         if dtype != spec.dtype:
             raise CodecError(f"tensor {chunk.name!r}: dtype {dtype} where {spec.dtype} is expected")
-        if tuple(chunk.shape) != spec.shape:
-            raise CodecError(f"tensor {chunk.name!r}: shape {list(chunk.shape)} where {list(spec.shape)} is expected")
+        shape = tuple(chunk.shape)
+        declared = self._declared.get(chunk.name)
+        if declared is None:
+            if not spec.accepts(shape):
+                bound = list(spec.shape) if spec.exact else f"at most {list(spec.shape)}"
+                raise CodecError(f"tensor {chunk.name!r}: shape {list(shape)} where {bound} is expected")
+            declared = self._declared[chunk.name] = TensorSpec(spec.name, spec.dtype, shape)
+        elif shape != declared.shape:
+            raise CodecError(f"tensor {chunk.name!r}: shape changed from {list(declared.shape)} to {list(shape)}")
+        spec = declared
         buffer = self._buffers.setdefault(chunk.name, bytearray())
         if chunk.offset != len(buffer):
             raise CodecError(f"tensor {chunk.name!r}: chunk at offset {chunk.offset}, expected {len(buffer)}")
@@ -179,7 +196,7 @@ class ChunkAssembler:
             raise CodecError(f"update incomplete: missing or truncated tensors {missing}")
         return {
             name: np.frombuffer(bytes(self._buffers[name]), dtype=spec.dtype).reshape(spec.shape)
-            for name, spec in self._expected.items()
+            for name, spec in self._declared.items()
         }
 
 
