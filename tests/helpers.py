@@ -74,7 +74,9 @@ class ControlStream:
 def update_messages(
     header: pb.UpdateHeader, arrays: Mapping[str, np.ndarray]
 ) -> list[pb.UpdateChunk]:
-    return [pb.UpdateChunk(header=header), *(pb.UpdateChunk(tensor=c) for c in codec.iter_chunks(arrays))]
+    """An upload of dense float32 tensors (codec "none": each tensor as a 1-D component)."""
+    flat = {name: np.asarray(a).reshape(-1) for name, a in arrays.items()}
+    return [pb.UpdateChunk(header=header), *(pb.UpdateChunk(tensor=c) for c in codec.iter_chunks(flat))]
 
 
 async def upload(

@@ -1,4 +1,5 @@
-"""Receiving model updates: validate everything, make it durable, then acknowledge."""
+"""Receiving model updates: validate everything, make it durable, fold it into the
+round's sum, then acknowledge. Broken uploads can resume where they stopped."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,15 +17,31 @@ from cloud.jobs import JobManager
 from cloud.models import ModelRepository
 from cloud.spec import JobSpec
 from cloud.store import Store, UpdateRow, write_tensors
-from tandem import codec, metrics
+from tandem import codec, compression, deltas, metrics
 from tandem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TandemError
 from tandem.v1 import coordinator_pb2 as pb
 
+PARTIAL_TTL_SECONDS = 600.0
+MAX_PARTIALS = 1024
 
-def update_digest(header: pb.UpdateHeader, tensors_sha256: str) -> str:
+UploadKey = tuple[str, int, str]  # job, round, agent
+
+
+def update_digest(header: pb.UpdateHeader, content_sha256: str) -> str:
     """Identity of an update's content: what a byte-identical re-send reproduces."""
-    text = f"{header.base_version}\0{header.num_examples}\0{header.local_loss!r}\0{header.codec}\0{tensors_sha256}"
+    text = f"{header.base_version}\0{header.num_examples}\0{header.local_loss!r}\0{header.codec}\0{content_sha256}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Partial:
+    """What a broken upload delivered, kept so that the agent can resume it."""
+
+    content_sha256: str
+    assembler: codec.ChunkAssembler
+    chunks: int
+    wire: int
+    since: float
 
 
 class UpdateIntake:
@@ -33,10 +52,11 @@ class UpdateIntake:
         # One upload at a time per (job, round, agent), so a re-send racing the
         # original is answered as a duplicate instead of colliding. Each entry counts
         # its users and goes away with the last one.
-        self._locks: dict[tuple[str, int, str], tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[UploadKey, tuple[asyncio.Lock, int]] = {}
+        self._partials: dict[UploadKey, Partial] = {}
 
     @contextlib.asynccontextmanager
-    async def _lock(self, key: tuple[str, int, str]) -> AsyncIterator[None]:
+    async def _lock(self, key: UploadKey) -> AsyncIterator[None]:
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
@@ -49,28 +69,37 @@ class UpdateIntake:
             else:
                 self._locks[key] = (lock, users - 1)
 
+    def progress(self, agent: str, header: pb.UpdateHeader) -> int:
+        """Chunks of a broken upload of this content that can be skipped on resume."""
+        partial = self._partials.get((header.job_id, header.round, agent))
+        if partial is None or partial.content_sha256 != header.content_sha256 or not header.content_sha256:
+            return 0
+        return partial.chunks
+
     async def receive(self, agent: str, messages: AsyncIterator[pb.UpdateChunk]) -> pb.UpdateReceipt:
         first = await anext(messages, None)
         if first is None or not first.HasField("header"):
             metrics.UPDATES_REJECTED.labels("malformed").inc()
             raise InvalidArgument("an upload starts with an UpdateHeader", reason="malformed")
         header = first.header
-        wire = first.ByteSize()
         key = (header.job_id, header.round, agent)
+        wire = first.ByteSize()
         try:
             async with self._lock(key):
-                receipt, wire = await self._receive(agent, header, messages, wire)
-        except (TandemError, codec.CodecError) as exc:
+                receipt = await self._receive(key, header, messages, wire)
+        except (TandemError, codec.CodecError, compression.CompressionError) as exc:
             reason = exc.reason if isinstance(exc, TandemError) else "malformed"
             metrics.UPDATES_REJECTED.labels(reason).inc()
             self._jobs.count_rejection(header.job_id, header.round, wire)
+            await _drain(messages)
             raise
-        metrics.BYTES_RECEIVED.labels("update").inc(wire)
+        metrics.BYTES_RECEIVED.labels("update").inc(receipt.bytes_received)
         return receipt
 
     async def _receive(
-        self, agent: str, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk], wire: int
-    ) -> tuple[pb.UpdateReceipt, int]:
+        self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk], wire: int
+    ) -> pb.UpdateReceipt:
+        agent = key[2]
         if not header.job_id:
             raise InvalidArgument("job_id is required", reason="malformed")
         job = self._store.get_job(header.job_id)
@@ -81,23 +110,38 @@ class UpdateIntake:
         if existing is None:
             runner = self._jobs.runner(header.job_id)
             runner.check_update(agent, header)
+        try:
+            update_codec = compression.parse_codec(header.codec)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), reason="malformed") from None
         spec = JobSpec.from_dict(json.loads(job["spec"]))
-        limit = spec.max_update_bytes
-        assembler = codec.ChunkAssembler(self._models.specs(spec.model))
-        async for message in messages:
-            wire += message.ByteSize()
-            if not message.HasField("tensor"):
-                raise InvalidArgument("an upload has exactly one header, first", reason="malformed")
-            if assembler.bytes_received + len(message.tensor.data) > limit:
-                raise ResourceExhausted(f"update exceeds the job's limit of {limit} bytes", reason="too_large")
-            assembler.add(message.tensor)
-        arrays = assembler.result()
-        for name, array in arrays.items():
-            if not np.isfinite(array).all():
-                raise InvalidArgument(f"tensor {name!r} has non-finite values", reason="not_finite")
-        digest = update_digest(header, await asyncio.to_thread(codec.state_sha256, arrays))
+        specs = self._models.specs(spec.model)
+        partial = self._resume(key, header, specs, update_codec)
+        try:
+            async for message in messages:
+                partial.wire += message.ByteSize()
+                if not message.HasField("tensor"):
+                    raise InvalidArgument("an upload has exactly one header, first", reason="malformed")
+                if partial.assembler.bytes_received + len(message.tensor.data) > spec.max_update_bytes:
+                    raise ResourceExhausted(
+                        f"update exceeds the job's limit of {spec.max_update_bytes} bytes", reason="too_large"
+                    )
+                partial.assembler.add(message.tensor)
+                partial.chunks += 1
+        except (TandemError, codec.CodecError, compression.CompressionError):
+            raise
+        except BaseException:
+            # The stream broke (cancelled, connection lost): keep what arrived for a resume.
+            self._keep(key, partial)
+            raise
+        components = partial.assembler.result()
+        content = await asyncio.to_thread(codec.state_sha256, components)
+        if header.content_sha256 and content != header.content_sha256:
+            raise InvalidArgument("the update's content does not match its content_sha256", reason="malformed")
+        await asyncio.to_thread(_validate, components, specs, update_codec)
+        digest = update_digest(header, content)
         receipt = pb.UpdateReceipt(
-            job_id=header.job_id, round=header.round, agent_id=agent, digest=digest, bytes_received=wire
+            job_id=header.job_id, round=header.round, agent_id=agent, digest=digest, bytes_received=partial.wire
         )
         if existing is not None:
             if existing.digest != digest:
@@ -107,15 +151,72 @@ class UpdateIntake:
                 )
             metrics.UPDATES_DUPLICATE.inc()
             receipt.duplicate = True
-            return receipt, wire
+            return receipt
         assert runner is not None
         path = self._store.update_path(header.job_id, header.round, agent)
-        size = await asyncio.to_thread(write_tensors, path, arrays)
+        size = await asyncio.to_thread(write_tensors, path, components)
         rnd = runner.check_update(agent, header)  # the round may have closed while we wrote
-        if not rnd.accepting:
-            raise FailedPrecondition(f"round {header.round} closed while the update arrived", reason="stale")
-        row = UpdateRow(agent, digest, header.num_examples, header.local_loss, str(path), size)
-        self._store.add_update(header.job_id, header.round, row, wire)
-        runner.accepted(rnd, agent)
+        async with rnd.fold_lock:
+            if not rnd.accepting:
+                raise FailedPrecondition(f"round {header.round} closed while the update arrived", reason="stale")
+            row = UpdateRow(agent, digest, header.num_examples, header.local_loss, str(path), size, header.codec)
+            self._store.add_update(header.job_id, header.round, row, partial.wire)
+            await asyncio.to_thread(rnd.accumulator.fold, agent, header.num_examples, components, update_codec)
+            runner.accepted(rnd, agent)
         metrics.UPDATES_ACCEPTED.inc()
-        return receipt, wire
+        return receipt
+
+    def _resume(
+        self, key: UploadKey, header: pb.UpdateHeader, specs: dict[str, codec.TensorSpec], update_codec: compression.Codec
+    ) -> Partial:
+        partial = self._partials.pop(key, None)
+        wire = pb.UpdateChunk(header=header).ByteSize()
+        if header.skip_chunks == 0:
+            assembler = codec.ChunkAssembler(deltas.expected(specs, update_codec))
+            return Partial(header.content_sha256, assembler, 0, wire, time.monotonic())
+        if partial is None or partial.content_sha256 != header.content_sha256 or partial.chunks != header.skip_chunks:
+            have = partial.chunks if partial is not None else 0
+            raise FailedPrecondition(
+                f"cannot resume at chunk {header.skip_chunks}: {have} chunks of this content are held; start over",
+                reason="resume",
+            )
+        partial.wire += wire
+        return partial
+
+    def _keep(self, key: UploadKey, partial: Partial) -> None:
+        if not partial.content_sha256 or partial.chunks == 0:
+            return
+        now = time.monotonic()
+        for old, kept in list(self._partials.items()):
+            if now - kept.since > PARTIAL_TTL_SECONDS:
+                del self._partials[old]
+        if len(self._partials) >= MAX_PARTIALS:
+            self._partials.pop(next(iter(self._partials)))
+        partial.since = now
+        self._partials[key] = partial
+
+
+async def _drain(messages: AsyncIterator[pb.UpdateChunk], limit_bytes: int = 64 << 20, seconds: float = 5.0) -> None:
+    """Read what the client is still sending before answering with an error.
+
+    A server that ends a client-streaming call while the client is still writing
+    can make the client see INTERNAL instead of the real status (grpc/grpc#36066);
+    reading the rest first (bounded in bytes and time) delivers the precise code.
+    """
+    received = 0
+    try:
+        async with asyncio.timeout(seconds):
+            async for message in messages:
+                received += message.ByteSize()
+                if received > limit_bytes:
+                    return
+    except Exception:  # noqa: BLE001 - the peer's stream is already being rejected
+        return
+
+
+def _validate(
+    components: Mapping[str, np.ndarray], specs: Mapping[str, codec.TensorSpec], update_codec: compression.Codec
+) -> None:
+    """Decode every tensor once, so that nothing malformed or non-finite is acknowledged."""
+    for name, spec in specs.items():
+        deltas.decode_all(components, {name: spec}, update_codec)

@@ -114,13 +114,15 @@ class JobManager:
         )
         for r in self._store.closed_rounds(job_id):
             updates = self._store.list_updates(job_id, r["round"])
+            published = self._store.get_version(spec.model, r["version"])
             job.rounds.append(
                 admin_pb2.RoundResult(
                     round=r["round"], accuracy=r["accuracy"] or 0.0, loss=r["loss"] or 0.0,
                     local_loss=r["local_loss"] or 0.0, seconds=r["seconds"] or 0.0, bytes_up=r["bytes_up"],
                     bytes_down=r["bytes_down"], accepted=len(updates), rejected=r["rejected"],
                     version=r["version"], sha256=r["sha256"], attempts=r["attempt"],
-                    agents=[u.agent for u in updates],
+                    agents=[u.agent for u in updates], codecs={u.agent: u.codec for u in updates},
+                    delta_bytes=(published.delta_bytes or 0) if published else 0,
                 )
             )
         if row["state"] == "running":

@@ -13,6 +13,7 @@ import numpy as np
 from cloud.store import Store, VersionRow, read_tensors, write_tensors
 from tandem import codec, metrics, training, zoo
 from tandem.errors import InvalidArgument, NotFound
+from tandem.v1 import coordinator_pb2 as pb
 
 
 class ModelRepository:
@@ -23,6 +24,7 @@ class ModelRepository:
         self._cache: OrderedDict[tuple[str, int], dict[str, np.ndarray]] = OrderedDict()
         self._cache_size = cache_size
         self._specs: dict[str, dict[str, codec.TensorSpec]] = {}
+        self._reserved: dict[str, int] = {}
 
     def specs(self, model: str) -> dict[str, codec.TensorSpec]:
         """The tensors every version (and every update) of `model` must have."""
@@ -38,7 +40,9 @@ class ModelRepository:
 
     async def write(self, model: str, arrays: Mapping[str, np.ndarray], job_id: str, round_: int) -> VersionRow:
         """Write the next version's file (not yet recorded: the caller commits it)."""
-        version = self._store.next_version(model)
+        # Reserve the number before any await, so concurrent writers never share one.
+        version = max(self._store.next_version(model), self._reserved.get(model, 0) + 1)
+        self._reserved[model] = version
         path = self._store.model_path(model, version)
         size = await asyncio.to_thread(write_tensors, path, arrays)
         sha = await asyncio.to_thread(codec.state_sha256, arrays)
@@ -69,6 +73,48 @@ class ModelRepository:
         else:
             self._cache.move_to_end(key)
         return row, arrays
+
+    async def response(
+        self, model: str, version: int, have_version: int
+    ) -> tuple[pb.ModelHeader, dict[str, np.ndarray]]:
+        """What to send an agent asking for `version` while holding `have_version`:
+        the chain of encoded deltas between them when every step has one and they
+        are smaller than the model, else the whole model."""
+        row, arrays = await self.load(model, version)
+        header = pb.ModelHeader(model=row.model, version=row.version, sha256=row.sha256)
+        steps = self._chain(row, have_version)
+        full_bytes = sum(int(a.nbytes) for a in arrays.values())
+        if steps and sum(s.delta_bytes or 0 for s in steps) < full_bytes:
+            payload: dict[str, np.ndarray] = {}
+            for step in steps:
+                assert step.delta_path is not None
+                components = await asyncio.to_thread(read_tensors, Path(step.delta_path))
+                payload.update({f"{step.version}/{name}": a for name, a in components.items()})
+                header.steps.append(
+                    pb.DeltaStep(from_version=step.delta_from, to_version=step.version, codec=step.delta_codec)
+                )
+        else:
+            payload = arrays
+            specs = codec.specs_of(arrays)
+            header.tensors.extend(spec.to_proto() for spec in specs.values())
+        header.total_bytes = sum(int(a.nbytes) for a in payload.values())
+        header.total_chunks = codec.chunk_count(payload)
+        return header, payload
+
+    def _chain(self, row: VersionRow, have_version: int) -> list[VersionRow]:
+        """Versions from have_version (exclusive) to row (inclusive), if deltas link them."""
+        if have_version <= 0 or have_version >= row.version:
+            return []
+        chain = []
+        while row.version != have_version:
+            if row.delta_path is None or row.delta_from is None or row.delta_from < have_version:
+                return []
+            chain.append(row)
+            previous = self._store.get_version(row.model, row.delta_from)
+            if previous is None:
+                return []
+            row = previous
+        return chain[::-1]
 
     def _remember(self, model: str, version: int, arrays: dict[str, np.ndarray]) -> None:
         self._cache[(model, version)] = arrays

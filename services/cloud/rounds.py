@@ -14,17 +14,20 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cloud import aggregation, evaluation
+from cloud import autocodec, evaluation
+from cloud.accumulator import Accumulator
 from cloud.models import ModelRepository
 from cloud.registry import Registry, Session
-from cloud.spec import JobSpec
-from cloud.store import Store, VersionRow, read_tensors
-from tandem import metrics
+from cloud.spec import AUTO, JobSpec
+from cloud.store import Store, UpdateRow, VersionRow, read_tensors, write_tensors
+from cloud.strategies import ServerOptimizer
+from tandem import compression, deltas, metrics
 from tandem.errors import FailedPrecondition, InvalidArgument
 from tandem.v1 import coordinator_pb2 as pb
 
@@ -38,8 +41,13 @@ class OpenRound:
     attempt: int
     deadline: float
     selected: list[str]
+    accumulator: Accumulator
     submitted: set[str] = field(default_factory=set)
+    codecs: dict[str, str] = field(default_factory=dict)  # agent -> codec of its task
     accepting: bool = True
+    # Held while an accepted update is folded in, and by the close, so that the
+    # close sees every acknowledged update in the sum.
+    fold_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class JobRunner:
@@ -54,6 +62,9 @@ class JobRunner:
         self._updated = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.round: OpenRound | None = None
+        self._optimizer = ServerOptimizer(spec.strategy, spec.effective_server_lr)
+        self._downlink = compression.parse_codec(spec.effective_downlink)
+        self._downlink_residual: dict[str, np.ndarray] = {}
 
     def start(self) -> None:
         self._registry.add_listener(self._on_connect)
@@ -74,6 +85,7 @@ class JobRunner:
 
     async def _run(self) -> None:
         try:
+            await self._restore_state()
             while True:
                 job = self._store.get_job(self.job_id)
                 assert job is not None
@@ -89,22 +101,36 @@ class JobRunner:
             self._registry.remove_listener(self._on_connect)
             self.round = None
 
+    async def _restore_state(self) -> None:
+        """Server optimiser moments and downlink residual as of the last closed round."""
+        job = self._store.get_job(self.job_id)
+        path = self._store.job_state_path(self.job_id, job["current_round"] - 1) if job else None
+        if path is None or not path.exists():
+            return
+        state = await asyncio.to_thread(read_tensors, path)
+        self._optimizer.load_state({k[4:]: v for k, v in state.items() if k.startswith("opt/")})
+        self._downlink_residual = {k[4:]: v for k, v in state.items() if k.startswith("res/")}
+
     async def _run_round(self, number: int, base_version: int) -> None:
         base = self._models.version(self.spec.model, base_version)
         row = self._store.get_round(self.job_id, number)
         attempt = row["attempt"] if row else 0
+        accumulator = Accumulator(self._models.specs(self.spec.model))
         while True:
             attempt += 1
-            submitted = {u.agent for u in self._store.list_updates(self.job_id, number)}
+            updates = self._store.list_updates(self.job_id, number)
+            await asyncio.to_thread(self._refold, accumulator, updates)
+            submitted = {u.agent for u in updates}
             await self._wait_for_agents(submitted)
             selected = self._select(number, attempt, submitted)
             deadline = time.time() + self.spec.deadline
             self._store.open_round(self.job_id, number, attempt, base.version, selected, deadline)
-            self.round = OpenRound(number, base, attempt, deadline, selected, submitted)
+            self.round = OpenRound(number, base, attempt, deadline, selected, accumulator, submitted,
+                                   codecs={u.agent: u.codec for u in updates})
             log.info("job %s round %d attempt %d: selected %s", self.job_id, number, attempt, selected)
             for agent in selected:
                 if agent not in submitted:
-                    self._registry.send(agent, self._task_message(self.round))
+                    self._registry.send(agent, self._task_message(self.round, agent))
             await self._wait_for_updates(self.round)
             if len(self.round.submitted) >= self.spec.min_clients:
                 await self._close(self.round)
@@ -114,6 +140,14 @@ class JobRunner:
                 "job %s round %d: %d of %d updates needed at the deadline; retrying",
                 self.job_id, number, len(self.round.submitted), self.spec.min_clients,
             )
+
+    def _refold(self, accumulator: Accumulator, updates: list[UpdateRow]) -> None:
+        """Fold in updates accepted before a restart (their files are the durable copy)."""
+        for update in updates:
+            if update.agent not in accumulator.folded and update.path is not None:
+                components = read_tensors(Path(update.path))
+                accumulator.fold(update.agent, update.num_examples, components,
+                                 compression.parse_codec(update.codec))
 
     async def _wait_for_agents(self, submitted: set[str]) -> None:
         while len(set(self._registry.connected()) | submitted) < self.spec.min_clients:
@@ -152,18 +186,33 @@ class JobRunner:
                 return
             rnd.selected = sorted([*rnd.selected, session.agent_id])
             self._store.set_selected(self.job_id, rnd.number, rnd.selected)
-        session.send(self._task_message(rnd))
+        session.send(self._task_message(rnd, session.agent_id))
 
-    def _task_message(self, rnd: OpenRound) -> pb.CoordinatorMessage:
+    def codec_for(self, rnd: OpenRound, agent: str) -> str:
+        """The job's codec, or with `auto` one chosen from the agent's measured link."""
+        if self.spec.codec != AUTO:
+            return self.spec.codec
+        session = self._registry.get(agent)
+        measured = session.measurements if session is not None else {}
+        throughput = measured.get("uplink_bytes_per_second") or measured.get("downlink_bytes_per_second")
+        params = sum(spec.nbytes // 4 for spec in self._models.specs(self.spec.model).values())
+        choice = autocodec.choose(params, throughput, self.spec.target_upload_seconds)
+        metrics.AUTO_CODEC_BYTES_PER_PARAM.labels(agent).set(_bytes_per_param(choice))
+        return choice
+
+    def _task_message(self, rnd: OpenRound, agent: str) -> pb.CoordinatorMessage:
+        if agent not in rnd.submitted:
+            rnd.codecs[agent] = self.codec_for(rnd, agent)
         deadline = Timestamp()
         deadline.FromNanoseconds(int(rnd.deadline * 1e9))
         return pb.CoordinatorMessage(
             task=pb.TrainTask(
                 job_id=self.job_id, round=rnd.number, model=self.spec.model, base_version=rnd.base.version,
-                base_sha256=rnd.base.sha256, codec=self.spec.codec, deadline=deadline,
+                base_sha256=rnd.base.sha256, codec=rnd.codecs[agent], deadline=deadline,
                 max_update_bytes=self.spec.max_update_bytes,
                 training=pb.TrainingConfig(
-                    epochs=self.spec.epochs, batch_size=self.spec.batch_size, learning_rate=self.spec.learning_rate
+                    epochs=self.spec.epochs, batch_size=self.spec.batch_size, learning_rate=self.spec.learning_rate,
+                    mu=self.spec.mu,
                 ),
             )
         )
@@ -186,8 +235,9 @@ class JobRunner:
                 f"update is based on version {header.base_version}; round {rnd.number} trains from version "
                 f"{rnd.base.version}"
             )
-        if header.codec != self.spec.codec:
-            raise InvalidArgument(f"codec {header.codec!r} where the job expects {self.spec.codec!r}")
+        expected_codec = rnd.codecs.get(agent)
+        if header.codec != expected_codec:
+            raise InvalidArgument(f"codec {header.codec!r} where the task asked for {expected_codec!r}")
         if not 0 < header.num_examples <= 1 << 40:
             raise InvalidArgument(f"num_examples must be positive, got {header.num_examples}")
         if not math.isfinite(header.local_loss):
@@ -195,21 +245,31 @@ class JobRunner:
         return rnd
 
     def accepted(self, rnd: OpenRound, agent: str) -> None:
+        """Called with rnd.fold_lock held, once the update is durable and folded in."""
         rnd.submitted.add(agent)
         self._updated.set()
 
     # ---- closing -------------------------------------------------------------
 
     async def _close(self, rnd: OpenRound) -> None:
-        rnd.accepting = False
+        async with rnd.fold_lock:
+            rnd.accepting = False
         updates = self._store.list_updates(self.job_id, rnd.number)
-        _, base_arrays = await self._models.load(self.spec.model, rnd.base.version)
-        loaders = [(u.num_examples, _loader(u.path)) for u in updates]
-        new_arrays = await asyncio.to_thread(aggregation.fedavg, base_arrays, loaders)
+        _, base = await self._models.load(self.spec.model, rnd.base.version)
+        new, delta, delta_bytes = await asyncio.to_thread(self._next_version, base, rnd.accumulator)
         accuracy = loss = None
         if self.spec.eval:
-            accuracy, loss = await asyncio.to_thread(evaluation.evaluate, self.spec.model, new_arrays, self.spec.eval)
-        version = await self._models.write(self.spec.model, new_arrays, self.job_id, rnd.number)
+            accuracy, loss = await asyncio.to_thread(evaluation.evaluate, self.spec.model, new, self.spec.eval)
+        version = await self._models.write(self.spec.model, new, self.job_id, rnd.number)
+        if delta is not None:
+            path = self._store.delta_path(self.spec.model, version.version)
+            await asyncio.to_thread(write_tensors, path, delta)
+            version = replace(version, delta_path=str(path), delta_from=rnd.base.version,
+                              delta_codec=str(self._downlink), delta_bytes=delta_bytes)
+        state = {**{f"opt/{k}": v for k, v in self._optimizer.state().items()},
+                 **{f"res/{k}": v for k, v in self._downlink_residual.items()}}
+        if state:
+            await asyncio.to_thread(write_tensors, self._store.job_state_path(self.job_id, rnd.number), state)
         examples = sum(u.num_examples for u in updates)
         local_loss = sum(u.num_examples * u.local_loss for u in updates) / examples
         final = rnd.number >= self.spec.rounds
@@ -235,12 +295,30 @@ class JobRunner:
             )
         )
 
+    def _next_version(
+        self, base: dict[str, np.ndarray], accumulator: Accumulator
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, int]:
+        """The new global model, and the encoded delta agents holding `base` apply to reach it.
 
-def _loader(path: str | None) -> aggregation.Loader:
-    if path is None:
-        raise RuntimeError("an accepted update's file is gone")
-    file = Path(path)
-    return lambda: read_tensors(file)
+        With a lossy downlink the cloud publishes exactly what agents reconstruct,
+        base + decode(encode(step + residual)), and keeps what was left out as its
+        own error-feedback residual.
+        """
+        step = self._optimizer.step(accumulator.mean())
+        if self._downlink.lossless:
+            return {name: base[name] + step[name] for name in base}, None, 0
+        feedback = compression.ErrorFeedback(self._downlink)
+        feedback.load_state(self._downlink_residual)
+        components, decoded = feedback.compress(step)
+        self._downlink_residual = feedback.residual
+        return {name: base[name] + decoded[name] for name in base}, components, deltas.nbytes(components)
+
+
+def _bytes_per_param(codec: str) -> float:
+    parsed = compression.parse_codec(codec)
+    if parsed.kind == "topk":
+        return parsed.fraction * autocodec.topk_bytes_per_kept(parsed.fraction)
+    return {"none": 4.0, "fp16": 2.0, "int8": 1.0}[parsed.kind]
 
 
 def _remove_files(paths: list[str | None]) -> None:

@@ -89,23 +89,28 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: pb.ModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelChunk]:
         peer_identity(context)  # any identity from the deployment's CA may read models
-        row, arrays = await self._models.load(request.model, request.version)
-        specs = codec.specs_of(arrays)
-        header = pb.ModelHeader(
-            model=row.model, version=row.version, sha256=row.sha256,
-            tensors=[spec.to_proto() for spec in specs.values()],
-            total_bytes=sum(spec.nbytes for spec in specs.values()),
-        )
-        sent = 0
+        if request.skip_chunks < 0 or request.have_version < 0:
+            raise InvalidArgument("skip_chunks and have_version must not be negative")
+        header, payload = await self._models.response(request.model, request.version, request.have_version)
+        if request.skip_chunks > header.total_chunks:
+            raise InvalidArgument(f"skip_chunks {request.skip_chunks} is past the {header.total_chunks} chunks")
         message = pb.ModelChunk(header=header)
-        sent += message.ByteSize()
+        sent = message.ByteSize()
         yield message
-        for chunk in codec.iter_chunks(arrays):
-            message = pb.ModelChunk(tensor=chunk)
-            sent += message.ByteSize()
-            yield message
-        metrics.BYTES_SENT.labels("model").inc(sent)
-        self._jobs.count_download(row.model, row.version, sent)
+        for index, chunk in enumerate(codec.iter_chunks(payload)):
+            if index >= request.skip_chunks:
+                message = pb.ModelChunk(tensor=chunk)
+                sent += message.ByteSize()
+                yield message
+        metrics.BYTES_SENT.labels("delta" if header.steps else "model").inc(sent)
+        self._jobs.count_download(header.model, header.version, sent)
+
+    @grpc_errors
+    async def UploadStatus(  # noqa: N802
+        self, request: pb.UpdateHeader, context: grpc.aio.ServicerContext
+    ) -> pb.UploadProgress:
+        identity = require_role(context, ROLE_AGENT)
+        return pb.UploadProgress(chunks_received=self._intake.progress(identity.name, request))
 
 
 class AdminService(admin_pb2_grpc.AdminServicer):

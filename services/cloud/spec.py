@@ -6,12 +6,25 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tandem import zoo
+from cloud.strategies import STRATEGIES
+from tandem import compression, zoo
 from tandem.errors import InvalidArgument, NotFound
 from tandem.v1 import admin_pb2
 
-CODECS = ("none",)
 EVAL_SETS = ("", "digits")
+AUTO = "auto"
+
+
+def downlink_for(uplink: str) -> str:
+    """The default downlink codec for an uplink codec: whole models for lossless jobs,
+    and for top-k a sparse delta a few times denser than one agent's update (the
+    aggregate of several sparse updates is the union of their supports)."""
+    if uplink == AUTO:
+        return "topk:0.05+int8"
+    codec = compression.parse_codec(uplink)
+    if codec.kind == "topk":
+        return str(compression.Codec("topk", min(1.0, 5 * codec.fraction), int8=True))
+    return str(codec)
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,21 @@ class JobSpec:
     codec: str = "none"
     seed: int = 0
     max_update_bytes: int = 256 << 20
+    strategy: str = "fedavg"
+    mu: float = 0.0
+    server_lr: float = 0.0  # 0: the strategy's default
+    downlink_codec: str = ""  # "": derived from codec
+    target_upload_seconds: float = 2.0
+
+    @property
+    def effective_server_lr(self) -> float:
+        if self.server_lr:
+            return self.server_lr
+        return 0.01 if self.strategy in ("fedadam", "fedyogi") else 1.0
+
+    @property
+    def effective_downlink(self) -> str:
+        return self.downlink_codec or downlink_for(self.codec)
 
     def validate(self) -> JobSpec:
         if self.model not in zoo.model_names():
@@ -47,7 +75,20 @@ class JobSpec:
             f"learning_rate must be in (0, 100], got {self.learning_rate}",
         )
         _check(self.max_update_bytes > 0, f"max_update_bytes must be positive, got {self.max_update_bytes}")
-        _check(self.codec in CODECS, f"unknown codec {self.codec!r}; supported: {list(CODECS)}")
+        for name, text in (("codec", self.codec), ("downlink_codec", self.downlink_codec)):
+            if text and text != AUTO:
+                try:
+                    compression.parse_codec(text)
+                except ValueError as exc:
+                    raise InvalidArgument(f"{name}: {exc}") from None
+        _check(self.downlink_codec != AUTO, "downlink_codec cannot be auto")
+        _check(self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; known: {list(STRATEGIES)}")
+        _check(math.isfinite(self.mu) and 0 <= self.mu <= 100, f"mu must be in [0, 100], got {self.mu}")
+        _check(self.mu == 0 or self.strategy == "fedprox", "mu is FedProx's parameter: use strategy fedprox")
+        _check(math.isfinite(self.server_lr) and 0 <= self.server_lr <= 100,
+               f"server_lr must be in [0, 100], got {self.server_lr}")
+        _check(math.isfinite(self.target_upload_seconds) and self.target_upload_seconds > 0,
+               f"target_upload_seconds must be positive, got {self.target_upload_seconds}")
         return self
 
     @classmethod
@@ -67,6 +108,11 @@ class JobSpec:
             codec=msg.codec or defaults.codec,
             seed=msg.seed,
             max_update_bytes=msg.max_update_bytes or defaults.max_update_bytes,
+            strategy=msg.strategy or defaults.strategy,
+            mu=msg.mu,
+            server_lr=msg.server_lr,
+            downlink_codec=msg.downlink_codec,
+            target_upload_seconds=msg.target_upload_seconds or defaults.target_upload_seconds,
         ).validate()
 
     def to_proto(self) -> admin_pb2.JobSpec:
@@ -74,7 +120,9 @@ class JobSpec:
             model=self.model, rounds=self.rounds, min_clients=self.min_clients,
             clients_per_round=self.clients_per_round, round_deadline_seconds=self.deadline, eval=self.eval,
             epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate, codec=self.codec,
-            seed=self.seed, max_update_bytes=self.max_update_bytes,
+            seed=self.seed, max_update_bytes=self.max_update_bytes, strategy=self.strategy, mu=self.mu,
+            server_lr=self.server_lr, downlink_codec=self.downlink_codec,
+            target_upload_seconds=self.target_upload_seconds,
         )
 
     def to_dict(self) -> dict[str, Any]:

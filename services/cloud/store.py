@@ -24,6 +24,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     model TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL, path TEXT NOT NULL,
     job_id TEXT, round INTEGER, created REAL NOT NULL, bytes INTEGER NOT NULL,
+    delta_path TEXT, delta_from INTEGER, delta_codec TEXT, delta_bytes INTEGER,
     PRIMARY KEY (model, version));
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, current_round INTEGER NOT NULL,
@@ -38,7 +39,7 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS updates (
     job_id TEXT NOT NULL, round INTEGER NOT NULL, agent TEXT NOT NULL, digest TEXT NOT NULL,
     num_examples INTEGER NOT NULL, local_loss REAL NOT NULL, path TEXT, bytes INTEGER NOT NULL,
-    received REAL NOT NULL,
+    received REAL NOT NULL, codec TEXT NOT NULL,
     PRIMARY KEY (job_id, round, agent));
 CREATE TABLE IF NOT EXISTS agents (
     agent TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
@@ -56,6 +57,11 @@ class VersionRow:
     round: int | None
     created: float
     bytes: int
+    # How agents holding `delta_from` reach this version: encoded differences.
+    delta_path: str | None = None
+    delta_from: int | None = None
+    delta_codec: str | None = None
+    delta_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,12 @@ class UpdateRow:
     local_loss: float
     path: str | None
     bytes: int
+    codec: str
+
+
+def _version_values(row: VersionRow) -> tuple[object, ...]:
+    return (row.model, row.version, row.sha256, row.path, row.job_id, row.round, row.created, row.bytes,
+            row.delta_path, row.delta_from, row.delta_codec, row.delta_bytes)
 
 
 def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
@@ -127,6 +139,13 @@ class Store:
     def model_path(self, model: str, version: int) -> Path:
         return self.directory / "models" / model / f"v{version:06d}.safetensors"
 
+    def delta_path(self, model: str, version: int) -> Path:
+        return self.directory / "models" / model / f"v{version:06d}.delta.safetensors"
+
+    def job_state_path(self, job_id: str, round_: int) -> Path:
+        """Server optimiser moments and the downlink residual after `round_` closed."""
+        return self.directory / "jobs" / job_id / f"r{round_:05d}.safetensors"
+
     def update_path(self, job_id: str, round_: int, agent: str) -> Path:
         return self.directory / "updates" / job_id / f"r{round_:05d}" / f"{agent}.safetensors"
 
@@ -137,8 +156,7 @@ class Store:
     def add_version(self, row: VersionRow) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?)",
-                (row.model, row.version, row.sha256, row.path, row.job_id, row.round, row.created, row.bytes),
+                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _version_values(row),
             )
 
     def get_version(self, model: str, version: int) -> VersionRow | None:
@@ -219,9 +237,7 @@ class Store:
         """Publish the round's version and advance the job, in one transaction."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?)",
-                (version.model, version.version, version.sha256, version.path, version.job_id,
-                 version.round, version.created, version.bytes),
+                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _version_values(version),
             )
             now = time.time()
             db.execute(
@@ -239,9 +255,9 @@ class Store:
     def add_update(self, job_id: str, round_: int, row: UpdateRow, wire_bytes: int) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (job_id, round_, row.agent, row.digest, row.num_examples, row.local_loss, row.path, row.bytes,
-                 time.time()),
+                 time.time(), row.codec),
             )
             db.execute(
                 "UPDATE rounds SET bytes_up = bytes_up + ? WHERE job_id = ? AND round = ?", (wire_bytes, job_id, round_)
@@ -249,14 +265,14 @@ class Store:
 
     def get_update(self, job_id: str, round_: int, agent: str) -> UpdateRow | None:
         row = self._one(
-            "SELECT agent, digest, num_examples, local_loss, path, bytes FROM updates"
+            "SELECT agent, digest, num_examples, local_loss, path, bytes, codec FROM updates"
             " WHERE job_id = ? AND round = ? AND agent = ?", job_id, round_, agent,
         )
         return UpdateRow(**dict(row)) if row else None
 
     def list_updates(self, job_id: str, round_: int) -> list[UpdateRow]:
         rows = self._db.execute(
-            "SELECT agent, digest, num_examples, local_loss, path, bytes FROM updates"
+            "SELECT agent, digest, num_examples, local_loss, path, bytes, codec FROM updates"
             " WHERE job_id = ? AND round = ? ORDER BY agent", (job_id, round_),
         )
         return [UpdateRow(**dict(r)) for r in rows]

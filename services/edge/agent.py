@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from edge import transfer
-from tandem import __version__, codec, data, grpcserver, metrics, tls, training, zoo
+from tandem import __version__, codec, compression, data, grpcserver, metrics, tls, training, zoo
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc
 
@@ -57,7 +57,7 @@ class Backoff:
 
     def next_delay(self) -> float:
         self.failures += 1
-        return random.uniform(0, min(self.cap, self.initial * 2**self.failures))
+        return random.uniform(0, min(self.cap, self.initial * 2 ** min(self.failures, 32)))
 
 
 class Agent:
@@ -69,7 +69,10 @@ class Agent:
         self.welcomed = asyncio.Event()
         self._tasks: dict[tuple[str, int], pb.TrainTask] = {}  # newest message for each (job, round)
         self._done: set[tuple[str, int]] = set()
-        self._training: asyncio.Task[None] | None = None
+        self._training: dict[str, asyncio.Task[None]] = {}  # job -> its running task
+        self._feedback: dict[str, compression.ErrorFeedback] = {}  # job -> error-feedback residual
+        self._downloads: dict[tuple[str, int], transfer.Download] = {}
+        self._uploads: dict[tuple[str, int], tuple[transfer.Upload, dict[str, np.ndarray]]] = {}
         self._measurements: dict[str, float] = {"examples": float(len(self.dataset))}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -95,8 +98,8 @@ class Agent:
                     await asyncio.wait_for(stop.wait(), delay)
                 except TimeoutError:
                     pass
-            if self._training is not None:
-                self._training.cancel()
+            for task in self._training.values():
+                task.cancel()
 
     async def _session(self) -> bool:
         """One control stream; returns whether the coordinator welcomed us."""
@@ -153,27 +156,25 @@ class Agent:
     # ---- training tasks --------------------------------------------------------
 
     def _on_task(self, task: pb.TrainTask) -> None:
+        """Start a task, unless it is already running or done; a newer round of the
+        same job supersedes the older one, tasks of different jobs run side by side."""
         key = (task.job_id, task.round)
-        fresh = key not in self._tasks
-        self._tasks[key] = task  # a re-sent task may carry a later deadline
-        if key in self._done or (not fresh and self._training is not None and not self._training.done()):
+        self._tasks[key] = task  # a re-sent task may carry a later deadline or another codec
+        running = self._training.get(task.job_id)
+        if key in self._done:
             return
-        if self._training is not None and not self._training.done():
-            self._training.cancel()  # a newer round supersedes the old one
-        self._training = asyncio.create_task(self._train_and_upload(key), name=f"train-{key}")
+        if running is not None and not running.done():
+            if running.get_name() == _task_name(key):
+                return
+            running.cancel()
+        self._training[task.job_id] = asyncio.create_task(self._train_and_upload(key), name=_task_name(key))
 
     async def _train_and_upload(self, key: tuple[str, int]) -> None:
         task = self._tasks[key]
         try:
             base = await self._retry(key, "download", lambda: self._ensure_model(task))
             delta, loss, seconds = await self._train(task, base)
-            header = pb.UpdateHeader(
-                job_id=task.job_id, round=task.round, base_version=task.base_version,
-                num_examples=len(self.dataset), codec="none", local_loss=loss,
-            )
-            receipt = await self._retry(
-                key, "upload", lambda: transfer.upload_update(self._stub, header, delta, timeout=120)
-            )
+            receipt = await self._retry(key, "upload", lambda: self._upload(key, delta, loss))
             self._done.add(key)
             metrics.EDGE_TASKS.labels("duplicate" if receipt.duplicate else "uploaded").inc()
             log.info(
@@ -184,7 +185,7 @@ class Agent:
             metrics.EDGE_TASKS.labels("superseded").inc()
             raise
         except grpc.aio.AioRpcError as exc:
-            self._done.add(key)
+            # Not marked done: if the coordinator sends this task again, it is tried again.
             metrics.EDGE_TASKS.labels("rejected").inc()
             log.warning("job %s round %d: %s %s", task.job_id, task.round, exc.code().name, exc.details())
         except Exception:
@@ -192,6 +193,7 @@ class Agent:
             log.exception("job %s round %d failed", task.job_id, task.round)
         finally:
             self._tasks = {k: v for k, v in self._tasks.items() if k[0] != key[0] or k[1] >= key[1]}
+            self._uploads.pop(key, None)
 
     async def _retry(self, key: tuple[str, int], what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Retry transient failures until the task's deadline (re-read: it may move)."""
@@ -213,14 +215,50 @@ class Agent:
         held = self.held.get(task.model)
         if held is not None and held.version == task.base_version and held.sha256 == task.base_sha256:
             return held
-        expected = codec.specs_of(training.state_arrays(zoo.build_model(task.model)))
-        arrays = await transfer.download_model(
-            self._stub, task.model, task.base_version, expected, task.base_sha256, timeout=120
-        )
+        key = (task.model, task.base_version)
+        download = self._downloads.get(key)
+        if download is None:
+            specs = codec.specs_of(training.state_arrays(zoo.build_model(task.model)))
+            have = (held.version, held.arrays) if held is not None and held.version < task.base_version else None
+            download = self._downloads[key] = transfer.Download(
+                task.model, task.base_version, task.base_sha256, specs, have
+            )
+        arrays = await download.run(self._stub, timeout=120)
+        del self._downloads[key]
+        self._measure("downlink_bytes_per_second", transfer.throughput(download.wire, download.seconds))
         held = HeldModel(task.base_version, task.base_sha256, arrays)
         self.held[task.model] = held
         metrics.MODEL_VERSION.labels(task.model).set(task.base_version)
         return held
+
+    async def _upload(self, key: tuple[str, int], delta: dict[str, np.ndarray], loss: float) -> pb.UpdateReceipt:
+        """Encode with the codec of the newest task message (error feedback per job), send, resume."""
+        task = self._tasks[key]
+        feedback = self._feedback.setdefault(task.job_id, compression.ErrorFeedback(compression.Codec("none")))
+        pending = self._uploads.get(key)
+        if pending is None or pending[0].header.codec != task.codec:
+            feedback.codec = compression.parse_codec(task.codec)
+            before = feedback.state()
+            components, _ = await asyncio.to_thread(feedback.compress, delta)
+            after = feedback.state()
+            feedback.load_state(before)  # the new residual counts once the coordinator has the update
+            header = pb.UpdateHeader(
+                job_id=task.job_id, round=task.round, base_version=task.base_version,
+                num_examples=len(self.dataset), codec=task.codec, local_loss=loss,
+            )
+            pending = self._uploads[key] = (transfer.Upload(header, components), after)
+        upload, after = pending
+        receipt = await upload.run(self._stub, timeout=120)
+        feedback.load_state(after)
+        self._measure("uplink_bytes_per_second", transfer.throughput(upload.wire, upload.seconds))
+        return receipt
+
+    def _measure(self, name: str, value: float | None) -> None:
+        """Exponentially weighted, so one odd transfer does not swing the codec choice."""
+        if value is None:
+            return
+        previous = self._measurements.get(name)
+        self._measurements[name] = value if previous is None else 0.5 * previous + 0.5 * value
 
     async def _train(self, task: pb.TrainTask, base: HeldModel) -> tuple[dict[str, np.ndarray], float, float]:
         def work() -> tuple[dict[str, np.ndarray], float]:
@@ -228,7 +266,7 @@ class Agent:
             training.load_state_arrays(net, base.arrays)
             loss = training.train_local(
                 net, self.dataset, task.training.epochs, task.training.batch_size, task.training.learning_rate,
-                training.shuffle_seed(task.round, self.client_index),
+                training.shuffle_seed(task.round, self.client_index), mu=task.training.mu,
             )
             local = training.state_arrays(net)
             return {name: local[name] - base.arrays[name] for name in local}, loss
@@ -240,3 +278,7 @@ class Agent:
         metrics.EDGE_LOCAL_LOSS.set(loss)
         self._measurements["train_seconds"] = seconds
         return delta, loss, seconds
+
+
+def _task_name(key: tuple[str, int]) -> str:
+    return f"train-{key[0]}-{key[1]}"

@@ -1,15 +1,23 @@
-"""Moving tensors between an agent and the coordinator: chunked, verified, counted."""
+"""Moving tensors between an agent and the coordinator: chunked, verified, counted,
+and resumable: a transfer broken by a reconnect continues where it stopped.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from tandem import codec, metrics
+from tandem import codec, compression, deltas, metrics
 from tandem.v1 import coordinator_pb2 as pb
+from tandem.v1 import tensor_pb2
 from tandem.v1 import coordinator_pb2_grpc
+
+# Transfers smaller than this say more about latency than about throughput.
+MEASURABLE_BYTES = 64 << 10
 
 
 class ModelMismatch(Exception):
@@ -20,64 +28,141 @@ def count_call(method: str, code: grpc.StatusCode) -> None:
     metrics.RPC_CLIENT_HANDLED.labels(method, code.name).inc()
 
 
-async def download_model(
-    stub: coordinator_pb2_grpc.CoordinatorStub,
-    model: str,
-    version: int,
-    expected: Mapping[str, codec.TensorSpec],
-    sha256: str,
-    timeout: float,
-) -> dict[str, np.ndarray]:
-    """Download one version in chunks and verify it against the zoo's specs and `sha256`."""
-    call = stub.DownloadModel(pb.ModelRequest(model=model, version=version), timeout=timeout)
-    received = 0
-    try:
-        first = await anext(aiter(call), None)
-        if first is None or not first.HasField("header"):
-            raise ModelMismatch("download did not start with a header")
-        received += first.ByteSize()
-        header = first.header
-        if header.version != version or header.sha256 != sha256:
-            raise ModelMismatch(f"asked for {model} v{version} ({sha256[:12]}), got v{header.version}")
-        assembler = codec.ChunkAssembler(expected)
-        async for message in call:
-            received += message.ByteSize()
-            assembler.add(message.tensor)
-        arrays = assembler.result()
-    except grpc.aio.AioRpcError as exc:
-        count_call("DownloadModel", exc.code())
-        raise
-    count_call("DownloadModel", grpc.StatusCode.OK)
-    metrics.EDGE_BYTES_RECEIVED.labels("model").inc(received)
-    if codec.state_sha256(arrays) != sha256:
-        raise ModelMismatch(f"{model} v{version}: content hash does not match {sha256[:12]}")
-    return arrays
+@dataclass
+class Download:
+    """One model version on its way down: a whole model, or the deltas from `held`.
+
+    `run` may be called again after a failure; once the header has arrived, the next
+    call asks the coordinator to skip the chunks already received.
+    """
+
+    model: str
+    version: int
+    sha256: str
+    specs: Mapping[str, codec.TensorSpec]
+    held: tuple[int, Mapping[str, np.ndarray]] | None = None
+    header: pb.ModelHeader | None = None
+    assembler: codec.ChunkAssembler | None = None
+    chunks: int = 0
+    wire: int = 0
+    seconds: float = 0.0
+
+    async def run(self, stub: coordinator_pb2_grpc.CoordinatorStub, timeout: float) -> dict[str, np.ndarray]:
+        request = pb.ModelRequest(model=self.model, version=self.version, skip_chunks=self.chunks,
+                                  have_version=self.held[0] if self.held else 0)
+        start = time.perf_counter()
+        try:
+            async for message in stub.DownloadModel(request, timeout=timeout):
+                self.wire += message.ByteSize()
+                if message.HasField("header"):
+                    self._begin(message.header)
+                elif self.assembler is None:
+                    raise ModelMismatch("download did not start with a header")
+                else:
+                    self.assembler.add(message.tensor)
+                    self.chunks += 1
+        except grpc.aio.AioRpcError as exc:
+            count_call("DownloadModel", exc.code())
+            raise
+        finally:
+            self.seconds += time.perf_counter() - start
+        count_call("DownloadModel", grpc.StatusCode.OK)
+        metrics.EDGE_BYTES_RECEIVED.labels("model").inc(self.wire)
+        assert self.assembler is not None and self.header is not None
+        arrays = self._finish(self.assembler.result())
+        if codec.state_sha256(arrays) != self.sha256:
+            raise ModelMismatch(f"{self.model} v{self.version}: content hash does not match {self.sha256[:12]}")
+        return arrays
+
+    def _begin(self, header: pb.ModelHeader) -> None:
+        if header.version != self.version or header.sha256 != self.sha256:
+            raise ModelMismatch(f"asked for {self.model} v{self.version} ({self.sha256[:12]}), got v{header.version}")
+        if self.header is not None:
+            if header.SerializeToString(deterministic=True) != self.header.SerializeToString(deterministic=True):
+                raise ModelMismatch("the resumed download is not the same response")
+            return  # resuming: keep what arrived
+        self.header = header
+        if not header.steps:
+            self.assembler = codec.ChunkAssembler(self.specs)
+            return
+        expected: dict[str, codec.TensorSpec] = {}
+        at = self.held[0] if self.held else -1
+        for step in header.steps:
+            if step.from_version != at:
+                raise ModelMismatch(f"delta step from v{step.from_version} where v{at} is held")
+            at = step.to_version
+            expected.update(deltas.expected(self.specs, compression.parse_codec(step.codec), f"{step.to_version}/"))
+        if at != self.version:
+            raise ModelMismatch(f"delta steps end at v{at}, not v{self.version}")
+        self.assembler = codec.ChunkAssembler(expected)
+
+    def _finish(self, received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        assert self.header is not None
+        if not self.header.steps:
+            return received
+        assert self.held is not None
+        arrays = dict(self.held[1])
+        for step in self.header.steps:
+            step_codec = compression.parse_codec(step.codec)
+            change = deltas.decode_all(received, self.specs, step_codec, f"{step.to_version}/")
+            # The same float32 addition the coordinator did when it published the version.
+            arrays = {name: arrays[name] + change[name] for name in arrays}
+        return arrays
 
 
-async def upload_update(
-    stub: coordinator_pb2_grpc.CoordinatorStub,
-    header: pb.UpdateHeader,
-    delta: Mapping[str, np.ndarray],
-    timeout: float,
-) -> pb.UpdateReceipt:
-    """Send a header and the delta's chunks; returns the coordinator's receipt."""
-    sent = 0
+@dataclass
+class Upload:
+    """One encoded update on its way up; `run` again after a break resumes it."""
 
-    async def messages() -> AsyncIterator[pb.UpdateChunk]:
-        nonlocal sent
-        first = pb.UpdateChunk(header=header)
-        sent += first.ByteSize()
-        yield first
-        for chunk in codec.iter_chunks(delta):
-            message = pb.UpdateChunk(tensor=chunk)
-            sent += message.ByteSize()
-            yield message
+    header: pb.UpdateHeader
+    components: Mapping[str, np.ndarray]
+    chunks: list[tensor_pb2.TensorChunk] = field(default_factory=list)
+    wire: int = 0
+    seconds: float = 0.0
+    broken: bool = False
 
-    try:
-        receipt: pb.UpdateReceipt = await stub.UploadUpdate(messages(), timeout=timeout)
-    except grpc.aio.AioRpcError as exc:
-        count_call("UploadUpdate", exc.code())
-        raise
-    count_call("UploadUpdate", grpc.StatusCode.OK)
-    metrics.EDGE_BYTES_SENT.labels("update").inc(sent)
-    return receipt
+    def __post_init__(self) -> None:
+        self.header.content_sha256 = codec.state_sha256(self.components)
+        self.chunks = list(codec.iter_chunks(self.components))
+
+    async def run(self, stub: coordinator_pb2_grpc.CoordinatorStub, timeout: float) -> pb.UpdateReceipt:
+        skip = 0
+        if self.broken:
+            skip = (await stub.UploadStatus(self.header, timeout=timeout)).chunks_received
+        header = pb.UpdateHeader()
+        header.CopyFrom(self.header)
+        header.skip_chunks = skip
+
+        def messages() -> Iterator[pb.UpdateChunk]:
+            yield pb.UpdateChunk(header=header)
+            for chunk in self.chunks[skip:]:
+                yield pb.UpdateChunk(tensor=chunk)
+
+        async def stream() -> AsyncIterator[pb.UpdateChunk]:
+            for message in messages():
+                self.wire += message.ByteSize()
+                yield message
+
+        start = time.perf_counter()
+        try:
+            receipt: pb.UpdateReceipt = await stub.UploadUpdate(stream(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            count_call("UploadUpdate", exc.code())
+            if skip and exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "resume" in (exc.details() or ""):
+                self.broken = False  # the coordinator lost the partial upload: start over
+                return await self.run(stub, timeout)
+            self.broken = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                         grpc.StatusCode.CANCELLED)
+            raise
+        finally:
+            self.seconds += time.perf_counter() - start
+        count_call("UploadUpdate", grpc.StatusCode.OK)
+        metrics.EDGE_BYTES_SENT.labels("update").inc(self.wire)
+        return receipt
+
+
+def throughput(nbytes: int, seconds: float) -> float | None:
+    """Bytes per second of a transfer, when it was large enough to say."""
+    if nbytes < MEASURABLE_BYTES or seconds <= 0:
+        return None
+    return nbytes / seconds

@@ -143,6 +143,11 @@ def iter_chunks(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES
                 break
 
 
+def chunk_count(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES) -> int:
+    """How many chunks `iter_chunks` yields for `arrays`."""
+    return sum(max(1, -(-int(a.nbytes) // chunk_bytes)) for a in arrays.values())
+
+
 class ChunkAssembler:
     """Rebuilds named tensors from chunks, validating each chunk against `expected`.
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import grpc
 
 from tandem.codec import CodecError
+from tandem.compression import CompressionError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception."""
     if isinstance(exc, TandemError):
         return exc.code, str(exc)
-    if isinstance(exc, CodecError):
+    if isinstance(exc, (CodecError, CompressionError)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     return grpc.StatusCode.INTERNAL, "internal error"
 

@@ -49,6 +49,10 @@ ROUND_ACCURACY = Gauge("tandem_coordinator_round_accuracy_ratio", "Test accuracy
 BYTES_RECEIVED = Counter(
     "tandem_coordinator_received_bytes_total", "Tensor bytes received by the coordinator, by kind.", ["kind"]
 )
+AUTO_CODEC_BYTES_PER_PARAM = Gauge(
+    "tandem_coordinator_auto_codec_bytes_per_param",
+    "Expected upload bytes per model parameter of the codec chosen for an agent (codec auto).", ["agent"],
+)
 BYTES_SENT = Counter("tandem_coordinator_sent_bytes_total", "Tensor bytes sent by the coordinator, by kind.", ["kind"])
 
 # ---- edge agent -------------------------------------------------------------

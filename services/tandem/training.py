@@ -36,8 +36,14 @@ def train_local(
     batch_size: int,
     lr: float,
     seed: int,
+    mu: float = 0.0,
 ) -> float:
-    """Train ``model`` in place with plain SGD; return the mean loss over every batch."""
+    """Train ``model`` in place with plain SGD; return the mean loss over every batch.
+
+    ``mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_start||^2``, which keeps
+    local models near the global one when clients' data differ. The reported loss
+    is the task loss alone, so it stays comparable across strategies.
+    """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
@@ -46,7 +52,10 @@ def train_local(
         raise ValueError(f"lr must be a positive finite number, got {lr}")
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
+    if not (np.isfinite(mu) and mu >= 0):
+        raise ValueError(f"mu must be a non-negative finite number, got {mu}")
     x, y = _tensors(data)
+    anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
     n = x.shape[0]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
@@ -59,7 +68,11 @@ def train_local(
             idx = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx])
-            torch.autograd.backward(loss)
+            objective = loss
+            if anchor:
+                proximal = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                objective = loss + 0.5 * mu * proximal
+            torch.autograd.backward(objective)
             optimizer.step()
             total += float(loss.detach())
             batches += 1

@@ -41,14 +41,17 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
             "clients_per_round": spec.clients_per_round, "deadline": spec.round_deadline_seconds,
             "eval": spec.eval, "epochs": spec.epochs, "batch_size": spec.batch_size,
             "learning_rate": spec.learning_rate, "codec": spec.codec, "seed": spec.seed,
-            "max_update_bytes": spec.max_update_bytes,
+            "max_update_bytes": spec.max_update_bytes, "strategy": spec.strategy, "mu": spec.mu,
+            "server_lr": spec.server_lr, "downlink_codec": spec.downlink_codec,
+            "target_upload_seconds": spec.target_upload_seconds,
         },
         "rounds": [
             {
                 "round": r.round, "accuracy": r.accuracy, "loss": r.loss, "local_loss": r.local_loss,
                 "seconds": round(r.seconds, 3), "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
                 "accepted": r.accepted, "rejected": r.rejected, "version": r.version, "sha256": r.sha256,
-                "attempts": r.attempts, "agents": list(r.agents),
+                "attempts": r.attempts, "agents": list(r.agents), "codecs": dict(r.codecs),
+                "delta_bytes": r.delta_bytes,
             }
             for r in job.rounds
         ],

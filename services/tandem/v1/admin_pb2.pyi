@@ -61,7 +61,7 @@ class ListAgentsResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "rounds", "min_clients", "clients_per_round", "round_deadline_seconds", "eval", "epochs", "batch_size", "learning_rate", "codec", "seed", "max_update_bytes")
+    __slots__ = ("model", "rounds", "min_clients", "clients_per_round", "round_deadline_seconds", "eval", "epochs", "batch_size", "learning_rate", "codec", "seed", "max_update_bytes", "strategy", "mu", "server_lr", "downlink_codec", "target_upload_seconds")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,11 @@ class JobSpec(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    MU_FIELD_NUMBER: _ClassVar[int]
+    SERVER_LR_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINK_CODEC_FIELD_NUMBER: _ClassVar[int]
+    TARGET_UPLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model: str
     rounds: int
     min_clients: int
@@ -86,7 +91,12 @@ class JobSpec(_message.Message):
     codec: str
     seed: int
     max_update_bytes: int
-    def __init__(self, model: _Optional[str] = ..., rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., eval: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., codec: _Optional[str] = ..., seed: _Optional[int] = ..., max_update_bytes: _Optional[int] = ...) -> None: ...
+    strategy: str
+    mu: float
+    server_lr: float
+    downlink_codec: str
+    target_upload_seconds: float
+    def __init__(self, model: _Optional[str] = ..., rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., eval: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., codec: _Optional[str] = ..., seed: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., strategy: _Optional[str] = ..., mu: _Optional[float] = ..., server_lr: _Optional[float] = ..., downlink_codec: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
     __slots__ = ("spec",)
@@ -117,7 +127,14 @@ class StopJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("round", "accuracy", "loss", "local_loss", "seconds", "bytes_up", "bytes_down", "accepted", "rejected", "version", "sha256", "attempts", "agents")
+    __slots__ = ("round", "accuracy", "loss", "local_loss", "seconds", "bytes_up", "bytes_down", "accepted", "rejected", "version", "sha256", "attempts", "agents", "codecs", "delta_bytes")
+    class CodecsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +148,8 @@ class RoundResult(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     round: int
     accuracy: float
     loss: float
@@ -144,7 +163,9 @@ class RoundResult(_message.Message):
     sha256: str
     attempts: int
     agents: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., local_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., attempts: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ...) -> None: ...
+    codecs: _containers.ScalarMap[str, str]
+    delta_bytes: int
+    def __init__(self, round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., local_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., attempts: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ..., codecs: _Optional[_Mapping[str, str]] = ..., delta_bytes: _Optional[int] = ...) -> None: ...
 
 class OpenRound(_message.Message):
     __slots__ = ("round", "attempt", "base_version", "selected", "accepted_agents", "rejected", "deadline")

@@ -10,6 +10,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class UploadProgress(_message.Message):
+    __slots__ = ("chunks_received",)
+    CHUNKS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    chunks_received: int
+    def __init__(self, chunks_received: _Optional[int] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
     __slots__ = ("hello", "heartbeat")
     HELLO_FIELD_NUMBER: _ClassVar[int]
@@ -73,14 +79,16 @@ class Welcome(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("epochs", "batch_size", "learning_rate")
+    __slots__ = ("epochs", "batch_size", "learning_rate", "mu")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MU_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     learning_rate: float
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ...) -> None: ...
+    mu: float
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., mu: _Optional[float] = ...) -> None: ...
 
 class TrainTask(_message.Message):
     __slots__ = ("job_id", "round", "model", "base_version", "base_sha256", "training", "codec", "deadline", "max_update_bytes")
@@ -131,20 +139,24 @@ class UpdateChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("job_id", "round", "base_version", "num_examples", "codec", "local_loss")
+    __slots__ = ("job_id", "round", "base_version", "num_examples", "codec", "local_loss", "content_sha256", "skip_chunks")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SKIP_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     base_version: int
     num_examples: int
     codec: str
     local_loss: float
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., codec: _Optional[str] = ..., local_loss: _Optional[float] = ...) -> None: ...
+    content_sha256: str
+    skip_chunks: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., codec: _Optional[str] = ..., local_loss: _Optional[float] = ..., content_sha256: _Optional[str] = ..., skip_chunks: _Optional[int] = ...) -> None: ...
 
 class UpdateReceipt(_message.Message):
     __slots__ = ("job_id", "round", "agent_id", "digest", "duplicate", "bytes_received")
@@ -163,12 +175,16 @@ class UpdateReceipt(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., agent_id: _Optional[str] = ..., digest: _Optional[str] = ..., duplicate: _Optional[bool] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
-    __slots__ = ("model", "version")
+    __slots__ = ("model", "version", "have_version", "skip_chunks")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SKIP_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    have_version: int
+    skip_chunks: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., have_version: _Optional[int] = ..., skip_chunks: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("header", "tensor")
@@ -179,15 +195,29 @@ class ModelChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("model", "version", "sha256", "tensors", "total_bytes")
+    __slots__ = ("model", "version", "sha256", "tensors", "total_bytes", "steps", "total_chunks")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     sha256: str
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
     total_bytes: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[DeltaStep]
+    total_chunks: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[DeltaStep, _Mapping]]] = ..., total_chunks: _Optional[int] = ...) -> None: ...
+
+class DeltaStep(_message.Message):
+    __slots__ = ("from_version", "to_version", "codec")
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    from_version: int
+    to_version: int
+    codec: str
+    def __init__(self, from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., codec: _Optional[str] = ...) -> None: ...

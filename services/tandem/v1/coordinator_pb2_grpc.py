@@ -51,6 +51,11 @@ class CoordinatorStub:
                 request_serializer=tandem_dot_v1_dot_coordinator__pb2.ModelRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_coordinator__pb2.ModelChunk.FromString,
                 _registered_method=True)
+        self.UploadStatus = channel.unary_unary(
+                '/tandem.v1.Coordinator/UploadStatus',
+                request_serializer=tandem_dot_v1_dot_coordinator__pb2.UpdateHeader.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_coordinator__pb2.UploadProgress.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -81,6 +86,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadStatus(self, request, context):
+        """How many chunks of a broken upload (same job, round and content) the
+        coordinator holds, so that the agent resumes from there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +111,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=tandem_dot_v1_dot_coordinator__pb2.ModelRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_coordinator__pb2.ModelChunk.SerializeToString,
+            ),
+            'UploadStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadStatus,
+                    request_deserializer=tandem_dot_v1_dot_coordinator__pb2.UpdateHeader.FromString,
+                    response_serializer=tandem_dot_v1_dot_coordinator__pb2.UploadProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +201,33 @@ class Coordinator:
             '/tandem.v1.Coordinator/DownloadModel',
             tandem_dot_v1_dot_coordinator__pb2.ModelRequest.SerializeToString,
             tandem_dot_v1_dot_coordinator__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Coordinator/UploadStatus',
+            tandem_dot_v1_dot_coordinator__pb2.UpdateHeader.SerializeToString,
+            tandem_dot_v1_dot_coordinator__pb2.UploadProgress.FromString,
             options,
             channel_credentials,
             insecure,

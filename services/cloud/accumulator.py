@@ -1,0 +1,39 @@
+"""The open round's running sum: each accepted update is folded in as it arrives,
+so the coordinator holds O(model size), not O(agents x model size)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from tandem import codec as wire
+from tandem import deltas
+from tandem.compression import Codec
+
+
+class Accumulator:
+    def __init__(self, specs: Mapping[str, wire.TensorSpec]) -> None:
+        self._specs = dict(specs)
+        self.total = {name: np.zeros(spec.shape, np.float32) for name, spec in specs.items()}
+        self.weight = 0
+        self.folded: set[str] = set()
+
+    def fold(self, agent: str, num_examples: int, components: Mapping[str, np.ndarray], codec: Codec) -> None:
+        """Add num_examples * delta, one tensor at a time (one dense tensor at a time in memory)."""
+        if agent in self.folded:
+            return
+        factor = np.float32(num_examples)
+        for name, spec in self._specs.items():
+            delta = deltas.decode_all(components, {name: spec}, codec)[name]
+            delta *= factor
+            self.total[name] += delta
+        self.weight += num_examples
+        self.folded.add(agent)
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """sum(n_i * delta_i) / sum(n_i), the FedAvg delta."""
+        if self.weight <= 0:
+            raise ValueError("no update was folded in")
+        w = np.float32(self.weight)
+        return {name: total / w for name, total in self.total.items()}

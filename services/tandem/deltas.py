@@ -1,0 +1,48 @@
+"""Whole-model deltas on the wire: every tensor of a model encoded with one codec.
+
+The sender encodes a dict of float32 tensors into component arrays; the receiver
+derives what to expect from the model's specs and the codec alone, assembles the
+chunks against those bounds, then decodes and checks every tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from tandem import codec as wire
+from tandem.compression import Codec, component_limits, decode, encode
+
+
+def expected(specs: Mapping[str, wire.TensorSpec], codec: Codec, prefix: str = "") -> dict[str, wire.TensorSpec]:
+    """Component specs for a model's delta under `codec`, optionally prefixed ("<v>/")."""
+    out: dict[str, wire.TensorSpec] = {}
+    for name, spec in specs.items():
+        for component, (dtype, length, exact) in component_limits(name, spec.shape, codec).items():
+            key = prefix + component
+            out[key] = wire.TensorSpec(key, dtype, (length,), exact=exact)
+    return out
+
+
+def encode_all(arrays: Mapping[str, np.ndarray], codec: Codec) -> dict[str, np.ndarray]:
+    components: dict[str, np.ndarray] = {}
+    for name, array in arrays.items():
+        components.update(encode(name, np.asarray(array, dtype=np.float32), codec))
+    return components
+
+
+def decode_all(
+    components: Mapping[str, np.ndarray], specs: Mapping[str, wire.TensorSpec], codec: Codec, prefix: str = ""
+) -> dict[str, np.ndarray]:
+    """Dense float32 tensors from their components; raises CompressionError on bad data."""
+    out: dict[str, np.ndarray] = {}
+    for name, spec in specs.items():
+        keys = component_limits(name, spec.shape, codec)
+        own = {key: components[prefix + key] for key in keys if prefix + key in components}
+        out[name] = decode(name, own, spec.shape, codec)
+    return out
+
+
+def nbytes(components: Mapping[str, np.ndarray]) -> int:
+    return sum(int(a.nbytes) for a in components.values())
