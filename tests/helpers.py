@@ -37,7 +37,7 @@ class ControlStream:
         self._outgoing: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
 
-    async def open(self, num_examples: int = 100) -> pb.Welcome:
+    async def open(self, num_examples: int = 1000) -> pb.Welcome:
         self._outgoing.put_nowait(pb.AgentMessage(hello=pb.Hello(num_examples=num_examples, device="cpu")))
 
         async def requests() -> AsyncIterator[pb.AgentMessage]:

@@ -4,6 +4,7 @@ driven through the `tandem` command line, matched against the in-process referen
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -75,4 +76,10 @@ async def test_federated_training_end_to_end(cluster: Cluster) -> None:
     assert cluster.cloud is not None
     cluster.cloud.send_signal(signal.SIGTERM)
     assert cluster.cloud.wait(timeout=20) == 0
+    async with asyncio.timeout(20):
+        while True:
+            edge = scrape(cluster.agent_metrics["agent-0"])
+            if edge[("tandem_edge_connected", ())] == 0 and edge.get(("tandem_edge_reconnects_total", ()), 0) >= 1:
+                break
+            await asyncio.sleep(0.2)
     assert all(agent.poll() is None for agent in cluster.agents.values())

@@ -84,6 +84,7 @@ async def test_each_invalid_update_gets_its_status_code(
         ("stale base version", update_messages(header_for(task, base_version=task.base_version + 7), good), stale),
         ("wrong codec", update_messages(header_for(task, codec="zip"), good), invalid),
         ("no examples", update_messages(header_for(task, num_examples=0), good), invalid),
+        ("more examples than declared", update_messages(header_for(task, num_examples=10**6), good), invalid),
         ("non-finite loss", update_messages(header_for(task, local_loss=float("inf")), good), invalid),
         ("non-finite values", update_messages(header_for(task), nan), invalid),
         ("wrong shape", update_messages(header_for(task), wrong_shape), invalid),

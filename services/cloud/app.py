@@ -67,10 +67,10 @@ class Coordinator:
             grpcserver.add_health_only(self.health_server, self.health)
             self.health_port = self.health_server.add_insecure_port(cfg.health)
             await self.health_server.start()
-        await self.server.start()
-        resumed = self.jobs.resume()
+        resumed = self.jobs.resume()  # before serving: uploads find their round's runner
         if resumed:
             log.info("resumed jobs %s", resumed)
+        await self.server.start()
         if cfg.metrics:
             _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
         await grpcserver.set_serving(self.health, SERVICES, True)

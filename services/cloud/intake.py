@@ -110,6 +110,12 @@ class UpdateIntake:
         if existing is None:
             runner = self._jobs.runner(header.job_id)
             runner.check_update(agent, header)
+            declared = self._store.agent_examples(agent)
+            if header.num_examples > declared:
+                raise InvalidArgument(
+                    f"num_examples {header.num_examples} is more than the {declared} the agent declared in its hello",
+                    reason="malformed",
+                )
         try:
             update_codec = compression.parse_codec(header.codec)
         except ValueError as exc:
@@ -155,14 +161,18 @@ class UpdateIntake:
         assert runner is not None
         path = self._store.update_path(header.job_id, header.round, agent)
         size = await asyncio.to_thread(write_tensors, path, components)
-        rnd = runner.check_update(agent, header)  # the round may have closed while we wrote
-        async with rnd.fold_lock:
-            if not rnd.accepting:
-                raise FailedPrecondition(f"round {header.round} closed while the update arrived", reason="stale")
-            row = UpdateRow(agent, digest, header.num_examples, header.local_loss, str(path), size, header.codec)
-            self._store.add_update(header.job_id, header.round, row, partial.wire)
-            await asyncio.to_thread(rnd.accumulator.fold, agent, header.num_examples, components, update_codec)
-            runner.accepted(rnd, agent)
+        try:
+            rnd = runner.check_update(agent, header)  # the round may have closed while we wrote
+            async with rnd.fold_lock:
+                if not rnd.accepting:
+                    raise FailedPrecondition(f"round {header.round} closed while the update arrived", reason="stale")
+                row = UpdateRow(agent, digest, header.num_examples, header.local_loss, str(path), size, header.codec)
+                self._store.add_update(header.job_id, header.round, row, partial.wire)
+                await asyncio.to_thread(rnd.accumulator.fold, agent, header.num_examples, components, update_codec)
+                runner.accepted(rnd, agent, header.codec)
+        except TandemError:
+            path.unlink(missing_ok=True)
+            raise
         metrics.UPDATES_ACCEPTED.inc()
         return receipt
 

@@ -65,7 +65,8 @@ class JobManager:
         runner = self._runners.pop(job_id, None)
         if runner is not None:
             await runner.stop()
-        self._store.set_job_state(job_id, "stopped", "stopped by an admin")
+        if self._job_row(job_id)["state"] == "running":  # it may have completed meanwhile
+            self._store.set_job_state(job_id, "stopped", "stopped by an admin")
 
     async def shutdown(self) -> None:
         """Stop every runner; their jobs stay `running` in the store and resume on restart."""

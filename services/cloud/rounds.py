@@ -28,7 +28,7 @@ from cloud.spec import AUTO, JobSpec
 from cloud.store import Store, UpdateRow, VersionRow, read_tensors, write_tensors
 from cloud.strategies import ServerOptimizer
 from tandem import compression, deltas, metrics
-from tandem.errors import FailedPrecondition, InvalidArgument
+from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tandem.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -114,31 +114,35 @@ class JobRunner:
     async def _run_round(self, number: int, base_version: int) -> None:
         base = self._models.version(self.spec.model, base_version)
         row = self._store.get_round(self.job_id, number)
-        attempt = row["attempt"] if row else 0
+        updates = self._store.list_updates(self.job_id, number)
         accumulator = Accumulator(self._models.specs(self.spec.model))
+        await asyncio.to_thread(self._refold, accumulator, updates)
+        submitted = {u.agent for u in updates}
+        previous = set(json.loads(row["selected"])) if row else set()
+        # Open for uploads at once: after a restart, agents selected before it may
+        # deliver while this round still waits for enough agents to reconnect.
+        rnd = self.round = OpenRound(
+            number, base, row["attempt"] if row else 0, time.time() + self.spec.deadline,
+            sorted(previous | submitted), accumulator, submitted, codecs={u.agent: u.codec for u in updates},
+        )
         while True:
-            attempt += 1
-            updates = self._store.list_updates(self.job_id, number)
-            await asyncio.to_thread(self._refold, accumulator, updates)
-            submitted = {u.agent for u in updates}
-            await self._wait_for_agents(submitted)
-            selected = self._select(number, attempt, submitted)
-            deadline = time.time() + self.spec.deadline
-            self._store.open_round(self.job_id, number, attempt, base.version, selected, deadline)
-            self.round = OpenRound(number, base, attempt, deadline, selected, accumulator, submitted,
-                                   codecs={u.agent: u.codec for u in updates})
-            log.info("job %s round %d attempt %d: selected %s", self.job_id, number, attempt, selected)
-            for agent in selected:
-                if agent not in submitted:
-                    self._registry.send(agent, self._task_message(self.round, agent))
-            await self._wait_for_updates(self.round)
-            if len(self.round.submitted) >= self.spec.min_clients:
-                await self._close(self.round)
+            rnd.attempt += 1
+            await self._wait_for_agents(rnd.submitted)
+            rnd.selected = self._select(number, rnd.attempt, rnd.submitted)
+            rnd.deadline = time.time() + self.spec.deadline
+            self._store.open_round(self.job_id, number, rnd.attempt, base.version, rnd.selected, rnd.deadline)
+            log.info("job %s round %d attempt %d: selected %s", self.job_id, number, rnd.attempt, rnd.selected)
+            for agent in rnd.selected:
+                if agent not in rnd.submitted:
+                    self._registry.send(agent, self._task_message(rnd, agent))
+            await self._wait_for_updates(rnd)
+            if len(rnd.submitted) >= self.spec.min_clients:
+                await self._close(rnd)
                 return
             metrics.ROUNDS.labels("retried").inc()
             log.warning(
                 "job %s round %d: %d of %d updates needed at the deadline; retrying",
-                self.job_id, number, len(self.round.submitted), self.spec.min_clients,
+                self.job_id, number, len(rnd.submitted), self.spec.min_clients,
             )
 
     def _refold(self, accumulator: Accumulator, updates: list[UpdateRow]) -> None:
@@ -224,7 +228,9 @@ class JobRunner:
         rnd = self.round
         if rnd is None or header.round != rnd.number:
             current = self._store.get_job(self.job_id)
-            at = current["current_round"] if current else "?"
+            at = current["current_round"] if current else -1
+            if rnd is None and header.round == at:
+                raise Unavailable(f"round {at} of job {self.job_id} is opening; try again")
             raise FailedPrecondition(f"round {header.round} of job {self.job_id} is not open (current round: {at})")
         if not rnd.accepting:
             raise FailedPrecondition(f"round {rnd.number} of job {self.job_id} is closing")
@@ -235,8 +241,8 @@ class JobRunner:
                 f"update is based on version {header.base_version}; round {rnd.number} trains from version "
                 f"{rnd.base.version}"
             )
-        expected_codec = rnd.codecs.get(agent)
-        if header.codec != expected_codec:
+        expected_codec = rnd.codecs.get(agent, None if self.spec.codec == AUTO else self.spec.codec)
+        if expected_codec is not None and header.codec != expected_codec:
             raise InvalidArgument(f"codec {header.codec!r} where the task asked for {expected_codec!r}")
         if not 0 < header.num_examples <= 1 << 40:
             raise InvalidArgument(f"num_examples must be positive, got {header.num_examples}")
@@ -244,9 +250,10 @@ class JobRunner:
             raise InvalidArgument("local_loss is not finite")
         return rnd
 
-    def accepted(self, rnd: OpenRound, agent: str) -> None:
+    def accepted(self, rnd: OpenRound, agent: str, codec: str) -> None:
         """Called with rnd.fold_lock held, once the update is durable and folded in."""
         rnd.submitted.add(agent)
+        rnd.codecs[agent] = codec
         self._updated.set()
 
     # ---- closing -------------------------------------------------------------
@@ -305,6 +312,9 @@ class JobRunner:
         own error-feedback residual.
         """
         step = self._optimizer.step(accumulator.mean())
+        for name, change in step.items():
+            if not np.isfinite(change).all():
+                raise ValueError(f"the aggregate of round updates is not finite in {name!r}; nothing was published")
         if self._downlink.lossless:
             return {name: base[name] + step[name] for name in base}, None, 0
         feedback = compression.ErrorFeedback(self._downlink)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -29,6 +30,17 @@ def _timestamp(seconds: float) -> Timestamp:
     return ts
 
 
+HELLO_TIMEOUT_SECONDS = 30.0
+MAX_MEASUREMENTS = 32
+
+
+def _merge_measurements(into: dict[str, float], new: Mapping[str, float]) -> None:
+    """Keep a bounded set of short, finite measurements: a peer cannot grow our memory."""
+    for name, value in new.items():
+        if len(name) <= 64 and math.isfinite(value) and (name in into or len(into) < MAX_MEASUREMENTS):
+            into[name] = value
+
+
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(
         self, store: Store, registry: Registry, models: ModelRepository, jobs: JobManager, intake: UpdateIntake,
@@ -46,23 +58,32 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CoordinatorMessage]:
         identity = require_role(context, ROLE_AGENT)
-        first = await anext(request_iterator, None)
+        try:
+            first = await asyncio.wait_for(anext(request_iterator, None), HELLO_TIMEOUT_SECONDS)
+        except TimeoutError:
+            raise InvalidArgument(f"no Hello within {HELLO_TIMEOUT_SECONDS:.0f} s of connecting") from None
         if first is None or not first.HasField("hello"):
             raise InvalidArgument("the first message on Connect must be a Hello")
-        session = await self._registry.connect(identity.name, first.hello)
-        self._store.agent_connected(identity.name, first.hello.num_examples, first.hello.device)
-        session.send(
-            pb.CoordinatorMessage(
-                welcome=pb.Welcome(agent_id=identity.name, heartbeat_interval_seconds=self._heartbeat_interval)
-            )
-        )
-        self._registry.announce(session)
-        reader = asyncio.create_task(self._read(session, request_iterator))
+        hello = first.hello
+        if hello.num_examples < 0 or len(hello.device) > 64 or len(hello.models) > 256:
+            raise InvalidArgument("malformed Hello: negative num_examples, device over 64 characters or "
+                                  "over 256 models")
+        session = await self._registry.connect(identity.name, hello)
+        reader: asyncio.Task[None] | None = None
         try:
+            self._store.agent_connected(identity.name, hello.num_examples, hello.device)
+            session.send(
+                pb.CoordinatorMessage(
+                    welcome=pb.Welcome(agent_id=identity.name, heartbeat_interval_seconds=self._heartbeat_interval)
+                )
+            )
+            self._registry.announce(session)
+            reader = asyncio.create_task(self._read(session, request_iterator))
             while (message := await session.queue.get()) is not None:
                 yield message
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             self._store.agent_seen(identity.name, session.last_seen)  # heartbeats stay in memory until here
             await self._registry.disconnect(session)
 
@@ -71,7 +92,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             async for message in request_iterator:
                 if message.HasField("heartbeat"):
                     session.last_seen = time.time()
-                    session.measurements.update(message.heartbeat.measurements)
+                    _merge_measurements(session.measurements, message.heartbeat.measurements)
         except (grpc.RpcError, asyncio.CancelledError):
             pass
         finally:

@@ -297,5 +297,10 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE agents SET last_seen = MAX(last_seen, ?) WHERE agent = ?", (when, agent))
 
+    def agent_examples(self, agent: str) -> int:
+        """The examples an agent declared in its last hello (0 for an unknown agent)."""
+        row = self._one("SELECT num_examples FROM agents WHERE agent = ?", agent)
+        return int(row["num_examples"]) if row else 0
+
     def list_agents(self) -> list[sqlite3.Row]:
         return list(self._db.execute("SELECT * FROM agents ORDER BY agent"))

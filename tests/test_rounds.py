@@ -1,0 +1,129 @@
+"""Round life cycle against an in-process coordinator: retries, reconnects, restarts, stops."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from cloud.app import CloudConfig, Coordinator
+from tandem import codec, training, zoo
+from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
+from tandem.v1 import coordinator_pb2 as pb
+from tests.helpers import ControlStream, admin_channel, agent_channel, get_job, start_job, update_messages, upload, upload_code
+
+SPECS = codec.specs_of(training.state_arrays(zoo.build_model("mlp")))
+
+
+def delta(value: float) -> dict[str, np.ndarray]:
+    return {name: np.full(spec.shape, value, dtype=np.float32) for name, spec in SPECS.items()}
+
+
+def header_for(task: pb.TrainTask, num_examples: int = 100) -> pb.UpdateHeader:
+    return pb.UpdateHeader(job_id=task.job_id, round=task.round, base_version=task.base_version,
+                           num_examples=num_examples, codec=task.codec, local_loss=0.5)
+
+
+async def send(port: int, certs_dir: Path, agent: str, task: pb.TrainTask, value: float) -> pb.UpdateReceipt:
+    async with agent_channel(port, certs_dir, agent) as channel:
+        return await upload(coordinator_pb2_grpc.CoordinatorStub(channel), update_messages(header_for(task), delta(value)))
+
+
+async def wait_rounds(port: int, certs_dir: Path, job_id: str, count: int) -> admin_pb2.Job:
+    async with asyncio.timeout(30):
+        while True:
+            job = await get_job(port, certs_dir, job_id)
+            if len(job.rounds) >= count:
+                return job
+            await asyncio.sleep(0.05)
+
+
+async def streams(port: int, certs_dir: Path, names: list[str]) -> list[ControlStream]:
+    opened = [ControlStream(port, certs_dir, name) for name in names]
+    for stream in opened:
+        await stream.open()
+    return opened
+
+
+async def test_round_missing_quorum_is_retried(coordinator: Coordinator, certs_dir: Path) -> None:
+    a, b = await streams(coordinator.port, certs_dir, ["agent-0", "agent-1"])
+    try:
+        job = await start_job(coordinator.port, certs_dir, model="mlp", rounds=1, min_clients=2,
+                              round_deadline_seconds=1.0)
+        task = (await a.next("task")).task
+        await b.next("task")
+        await send(coordinator.port, certs_dir, "agent-0", task, 0.01)
+        # agent-1 stays silent: the deadline passes with 1 of 2 updates, and the round opens again.
+        again = (await b.next("task", timeout=10)).task  # the second attempt's task
+        assert again.round == 1
+        await send(coordinator.port, certs_dir, "agent-1", again, 0.02)
+        result = (await wait_rounds(coordinator.port, certs_dir, job.job_id, 1)).rounds[0]
+        assert (result.accepted, result.attempts) == (2, 2)
+    finally:
+        for s in (a, b):
+            await s.close()
+
+
+async def test_reconnecting_agent_gets_its_task_again(coordinator: Coordinator, certs_dir: Path) -> None:
+    a, b = await streams(coordinator.port, certs_dir, ["agent-0", "agent-1"])
+    try:
+        await start_job(coordinator.port, certs_dir, model="mlp", rounds=1, min_clients=2, round_deadline_seconds=60)
+        first = (await a.next("task")).task
+        await a.close()
+        (a,) = await streams(coordinator.port, certs_dir, ["agent-0"])
+        again = (await a.next("task")).task
+        assert (again.job_id, again.round, again.base_version) == (first.job_id, first.round, first.base_version)
+    finally:
+        for s in (a, b):
+            await s.close()
+
+
+async def test_stopping_a_job_refuses_its_uploads(coordinator: Coordinator, certs_dir: Path) -> None:
+    (a,) = await streams(coordinator.port, certs_dir, ["agent-0"])
+    try:
+        job = await start_job(coordinator.port, certs_dir, model="mlp", rounds=3, min_clients=1,
+                              round_deadline_seconds=60)
+        task = (await a.next("task")).task
+        async with admin_channel(coordinator.port, certs_dir) as channel:
+            stopped = await admin_pb2_grpc.AdminStub(channel).StopJob(admin_pb2.StopJobRequest(job_id=job.job_id))
+        assert stopped.state == admin_pb2.JOB_STATE_STOPPED
+        async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
+            code = await upload_code(coordinator_pb2_grpc.CoordinatorStub(channel),
+                                     update_messages(header_for(task), delta(0.01)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        await a.close()
+
+
+async def test_restart_keeps_acknowledged_updates_and_answers_resends_as_duplicates(
+    tmp_path: Path, certs_dir: Path
+) -> None:
+    config = CloudConfig(listen="127.0.0.1:0", certs=certs_dir, state=tmp_path / "state", heartbeat_interval=0.5,
+                         grace=0.5)
+    first = Coordinator(config)
+    await first.start()
+    a, b = await streams(first.port, certs_dir, ["agent-0", "agent-1"])
+    job = await start_job(first.port, certs_dir, model="mlp", rounds=1, min_clients=2, round_deadline_seconds=60)
+    task = (await a.next("task")).task
+    receipt = await send(first.port, certs_dir, "agent-0", task, 0.01)
+    for s in (a, b):
+        await s.close()
+    await first.stop()
+
+    second = Coordinator(CloudConfig(listen=f"127.0.0.1:{first.port}", certs=certs_dir, state=tmp_path / "state",
+                                     heartbeat_interval=0.5, grace=0.5))
+    await second.start()
+    try:
+        # Before any agent reconnects, the resumed round already takes uploads; a re-send
+        # of the acknowledged update (its receipt lost, say) is a duplicate, not a second vote.
+        again = await send(second.port, certs_dir, "agent-0", task, 0.01)
+        assert again.duplicate and again.digest == receipt.digest
+        await send(second.port, certs_dir, "agent-1", task, 0.03)
+        result = (await wait_rounds(second.port, certs_dir, job.job_id, 1)).rounds[0]
+        assert (result.accepted, list(result.agents)) == (2, ["agent-0", "agent-1"])
+    finally:
+        await second.stop()
