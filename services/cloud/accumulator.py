@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tandem import codec as wire
-from tandem import deltas
+from tandem import compression
 from tandem.compression import Codec
 
 
@@ -23,11 +23,8 @@ class Accumulator:
         """Add num_examples * delta, one tensor at a time (one dense tensor at a time in memory)."""
         if agent in self.folded:
             return
-        factor = np.float32(num_examples)
-        for name, spec in self._specs.items():
-            delta = deltas.decode_all(components, {name: spec}, codec)[name]
-            delta *= factor
-            self.total[name] += delta
+        for name in self._specs:
+            compression.accumulate(self.total[name], name, components, codec, num_examples)
         self.weight += num_examples
         self.folded.add(agent)
 

@@ -54,6 +54,7 @@ class UpdateIntake:
         # its users and goes away with the last one.
         self._locks: dict[UploadKey, tuple[asyncio.Lock, int]] = {}
         self._partials: dict[UploadKey, Partial] = {}
+        self._decoding = asyncio.Semaphore(2)
 
     @contextlib.asynccontextmanager
     async def _lock(self, key: UploadKey) -> AsyncIterator[None]:
@@ -140,11 +141,15 @@ class UpdateIntake:
             # The stream broke (cancelled, connection lost): keep what arrived for a resume.
             self._keep(key, partial)
             raise
+        if partial.assembler.missing():
+            # A cancelled client stream can also end as a plain end of stream.
+            self._keep(key, partial)
         components = partial.assembler.result()
         content = await asyncio.to_thread(codec.state_sha256, components)
         if header.content_sha256 and content != header.content_sha256:
             raise InvalidArgument("the update's content does not match its content_sha256", reason="malformed")
-        await asyncio.to_thread(_validate, components, specs, update_codec)
+        async with self._decoding:  # bounds the memory of dense decodes running at once
+            await asyncio.to_thread(_validate, components, specs, update_codec)
         digest = update_digest(header, content)
         receipt = pb.UpdateReceipt(
             job_id=header.job_id, round=header.round, agent_id=agent, digest=digest, bytes_received=partial.wire
@@ -229,4 +234,4 @@ def _validate(
 ) -> None:
     """Decode every tensor once, so that nothing malformed or non-finite is acknowledged."""
     for name, spec in specs.items():
-        deltas.decode_all(components, {name: spec}, update_codec)
+        compression.validate(name, components, spec.shape, update_codec)

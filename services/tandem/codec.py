@@ -194,9 +194,13 @@ class ChunkAssembler:
         if len(buffer) == spec.nbytes:
             self._done.add(chunk.name)
 
+    def missing(self) -> list[str]:
+        """Tensors not yet complete."""
+        return sorted(set(self._expected) - self._done)
+
     def result(self) -> dict[str, np.ndarray]:
         """The complete tensors; raises CodecError if any is missing or truncated."""
-        missing = sorted(set(self._expected) - self._done)
+        missing = self.missing()
         if missing:
             raise CodecError(f"update incomplete: missing or truncated tensors {missing}")
         return {

@@ -278,6 +278,14 @@ def decode(name: str, components: Mapping[str, np.ndarray], shape: tuple[int, ..
         if n > full * INT8_BLOCK:
             flat[full * INT8_BLOCK :] *= scales[full]
         return flat.reshape(shape)
+    idx, vals = _sparse(name, parts, n, codec)
+    flat = np.zeros(n, dtype=_F32)
+    flat[idx] = vals
+    return flat.reshape(shape)
+
+
+def _sparse(name: str, parts: Mapping[str, np.ndarray], n: int, codec: Codec) -> tuple[np.ndarray, np.ndarray]:
+    """The checked (indices, float32 values) of a top-k encoding."""
     k = kept(codec, n)
     gaps = _varint_decode(f"{name}#idx", parts[f"{name}#idx"], k)
     if k > 1 and not gaps[1:].all():
@@ -294,9 +302,27 @@ def decode(name: str, components: Mapping[str, np.ndarray], shape: tuple[int, ..
         vals *= scale[0]
     elif not np.isfinite(vals).all():
         raise CompressionError(f"component {name + '#val'!r}: NaN or infinite value")
-    flat = np.zeros(n, dtype=_F32)
-    flat[idx.astype(np.int64)] = vals
-    return flat.reshape(shape)
+    return idx.astype(np.int64), vals
+
+
+def accumulate(
+    total: np.ndarray, name: str, components: Mapping[str, np.ndarray], codec: Codec, weight: float
+) -> None:
+    """total += weight * decode(...), without a dense temporary for top-k encodings."""
+    if codec.kind != "topk":
+        total += np.float32(weight) * decode(name, components, total.shape, codec)
+        return
+    idx, vals = _sparse(name, _checked(name, components, total.shape, codec), total.size, codec)
+    flat = total.reshape(-1)  # a view: `total` is C-contiguous
+    flat[idx] += np.float32(weight) * vals
+
+
+def validate(name: str, components: Mapping[str, np.ndarray], shape: tuple[int, ...], codec: Codec) -> None:
+    """Check an encoding as decode does, without building the dense tensor for top-k."""
+    if codec.kind == "topk":
+        _sparse(name, _checked(name, components, shape, codec), math.prod(shape), codec)
+    else:
+        decode(name, components, shape, codec)
 
 
 # ---- error feedback ------------------------------------------------------------
