@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CERTS  ?= .certs
 AGENTS ?= edge-1,edge-2,edge-3,edge-4
 
-.PHONY: install protos certs run test typecheck clean
+.PHONY: install protos certs run test typecheck bench-fl bench-auto clean
 
 install: $(STAMP)
 
@@ -34,6 +34,15 @@ typecheck: $(STAMP)
 
 test: typecheck
 	$(PY) -m pytest -q
+
+# Federated training per codec with real processes (not part of `make test`).
+bench-fl: $(STAMP)
+	$(TANDEM) bench fl --clients 8 --rounds 20 --codec none,topk:0.01+int8 --rss-agents 64 \
+		--out bench/results/fl.json
+
+# Codec auto with two agents behind a bandwidth-shaped link (needs root for ip netns).
+bench-auto: $(STAMP)
+	$(TANDEM) bench auto --rounds 6 --rate 1mbit --target 1.0 --out bench/results/auto.json
 
 clean:
 	rm -rf $(VENV) $(CERTS) .state .pytest_cache

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tandem_cli import procs
+from tandem_cli.procs import free_port
 from tests.helpers import admin_channel
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Cluster:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -318,3 +320,22 @@ def test_variable_length_spec_accepts_up_to_its_bound() -> None:
     with pytest.raises(codec.CodecError, match="shape changed"):
         assembler.add(tensor_pb2.TensorChunk(name="idx", dtype=tensor_pb2.DTYPE_UINT8, shape=[8], offset=2,
                                              data=b"\0\0"))
+
+
+def test_streamed_safetensors_files_read_back_with_the_library(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    from cloud.store import write_tensors
+
+    arrays = {
+        "w": np.random.default_rng(0).random((3, 5), dtype=np.float32), "b": np.arange(7, dtype=np.int64),
+        "q": np.arange(-3, 2, dtype=np.int8), "empty": np.zeros((0, 3), np.float32),
+        "scalar": np.array(3.0, np.float32), "h": np.ones(3, np.float16), "t": np.arange(6, dtype=np.float32)[::2],
+    }
+    size = write_tensors(tmp_path / "x.safetensors", arrays)
+    assert size == (tmp_path / "x.safetensors").stat().st_size
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(arrays)
+    for name, array in arrays.items():
+        assert back[name].dtype == array.dtype and back[name].shape == array.shape
+        np.testing.assert_array_equal(back[name], array)

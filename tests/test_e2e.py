@@ -52,7 +52,10 @@ async def test_federated_training_end_to_end(cluster: Cluster) -> None:
     for r in rounds:
         assert ROUND_KEYS <= set(r)
         assert (r["accepted"], r["rejected"]) == (3, 0)
-        assert len(r["sha256"]) == 64 and r["bytes_up"] > 3 * 1_000_000 and r["bytes_down"] > 3 * 1_000_000
+        assert len(r["sha256"]) == 64 and r["bytes_up"] > 3 * 1_000_000
+    # Round 1 trains from the seeded initial model, which agents build themselves;
+    # later rounds download each new version whole (codec none).
+    assert [r["bytes_down"] > 3 * 1_000_000 for r in rounds] == [False, True, True]
     assert [r["version"] for r in rounds] == [rounds[0]["version"] + i for i in range(3)]
 
     # Dense float32 updates over the network land on the in-process reference figures.

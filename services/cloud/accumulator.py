@@ -29,8 +29,12 @@ class Accumulator:
         self.folded.add(agent)
 
     def mean(self) -> dict[str, np.ndarray]:
-        """sum(n_i * delta_i) / sum(n_i), the FedAvg delta."""
+        """sum(n_i * delta_i) / sum(n_i), the FedAvg delta, computed in place: the
+        accumulator is spent afterwards (no second model-sized buffer)."""
         if self.weight <= 0:
             raise ValueError("no update was folded in")
         w = np.float32(self.weight)
-        return {name: total / w for name, total in self.total.items()}
+        for total in self.total.values():
+            total /= w
+        self.weight = 0
+        return self.total

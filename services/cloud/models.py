@@ -19,7 +19,7 @@ from tandem.v1 import coordinator_pb2 as pb
 class ModelRepository:
     """Reads and writes global model versions. Versions are numbered per model name."""
 
-    def __init__(self, store: Store, cache_size: int = 4) -> None:
+    def __init__(self, store: Store, cache_size: int = 1) -> None:
         self._store = store
         self._cache: OrderedDict[tuple[str, int], dict[str, np.ndarray]] = OrderedDict()
         self._cache_size = cache_size
@@ -35,8 +35,9 @@ class ModelRepository:
         return self._specs[model]
 
     def initial_arrays(self, model: str, seed: int) -> dict[str, np.ndarray]:
-        self.specs(model)
-        return training.state_arrays(zoo.build_model(model, seed=seed))
+        arrays = training.state_arrays(zoo.build_model(model, seed=seed))
+        self._specs.setdefault(model, codec.specs_of(arrays))
+        return arrays
 
     async def write(self, model: str, arrays: Mapping[str, np.ndarray], job_id: str, round_: int) -> VersionRow:
         """Write the next version's file (not yet recorded: the caller commits it)."""

@@ -209,7 +209,7 @@ class JobRunner:
             rnd.codecs[agent] = self.codec_for(rnd, agent)
         deadline = Timestamp()
         deadline.FromNanoseconds(int(rnd.deadline * 1e9))
-        return pb.CoordinatorMessage(
+        message = pb.CoordinatorMessage(
             task=pb.TrainTask(
                 job_id=self.job_id, round=rnd.number, model=self.spec.model, base_version=rnd.base.version,
                 base_sha256=rnd.base.sha256, codec=rnd.codecs[agent], deadline=deadline,
@@ -220,6 +220,9 @@ class JobRunner:
                 ),
             )
         )
+        if rnd.base.round == 0 and rnd.base.job_id == self.job_id:  # the job's seeded initial model
+            message.task.base_seed = self.spec.seed
+        return message
 
     # ---- called by the update intake ---------------------------------------
 
@@ -317,11 +320,23 @@ class JobRunner:
                 raise ValueError(f"the aggregate of round updates is not finite in {name!r}; nothing was published")
         if self._downlink.lossless:
             return {name: base[name] + step[name] for name in base}, None, 0
-        feedback = compression.ErrorFeedback(self._downlink)
-        feedback.load_state(self._downlink_residual)
-        components, decoded = feedback.compress(step)
-        self._downlink_residual = feedback.residual
-        return {name: base[name] + decoded[name] for name in base}, components, deltas.nbytes(components)
+        # Error feedback, in place on `step` (ours to spend): target = step + residual,
+        # the new residual = target - decoded, and new = decoded + base, so the close
+        # needs one model-sized buffer beyond the ones it already holds.
+        components: dict[str, np.ndarray] = {}
+        new: dict[str, np.ndarray] = {}
+        for name, target in step.items():
+            previous = self._downlink_residual.get(name)
+            if previous is not None:
+                target += previous
+            encoded = compression.encode(name, target, self._downlink)
+            decoded = compression.decode(name, encoded, target.shape, self._downlink)
+            target -= decoded
+            self._downlink_residual[name] = target
+            decoded += base[name]
+            new[name] = decoded
+            components.update(encoded)
+        return new, components, deltas.nbytes(components)
 
 
 def _bytes_per_param(codec: str) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -80,14 +80,40 @@ def _version_values(row: VersionRow) -> tuple[object, ...]:
             row.delta_path, row.delta_from, row.delta_codec, row.delta_bytes)
 
 
+_SAFETENSORS_DTYPES = {"<f4": "F32", "<f2": "F16", "|i1": "I8", "|u1": "U8", "<i4": "I32", "<i8": "I64"}
+
+
+def _safetensors_header(arrays: Mapping[str, np.ndarray]) -> bytes:
+    entries: dict[str, object] = {}
+    offset = 0
+    for name in sorted(arrays):
+        array = arrays[name]
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.str], "shape": list(array.shape),
+                         "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
+    return len(header).to_bytes(8, "little") + header
+
+
 def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
-    """Write a safetensors file atomically and durably; returns its size."""
+    """Write a safetensors file atomically and durably; returns its size.
+
+    The file is written tensor by tensor straight from the arrays' memory: the
+    library's `save` would first build the whole file as one bytes object, a
+    model-sized copy the coordinator cannot afford on large models. What we write
+    is read back with the library (`read_tensors`), and a test holds the two equal.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = save(dict(arrays))
+    arrays = {name: a if a.flags.c_contiguous else a.copy(order="C") for name, a in arrays.items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    size = 0
     try:
-        os.write(fd, data)
+        with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
+            size += out.write(_safetensors_header(arrays))
+            for name in sorted(arrays):
+                size += out.write(arrays[name].reshape(-1).view(np.uint8).data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -97,7 +123,7 @@ def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return len(data)
+    return size
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:

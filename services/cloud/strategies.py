@@ -33,9 +33,13 @@ class ServerOptimizer:
         return self.strategy in ("fedadam", "fedyogi")
 
     def step(self, mean_delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The change to apply to the global model this round."""
+        """The change to apply to the global model this round. FedAvg scales the mean
+        delta in place (the caller hands it over), so large models cost no copy."""
         if not self.stateful:
-            return {name: (self.lr * d).astype(np.float32) for name, d in mean_delta.items()}
+            for d in mean_delta.values():
+                if self.lr != 1.0:
+                    d *= np.float32(self.lr)
+            return dict(mean_delta)
         out = {}
         for name, delta in mean_delta.items():
             m = self.m.get(name, np.zeros_like(delta))

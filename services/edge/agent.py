@@ -74,6 +74,7 @@ class Agent:
         self._downloads: dict[tuple[str, int], transfer.Download] = {}
         self._uploads: dict[tuple[str, int], tuple[transfer.Upload, dict[str, np.ndarray]]] = {}
         self._measurements: dict[str, float] = {"examples": float(len(self.dataset))}
+        self._measured = asyncio.Event()  # a link measurement the coordinator has not heard yet
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a control stream open until `stop` is set, reconnecting with backoff."""
@@ -147,9 +148,15 @@ class Agent:
         return welcomed
 
     async def _heartbeats(self, outgoing: asyncio.Queue[pb.AgentMessage], interval: float) -> None:
+        """A heartbeat every `interval`, and at once when a new link measurement is in."""
+        self._measured.clear()
         seq = 0
         while True:
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self._measured.wait(), interval)
+            except TimeoutError:
+                pass
+            self._measured.clear()
             seq += 1
             outgoing.put_nowait(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=seq, measurements=self._measurements)))
 
@@ -215,6 +222,12 @@ class Agent:
         held = self.held.get(task.model)
         if held is not None and held.version == task.base_version and held.sha256 == task.base_sha256:
             return held
+        if task.HasField("base_seed"):
+            # The job's initial model is a seeded zoo model: build it, no download needed.
+            arrays = await asyncio.to_thread(lambda: training.state_arrays(zoo.build_model(task.model, task.base_seed)))
+            if codec.state_sha256(arrays) == task.base_sha256:
+                return self._hold(task, arrays)
+            log.warning("the locally built initial %s differs from the cloud's; downloading it", task.model)
         key = (task.model, task.base_version)
         download = self._downloads.get(key)
         if download is None:
@@ -226,6 +239,9 @@ class Agent:
         arrays = await download.run(self._stub, timeout=120)
         del self._downloads[key]
         self._measure("downlink_bytes_per_second", transfer.throughput(download.wire, download.seconds))
+        return self._hold(task, arrays)
+
+    def _hold(self, task: pb.TrainTask, arrays: dict[str, np.ndarray]) -> HeldModel:
         held = HeldModel(task.base_version, task.base_sha256, arrays)
         self.held[task.model] = held
         metrics.MODEL_VERSION.labels(task.model).set(task.base_version)
@@ -259,6 +275,7 @@ class Agent:
             return
         previous = self._measurements.get(name)
         self._measurements[name] = value if previous is None else 0.5 * previous + 0.5 * value
+        self._measured.set()
 
     async def _train(self, task: pb.TrainTask, base: HeldModel) -> tuple[dict[str, np.ndarray], float, float]:
         def work() -> tuple[dict[str, np.ndarray], float]:

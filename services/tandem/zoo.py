@@ -35,10 +35,21 @@ def _mlp() -> nn.Sequential:
     )
 
 
+def _mlp10m() -> nn.Sequential:
+    # The same shape of model at 10.5 million parameters, for measuring the
+    # coordinator's memory and transfer costs at a size where they matter.
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(64, 3200), nn.ReLU()),
+        nn.Sequential(nn.Linear(3200, 3200), nn.ReLU()),
+        nn.Linear(3200, 10),
+    )
+
+
 _ZOO: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
         ZooEntry(name="mlp", input_shape=(64,), num_classes=10, builder=_mlp),
+        ZooEntry(name="mlp10m", input_shape=(64,), num_classes=10, builder=_mlp10m),
     )
 }
 

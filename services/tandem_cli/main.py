@@ -98,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="")
     p.add_argument("--json", action="store_true")
 
+    p_bench = sub.add_parser("bench", help="benchmarks that write JSON results")
+    bench_sub = p_bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = bench_sub.add_parser("fl", help="federated training of the reference workload, per codec")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--codec", default="none,topk:0.01+int8", help="comma-separated codecs to run")
+    p.add_argument("--server-lr", type=float, default=0.0, help="override the strategy's server step")
+    p.add_argument("--rss-agents", type=int, default=0, help="also measure coordinator memory with this many agents")
+    p.add_argument("--out", type=Path, default=Path("bench/results/fl.json"))
+
+    p = bench_sub.add_parser("auto", help="codec auto vs fixed codecs, two agents behind a shaped link (root)")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rate", default="1mbit", help="bandwidth of the shaped link, both directions (tc syntax)")
+    p.add_argument("--target", type=float, default=1.0, help="target upload seconds for codec auto")
+    p.add_argument("--codec", default="none,auto")
+    p.add_argument("--out", type=Path, default=Path("bench/results/auto.json"))
+
     p = sub.add_parser("demo", help="coordinator + agents on loopback, federated training of the reference workload")
     p.add_argument("--certs", type=Path, default=Path(".certs"))
     p.add_argument("--agents", type=int, default=4)
@@ -143,6 +160,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tandem_cli.run import run_edge
 
         return asyncio.run(run_edge(args))
+    if args.command == "bench":
+        if args.bench_command == "auto":
+            from tandem_cli.bench_auto import run_bench_auto
+
+            return asyncio.run(run_bench_auto(args))
+        from tandem_cli.bench import run_bench_fl
+
+        return asyncio.run(run_bench_fl(args))
     if args.command == "demo":
         from tandem_cli.demo import run_demo
 

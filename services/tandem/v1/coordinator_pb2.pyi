@@ -91,7 +91,7 @@ class TrainingConfig(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., mu: _Optional[float] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("job_id", "round", "model", "base_version", "base_sha256", "training", "codec", "deadline", "max_update_bytes")
+    __slots__ = ("job_id", "round", "model", "base_version", "base_sha256", "training", "codec", "deadline", "max_update_bytes", "base_seed")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class TrainTask(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BASE_SEED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     model: str
@@ -110,7 +111,8 @@ class TrainTask(_message.Message):
     codec: str
     deadline: _timestamp_pb2.Timestamp
     max_update_bytes: int
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., model: _Optional[str] = ..., base_version: _Optional[int] = ..., base_sha256: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., codec: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_update_bytes: _Optional[int] = ...) -> None: ...
+    base_seed: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., model: _Optional[str] = ..., base_version: _Optional[int] = ..., base_sha256: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., codec: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., base_seed: _Optional[int] = ...) -> None: ...
 
 class ModelNotice(_message.Message):
     __slots__ = ("model", "version", "sha256", "job_id")
