@@ -186,3 +186,43 @@ async def _progress(stub: coordinator_pb2_grpc.CoordinatorStub, header: pb.Updat
         while not (held := (await stub.UploadStatus(header)).chunks_received):
             await asyncio.sleep(0.02)
     return held
+
+
+@pytest.mark.parametrize("strategy", [{"strategy": "fedprox", "mu": 0.01}, {"strategy": "fedadam"},
+                                      {"strategy": "fedyogi"}])
+async def test_every_strategy_converges(
+    coordinator: Coordinator, certs_dir: Path, agents: list[Agent], strategy: dict[str, object]
+) -> None:
+    job = await run_job(coordinator.port, certs_dir, rounds=5, **strategy)
+    assert job.state == admin_pb2.JOB_STATE_COMPLETED, job.message
+    accuracies = [r.accuracy for r in job.rounds]
+    assert accuracies[-1] > 0.8 and accuracies[-1] > accuracies[0]
+
+
+async def test_hostile_sparse_encoding_is_invalid_argument(coordinator: Coordinator, certs_dir: Path) -> None:
+    stream = ControlStream(coordinator.port, certs_dir, "agent-0")
+    await stream.open()
+    try:
+        task = await _task(coordinator, certs_dir, stream, codec="topk:0.01+int8")
+        delta = {name: np.full(spec.shape, 0.01, np.float32) for name, spec in SPECS.items()}
+        good = compression.ErrorFeedback(compression.parse_codec(task.codec)).compress(delta)[0]
+        name = sorted(SPECS)[0]
+        huge_index = dict(good)
+        k = compression.kept(compression.parse_codec(task.codec), SPECS[name].nbytes // 4)
+        gaps = np.ones(k, np.uint64)
+        gaps[-1] = 1 << 28  # the last index lands far outside the tensor
+        huge_index[f"{name}#idx"] = compression._varint_encode(gaps)
+        nan_scale = {**good, f"{name}#scale": np.array([np.nan], np.float32)}
+        truncated = {**good, f"{name}#val": good[f"{name}#val"][:-1]}
+        async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            for components in (huge_index, nan_scale, truncated):
+                header = pb.UpdateHeader(job_id=task.job_id, round=task.round, base_version=task.base_version,
+                                         num_examples=100, codec=task.codec, local_loss=0.5)
+                messages = [pb.UpdateChunk(header=header),
+                            *(pb.UpdateChunk(tensor=c) for c in codec.iter_chunks(components))]
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await upload(stub, messages)
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+    finally:
+        await stream.close()

@@ -59,7 +59,9 @@ async def _job(args: argparse.Namespace, stub: Any) -> int:
             model=args.model, rounds=args.rounds, min_clients=args.min_clients,
             clients_per_round=args.clients_per_round, round_deadline_seconds=args.deadline, eval=args.eval,
             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, codec=args.codec, seed=args.seed,
-            max_update_bytes=args.max_update_bytes,
+            max_update_bytes=args.max_update_bytes, downlink_codec=args.downlink_codec,
+            target_upload_seconds=args.target_upload_seconds, strategy=args.strategy, mu=args.mu,
+            server_lr=args.server_lr,
         )
         job = await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))
         print(job.job_id)

@@ -75,7 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--codec", default="none", help="update codec (none: dense float32)")
+    p.add_argument("--codec", default="none",
+                   help="update codec: none (dense float32), fp16, int8, topk:F, topk:F+int8, or auto (chosen per "
+                        "agent and round from its measured link)")
+    p.add_argument("--downlink-codec", default="", help="codec of new versions sent as deltas (default: from --codec)")
+    p.add_argument("--target-upload-seconds", type=float, default=2.0, help="with --codec auto: upload time to meet")
+    p.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam", "fedyogi"])
+    p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight")
+    p.add_argument("--server-lr", type=float, default=0.0, help="server step size (0: the strategy's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and agent selection")
     p.add_argument("--max-update-bytes", type=int, default=0, help="largest update accepted (0: 256 MiB)")
     for action, text in (("status", "print a job"), ("wait", "wait for a job to end, then print it"),
