@@ -8,6 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from tandem import compression
+
 from tandem.compression import (
     INT8_BLOCK,
     Codec,
@@ -274,3 +276,20 @@ def test_other_tensors_components_are_ignored() -> None:
 def test_names_with_separator_rejected() -> None:
     with pytest.raises(ValueError, match="'#'"):
         encode("w#q", _random((3,)), parse_codec("none"))
+
+
+@pytest.mark.parametrize("nonzero_fraction", [0.2, 0.03, 0.0])
+def test_topk_of_a_large_sparse_tensor_keeps_its_largest_values(nonzero_fraction: float) -> None:
+    """The sampled-threshold path on aggregates of sparse updates (mostly zeros)."""
+    rng = np.random.default_rng(1)
+    n = 5_000_000
+    x = np.zeros(n, np.float32)
+    support = rng.choice(n, int(n * nonzero_fraction), replace=False)
+    x[support] = rng.standard_normal(support.size).astype(np.float32)
+    codec = compression.parse_codec("topk:0.05")
+    k = compression.kept(codec, n)
+    encoded = compression.encode("w", x, codec)
+    decoded = compression.decode("w", encoded, x.shape, codec)
+    kept_values = np.sort(np.abs(x))[::-1][:k]
+    assert np.count_nonzero(decoded) == min(k, support.size)
+    np.testing.assert_allclose(np.sort(np.abs(decoded))[::-1][:k], kept_values, rtol=1e-3, atol=1e-5)  # float16

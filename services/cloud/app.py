@@ -14,7 +14,7 @@ from cloud.models import ModelRepository
 from cloud.registry import Registry
 from cloud.service import AdminService, CoordinatorService
 from cloud.store import Store
-from tandem import grpcserver, metrics, tls
+from tandem import grpcserver, lifecycle, metrics, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Coordinator:
 
     async def start(self) -> None:
         cfg = self.config
+        lifecycle.tune_allocator()
         self.store = Store(cfg.state)
         self.registry = Registry()
         self.models = ModelRepository(self.store)

@@ -64,7 +64,6 @@ class JobRunner:
         self.round: OpenRound | None = None
         self._optimizer = ServerOptimizer(spec.strategy, spec.effective_server_lr)
         self._downlink = compression.parse_codec(spec.effective_downlink)
-        self._downlink_residual: dict[str, np.ndarray] = {}
 
     def start(self) -> None:
         self._registry.add_listener(self._on_connect)
@@ -102,14 +101,21 @@ class JobRunner:
             self.round = None
 
     async def _restore_state(self) -> None:
-        """Server optimiser moments and downlink residual as of the last closed round."""
+        """Server optimiser moments as of the last closed round."""
         job = self._store.get_job(self.job_id)
-        path = self._store.job_state_path(self.job_id, job["current_round"] - 1) if job else None
-        if path is None or not path.exists():
-            return
-        state = await asyncio.to_thread(read_tensors, path)
-        self._optimizer.load_state({k[4:]: v for k, v in state.items() if k.startswith("opt/")})
-        self._downlink_residual = {k[4:]: v for k, v in state.items() if k.startswith("res/")}
+        if job is not None and self._optimizer.stateful:
+            state = await asyncio.to_thread(self._job_state, job["current_round"] - 1, "opt/")
+            self._optimizer.load_state(state)
+
+    def _job_state(self, round_: int, prefix: str) -> dict[str, np.ndarray]:
+        """Part of the state saved when `round_` closed (empty before the first round).
+
+        The downlink residual is read from here at each close instead of being held
+        between rounds: on large models that is a model-sized buffer saved."""
+        path = self._store.job_state_path(self.job_id, round_)
+        if not path.exists():
+            return {}
+        return {k[len(prefix):]: v for k, v in read_tensors(path).items() if k.startswith(prefix)}
 
     async def _run_round(self, number: int, base_version: int) -> None:
         base = self._models.version(self.spec.model, base_version)
@@ -266,7 +272,10 @@ class JobRunner:
             rnd.accepting = False
         updates = self._store.list_updates(self.job_id, rnd.number)
         _, base = await self._models.load(self.spec.model, rnd.base.version)
-        new, delta, delta_bytes = await asyncio.to_thread(self._next_version, base, rnd.accumulator)
+        residual = {}
+        if not self._downlink.lossless:
+            residual = await asyncio.to_thread(self._job_state, rnd.number - 1, "res/")
+        new, delta, delta_bytes = await asyncio.to_thread(self._next_version, base, rnd.accumulator, residual)
         accuracy = loss = None
         if self.spec.eval:
             accuracy, loss = await asyncio.to_thread(evaluation.evaluate, self.spec.model, new, self.spec.eval)
@@ -277,9 +286,10 @@ class JobRunner:
             version = replace(version, delta_path=str(path), delta_from=rnd.base.version,
                               delta_codec=str(self._downlink), delta_bytes=delta_bytes)
         state = {**{f"opt/{k}": v for k, v in self._optimizer.state().items()},
-                 **{f"res/{k}": v for k, v in self._downlink_residual.items()}}
+                 **{f"res/{k}": v for k, v in residual.items()}}
         if state:
             await asyncio.to_thread(write_tensors, self._store.job_state_path(self.job_id, rnd.number), state)
+        del state, residual, base
         examples = sum(u.num_examples for u in updates)
         local_loss = sum(u.num_examples * u.local_loss for u in updates) / examples
         final = rnd.number >= self.spec.rounds
@@ -306,7 +316,7 @@ class JobRunner:
         )
 
     def _next_version(
-        self, base: dict[str, np.ndarray], accumulator: Accumulator
+        self, base: dict[str, np.ndarray], accumulator: Accumulator, residual: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, int]:
         """The new global model, and the encoded delta agents holding `base` apply to reach it.
 
@@ -321,18 +331,19 @@ class JobRunner:
         if self._downlink.lossless:
             return {name: base[name] + step[name] for name in base}, None, 0
         # Error feedback, in place on `step` (ours to spend): target = step + residual,
-        # the new residual = target - decoded, and new = decoded + base, so the close
-        # needs one model-sized buffer beyond the ones it already holds.
+        # the new residual = target - decoded (it replaces the old one in `residual`),
+        # and new = decoded + base: one model-sized buffer beyond those already held.
         components: dict[str, np.ndarray] = {}
         new: dict[str, np.ndarray] = {}
         for name, target in step.items():
-            previous = self._downlink_residual.get(name)
+            previous = residual.pop(name, None)
             if previous is not None:
                 target += previous
+                del previous
             encoded = compression.encode(name, target, self._downlink)
             decoded = compression.decode(name, encoded, target.shape, self._downlink)
             target -= decoded
-            self._downlink_residual[name] = target
+            residual[name] = target
             decoded += base[name]
             new[name] = decoded
             components.update(encoded)

@@ -203,8 +203,9 @@ class ChunkAssembler:
         missing = self.missing()
         if missing:
             raise CodecError(f"update incomplete: missing or truncated tensors {missing}")
+        # Views of the received buffers (writable, no copy).
         return {
-            name: np.frombuffer(bytes(self._buffers[name]), dtype=spec.dtype).reshape(spec.shape)
+            name: np.frombuffer(self._buffers[name], dtype=spec.dtype).reshape(spec.shape)
             for name, spec in self._declared.items()
         }
 

@@ -173,19 +173,37 @@ def _top_indices(flat: np.ndarray, k: int) -> np.ndarray:
     n = flat.size
     if k == n:
         return np.arange(n, dtype=np.int64)
-    if n > 4 * _SCAN and k * 20 < n:
+    if n > 4 * _SCAN and k * 4 < n:
         rng = np.random.default_rng(n)
         sample = np.abs(flat[rng.integers(0, n, 65536)])
         threshold = np.quantile(sample, max(0.0, 1.0 - 3.0 * k / n))
+        # A sparse tensor (an aggregate of sparse updates) may have a zero threshold:
+        # then the candidates are its non-zeros, topped up with zeros if too few.
+        strict = threshold <= 0
         candidates = np.concatenate([
-            start + np.flatnonzero(np.abs(flat[start : start + _SCAN]) >= threshold)
+            start + np.flatnonzero(np.abs(flat[start : start + _SCAN]) > 0 if strict
+                                   else np.abs(flat[start : start + _SCAN]) >= threshold)
             for start in range(0, n, _SCAN)
         ])
+        if strict and candidates.size < k:
+            return np.sort(np.concatenate([candidates, _first_zeros(flat, k - candidates.size)]))
         if k <= candidates.size <= 10 * k:
             chosen = np.argpartition(np.abs(flat[candidates]), candidates.size - k)[candidates.size - k :]
             return np.sort(candidates[chosen])
     mag = np.abs(flat)
     return np.sort(np.argpartition(mag, n - k)[n - k :])
+
+
+def _first_zeros(flat: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the first `count` zeros of `flat`, scanned slice by slice."""
+    found: list[np.ndarray] = []
+    for start in range(0, flat.size, _SCAN):
+        if count <= 0:
+            break
+        zeros = start + np.flatnonzero(flat[start : start + _SCAN] == 0)[:count]
+        found.append(zeros)
+        count -= zeros.size
+    return np.concatenate(found) if found else np.empty(0, np.int64)
 
 
 def encode(name: str, array: np.ndarray, codec: Codec) -> dict[str, np.ndarray]:
