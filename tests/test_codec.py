@@ -339,3 +339,21 @@ def test_streamed_safetensors_files_read_back_with_the_library(tmp_path: Path) -
     for name, array in arrays.items():
         assert back[name].dtype == array.dtype and back[name].shape == array.shape
         np.testing.assert_array_equal(back[name], array)
+
+
+def test_tensor_file_reads_the_same_chunks_and_adds_in_slices(tmp_path: Path) -> None:
+    from cloud.store import write_tensors
+    from cloud.tensorfile import TensorFile
+
+    rng = np.random.default_rng(3)
+    arrays = {"b": rng.random(7, dtype=np.float32), "a.w": rng.random((300, 500), dtype=np.float32),
+              "z": np.zeros((0, 4), np.float32)}
+    write_tensors(tmp_path / "m.safetensors", arrays)
+    stored = TensorFile(tmp_path / "m.safetensors")
+    expected = list(codec.iter_chunks(arrays, chunk_bytes=4096))
+    assert list(stored.chunks(chunk_bytes=4096)) == expected
+    assert stored.chunk_count(chunk_bytes=4096) == len(expected) == codec.chunk_count(arrays, chunk_bytes=4096)
+    assert [c.name for c in stored.chunks("7/")][:1] == ["7/a.w"]
+    out = np.ones((300, 500), np.float32)
+    stored.add_into("a.w", out, slice_bytes=1000)
+    np.testing.assert_array_equal(out, arrays["a.w"] + 1)

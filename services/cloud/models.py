@@ -1,28 +1,27 @@
-"""Published model versions: files on disk, records in the store, a small cache."""
+"""Published model versions: files on disk, records in the store."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from cloud.store import Store, VersionRow, read_tensors, write_tensors
+from cloud.store import Store, VersionRow, write_tensors
+from cloud.tensorfile import TensorFile
 from tandem import codec, metrics, training, zoo
 from tandem.errors import InvalidArgument, NotFound
 from tandem.v1 import coordinator_pb2 as pb
+from tandem.v1 import tensor_pb2
 
 
 class ModelRepository:
     """Reads and writes global model versions. Versions are numbered per model name."""
 
-    def __init__(self, store: Store, cache_size: int = 1) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
-        self._cache: OrderedDict[tuple[str, int], dict[str, np.ndarray]] = OrderedDict()
-        self._cache_size = cache_size
         self._specs: dict[str, dict[str, codec.TensorSpec]] = {}
         self._reserved: dict[str, int] = {}
 
@@ -40,14 +39,17 @@ class ModelRepository:
         return arrays
 
     async def write(self, model: str, arrays: Mapping[str, np.ndarray], job_id: str, round_: int) -> VersionRow:
-        """Write the next version's file (not yet recorded: the caller commits it)."""
+        """Write the next version's file (not yet recorded: the caller commits it).
+
+        Versions are not kept in memory: downloads and the next round read the file
+        piece by piece (`TensorFile`), so a large model costs the coordinator nothing
+        between rounds."""
         # Reserve the number before any await, so concurrent writers never share one.
         version = max(self._store.next_version(model), self._reserved.get(model, 0) + 1)
         self._reserved[model] = version
         path = self._store.model_path(model, version)
         size = await asyncio.to_thread(write_tensors, path, arrays)
         sha = await asyncio.to_thread(codec.state_sha256, arrays)
-        self._remember(model, version, dict(arrays))
         return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
 
     def published(self, row: VersionRow) -> None:
@@ -64,43 +66,40 @@ class ModelRepository:
             raise NotFound(f"model {model!r} has {what}")
         return row
 
-    async def load(self, model: str, version: int) -> tuple[VersionRow, dict[str, np.ndarray]]:
+    def file(self, model: str, version: int) -> tuple[VersionRow, TensorFile]:
         row = self.version(model, version)
-        key = (row.model, row.version)
-        arrays = self._cache.get(key)
-        if arrays is None:
-            arrays = await asyncio.to_thread(read_tensors, Path(row.path))
-            self._remember(row.model, row.version, arrays)
-        else:
-            self._cache.move_to_end(key)
-        return row, arrays
+        return row, TensorFile(Path(row.path))
 
-    async def response(
+    def response(
         self, model: str, version: int, have_version: int
-    ) -> tuple[pb.ModelHeader, dict[str, np.ndarray]]:
+    ) -> tuple[pb.ModelHeader, Callable[[], Iterator[tensor_pb2.TensorChunk]]]:
         """What to send an agent asking for `version` while holding `have_version`:
         the chain of encoded deltas between them when every step has one and they
-        are smaller than the model, else the whole model."""
-        row, arrays = await self.load(model, version)
+        are smaller than the model, else the whole model. Returns the header and a
+        function that yields the chunks, read from the files as they go."""
+        row, file = self.file(model, version)
         header = pb.ModelHeader(model=row.model, version=row.version, sha256=row.sha256)
         steps = self._chain(row, have_version)
-        full_bytes = sum(int(a.nbytes) for a in arrays.values())
-        if steps and sum(s.delta_bytes or 0 for s in steps) < full_bytes:
-            payload: dict[str, np.ndarray] = {}
+        if steps and sum(s.delta_bytes or 0 for s in steps) < file.nbytes:
+            files = []
             for step in steps:
                 assert step.delta_path is not None
-                components = await asyncio.to_thread(read_tensors, Path(step.delta_path))
-                payload.update({f"{step.version}/{name}": a for name, a in components.items()})
+                files.append((f"{step.version}/", TensorFile(Path(step.delta_path))))
                 header.steps.append(
                     pb.DeltaStep(from_version=step.delta_from, to_version=step.version, codec=step.delta_codec)
                 )
         else:
-            payload = arrays
-            specs = codec.specs_of(arrays)
-            header.tensors.extend(spec.to_proto() for spec in specs.values())
-        header.total_bytes = sum(int(a.nbytes) for a in payload.values())
-        header.total_chunks = codec.chunk_count(payload)
-        return header, payload
+            files = [("", file)]
+            header.tensors.extend(spec.to_proto() for spec in file.specs.values())
+        header.total_bytes = sum(f.nbytes for _, f in files)
+        header.total_chunks = sum(f.chunk_count() for _, f in files)
+
+        def chunks() -> Iterator[tensor_pb2.TensorChunk]:
+            # Sorted by full name, as codec.iter_chunks orders a dict of all of them.
+            for prefix, f in sorted(files, key=lambda pf: pf[0]):
+                yield from f.chunks(prefix)
+
+        return header, chunks
 
     def _chain(self, row: VersionRow, have_version: int) -> list[VersionRow]:
         """Versions from have_version (exclusive) to row (inclusive), if deltas link them."""
@@ -116,10 +115,3 @@ class ModelRepository:
                 return []
             row = previous
         return chain[::-1]
-
-    def _remember(self, model: str, version: int, arrays: dict[str, np.ndarray]) -> None:
-        self._cache[(model, version)] = arrays
-        self._cache.move_to_end((model, version))
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-

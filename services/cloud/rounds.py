@@ -27,6 +27,7 @@ from cloud.registry import Registry, Session
 from cloud.spec import AUTO, JobSpec
 from cloud.store import Store, UpdateRow, VersionRow, read_tensors, write_tensors
 from cloud.strategies import ServerOptimizer
+from cloud.tensorfile import TensorFile
 from tandem import compression, deltas, metrics
 from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tandem.v1 import coordinator_pb2 as pb
@@ -271,7 +272,7 @@ class JobRunner:
         async with rnd.fold_lock:
             rnd.accepting = False
         updates = self._store.list_updates(self.job_id, rnd.number)
-        _, base = await self._models.load(self.spec.model, rnd.base.version)
+        _, base = self._models.file(self.spec.model, rnd.base.version)
         residual = {}
         if not self._downlink.lossless:
             residual = await asyncio.to_thread(self._job_state, rnd.number - 1, "res/")
@@ -316,7 +317,7 @@ class JobRunner:
         )
 
     def _next_version(
-        self, base: dict[str, np.ndarray], accumulator: Accumulator, residual: dict[str, np.ndarray]
+        self, base: TensorFile, accumulator: Accumulator, residual: dict[str, np.ndarray]
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, int]:
         """The new global model, and the encoded delta agents holding `base` apply to reach it.
 
@@ -329,7 +330,9 @@ class JobRunner:
             if not np.isfinite(change).all():
                 raise ValueError(f"the aggregate of round updates is not finite in {name!r}; nothing was published")
         if self._downlink.lossless:
-            return {name: base[name] + step[name] for name in base}, None, 0
+            for name, change in step.items():
+                base.add_into(name, change)  # the spent running sum becomes the new version
+            return step, None, 0
         # Error feedback, in place on `step` (ours to spend): target = step + residual,
         # the new residual = target - decoded (it replaces the old one in `residual`),
         # and new = decoded + base: one model-sized buffer beyond those already held.
@@ -344,7 +347,7 @@ class JobRunner:
             decoded = compression.decode(name, encoded, target.shape, self._downlink)
             target -= decoded
             residual[name] = target
-            decoded += base[name]
+            base.add_into(name, decoded)
             new[name] = decoded
             components.update(encoded)
         return new, components, deltas.nbytes(components)

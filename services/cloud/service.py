@@ -112,13 +112,15 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         peer_identity(context)  # any identity from the deployment's CA may read models
         if request.skip_chunks < 0 or request.have_version < 0:
             raise InvalidArgument("skip_chunks and have_version must not be negative")
-        header, payload = await self._models.response(request.model, request.version, request.have_version)
+        header, chunks = self._models.response(request.model, request.version, request.have_version)
         if request.skip_chunks > header.total_chunks:
             raise InvalidArgument(f"skip_chunks {request.skip_chunks} is past the {header.total_chunks} chunks")
         message = pb.ModelChunk(header=header)
         sent = message.ByteSize()
         yield message
-        for index, chunk in enumerate(codec.iter_chunks(payload)):
+        # Chunks are read from the version's file as they go (1 MiB preads from the
+        # page cache: short enough to stay on the event loop).
+        for index, chunk in enumerate(chunks()):
             if index >= request.skip_chunks:
                 message = pb.ModelChunk(tensor=chunk)
                 sent += message.ByteSize()
