@@ -293,3 +293,22 @@ def test_topk_of_a_large_sparse_tensor_keeps_its_largest_values(nonzero_fraction
     kept_values = np.sort(np.abs(x))[::-1][:k]
     assert np.count_nonzero(decoded) == min(k, support.size)
     np.testing.assert_allclose(np.sort(np.abs(decoded))[::-1][:k], kept_values, rtol=1e-3, atol=1e-5)  # float16
+
+
+def test_scales_that_overflow_to_infinity_are_rejected() -> None:
+    x = np.linspace(-1, 1, 5000, dtype=np.float32)
+    for text in ("int8", "topk:0.1+int8"):
+        codec = compression.parse_codec(text)
+        parts = compression.encode("w", x, codec)
+        parts["w#scale"] = np.full_like(parts["w#scale"], 3e38)
+        with pytest.raises(compression.CompressionError, match="overflow"):
+            compression.decode("w", parts, x.shape, codec)
+        with pytest.raises(compression.CompressionError, match="overflow"):
+            compression.validate("w", parts, x.shape, codec)
+
+
+def test_topk_refuses_to_encode_nan_on_the_sampled_path() -> None:
+    x = np.random.default_rng(0).standard_normal(5_000_000).astype(np.float32)
+    x[123] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        compression.encode("w", x, compression.parse_codec("topk:0.01"))

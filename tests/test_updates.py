@@ -87,6 +87,7 @@ async def test_each_invalid_update_gets_its_status_code(
         ("more examples than declared", update_messages(header_for(task, num_examples=10**6), good), invalid),
         ("non-finite loss", update_messages(header_for(task, local_loss=float("inf")), good), invalid),
         ("non-finite values", update_messages(header_for(task), nan), invalid),
+        ("values that would overflow the sum", update_messages(header_for(task), delta(1e37)), invalid),
         ("wrong shape", update_messages(header_for(task), wrong_shape), invalid),
         ("wrong dtype", update_messages(header_for(task), wrong_dtype), invalid),
         ("missing tensor", update_messages(header_for(task), missing), invalid),

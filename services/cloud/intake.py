@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cloud.jobs import JobManager
+from cloud.rounds import JobRunner, OpenRound
 from cloud.models import ModelRepository
 from cloud.spec import JobSpec
 from cloud.store import Store, UpdateRow, write_tensors
@@ -22,7 +23,7 @@ from tandem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from tandem.v1 import coordinator_pb2 as pb
 
 PARTIAL_TTL_SECONDS = 600.0
-MAX_PARTIALS = 1024
+PARTIAL_BUDGET_BYTES = 256 << 20  # all kept partial uploads together
 
 UploadKey = tuple[str, int, str]  # job, round, agent
 
@@ -149,7 +150,7 @@ class UpdateIntake:
         if header.content_sha256 and content != header.content_sha256:
             raise InvalidArgument("the update's content does not match its content_sha256", reason="malformed")
         async with self._decoding:  # bounds the memory of dense decodes running at once
-            await asyncio.to_thread(_validate, components, specs, update_codec)
+            await asyncio.to_thread(_validate, components, specs, update_codec, header.num_examples)
         digest = update_digest(header, content)
         receipt = pb.UpdateReceipt(
             job_id=header.job_id, round=header.round, agent_id=agent, digest=digest, bytes_received=partial.wire
@@ -168,18 +169,26 @@ class UpdateIntake:
         size = await asyncio.to_thread(write_tensors, path, components)
         try:
             rnd = runner.check_update(agent, header)  # the round may have closed while we wrote
-            async with rnd.fold_lock:
-                if not rnd.accepting:
-                    raise FailedPrecondition(f"round {header.round} closed while the update arrived", reason="stale")
-                row = UpdateRow(agent, digest, header.num_examples, header.local_loss, str(path), size, header.codec)
-                self._store.add_update(header.job_id, header.round, row, partial.wire)
-                await asyncio.to_thread(rnd.accumulator.fold, agent, header.num_examples, components, update_codec)
-                runner.accepted(rnd, agent, header.codec)
+            row = UpdateRow(agent, digest, header.num_examples, header.local_loss, str(path), size, header.codec)
+            # Once the record is committed the update must be folded in and counted,
+            # even if this call is cancelled meanwhile: shield the three together.
+            await asyncio.shield(self._commit(runner, rnd, header, row, partial.wire, components, update_codec))
         except TandemError:
             path.unlink(missing_ok=True)
             raise
         metrics.UPDATES_ACCEPTED.inc()
         return receipt
+
+    async def _commit(
+        self, runner: JobRunner, rnd: OpenRound, header: pb.UpdateHeader, row: UpdateRow, wire: int,
+        components: Mapping[str, np.ndarray], update_codec: compression.Codec,
+    ) -> None:
+        async with rnd.fold_lock:
+            if not rnd.accepting:
+                raise FailedPrecondition(f"round {header.round} closed while the update arrived", reason="stale")
+            self._store.add_update(header.job_id, header.round, row, wire)
+            await asyncio.to_thread(rnd.accumulator.fold, row.agent, header.num_examples, components, update_codec)
+            runner.accepted(rnd, row.agent, header.codec)
 
     def _resume(
         self, key: UploadKey, header: pb.UpdateHeader, specs: dict[str, codec.TensorSpec], update_codec: compression.Codec
@@ -199,16 +208,20 @@ class UpdateIntake:
         return partial
 
     def _keep(self, key: UploadKey, partial: Partial) -> None:
-        if not partial.content_sha256 or partial.chunks == 0:
+        """Hold a broken upload for a resume: only for an open round, within a byte budget."""
+        runner = self._jobs.running(key[0])
+        if not partial.content_sha256 or partial.chunks == 0 or runner is None or runner.round is None \
+                or runner.round.number != key[1] or not runner.round.accepting:
             return
         now = time.monotonic()
         for old, kept in list(self._partials.items()):
-            if now - kept.since > PARTIAL_TTL_SECONDS:
+            job = self._jobs.running(old[0])
+            if now - kept.since > PARTIAL_TTL_SECONDS or job is None or job.round is None or job.round.number != old[1]:
                 del self._partials[old]
-        if len(self._partials) >= MAX_PARTIALS:
-            self._partials.pop(next(iter(self._partials)))
         partial.since = now
         self._partials[key] = partial
+        while sum(p.assembler.bytes_received for p in self._partials.values()) > PARTIAL_BUDGET_BYTES:
+            self._partials.pop(next(iter(self._partials)))
 
 
 async def _drain(messages: AsyncIterator[pb.UpdateChunk], limit_bytes: int = 64 << 20, seconds: float = 5.0) -> None:
@@ -229,9 +242,19 @@ async def _drain(messages: AsyncIterator[pb.UpdateChunk], limit_bytes: int = 64 
         return
 
 
+# Weighted by its example count, an update folded into the float32 running sum must
+# stay far from float32's 3.4e38, or one agent turns the sum into infinities. This is
+# overflow protection only; bounding update norms is robust aggregation's job.
+FOLD_LIMIT = 1e30
+
+
 def _validate(
-    components: Mapping[str, np.ndarray], specs: Mapping[str, codec.TensorSpec], update_codec: compression.Codec
+    components: Mapping[str, np.ndarray], specs: Mapping[str, codec.TensorSpec], update_codec: compression.Codec,
+    num_examples: int,
 ) -> None:
-    """Decode every tensor once, so that nothing malformed or non-finite is acknowledged."""
+    """Decode every tensor once, so that nothing malformed, non-finite or overflowing is acknowledged."""
     for name, spec in specs.items():
-        compression.validate(name, components, spec.shape, update_codec)
+        largest = compression.validate(name, components, spec.shape, update_codec)
+        if largest * num_examples > FOLD_LIMIT:
+            raise InvalidArgument(f"tensor {name!r}: values up to {largest:.3g} x {num_examples} examples overflow "
+                                  "the aggregate", reason="too_large")

@@ -84,6 +84,11 @@ class JobManager:
             raise FailedPrecondition(f"job {job_id} is {row['state']}; it accepts no updates")
         return runner
 
+    def running(self, job_id: str) -> JobRunner | None:
+        """The runner of a job if it is running here, else None."""
+        runner = self._runners.get(job_id)
+        return runner if runner is not None and not runner.done else None
+
     def _job_row(self, job_id: str) -> sqlite3.Row:
         row = self._store.get_job(job_id)
         if row is None:

@@ -37,6 +37,9 @@ class Registry:
 
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
+        # Heartbeat measurements per agent, kept across reconnects (a link is still
+        # the same link after a new session).
+        self._measurements: dict[str, dict[str, float]] = {}
         self._listeners: list[ConnectListener] = []
         self._changed = asyncio.Condition()
 
@@ -51,7 +54,7 @@ class Registry:
         old = self._sessions.get(agent_id)
         if old is not None:
             old.close()
-        session = Session(agent_id, hello)
+        session = Session(agent_id, hello, measurements=self._measurements.setdefault(agent_id, {}))
         self._sessions[agent_id] = session
         metrics.CONNECTED_AGENTS.set(len(self._sessions))
         metrics.AGENT_CONNECTS.inc()
@@ -80,6 +83,9 @@ class Registry:
                 await asyncio.wait_for(self._changed.wait(), timeout)
             except TimeoutError:
                 pass
+
+    def measurements(self, agent_id: str) -> dict[str, float]:
+        return self._measurements.get(agent_id, {})
 
     def get(self, agent_id: str) -> Session | None:
         return self._sessions.get(agent_id)

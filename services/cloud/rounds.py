@@ -203,8 +203,7 @@ class JobRunner:
         """The job's codec, or with `auto` one chosen from the agent's measured link."""
         if self.spec.codec != AUTO:
             return self.spec.codec
-        session = self._registry.get(agent)
-        measured = session.measurements if session is not None else {}
+        measured = self._registry.measurements(agent)
         throughput = measured.get("uplink_bytes_per_second") or measured.get("downlink_bytes_per_second")
         params = sum(spec.nbytes // 4 for spec in self._models.specs(self.spec.model).values())
         choice = autocodec.choose(params, throughput, self.spec.target_upload_seconds)
@@ -212,7 +211,7 @@ class JobRunner:
         return choice
 
     def _task_message(self, rnd: OpenRound, agent: str) -> pb.CoordinatorMessage:
-        if agent not in rnd.submitted:
+        if agent not in rnd.codecs:  # chosen once per round: a re-sent task keeps it, so uploads can resume
             rnd.codecs[agent] = self.codec_for(rnd, agent)
         deadline = Timestamp()
         deadline.FromNanoseconds(int(rnd.deadline * 1e9))
@@ -295,6 +294,8 @@ class JobRunner:
         local_loss = sum(u.num_examples * u.local_loss for u in updates) / examples
         final = rnd.number >= self.spec.rounds
         self._store.close_round(self.job_id, rnd.number, version, accuracy, loss, local_loss, final)
+        # Only the newest job state is ever read again (a restart resumes from it).
+        self._store.job_state_path(self.job_id, rnd.number - 1).unlink(missing_ok=True)
         self._models.published(version)
         self.round = None
         await asyncio.to_thread(_remove_files, [u.path for u in updates])

@@ -57,7 +57,7 @@ class JobSpec:
             return self.server_lr
         if self.strategy in ("fedadam", "fedyogi"):
             return 0.01
-        return 2.0 if self.codec == AUTO or self.codec.startswith("topk") else 1.0
+        return 2.0 if self.codec.startswith("topk") else 1.0
 
     @property
     def effective_downlink(self) -> str:

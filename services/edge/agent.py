@@ -70,6 +70,7 @@ class Agent:
         self._tasks: dict[tuple[str, int], pb.TrainTask] = {}  # newest message for each (job, round)
         self._done: set[tuple[str, int]] = set()
         self._training: dict[str, asyncio.Task[None]] = {}  # job -> its running task
+        self._training_round: dict[str, int] = {}  # job -> the round of that task
         self._feedback: dict[str, compression.ErrorFeedback] = {}  # job -> error-feedback residual
         self._downloads: dict[tuple[str, int], transfer.Download] = {}
         self._uploads: dict[tuple[str, int], tuple[transfer.Upload, dict[str, np.ndarray]]] = {}
@@ -171,10 +172,11 @@ class Agent:
         if key in self._done:
             return
         if running is not None and not running.done():
-            if running.get_name() == _task_name(key):
-                return
+            if self._training_round.get(task.job_id, 0) >= task.round:
+                return  # already on this round, or a newer one
             running.cancel()
-        self._training[task.job_id] = asyncio.create_task(self._train_and_upload(key), name=_task_name(key))
+        self._training_round[task.job_id] = task.round
+        self._training[task.job_id] = asyncio.create_task(self._train_and_upload(key), name=f"train-{key}")
 
     async def _train_and_upload(self, key: tuple[str, int]) -> None:
         task = self._tasks[key]
@@ -236,7 +238,13 @@ class Agent:
             download = self._downloads[key] = transfer.Download(
                 task.model, task.base_version, task.base_sha256, specs, have
             )
-        arrays = await download.run(self._stub, timeout=120)
+        try:
+            arrays = await download.run(self._stub, timeout=120)
+        except transfer.ModelMismatch:
+            # Start over, and as a whole model: whatever went wrong is not repeated.
+            self._downloads[key] = transfer.Download(task.model, task.base_version, task.base_sha256,
+                                                     download.specs)
+            raise
         del self._downloads[key]
         self._measure("downlink_bytes_per_second", transfer.throughput(download.wire, download.seconds))
         return self._hold(task, arrays)
@@ -253,11 +261,12 @@ class Agent:
         feedback = self._feedback.setdefault(task.job_id, compression.ErrorFeedback(compression.Codec("none")))
         pending = self._uploads.get(key)
         if pending is None or pending[0].header.codec != task.codec:
-            feedback.codec = compression.parse_codec(task.codec)
-            before = feedback.state()
-            components, _ = await asyncio.to_thread(feedback.compress, delta)
-            after = feedback.state()
-            feedback.load_state(before)  # the new residual counts once the coordinator has the update
+            # Compress on a copy: the job's residual changes only once the coordinator
+            # has the update (and not at all if this task is cancelled meanwhile).
+            trial = compression.ErrorFeedback(compression.parse_codec(task.codec))
+            trial.load_state(feedback.residual)
+            components, _ = await asyncio.to_thread(trial.compress, delta)
+            after = trial.residual
             header = pb.UpdateHeader(
                 job_id=task.job_id, round=task.round, base_version=task.base_version,
                 num_examples=len(self.dataset), codec=task.codec, local_loss=loss,
@@ -265,7 +274,7 @@ class Agent:
             pending = self._uploads[key] = (transfer.Upload(header, components), after)
         upload, after = pending
         receipt = await upload.run(self._stub, timeout=120)
-        feedback.load_state(after)
+        feedback.residual = after
         self._measure("uplink_bytes_per_second", transfer.throughput(upload.wire, upload.seconds))
         return receipt
 
@@ -296,6 +305,3 @@ class Agent:
         self._measurements["train_seconds"] = seconds
         return delta, loss, seconds
 
-
-def _task_name(key: tuple[str, int]) -> str:
-    return f"train-{key[0]}-{key[1]}"

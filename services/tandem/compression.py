@@ -222,6 +222,7 @@ def encode(name: str, array: np.ndarray, codec: Codec) -> dict[str, np.ndarray]:
         return {f"{name}#q": q, f"{name}#scale": scales}
     if flat.size >= 1 << (7 * _VARINT_MAX_BYTES):
         raise ValueError(f"tensor {name!r} has too many elements for {_VARINT_MAX_BYTES}-byte indices")
+    _finite_range(flat)  # the sampled top-k path would silently skip NaN
     idx = _top_indices(flat, kept(codec, flat.size))
     vals = flat[idx]
     if not np.isfinite(vals).all():
@@ -310,11 +311,14 @@ def decode(name: str, components: Mapping[str, np.ndarray], shape: tuple[int, ..
         _check_scales(f"{name}#scale", scales)
         flat = parts[f"{name}#q"].astype(_F32)
         full = n // INT8_BLOCK
-        if full:
-            blocks = flat[: full * INT8_BLOCK].reshape(full, INT8_BLOCK)  # a view: scaled in place
-            blocks *= scales[:full, None]
-        if n > full * INT8_BLOCK:
-            flat[full * INT8_BLOCK :] *= scales[full]
+        with np.errstate(over="ignore"):  # overflow is checked just below
+            if full:
+                blocks = flat[: full * INT8_BLOCK].reshape(full, INT8_BLOCK)  # a view: scaled in place
+                blocks *= scales[:full, None]
+            if n > full * INT8_BLOCK:
+                flat[full * INT8_BLOCK :] *= scales[full]
+        if n and not (np.isfinite(flat.max()) and np.isfinite(flat.min())):
+            raise CompressionError(f"component {name + '#scale'!r}: scaled values overflow to infinity")
         return flat.reshape(shape)
     idx, vals = _sparse(name, parts, n, codec)
     flat = np.zeros(n, dtype=_F32)
@@ -337,7 +341,10 @@ def _sparse(name: str, parts: Mapping[str, np.ndarray], n: int, codec: Codec) ->
     if codec.int8:
         scale = parts[f"{name}#scale"]
         _check_scales(f"{name}#scale", scale)
-        vals *= scale[0]
+        with np.errstate(over="ignore"):  # overflow is checked just below
+            vals *= scale[0]
+        if not np.isfinite(vals).all():
+            raise CompressionError(f"component {name + '#scale'!r}: scaled values overflow to infinity")
     elif not np.isfinite(vals).all():
         raise CompressionError(f"component {name + '#val'!r}: NaN or infinite value")
     return idx.astype(np.int64), vals
@@ -355,12 +362,14 @@ def accumulate(
     flat[idx] += np.float32(weight) * vals
 
 
-def validate(name: str, components: Mapping[str, np.ndarray], shape: tuple[int, ...], codec: Codec) -> None:
-    """Check an encoding as decode does, without building the dense tensor for top-k."""
+def validate(name: str, components: Mapping[str, np.ndarray], shape: tuple[int, ...], codec: Codec) -> float:
+    """Check an encoding as decode does (without building the dense tensor for top-k);
+    returns the largest magnitude it decodes to."""
     if codec.kind == "topk":
-        _sparse(name, _checked(name, components, shape, codec), math.prod(shape), codec)
+        _, vals = _sparse(name, _checked(name, components, shape, codec), math.prod(shape), codec)
     else:
-        decode(name, components, shape, codec)
+        vals = decode(name, components, shape, codec)
+    return float(max(vals.max(), -vals.min())) if vals.size else 0.0
 
 
 # ---- error feedback ------------------------------------------------------------
