@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.store import Store, VersionRow, write_tensors
+from cloud.store import Store, VersionRow, write_tensor_pieces, write_tensors
 from cloud.tensorfile import TensorFile
-from tandem import codec, metrics, training, zoo
+from tandem import codec, deltas, metrics, training, zoo
 from tandem.errors import InvalidArgument, NotFound
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import tensor_pb2
@@ -50,6 +50,23 @@ class ModelRepository:
         path = self._store.model_path(model, version)
         size = await asyncio.to_thread(write_tensors, path, arrays)
         sha = await asyncio.to_thread(codec.state_sha256, arrays)
+        return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
+
+    async def write_changed(
+        self, model: str, base: TensorFile, changes: Mapping[str, deltas.Change], job_id: str, round_: int
+    ) -> VersionRow:
+        """Write the next version as base + change, slice by slice: neither the base nor
+        the new version is ever whole in memory (not yet recorded: the caller commits it)."""
+        version = max(self._store.next_version(model), self._reserved.get(model, 0) + 1)
+        self._reserved[model] = version
+        path = self._store.model_path(model, version)
+
+        def pieces(name: str) -> Iterator[np.ndarray]:
+            for first, piece in base.slices(name):
+                deltas.apply_change(piece, first, changes[name])
+                yield piece
+
+        size, sha = await asyncio.to_thread(write_tensor_pieces, path, base.specs, pieces)
         return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
 
     def published(self, row: VersionRow) -> None:

@@ -275,11 +275,14 @@ class JobRunner:
         residual = {}
         if not self._downlink.lossless:
             residual = await asyncio.to_thread(self._job_state, rnd.number - 1, "res/")
-        new, delta, delta_bytes = await asyncio.to_thread(self._next_version, base, rnd.accumulator, residual)
+        changes, delta, delta_bytes = await asyncio.to_thread(self._next_change, rnd.accumulator, residual)
+        version = await self._models.write_changed(self.spec.model, base, changes, self.job_id, rnd.number)
+        del changes
         accuracy = loss = None
         if self.spec.eval:
+            new = await asyncio.to_thread(read_tensors, Path(version.path))
             accuracy, loss = await asyncio.to_thread(evaluation.evaluate, self.spec.model, new, self.spec.eval)
-        version = await self._models.write(self.spec.model, new, self.job_id, rnd.number)
+            del new
         if delta is not None:
             path = self._store.delta_path(self.spec.model, version.version)
             await asyncio.to_thread(write_tensors, path, delta)
@@ -317,41 +320,40 @@ class JobRunner:
             )
         )
 
-    def _next_version(
-        self, base: TensorFile, accumulator: Accumulator, residual: dict[str, np.ndarray]
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, int]:
-        """The new global model, and the encoded delta agents holding `base` apply to reach it.
+    def _next_change(
+        self, accumulator: Accumulator, residual: dict[str, np.ndarray]
+    ) -> tuple[dict[str, deltas.Change], dict[str, np.ndarray] | None, int]:
+        """The change from the base to the new global model, and its encoding for agents
+        that hold the base.
 
         With a lossy downlink the cloud publishes exactly what agents reconstruct,
-        base + decode(encode(step + residual)), and keeps what was left out as its
-        own error-feedback residual.
+        base + decode(encode(step + residual)), and keeps what was left out as its own
+        error-feedback residual. Everything happens in place on the spent running sum
+        (`step`), and top-k changes stay sparse: the close holds one model-sized buffer.
         """
         step = self._optimizer.step(accumulator.mean())
-        for name, change in step.items():
-            if not np.isfinite(change).all():
+        for name, total in step.items():
+            if not np.isfinite(total).all():
                 raise ValueError(f"the aggregate of round updates is not finite in {name!r}; nothing was published")
         if self._downlink.lossless:
-            for name, change in step.items():
-                base.add_into(name, change)  # the spent running sum becomes the new version
-            return step, None, 0
-        # Error feedback, in place on `step` (ours to spend): target = step + residual,
-        # the new residual = target - decoded (it replaces the old one in `residual`),
-        # and new = decoded + base: one model-sized buffer beyond those already held.
+            return dict(step), None, 0
         components: dict[str, np.ndarray] = {}
-        new: dict[str, np.ndarray] = {}
+        changes: dict[str, deltas.Change] = {}
         for name, target in step.items():
             previous = residual.pop(name, None)
             if previous is not None:
                 target += previous
                 del previous
             encoded = compression.encode(name, target, self._downlink)
-            decoded = compression.decode(name, encoded, target.shape, self._downlink)
-            target -= decoded
+            change: deltas.Change = deltas.decode_change(name, encoded, target.shape, self._downlink)
+            if isinstance(change, tuple):  # target -= change: what is left is the new residual
+                target.reshape(-1)[change[0]] -= change[1]
+            else:
+                target -= change
             residual[name] = target
-            base.add_into(name, decoded)
-            new[name] = decoded
+            changes[name] = change
             components.update(encoded)
-        return new, components, deltas.nbytes(components)
+        return changes, components, deltas.nbytes(components)
 
 
 def _bytes_per_param(codec: str) -> float:

@@ -7,11 +7,12 @@ acknowledged. Tensor files are written to a temporary name, fsynced and renamed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file
+
+from tandem.codec import TensorSpec
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -82,38 +85,51 @@ def _version_values(row: VersionRow) -> tuple[object, ...]:
 
 _SAFETENSORS_DTYPES = {"<f4": "F32", "<f2": "F16", "|i1": "I8", "|u1": "U8", "<i4": "I32", "<i8": "I64"}
 
+Pieces = Callable[[str], Iterable[np.ndarray]]
 
-def _safetensors_header(arrays: Mapping[str, np.ndarray]) -> bytes:
+
+def _safetensors_header(specs: Mapping[str, TensorSpec]) -> bytes:
     entries: dict[str, object] = {}
     offset = 0
-    for name in sorted(arrays):
-        array = arrays[name]
-        entries[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.str], "shape": list(array.shape),
-                         "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
+    for name in sorted(specs):
+        spec = specs[name]
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[spec.dtype.str], "shape": list(spec.shape),
+                         "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
     return len(header).to_bytes(8, "little") + header
 
 
-def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
-    """Write a safetensors file atomically and durably; returns its size.
+def write_tensor_pieces(path: Path, specs: Mapping[str, TensorSpec], pieces: Pieces) -> tuple[int, str]:
+    """Write a safetensors file atomically and durably from each tensor's pieces (C-order
+    slices, produced as they are written); returns its size and the tensors' content
+    hash (tandem.codec.state_sha256), computed on the way.
 
-    The file is written tensor by tensor straight from the arrays' memory: the
-    library's `save` would first build the whole file as one bytes object, a
-    model-sized copy the coordinator cannot afford on large models. What we write
-    is read back with the library (`read_tensors`), and a test holds the two equal.
+    Nothing model-sized is built: the safetensors library's `save` would first make the
+    whole file one bytes object. What we write is read back with the library
+    (`read_tensors`), and a test holds the two equal.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {name: a if a.flags.c_contiguous else a.copy(order="C") for name, a in arrays.items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
+    digest = hashlib.sha256()
     fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
     size = 0
     try:
         with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
-            size += out.write(_safetensors_header(arrays))
-            for name in sorted(arrays):
-                size += out.write(arrays[name].reshape(-1).view(np.uint8).data)
+            size += out.write(_safetensors_header(specs))
+            for name in sorted(specs):
+                spec = specs[name]
+                digest.update(f"{name}\0{spec.dtype.str}\0{','.join(map(str, spec.shape))}\0".encode())
+                written = 0
+                for piece in pieces(name):
+                    data = np.ascontiguousarray(piece, dtype=spec.dtype).reshape(-1).view(np.uint8).data
+                    out.write(data)
+                    digest.update(data)
+                    written += len(data)
+                if written != spec.nbytes:
+                    raise ValueError(f"tensor {name!r}: {written} bytes written, its shape needs {spec.nbytes}")
+                size += written
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -123,7 +139,14 @@ def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return size
+    return size, digest.hexdigest()
+
+
+def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
+    """Write named arrays as a safetensors file, atomically and durably; returns its size."""
+    arrays = {name: a if a.flags.c_contiguous else a.copy(order="C") for name, a in arrays.items()}
+    specs = {name: TensorSpec(name, a.dtype, tuple(a.shape)) for name, a in arrays.items()}
+    return write_tensor_pieces(path, specs, lambda name: [arrays[name]])[0]
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:

@@ -80,15 +80,16 @@ class TensorFile:
         finally:
             os.close(fd)
 
-    def add_into(self, name: str, out: np.ndarray, slice_bytes: int = 1 << 20) -> None:
-        """out += the stored tensor, one slice at a time (`out` float32, C-contiguous, same shape)."""
+    def slices(self, name: str, slice_bytes: int = 1 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """(index of the first element, a writable flat piece) for one tensor, in order."""
         entry = self._entries[name]
-        if out.shape != entry.spec.shape or out.dtype != entry.spec.dtype:
-            raise ValueError(f"{name!r}: cannot add {entry.spec.shape} {entry.spec.dtype} into {out.shape} {out.dtype}")
-        flat = out.reshape(-1)
-        step = max(1, slice_bytes // out.itemsize)
+        itemsize = entry.spec.dtype.itemsize
+        count = entry.spec.nbytes // itemsize
+        step = max(1, slice_bytes // itemsize)
         with open(self.path, "rb", buffering=0) as f:
-            for first in range(0, flat.size, step):
-                count = min(step, flat.size - first)
-                data = os.pread(f.fileno(), count * out.itemsize, entry.start + first * out.itemsize)
-                flat[first : first + count] += np.frombuffer(data, dtype=out.dtype)
+            for first in range(0, count, step):
+                n = min(step, count - first)
+                data = os.pread(f.fileno(), n * itemsize, entry.start + first * itemsize)
+                if len(data) != n * itemsize:
+                    raise OSError(f"{self.path}: truncated tensor {name!r}")
+                yield first, np.frombuffer(bytearray(data), dtype=entry.spec.dtype)

@@ -101,12 +101,14 @@ class Download:
         if not self.header.steps:
             return received
         assert self.held is not None
-        arrays = dict(self.held[1])
+        arrays = {name: np.array(a, dtype=np.float32, copy=True) for name, a in self.held[1].items()}
         for step in self.header.steps:
             step_codec = compression.parse_codec(step.codec)
-            change = deltas.decode_all(received, self.specs, step_codec, f"{step.to_version}/")
-            # The same float32 addition the coordinator did when it published the version.
-            arrays = {name: arrays[name] + change[name] for name in arrays}
+            prefix = f"{step.to_version}/"
+            components = {k[len(prefix):]: v for k, v in received.items() if k.startswith(prefix)}
+            for name, spec in self.specs.items():
+                # The same float32 additions the coordinator made when it published the version.
+                deltas.apply_change(arrays[name], 0, deltas.decode_change(name, components, spec.shape, step_codec))
         return arrays
 
 

@@ -362,6 +362,13 @@ def accumulate(
     flat[idx] += np.float32(weight) * vals
 
 
+def sparse(name: str, components: Mapping[str, np.ndarray], shape: tuple[int, ...], codec: Codec) -> tuple[np.ndarray, np.ndarray]:
+    """A top-k encoding as (ascending flat indices, float32 values), checked as decode does."""
+    if codec.kind != "topk":
+        raise ValueError(f"codec {codec} is not sparse")
+    return _sparse(name, _checked(name, components, shape, codec), math.prod(shape), codec)
+
+
 def validate(name: str, components: Mapping[str, np.ndarray], shape: tuple[int, ...], codec: Codec) -> float:
     """Check an encoding as decode does (without building the dense tensor for top-k);
     returns the largest magnitude it decodes to."""

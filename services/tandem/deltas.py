@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tandem import codec as wire
-from tandem.compression import Codec, component_limits, decode, encode
+from tandem.compression import Codec, component_limits, decode, encode, sparse
 
 
 def expected(specs: Mapping[str, wire.TensorSpec], codec: Codec, prefix: str = "") -> dict[str, wire.TensorSpec]:
@@ -42,6 +42,33 @@ def decode_all(
         own = {key: components[prefix + key] for key in keys if prefix + key in components}
         out[name] = decode(name, own, spec.shape, codec)
     return out
+
+
+# The change one tensor undergoes: dense, or sparse as (ascending flat indices, values).
+Change = np.ndarray | tuple[np.ndarray, np.ndarray]
+
+
+def decode_change(name: str, components: Mapping[str, np.ndarray], shape: tuple[int, ...], codec: Codec) -> Change:
+    """Like decode, but top-k stays sparse."""
+    if codec.kind == "topk":
+        return sparse(name, components, shape, codec)
+    return decode(name, components, shape, codec)
+
+
+def apply_change(piece: np.ndarray, first: int, change: Change) -> None:
+    """piece += change, for the elements [first, first + piece.size) of the flattened tensor.
+
+    The one way a published version is built from its predecessor, by the cloud slice by
+    slice and by agents whole: the same float32 additions on the same elements, so
+    both sides end with the same bytes (and the same sha256).
+    """
+    flat = piece.reshape(-1)
+    if isinstance(change, tuple):
+        idx, values = change
+        lo, hi = np.searchsorted(idx, [first, first + flat.size])
+        flat[idx[lo:hi] - first] += values[lo:hi]
+    else:
+        flat += change.reshape(-1)[first : first + flat.size]
 
 
 def nbytes(components: Mapping[str, np.ndarray]) -> int:
