@@ -34,6 +34,7 @@ class CloudConfig:
     health: str | None = None  # plaintext health-only port for probes that cannot present a certificate
     heartbeat_interval: float = 5.0
     grace: float = 10.0
+    upload_buffer_bytes: int = 256 << 20  # updates being assembled at once, all agents together
 
 
 class Coordinator:
@@ -50,7 +51,7 @@ class Coordinator:
         self.registry = Registry()
         self.models = ModelRepository(self.store)
         self.jobs = JobManager(self.store, self.registry, self.models)
-        intake = UpdateIntake(self.store, self.jobs, self.models)
+        intake = UpdateIntake(self.store, self.jobs, self.models, cfg.upload_buffer_bytes)
 
         self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(

@@ -34,6 +34,31 @@ def update_digest(header: pb.UpdateHeader, content_sha256: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class ByteBudget:
+    """At most `limit` bytes of updates being assembled at once, whatever the number of
+    agents uploading: the coordinator's memory stays bounded by its setting, not by
+    agents x model size. Uploads that do not fit wait their turn (first come, first
+    served); one larger than the whole budget runs alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, nbytes: int) -> AsyncIterator[None]:
+        nbytes = min(nbytes, self.limit)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used + nbytes <= self.limit)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= nbytes
+                self._changed.notify_all()
+
+
 @dataclass
 class Partial:
     """What a broken upload delivered, kept so that the agent can resume it."""
@@ -46,8 +71,11 @@ class Partial:
 
 
 class UpdateIntake:
-    def __init__(self, store: Store, jobs: JobManager, models: ModelRepository) -> None:
+    def __init__(
+        self, store: Store, jobs: JobManager, models: ModelRepository, buffer_bytes: int = 256 << 20
+    ) -> None:
         self._store = store
+        self._budget = ByteBudget(buffer_bytes)
         self._jobs = jobs
         self._models = models
         # One upload at a time per (job, round, agent), so a re-send racing the
@@ -124,6 +152,16 @@ class UpdateIntake:
             raise InvalidArgument(str(exc), reason="malformed") from None
         spec = JobSpec.from_dict(json.loads(job["spec"]))
         specs = self._models.specs(spec.model)
+        expected = deltas.expected(specs, update_codec)
+        async with self._budget.reserve(sum(spec.nbytes for spec in expected.values())):
+            return await self._assemble(key, header, messages, spec, specs, update_codec, existing, runner)
+
+    async def _assemble(
+        self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk], spec: JobSpec,
+        specs: dict[str, codec.TensorSpec], update_codec: compression.Codec, existing: UpdateRow | None,
+        runner: JobRunner | None,
+    ) -> pb.UpdateReceipt:
+        agent = key[2]
         partial = self._resume(key, header, specs, update_codec)
         try:
             async for message in messages:

@@ -13,7 +13,7 @@ async def run_cloud(args: argparse.Namespace) -> int:
 
     config = CloudConfig(
         listen=args.listen, certs=args.certs, state=args.state, metrics=args.metrics, health=args.health,
-        heartbeat_interval=args.heartbeat, grace=args.grace,
+        heartbeat_interval=args.heartbeat, grace=args.grace, upload_buffer_bytes=args.upload_buffer_bytes,
     )
     coordinator = Coordinator(config)
     stop = lifecycle.stop_event()
