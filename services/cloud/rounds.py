@@ -109,10 +109,7 @@ class JobRunner:
             self._optimizer.load_state(state)
 
     def _job_state(self, round_: int, prefix: str) -> dict[str, np.ndarray]:
-        """Part of the state saved when `round_` closed (empty before the first round).
-
-        The downlink residual is read from here at each close instead of being held
-        between rounds: on large models that is a model-sized buffer saved."""
+        """Part of the state saved when `round_` closed (empty before the first round)."""
         path = self._store.job_state_path(self.job_id, round_)
         if not path.exists():
             return {}
@@ -272,10 +269,12 @@ class JobRunner:
             rnd.accepting = False
         updates = self._store.list_updates(self.job_id, rnd.number)
         _, base = self._models.file(self.spec.model, rnd.base.version)
-        residual = {}
-        if not self._downlink.lossless:
-            residual = await asyncio.to_thread(self._job_state, rnd.number - 1, "res/")
-        changes, delta, delta_bytes = await asyncio.to_thread(self._next_change, rnd.accumulator, residual)
+        previous_state = self._store.job_state_path(self.job_id, rnd.number - 1)
+        previous = TensorFile(previous_state) if previous_state.exists() else None
+        residual: dict[str, np.ndarray] = {}
+        changes, delta, delta_bytes = await asyncio.to_thread(
+            self._next_change, rnd.accumulator, previous, residual
+        )
         version = await self._models.write_changed(self.spec.model, base, changes, self.job_id, rnd.number)
         del changes
         accuracy = loss = None
@@ -321,15 +320,17 @@ class JobRunner:
         )
 
     def _next_change(
-        self, accumulator: Accumulator, residual: dict[str, np.ndarray]
+        self, accumulator: Accumulator, previous: TensorFile | None, residual: dict[str, np.ndarray]
     ) -> tuple[dict[str, deltas.Change], dict[str, np.ndarray] | None, int]:
         """The change from the base to the new global model, and its encoding for agents
         that hold the base.
 
         With a lossy downlink the cloud publishes exactly what agents reconstruct,
         base + decode(encode(step + residual)), and keeps what was left out as its own
-        error-feedback residual. Everything happens in place on the spent running sum
-        (`step`), and top-k changes stay sparse: the close holds one model-sized buffer.
+        error-feedback residual (read from the last job state, `previous`, slice by
+        slice; the new one is left in `residual`). Everything happens in place on the
+        spent running sum (`step`), and top-k changes stay sparse: the close holds one
+        model-sized buffer.
         """
         step = self._optimizer.step(accumulator.mean())
         for name, total in step.items():
@@ -340,10 +341,10 @@ class JobRunner:
         components: dict[str, np.ndarray] = {}
         changes: dict[str, deltas.Change] = {}
         for name, target in step.items():
-            previous = residual.pop(name, None)
-            if previous is not None:
-                target += previous
-                del previous
+            if previous is not None and f"res/{name}" in previous.specs:
+                flat = target.reshape(-1)
+                for first, piece in previous.slices(f"res/{name}"):
+                    flat[first : first + piece.size] += piece
             encoded = compression.encode(name, target, self._downlink)
             change: deltas.Change = deltas.decode_change(name, encoded, target.shape, self._downlink)
             if isinstance(change, tuple):  # target -= change: what is left is the new residual

@@ -72,16 +72,17 @@ async def run_rss(agents: int, model: str, rounds: int = 2) -> dict[str, Any]:
         cloud, ports = procs.start_cloud(work / "certs", work / "state", work / "cloud.log")
         process = psutil.Process(cloud.pid)
         target = f"localhost:{ports['port']}"
-        peak = 0
+        peak = peak_anon = 0
         sampling = True
         timeline: list[tuple[float, int]] = []
 
         async def sample() -> None:
-            nonlocal peak
+            nonlocal peak, peak_anon
             while sampling:
-                rss = process.memory_info().rss
-                peak = max(peak, rss)
-                timeline.append((time.monotonic(), rss))
+                info = process.memory_info()
+                peak = max(peak, info.rss)
+                peak_anon = max(peak_anon, info.rss - info.shared)  # RssAnon: not mapped files or libraries
+                timeline.append((time.monotonic(), info.rss))
                 await asyncio.sleep(0.02)
 
         try:
@@ -92,7 +93,8 @@ async def run_rss(agents: int, model: str, rounds: int = 2) -> dict[str, Any]:
                     while sum(a.connected for a in (await stub.ListAgents(admin_pb2.ListAgentsRequest())).agents) < agents:
                         await asyncio.sleep(0.2)
                 await asyncio.sleep(1.0)
-                idle = process.memory_info().rss
+                idle_info = process.memory_info()
+                idle, idle_anon = idle_info.rss, idle_info.rss - idle_info.shared
                 sampler = asyncio.create_task(sample())
                 started = time.monotonic()
                 spec = admin_pb2.JobSpec(model=model, rounds=rounds, min_clients=agents, round_deadline_seconds=600,
@@ -112,6 +114,7 @@ async def run_rss(agents: int, model: str, rounds: int = 2) -> dict[str, Any]:
     return {
         "agents": agents, "model": model, "model_bytes": full, "codec": CODEC, "rounds": rounds,
         "idle_rss_bytes": idle, "peak_rss_bytes": peak, "peak_growth_bytes": peak - idle, "seconds": seconds,
+        "idle_anon_bytes": idle_anon, "peak_anon_bytes": peak_anon, "peak_anon_growth_bytes": peak_anon - idle_anon,
         "update_bytes": deltas.nbytes(components),
         "timeline_mb": [(round(t - timeline[0][0], 2), rss >> 20) for t, rss in timeline[::5]],
     }
