@@ -110,8 +110,13 @@ async def run_codec(
         for proc in [*agents, cloud]:
             procs.stop(proc)
         await relay.close()
+    totals = {
+        "bytes_up": sum(r["bytes_up"] for r in job["rounds"]), "bytes_down": sum(r["bytes_down"] for r in job["rounds"]),
+        "round_seconds": sum(r["seconds"] for r in job["rounds"]), "final_accuracy": job["rounds"][-1]["accuracy"],
+        "final_loss": job["rounds"][-1]["loss"],
+    }
     return {
-        "codec": update_codec, "rounds": job["rounds"], "wall_seconds": wall, "wire_bytes_up": wire_up,
+        "codec": update_codec, "rounds": job["rounds"], "totals": totals, "wall_seconds": wall, "wire_bytes_up": wire_up,
         "wire_bytes_down": wire_down, "model_transfer_seconds": transfer, "train_seconds_by_agent": train,
         "spec": job["spec"],
     }
