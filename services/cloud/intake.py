@@ -116,7 +116,7 @@ class UpdateIntake:
         wire = first.ByteSize()
         try:
             async with self._lock(key):
-                receipt = await self._receive(key, header, messages, wire)
+                receipt = await self._receive(key, header, messages)
         except (TandemError, codec.CodecError, compression.CompressionError) as exc:
             reason = exc.reason if isinstance(exc, TandemError) else "malformed"
             metrics.UPDATES_REJECTED.labels(reason).inc()
@@ -127,7 +127,7 @@ class UpdateIntake:
         return receipt
 
     async def _receive(
-        self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk], wire: int
+        self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk]
     ) -> pb.UpdateReceipt:
         agent = key[2]
         if not header.job_id:
