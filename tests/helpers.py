@@ -9,9 +9,25 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from tandem import codec, grpcserver, tls
+from tandem import codec, grpcserver, tls, training, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
+
+
+SPECS = codec.specs_of(training.state_arrays(zoo.build_model("mlp")))
+
+
+def delta(value: float) -> dict[str, np.ndarray]:
+    """A made-up update for the reference model: every weight moves by `value`."""
+    return {name: np.full(spec.shape, value, dtype=np.float32) for name, spec in SPECS.items()}
+
+
+def header_for(task: pb.TrainTask, **overrides: object) -> pb.UpdateHeader:
+    """The header of an update that answers `task`, with fields to change for a test."""
+    fields: dict[str, object] = dict(job_id=task.job_id, round=task.round, base_version=task.base_version,
+                                     num_examples=100, codec=task.codec, local_loss=0.5)
+    fields.update(overrides)
+    return pb.UpdateHeader(**fields)  # type: ignore[arg-type]
 
 
 def target(port: int) -> str:

@@ -5,7 +5,7 @@ versions bit for bit, and transfers resume where they broke."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -16,13 +16,10 @@ import pytest_asyncio
 from cloud.app import Coordinator
 from edge.agent import Agent, AgentConfig
 from edge.transfer import Download
-from tandem import codec, compression, training, zoo
+from tandem import codec, compression
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
-from tests.helpers import ControlStream, agent_channel, download, get_job, start_job, upload
-
-SPECS = codec.specs_of(training.state_arrays(zoo.build_model("mlp")))
-
+from tests.helpers import SPECS, ControlStream, agent_channel, delta, download, get_job, header_for, start_job, upload
 
 @pytest_asyncio.fixture
 async def agents(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[list[Agent]]:
@@ -99,9 +96,9 @@ async def _fetch(port: int, certs_dir: Path, version: int) -> tuple[pb.ModelHead
         return await download(coordinator_pb2_grpc.CoordinatorStub(channel), "mlp", version)
 
 
-async def _run_until(check: object, timeout: float = 10) -> None:
+async def _run_until(check: Callable[[], bool], timeout: float = 10) -> None:
     async with asyncio.timeout(timeout):
-        while not check():  # type: ignore[operator]
+        while not check():
             await asyncio.sleep(0.05)
 
 
@@ -143,12 +140,9 @@ async def test_upload_resumes_from_the_last_received_chunk(coordinator: Coordina
     await stream.open()
     try:
         task = await _task(coordinator, certs_dir, stream)
-        delta = {name: np.full(spec.shape, 0.01, np.float32) for name, spec in SPECS.items()}
-        components = compression.ErrorFeedback(compression.parse_codec("none")).compress(delta)[0]
+        components = compression.ErrorFeedback(compression.parse_codec("none")).compress(delta(0.01))[0]
         chunks = list(codec.iter_chunks(components))
-        header = pb.UpdateHeader(job_id=task.job_id, round=task.round, base_version=task.base_version,
-                                 num_examples=100, codec="none", local_loss=0.5,
-                                 content_sha256=codec.state_sha256(components))
+        header = header_for(task, content_sha256=codec.state_sha256(components))
         async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             sent = asyncio.Event()
@@ -204,8 +198,7 @@ async def test_hostile_sparse_encoding_is_invalid_argument(coordinator: Coordina
     await stream.open()
     try:
         task = await _task(coordinator, certs_dir, stream, codec="topk:0.01+int8")
-        delta = {name: np.full(spec.shape, 0.01, np.float32) for name, spec in SPECS.items()}
-        good = compression.ErrorFeedback(compression.parse_codec(task.codec)).compress(delta)[0]
+        good = compression.ErrorFeedback(compression.parse_codec(task.codec)).compress(delta(0.01))[0]
         name = sorted(SPECS)[0]
         huge_index = dict(good)
         k = compression.kept(compression.parse_codec(task.codec), SPECS[name].nbytes // 4)
@@ -217,9 +210,7 @@ async def test_hostile_sparse_encoding_is_invalid_argument(coordinator: Coordina
         async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             for components in (huge_index, nan_scale, truncated):
-                header = pb.UpdateHeader(job_id=task.job_id, round=task.round, base_version=task.base_version,
-                                         num_examples=100, codec=task.codec, local_loss=0.5)
-                messages = [pb.UpdateChunk(header=header),
+                messages = [pb.UpdateChunk(header=header_for(task)),
                             *(pb.UpdateChunk(tensor=c) for c in codec.iter_chunks(components))]
                 with pytest.raises(grpc.aio.AioRpcError) as error:
                     await upload(stub, messages)

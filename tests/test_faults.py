@@ -12,9 +12,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-import pytest
 
 from tandem.v1 import admin_pb2
 from tests.cluster import Cluster  # the `cluster` fixture is in conftest.py

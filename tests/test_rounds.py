@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import numpy as np
-import pytest
 
 from cloud.app import CloudConfig, Coordinator
-from tandem import codec, training, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
-from tests.helpers import ControlStream, admin_channel, agent_channel, get_job, start_job, update_messages, upload, upload_code
-
-SPECS = codec.specs_of(training.state_arrays(zoo.build_model("mlp")))
-
-
-def delta(value: float) -> dict[str, np.ndarray]:
-    return {name: np.full(spec.shape, value, dtype=np.float32) for name, spec in SPECS.items()}
-
-
-def header_for(task: pb.TrainTask, num_examples: int = 100) -> pb.UpdateHeader:
-    return pb.UpdateHeader(job_id=task.job_id, round=task.round, base_version=task.base_version,
-                           num_examples=num_examples, codec=task.codec, local_loss=0.5)
-
+from tests.helpers import (
+    ControlStream,
+    admin_channel,
+    agent_channel,
+    delta,
+    get_job,
+    header_for,
+    start_job,
+    update_messages,
+    upload,
+    upload_code,
+)
 
 async def send(port: int, certs_dir: Path, agent: str, task: pb.TrainTask, value: float) -> pb.UpdateReceipt:
     async with agent_channel(port, certs_dir, agent) as channel:

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 import pytest_asyncio
 
 from cloud.app import Coordinator
-from tandem import codec, training, zoo
+from tandem import codec
 from tandem.v1 import coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import tensor_pb2
 from tests.helpers import (
     ControlStream,
     admin_channel,
+    delta,
+    header_for,
     agent_channel,
     download,
     get_job,
@@ -30,13 +31,6 @@ from tests.helpers import (
     upload,
     upload_code,
 )
-
-SPECS = codec.specs_of(training.state_arrays(zoo.build_model("mlp")))
-
-
-def delta(value: float) -> dict[str, np.ndarray]:
-    return {name: np.full(spec.shape, value, dtype=np.float32) for name, spec in SPECS.items()}
-
 
 @pytest_asyncio.fixture
 async def round_one(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[tuple[str, pb.TrainTask]]:
@@ -51,13 +45,6 @@ async def round_one(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[
     yield job.job_id, tasks[0]
     for stream in streams:
         await stream.close()
-
-
-def header_for(task: pb.TrainTask, **overrides: object) -> pb.UpdateHeader:
-    fields: dict[str, object] = dict(job_id=task.job_id, round=task.round, base_version=task.base_version,
-                                     num_examples=100, codec="none", local_loss=0.5)
-    fields.update(overrides)
-    return pb.UpdateHeader(**fields)  # type: ignore[arg-type]
 
 
 async def test_each_invalid_update_gets_its_status_code(

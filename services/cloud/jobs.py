@@ -6,7 +6,6 @@ import json
 import sqlite3
 import uuid
 
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloud.models import ModelRepository
 from cloud.registry import Registry
@@ -14,6 +13,7 @@ from cloud.rounds import JobRunner
 from cloud.spec import JobSpec
 from cloud.store import Store
 from tandem.errors import FailedPrecondition, InvalidArgument, NotFound
+from tandem.timestamps import timestamp
 from tandem.v1 import admin_pb2
 
 _STATES = {
@@ -22,12 +22,6 @@ _STATES = {
     "stopped": admin_pb2.JOB_STATE_STOPPED,
     "failed": admin_pb2.JOB_STATE_FAILED,
 }
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 class JobManager:
@@ -116,7 +110,7 @@ class JobManager:
         spec = JobSpec.from_dict(json.loads(row["spec"]))
         job = admin_pb2.Job(
             job_id=job_id, spec=spec.to_proto(), state=_STATES[row["state"]], current_round=row["current_round"],
-            version=row["version"], message=row["message"], created=_timestamp(row["created"]),
+            version=row["version"], message=row["message"], created=timestamp(row["created"]),
         )
         for r in self._store.closed_rounds(job_id):
             updates = self._store.list_updates(job_id, r["round"])
@@ -139,7 +133,7 @@ class JobManager:
                     admin_pb2.OpenRound(
                         round=current["round"], attempt=current["attempt"], base_version=current["base_version"],
                         selected=json.loads(current["selected"]), accepted_agents=[u.agent for u in accepted],
-                        rejected=current["rejected"], deadline=_timestamp(current["deadline"]),
+                        rejected=current["rejected"], deadline=timestamp(current["deadline"]),
                     )
                 )
         return job

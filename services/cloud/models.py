@@ -44,9 +44,7 @@ class ModelRepository:
         Versions are not kept in memory: downloads and the next round read the file
         piece by piece (`TensorFile`), so a large model costs the coordinator nothing
         between rounds."""
-        # Reserve the number before any await, so concurrent writers never share one.
-        version = max(self._store.next_version(model), self._reserved.get(model, 0) + 1)
-        self._reserved[model] = version
+        version = self._reserve(model)
         path = self._store.model_path(model, version)
         size = await asyncio.to_thread(write_tensors, path, arrays)
         sha = await asyncio.to_thread(codec.state_sha256, arrays)
@@ -57,8 +55,7 @@ class ModelRepository:
     ) -> VersionRow:
         """Write the next version as base + change, slice by slice: neither the base nor
         the new version is ever whole in memory (not yet recorded: the caller commits it)."""
-        version = max(self._store.next_version(model), self._reserved.get(model, 0) + 1)
-        self._reserved[model] = version
+        version = self._reserve(model)
         path = self._store.model_path(model, version)
 
         def pieces(name: str) -> Iterator[np.ndarray]:
@@ -68,6 +65,13 @@ class ModelRepository:
 
         size, sha = await asyncio.to_thread(write_tensor_pieces, path, base.specs, pieces)
         return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
+
+    def _reserve(self, model: str) -> int:
+        """The next version number, reserved at once (no await between read and write),
+        so concurrent writers never share one."""
+        version = max(self._store.next_version(model), self._reserved.get(model, 0) + 1)
+        self._reserved[model] = version
+        return version
 
     def published(self, row: VersionRow) -> None:
         metrics.MODEL_VERSION.labels(row.model).set(row.version)

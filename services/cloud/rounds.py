@@ -8,17 +8,16 @@ coordinator continues the same round with every acknowledged update.
 from __future__ import annotations
 
 import asyncio
-import os
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloud import autocodec, evaluation
 from cloud.accumulator import Accumulator
@@ -30,6 +29,7 @@ from cloud.strategies import ServerOptimizer
 from cloud.tensorfile import TensorFile
 from tandem import compression, deltas, metrics
 from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable
+from tandem.timestamps import timestamp
 from tandem.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -210,12 +210,10 @@ class JobRunner:
     def _task_message(self, rnd: OpenRound, agent: str) -> pb.CoordinatorMessage:
         if agent not in rnd.codecs:  # chosen once per round: a re-sent task keeps it, so uploads can resume
             rnd.codecs[agent] = self.codec_for(rnd, agent)
-        deadline = Timestamp()
-        deadline.FromNanoseconds(int(rnd.deadline * 1e9))
         message = pb.CoordinatorMessage(
             task=pb.TrainTask(
                 job_id=self.job_id, round=rnd.number, model=self.spec.model, base_version=rnd.base.version,
-                base_sha256=rnd.base.sha256, codec=rnd.codecs[agent], deadline=deadline,
+                base_sha256=rnd.base.sha256, codec=rnd.codecs[agent], deadline=timestamp(rnd.deadline),
                 max_update_bytes=self.spec.max_update_bytes,
                 training=pb.TrainingConfig(
                     epochs=self.spec.epochs, batch_size=self.spec.batch_size, learning_rate=self.spec.learning_rate,

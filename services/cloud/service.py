@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloud.intake import UpdateIntake
 from cloud.jobs import JobManager
@@ -16,18 +15,13 @@ from cloud.models import ModelRepository
 from cloud.registry import Registry, Session
 from cloud.spec import JobSpec
 from cloud.store import Store
-from tandem import codec, metrics
+from tandem import metrics
 from tandem.certs import ROLE_ADMIN, ROLE_AGENT
 from tandem.errors import InvalidArgument, grpc_errors, grpc_stream_errors
+from tandem.timestamps import timestamp
 from tandem.tls import peer_identity, require_role
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 HELLO_TIMEOUT_SECONDS = 30.0
@@ -153,11 +147,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             session = self._registry.get(row["agent"])
             last_seen = session.last_seen if session is not None else row["last_seen"]
             info = admin_pb2.AgentInfo(
-                agent_id=row["agent"], connected=session is not None, last_seen=_timestamp(last_seen),
+                agent_id=row["agent"], connected=session is not None, last_seen=timestamp(last_seen),
                 num_examples=row["num_examples"], device=row["device"], connects=row["connects"],
             )
             if session is not None:
-                info.connected_since.CopyFrom(_timestamp(session.connected_since))
+                info.connected_since.CopyFrom(timestamp(session.connected_since))
                 info.measurements.update(session.measurements)
             response.agents.append(info)
         return response
@@ -197,7 +191,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             versions=[
                 admin_pb2.ModelVersion(
                     model=v.model, version=v.version, sha256=v.sha256, job_id=v.job_id or "", round=v.round or 0,
-                    created=_timestamp(v.created), bytes=v.bytes,
+                    created=timestamp(v.created), bytes=v.bytes,
                 )
                 for v in self._store.list_versions(request.model)
             ]

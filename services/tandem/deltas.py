@@ -32,18 +32,6 @@ def encode_all(arrays: Mapping[str, np.ndarray], codec: Codec) -> dict[str, np.n
     return components
 
 
-def decode_all(
-    components: Mapping[str, np.ndarray], specs: Mapping[str, wire.TensorSpec], codec: Codec, prefix: str = ""
-) -> dict[str, np.ndarray]:
-    """Dense float32 tensors from their components; raises CompressionError on bad data."""
-    out: dict[str, np.ndarray] = {}
-    for name, spec in specs.items():
-        keys = component_limits(name, spec.shape, codec)
-        own = {key: components[prefix + key] for key in keys if prefix + key in components}
-        out[name] = decode(name, own, spec.shape, codec)
-    return out
-
-
 # The change one tensor undergoes: dense, or sparse as (ascending flat indices, values).
 Change = np.ndarray | tuple[np.ndarray, np.ndarray]
 

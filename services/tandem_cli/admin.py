@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,32 @@ def admin_channel(cloud: str, certs: Path) -> grpc.aio.Channel:
 
 def admin_stub(channel: grpc.aio.Channel) -> admin_pb2_grpc.AdminStub:
     return admin_pb2_grpc.AdminStub(channel)
+
+
+TERMINAL = {"completed", "stopped", "failed"}
+
+
+async def wait_connected(stub: admin_pb2_grpc.AdminStub, count: int, timeout: float) -> None:
+    """Return once at least `count` agents have an open control stream."""
+    async with asyncio.timeout(timeout):
+        while sum(a.connected for a in (await stub.ListAgents(admin_pb2.ListAgentsRequest())).agents) < count:
+            await asyncio.sleep(0.2)
+
+
+async def wait_job(stub: admin_pb2_grpc.AdminStub, job_id: str, timeout: float, echo: bool) -> dict[str, Any]:
+    """Poll a job until it ends (or `timeout` seconds pass, 0: never); with `echo`,
+    print each round as it closes."""
+    start = time.monotonic()
+    printed = 0
+    while True:
+        job = job_dict(await stub.GetJob(admin_pb2.GetJobRequest(job_id=job_id)))
+        for r in job["rounds"][printed:]:
+            if echo:
+                print(round_line(r), flush=True)
+        printed = len(job["rounds"])
+        if job["state"] in TERMINAL or (timeout and time.monotonic() - start > timeout):
+            return job
+        await asyncio.sleep(0.25)
 
 
 def job_dict(job: admin_pb2.Job) -> dict[str, Any]:

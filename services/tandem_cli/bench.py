@@ -5,7 +5,6 @@ on the wire (a byte-counting TCP relay between the agents and the coordinator)."
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -17,14 +16,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem import certs, codec, training, zoo
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli import procs
-from tandem_cli.admin import admin_channel, admin_stub, job_dict
+from tandem_cli.admin import admin_channel, admin_stub, wait_connected, wait_job
 from tandem_cli.relay import Relay
 
 
@@ -87,19 +85,13 @@ async def run_codec(
     try:
         async with admin_channel(direct, certs_dir) as channel:
             stub = admin_stub(channel)
-            async with asyncio.timeout(120):
-                while sum(a.connected for a in (await stub.ListAgents(admin_pb2.ListAgentsRequest())).agents) < clients:
-                    await asyncio.sleep(0.2)
+            await wait_connected(stub, clients, timeout=120)
             relay.reset()
             spec = admin_pb2.JobSpec(model="mlp", rounds=rounds, min_clients=clients, round_deadline_seconds=300,
                                      eval="digits", codec=update_codec, **extra)
             started = time.monotonic()
             job_id = (await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))).job_id
-            while True:
-                job = job_dict(await stub.GetJob(admin_pb2.GetJobRequest(job_id=job_id)))
-                if job["state"] != "running":
-                    break
-                await asyncio.sleep(0.2)
+            job = await wait_job(stub, job_id, timeout=0, echo=False)
             wall = time.monotonic() - started
             if job["state"] != "completed":
                 raise RuntimeError(f"job {job['state']}: {job['message']}; logs in {run}")

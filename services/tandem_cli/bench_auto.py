@@ -9,7 +9,6 @@ both directions are shaped in the kernel (tc tbf); two run on loopback. Needs ro
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ from typing import Any
 from tandem import certs
 from tandem.v1 import admin_pb2
 from tandem_cli import procs
-from tandem_cli.admin import admin_channel, admin_stub, job_dict
+from tandem_cli.admin import admin_channel, admin_stub, wait_connected, wait_job
 from tandem_cli.bench import machine
 
 NS, HOST_IF, NS_IF = "tandem-slow", "tandem-h", "tandem-e"
@@ -78,15 +77,12 @@ async def run_one(work: Path, certs_dir: Path, update_codec: str, rounds: int, t
     try:
         async with admin_channel(f"localhost:{port}", certs_dir) as channel:
             stub = admin_stub(channel)
-            async with asyncio.timeout(120):
-                while sum(a.connected for a in (await stub.ListAgents(admin_pb2.ListAgentsRequest())).agents) < 4:
-                    await asyncio.sleep(0.2)
+            await wait_connected(stub, 4, timeout=120)
             spec = admin_pb2.JobSpec(model="mlp", rounds=rounds, min_clients=4, round_deadline_seconds=300,
                                      eval="digits", codec=update_codec, target_upload_seconds=target_seconds)
             started = time.monotonic()
             job_id = (await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))).job_id
-            while (job := job_dict(await stub.GetJob(admin_pb2.GetJobRequest(job_id=job_id))))["state"] == "running":
-                await asyncio.sleep(0.2)
+            job = await wait_job(stub, job_id, timeout=0, echo=False)
             if job["state"] != "completed":
                 raise RuntimeError(f"job {job['state']}: {job['message']}; logs in {run}")
             return {"codec": update_codec, "wall_seconds": time.monotonic() - started, "rounds": job["rounds"]}

@@ -21,7 +21,7 @@ from tandem import certs, codec, compression, deltas, grpcserver, tls, training,
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli import procs
-from tandem_cli.admin import admin_channel, admin_stub
+from tandem_cli.admin import admin_channel, admin_stub, wait_connected, wait_job
 
 CODEC = "topk:0.01+int8"
 
@@ -89,9 +89,7 @@ async def run_rss(agents: int, model: str, rounds: int = 2) -> dict[str, Any]:
             clients = [asyncio.create_task(_agent(target, work / "certs", n, components, rounds)) for n in names]
             async with admin_channel(target, work / "certs") as channel:
                 stub = admin_stub(channel)
-                async with asyncio.timeout(300):
-                    while sum(a.connected for a in (await stub.ListAgents(admin_pb2.ListAgentsRequest())).agents) < agents:
-                        await asyncio.sleep(0.2)
+                await wait_connected(stub, agents, timeout=300)
                 await asyncio.sleep(1.0)
                 idle_info = process.memory_info()
                 idle, idle_anon = idle_info.rss, idle_info.rss - idle_info.shared
@@ -100,15 +98,13 @@ async def run_rss(agents: int, model: str, rounds: int = 2) -> dict[str, Any]:
                 spec = admin_pb2.JobSpec(model=model, rounds=rounds, min_clients=agents, round_deadline_seconds=600,
                                          codec=CODEC)
                 job_id = (await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))).job_id
-                while (job := await stub.GetJob(admin_pb2.GetJobRequest(job_id=job_id))).state == \
-                        admin_pb2.JOB_STATE_RUNNING:
-                    await asyncio.sleep(0.2)
+                job = await wait_job(stub, job_id, timeout=0, echo=False)
                 seconds = time.monotonic() - started
                 sampling = False
                 await sampler
             await asyncio.gather(*clients, return_exceptions=True)
-            if job.state != admin_pb2.JOB_STATE_COMPLETED:
-                raise RuntimeError(f"rss job ended {job.state}: {job.message}")
+            if job["state"] != "completed":
+                raise RuntimeError(f"rss job ended {job['state']}: {job['message']}")
         finally:
             procs.stop(cloud)
     return {

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import time
 from typing import Any
 
 from tandem.v1 import admin_pb2
-from tandem_cli.admin import admin_channel, admin_stub, job_dict, round_line
-
-TERMINAL = {"completed", "stopped", "failed"}
-
+from tandem_cli.admin import admin_channel, admin_stub, job_dict, round_line, wait_job
 
 def _print_job(job: dict[str, Any], as_json: bool) -> None:
     if as_json:
@@ -84,18 +79,3 @@ async def _job(args: argparse.Namespace, stub: Any) -> int:
             return 0 if job["state"] == "completed" else 1
     _print_job(job, args.json)
     return 0 if job["state"] in ("running", "completed") or action == "stop" else 1
-
-
-async def wait_job(stub: Any, job_id: str, timeout: float, echo: bool) -> dict[str, Any]:
-    """Poll a job until it ends; with `echo`, print each round as it closes."""
-    start = time.monotonic()
-    printed = 0
-    while True:
-        job = job_dict(await stub.GetJob(admin_pb2.GetJobRequest(job_id=job_id)))
-        for r in job["rounds"][printed:]:
-            if echo:
-                print(round_line(r), flush=True)
-        printed = len(job["rounds"])
-        if job["state"] in TERMINAL or (timeout and time.monotonic() - start > timeout):
-            return job
-        await asyncio.sleep(0.25)

@@ -11,8 +11,7 @@ from pathlib import Path
 from tandem import certs
 from tandem.v1 import admin_pb2
 from tandem_cli import procs
-from tandem_cli.admin import admin_channel, admin_stub
-from tandem_cli.client import wait_job
+from tandem_cli.admin import admin_channel, admin_stub, wait_job
 
 
 def _ensure_certs(directory: Path, names: list[str]) -> None:
