@@ -13,15 +13,17 @@ from cloud.jobs import JobManager
 from cloud.models import ModelRepository
 from cloud.registry import Registry
 from cloud.service import AdminService, CoordinatorService
+from cloud.serving import ModelServer, ServingConfig
 from cloud.store import Store
-from tandem import grpcserver, lifecycle, metrics, tls
-from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
+from tandem import grpcserver, inference, lifecycle, metrics, tls, zoo
+from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICES = [
     coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    inference.SERVICE_NAME,
 ]
 
 
@@ -35,6 +37,7 @@ class CloudConfig:
     heartbeat_interval: float = 5.0
     grace: float = 10.0
     upload_buffer_bytes: int = 256 << 20  # updates being assembled at once, all agents together
+    serving: ServingConfig = ServingConfig()
 
 
 class Coordinator:
@@ -52,6 +55,8 @@ class Coordinator:
         self.models = ModelRepository(self.store)
         self.jobs = JobManager(self.store, self.registry, self.models)
         intake = UpdateIntake(self.store, self.jobs, self.models, cfg.upload_buffer_bytes)
+        self.serving = ModelServer(self.models, cfg.serving)
+        self.models.add_listener(self.serving.published)
 
         self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
@@ -61,6 +66,7 @@ class Coordinator:
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminService(self.store, self.registry, self.models, self.jobs), self.server
         )
+        inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.serving), self.server)
         self.health = grpcserver.add_standard_services(self.server, SERVICES)
         self.port = self.server.add_secure_port(cfg.listen, tls.server_credentials(cfg.certs))
         self.health_server: grpc.aio.Server | None = None
@@ -69,6 +75,7 @@ class Coordinator:
             grpcserver.add_health_only(self.health_server, self.health)
             self.health_port = self.health_server.add_insecure_port(cfg.health)
             await self.health_server.start()
+        await self.serving.start(zoo.model_names())  # newest versions loaded before serving
         resumed = self.jobs.resume()  # before serving: uploads find their round's runner
         if resumed:
             log.info("resumed jobs %s", resumed)
@@ -84,6 +91,7 @@ class Coordinator:
         self.registry.close_all("coordinator shutting down")
         await self.server.stop(self.config.grace)
         await self.jobs.shutdown()
+        await self.serving.close()
         if self.health_server is not None:
             await self.health_server.stop(0)
         self.store.close()

@@ -40,9 +40,7 @@ class JobManager:
     async def start_job(self, spec: JobSpec) -> str:
         job_id = uuid.uuid4().hex[:12]
         arrays = self._models.initial_arrays(spec.model, spec.seed)
-        version = await self._models.write(spec.model, arrays, job_id, 0)
-        self._store.add_version(version)
-        self._models.published(version)
+        version = await self._models.publish(spec.model, arrays, job_id, 0)
         self._store.create_job(job_id, spec.to_dict(), version.version)
         self._launch(job_id, spec)
         return job_id

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,11 @@ class ModelRepository:
         self._store = store
         self._specs: dict[str, dict[str, codec.TensorSpec]] = {}
         self._reserved: dict[str, int] = {}
+        self._listeners: list[Callable[[VersionRow], None]] = []
+
+    def add_listener(self, listener: Callable[[VersionRow], None]) -> None:
+        """Call `listener(row)` whenever a version is published (inference swaps it in)."""
+        self._listeners.append(listener)
 
     def specs(self, model: str) -> dict[str, codec.TensorSpec]:
         """The tensors every version (and every update) of `model` must have."""
@@ -66,6 +71,37 @@ class ModelRepository:
         size, sha = await asyncio.to_thread(write_tensor_pieces, path, base.specs, pieces)
         return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
 
+    async def publish(self, model: str, arrays: Mapping[str, np.ndarray], job_id: str = "", round_: int = 0) -> VersionRow:
+        """Write, record and announce the next version of `model` made of `arrays`."""
+        row = await self.write(model, arrays, job_id, round_)
+        self._store.add_version(row)
+        self.published(row)
+        return row
+
+    async def receive(self, chunks: AsyncIterator[pb.ModelChunk]) -> tuple[str, dict[str, np.ndarray]]:
+        """A whole model sent by an operator: checked against the zoo model, its hash and for
+        non-finite values before anything is written. Returns (model, arrays)."""
+        first = await anext(chunks, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("a model upload must start with a ModelHeader")
+        header = first.header
+        if header.steps:
+            raise InvalidArgument("publish a whole model, not delta steps")
+        # Memory is bounded by the zoo model's size, whatever the peer sends.
+        assembler = codec.ChunkAssembler(self.specs(header.model))
+        async for message in chunks:
+            if not message.HasField("tensor"):
+                raise InvalidArgument("only TensorChunks may follow the ModelHeader")
+            assembler.add(message.tensor)
+        arrays = assembler.result()
+        for name, array in arrays.items():
+            if not np.isfinite(array).all():
+                raise InvalidArgument(f"tensor {name!r} holds non-finite values")
+        sha = codec.state_sha256(arrays)
+        if sha != header.sha256:
+            raise InvalidArgument(f"the tensors hash to {sha}, not to the header's sha256 {header.sha256!r}")
+        return header.model, arrays
+
     def _reserve(self, model: str) -> int:
         """The next version number, reserved at once (no await between read and write),
         so concurrent writers never share one."""
@@ -75,6 +111,11 @@ class ModelRepository:
 
     def published(self, row: VersionRow) -> None:
         metrics.MODEL_VERSION.labels(row.model).set(row.version)
+        for listener in self._listeners:
+            listener(row)
+
+    def newest(self, model: str) -> VersionRow | None:
+        return self._store.get_version(model, 0)
 
     def version(self, model: str, version: int) -> VersionRow:
         if not model:

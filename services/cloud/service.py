@@ -14,7 +14,7 @@ from cloud.jobs import JobManager
 from cloud.models import ModelRepository
 from cloud.registry import Registry, Session
 from cloud.spec import JobSpec
-from cloud.store import Store
+from cloud.store import Store, VersionRow
 from tandem import metrics
 from tandem.certs import ROLE_ADMIN, ROLE_AGENT
 from tandem.errors import InvalidArgument, grpc_errors, grpc_stream_errors
@@ -183,16 +183,29 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return self._jobs.describe(request.job_id)
 
     @grpc_errors
+    async def PublishModel(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.ModelChunk], context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ModelVersion:
+        require_role(context, ROLE_ADMIN)
+        model, arrays = await self._models.receive(request_iterator)
+        row = await self._models.publish(model, arrays)
+        self._registry.broadcast(
+            pb.CoordinatorMessage(model=pb.ModelNotice(model=row.model, version=row.version, sha256=row.sha256))
+        )
+        return _model_version(row)
+
+    @grpc_errors
     async def ListModelVersions(  # noqa: N802
         self, request: admin_pb2.ListModelVersionsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListModelVersionsResponse:
         require_role(context, ROLE_ADMIN)
         return admin_pb2.ListModelVersionsResponse(
-            versions=[
-                admin_pb2.ModelVersion(
-                    model=v.model, version=v.version, sha256=v.sha256, job_id=v.job_id or "", round=v.round or 0,
-                    created=timestamp(v.created), bytes=v.bytes,
-                )
-                for v in self._store.list_versions(request.model)
-            ]
+            versions=[_model_version(v) for v in self._store.list_versions(request.model)]
         )
+
+
+def _model_version(v: VersionRow) -> admin_pb2.ModelVersion:
+    return admin_pb2.ModelVersion(
+        model=v.model, version=v.version, sha256=v.sha256, job_id=v.job_id or "", round=v.round or 0,
+        created=timestamp(v.created), bytes=v.bytes,
+    )

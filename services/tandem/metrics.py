@@ -55,6 +55,34 @@ AUTO_CODEC_BYTES_PER_PARAM = Gauge(
 )
 BYTES_SENT = Counter("tandem_coordinator_sent_bytes_total", "Tensor bytes sent by the coordinator, by kind.", ["kind"])
 
+# ---- inference (cloud and edge alike) ---------------------------------------
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+
+INFER_REQUEST_SECONDS = Histogram(
+    "tandem_inference_request_duration_seconds",
+    "Time to answer one inference request, by model, start layer and where it ran.",
+    ["model", "start_layer", "placement"], buckets=_LATENCY_BUCKETS,
+)
+INFER_QUEUE_WAIT_SECONDS = Histogram(
+    "tandem_inference_queue_wait_seconds", "Time a request waited for its batch to start, by model.",
+    ["model"], buckets=_LATENCY_BUCKETS,
+)
+INFER_BATCH_ROWS = Histogram(
+    "tandem_inference_batch_rows", "Rows (examples) per forward pass, by model.",
+    ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+INFER_QUEUE_ROWS = Gauge("tandem_inference_queue_rows", "Rows waiting for a forward pass.")
+INFER_STAGE_SECONDS = Histogram(
+    "tandem_inference_stage_duration_seconds", "Compute time of one stage for one batch, by model and stage.",
+    ["model", "stage"], buckets=_LATENCY_BUCKETS,
+)
+INFER_DEVICE = Gauge("tandem_inference_device_info", "1 for the device this server runs models on.", ["device"])
+INFER_REJECTED = Counter(
+    "tandem_inference_rejected_total", "Inference requests refused, by model and reason.", ["model", "reason"]
+)
+INFER_LOADED_VERSIONS = Gauge("tandem_inference_loaded_versions", "Model versions held ready to serve.", ["model"])
+
 # ---- edge agent -------------------------------------------------------------
 
 EDGE_CONNECTED = Gauge("tandem_edge_connected", "1 while the agent's control stream to the cloud is open.")
@@ -69,6 +97,25 @@ EDGE_TRAIN_SECONDS = Histogram(
 )
 EDGE_TASKS = Counter("tandem_edge_tasks_total", "Training tasks finished, by outcome.", ["outcome"])
 EDGE_LOCAL_LOSS = Gauge("tandem_edge_local_loss", "Mean local training loss of the last task.")
+EDGE_FALLBACKS = Counter(
+    "tandem_edge_inference_fallbacks_total",
+    "Requests the agent answered locally because the cloud could not, by model and reason.", ["model", "reason"],
+)
+EDGE_CASCADE_ROWS = Counter(
+    "tandem_edge_cascade_rows_total", "Rows of cascade requests, by who answered them (edge or cloud).",
+    ["model", "answered_by"],
+)
+EDGE_LINK_RTT = Gauge("tandem_edge_link_rtt_seconds", "Round-trip time of the link to the cloud (moving average).")
+EDGE_LINK_BYTES_PER_SECOND = Gauge(
+    "tandem_edge_link_bytes_per_second", "Throughput of the link to the cloud (moving average), by direction.",
+    ["direction"],
+)
+EDGE_LINK_UP = Gauge("tandem_edge_link_up", "1 while the agent believes the cloud reachable for inference.")
+EDGE_PLACEMENT = Gauge(
+    "tandem_edge_placement_split_layer",
+    "Current placement per model: the number of stages run at the edge (0 cloud, L edge; -1 cascade).",
+    ["model"],
+)
 
 
 def serve_metrics(address: str) -> tuple[str, int]:

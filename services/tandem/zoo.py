@@ -45,11 +45,33 @@ def _mlp10m() -> nn.Sequential:
     )
 
 
+def _mlp_small() -> nn.Sequential:
+    # A weak, cheap digits model for a small edge device: the edge half of a cascade.
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(64, 32), nn.ReLU()),
+        nn.Linear(32, 10),
+    )
+
+
+def _mlp_heavy() -> nn.Sequential:
+    # A larger digits model (8.5 million parameters) whose batch-1 forward pass costs
+    # more than an RPC: the cloud half of a cascade, and the model on which dynamic
+    # batching pays most.
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(64, 2048), nn.ReLU()),
+        nn.Sequential(nn.Linear(2048, 2048), nn.ReLU()),
+        nn.Sequential(nn.Linear(2048, 2048), nn.ReLU()),
+        nn.Linear(2048, 10),
+    )
+
+
 _ZOO: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
         ZooEntry(name="mlp", input_shape=(64,), num_classes=10, builder=_mlp),
         ZooEntry(name="mlp10m", input_shape=(64,), num_classes=10, builder=_mlp10m),
+        ZooEntry(name="mlp-small", input_shape=(64,), num_classes=10, builder=_mlp_small),
+        ZooEntry(name="mlp-heavy", input_shape=(64,), num_classes=10, builder=_mlp_heavy),
     )
 }
 

@@ -25,6 +25,17 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
                         help="deployment certificate directory (env TANDEM_CERTS; default %(default)s)")
 
 
+def _serving_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("inference")
+    group.add_argument("--device", default="auto", help="where models run: auto (cuda if present), cpu, cuda[:N]")
+    group.add_argument("--max-batch", type=int, default=64, help="rows gathered into one forward pass")
+    group.add_argument("--max-delay-ms", type=float, default=2.0,
+                       help="longest a request waits for its batch to fill, in milliseconds")
+    group.add_argument("--max-queue-rows", type=int, default=8192,
+                       help="rows waiting at most; beyond it requests get RESOURCE_EXHAUSTED")
+    group.add_argument("--max-request-rows", type=int, default=1024, help="rows one request may carry")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Cloud-edge collaborative AI.")
     parser.add_argument("--log-level", default=_env("TANDEM_LOG_LEVEL", "INFO"), help="logging level")
@@ -53,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upload-buffer-bytes", type=int, default=256 << 20,
                    help="bytes of updates assembled at once, all agents together (bounds memory)")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
+    _serving_args(p)
 
     p = sub.add_parser("edge", help="run an edge agent")
     _client_args(p)

@@ -9,11 +9,16 @@ import os
 
 async def run_cloud(args: argparse.Namespace) -> int:
     from cloud.app import CloudConfig, Coordinator
+    from cloud.serving import ServingConfig
     from tandem import lifecycle
 
     config = CloudConfig(
         listen=args.listen, certs=args.certs, state=args.state, metrics=args.metrics, health=args.health,
         heartbeat_interval=args.heartbeat, grace=args.grace, upload_buffer_bytes=args.upload_buffer_bytes,
+        serving=ServingConfig(
+            device=args.device, max_batch=args.max_batch, max_delay=args.max_delay_ms / 1000,
+            max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
+        ),
     )
     coordinator = Coordinator(config)
     stop = lifecycle.stop_event()

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from tandem.v1 import coordinator_pb2 as tandem_dot_v1_dot_coordinator__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/admin.proto\x12\ttandem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x13\n\x11ListAgentsRequest\"\xbf\x02\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x33\n\x0f\x63onnected_since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x10\n\x08\x63onnects\x18\x07 \x01(\x03\x12<\n\x0cmeasurements\x18\x08 \x03(\x0b\x32&.tandem.v1.AgentInfo.MeasurementsEntry\x1a\x33\n\x11MeasurementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.tandem.v1.AgentInfo\"\xe0\x02\n\x07JobSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x03\x12\x13\n\x0bmin_clients\x18\x03 \x01(\x05\x12\x19\n\x11\x63lients_per_round\x18\x04 \x01(\x05\x12\x1e\n\x16round_deadline_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04\x65val\x18\x06 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x07 \x01(\x05\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12\x15\n\rlearning_rate\x18\t \x01(\x01\x12\r\n\x05\x63odec\x18\n \x01(\t\x12\x0c\n\x04seed\x18\x0b \x01(\x03\x12\x18\n\x10max_update_bytes\x18\x0c \x01(\x03\x12\x10\n\x08strategy\x18\r \x01(\t\x12\n\n\x02mu\x18\x0e \x01(\x01\x12\x11\n\tserver_lr\x18\x0f \x01(\x01\x12\x16\n\x0e\x64ownlink_codec\x18\x10 \x01(\t\x12\x1d\n\x15target_upload_seconds\x18\x11 \x01(\x01\"3\n\x0fStartJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.tandem.v1.JobSpec\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"0\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.tandem.v1.Job\" \n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xe6\x02\n\x0bRoundResult\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x12\n\nlocal_loss\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x10\n\x08\x62ytes_up\x18\x06 \x01(\x03\x12\x12\n\nbytes_down\x18\x07 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x08 \x01(\x05\x12\x10\n\x08rejected\x18\t \x01(\x05\x12\x0f\n\x07version\x18\n \x01(\x03\x12\x0e\n\x06sha256\x18\x0b \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x0e\n\x06\x61gents\x18\r \x03(\t\x12\x32\n\x06\x63odecs\x18\x0e \x03(\x0b\x32\".tandem.v1.RoundResult.CodecsEntry\x12\x13\n\x0b\x64\x65lta_bytes\x18\x0f \x01(\x03\x1a-\n\x0b\x43odecsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xac\x01\n\tOpenRound\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x10\n\x08selected\x18\x04 \x03(\t\x12\x17\n\x0f\x61\x63\x63\x65pted_agents\x18\x05 \x03(\t\x12\x10\n\x08rejected\x18\x06 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.tandem.v1.JobSpec\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.tandem.v1.JobState\x12\x15\n\rcurrent_round\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12&\n\x06rounds\x18\x06 \x03(\x0b\x32\x16.tandem.v1.RoundResult\x12(\n\nopen_round\x18\x07 \x01(\x0b\x32\x14.tandem.v1.OpenRound\x12\x0f\n\x07message\x18\x08 \x01(\t\x12+\n\x07\x63reated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x18ListModelVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x99\x01\n\x0cModelVersion\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x03\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\"F\n\x19ListModelVersionsResponse\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.tandem.v1.ModelVersion*\x82\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x02\x12\x15\n\x11JOB_STATE_STOPPED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x32\x99\x03\n\x05\x41\x64min\x12I\n\nListAgents\x12\x1c.tandem.v1.ListAgentsRequest\x1a\x1d.tandem.v1.ListAgentsResponse\x12\x36\n\x08StartJob\x12\x1a.tandem.v1.StartJobRequest\x1a\x0e.tandem.v1.Job\x12\x32\n\x06GetJob\x12\x18.tandem.v1.GetJobRequest\x1a\x0e.tandem.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.tandem.v1.ListJobsRequest\x1a\x1b.tandem.v1.ListJobsResponse\x12\x34\n\x07StopJob\x12\x19.tandem.v1.StopJobRequest\x1a\x0e.tandem.v1.Job\x12^\n\x11ListModelVersions\x12#.tandem.v1.ListModelVersionsRequest\x1a$.tandem.v1.ListModelVersionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/admin.proto\x12\ttandem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1btandem/v1/coordinator.proto\"\x13\n\x11ListAgentsRequest\"\xbf\x02\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x33\n\x0f\x63onnected_since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x10\n\x08\x63onnects\x18\x07 \x01(\x03\x12<\n\x0cmeasurements\x18\x08 \x03(\x0b\x32&.tandem.v1.AgentInfo.MeasurementsEntry\x1a\x33\n\x11MeasurementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\":\n\x12ListAgentsResponse\x12$\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x14.tandem.v1.AgentInfo\"\xe0\x02\n\x07JobSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06rounds\x18\x02 \x01(\x03\x12\x13\n\x0bmin_clients\x18\x03 \x01(\x05\x12\x19\n\x11\x63lients_per_round\x18\x04 \x01(\x05\x12\x1e\n\x16round_deadline_seconds\x18\x05 \x01(\x01\x12\x0c\n\x04\x65val\x18\x06 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x07 \x01(\x05\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x12\x15\n\rlearning_rate\x18\t \x01(\x01\x12\r\n\x05\x63odec\x18\n \x01(\t\x12\x0c\n\x04seed\x18\x0b \x01(\x03\x12\x18\n\x10max_update_bytes\x18\x0c \x01(\x03\x12\x10\n\x08strategy\x18\r \x01(\t\x12\n\n\x02mu\x18\x0e \x01(\x01\x12\x11\n\tserver_lr\x18\x0f \x01(\x01\x12\x16\n\x0e\x64ownlink_codec\x18\x10 \x01(\t\x12\x1d\n\x15target_upload_seconds\x18\x11 \x01(\x01\"3\n\x0fStartJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.tandem.v1.JobSpec\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"0\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.tandem.v1.Job\" \n\x0eStopJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xe6\x02\n\x0bRoundResult\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x12\n\nlocal_loss\x18\x04 \x01(\x01\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x10\n\x08\x62ytes_up\x18\x06 \x01(\x03\x12\x12\n\nbytes_down\x18\x07 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x08 \x01(\x05\x12\x10\n\x08rejected\x18\t \x01(\x05\x12\x0f\n\x07version\x18\n \x01(\x03\x12\x0e\n\x06sha256\x18\x0b \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x0e\n\x06\x61gents\x18\r \x03(\t\x12\x32\n\x06\x63odecs\x18\x0e \x03(\x0b\x32\".tandem.v1.RoundResult.CodecsEntry\x12\x13\n\x0b\x64\x65lta_bytes\x18\x0f \x01(\x03\x1a-\n\x0b\x43odecsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xac\x01\n\tOpenRound\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x10\n\x08selected\x18\x04 \x03(\t\x12\x17\n\x0f\x61\x63\x63\x65pted_agents\x18\x05 \x03(\t\x12\x10\n\x08rejected\x18\x06 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x93\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.tandem.v1.JobSpec\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.tandem.v1.JobState\x12\x15\n\rcurrent_round\x18\x04 \x01(\x03\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12&\n\x06rounds\x18\x06 \x03(\x0b\x32\x16.tandem.v1.RoundResult\x12(\n\nopen_round\x18\x07 \x01(\x0b\x32\x14.tandem.v1.OpenRound\x12\x0f\n\x07message\x18\x08 \x01(\t\x12+\n\x07\x63reated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x18ListModelVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x99\x01\n\x0cModelVersion\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x03\x12+\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x62ytes\x18\x07 \x01(\x03\"F\n\x19ListModelVersionsResponse\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.tandem.v1.ModelVersion*\x82\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x02\x12\x15\n\x11JOB_STATE_STOPPED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x32\xdb\x03\n\x05\x41\x64min\x12I\n\nListAgents\x12\x1c.tandem.v1.ListAgentsRequest\x1a\x1d.tandem.v1.ListAgentsResponse\x12\x36\n\x08StartJob\x12\x1a.tandem.v1.StartJobRequest\x1a\x0e.tandem.v1.Job\x12\x32\n\x06GetJob\x12\x18.tandem.v1.GetJobRequest\x1a\x0e.tandem.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.tandem.v1.ListJobsRequest\x1a\x1b.tandem.v1.ListJobsResponse\x12\x34\n\x07StopJob\x12\x19.tandem.v1.StopJobRequest\x1a\x0e.tandem.v1.Job\x12^\n\x11ListModelVersions\x12#.tandem.v1.ListModelVersionsRequest\x1a$.tandem.v1.ListModelVersionsResponse\x12@\n\x0cPublishModel\x12\x15.tandem.v1.ModelChunk\x1a\x17.tandem.v1.ModelVersion(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,42 +37,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTINFO_MEASUREMENTSENTRY']._serialized_options = b'8\001'
   _globals['_ROUNDRESULT_CODECSENTRY']._loaded_options = None
   _globals['_ROUNDRESULT_CODECSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2102
-  _globals['_JOBSTATE']._serialized_end=2232
-  _globals['_LISTAGENTSREQUEST']._serialized_start=69
-  _globals['_LISTAGENTSREQUEST']._serialized_end=88
-  _globals['_AGENTINFO']._serialized_start=91
-  _globals['_AGENTINFO']._serialized_end=410
-  _globals['_AGENTINFO_MEASUREMENTSENTRY']._serialized_start=359
-  _globals['_AGENTINFO_MEASUREMENTSENTRY']._serialized_end=410
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=412
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=470
-  _globals['_JOBSPEC']._serialized_start=473
-  _globals['_JOBSPEC']._serialized_end=825
-  _globals['_STARTJOBREQUEST']._serialized_start=827
-  _globals['_STARTJOBREQUEST']._serialized_end=878
-  _globals['_GETJOBREQUEST']._serialized_start=880
-  _globals['_GETJOBREQUEST']._serialized_end=911
-  _globals['_LISTJOBSREQUEST']._serialized_start=913
-  _globals['_LISTJOBSREQUEST']._serialized_end=930
-  _globals['_LISTJOBSRESPONSE']._serialized_start=932
-  _globals['_LISTJOBSRESPONSE']._serialized_end=980
-  _globals['_STOPJOBREQUEST']._serialized_start=982
-  _globals['_STOPJOBREQUEST']._serialized_end=1014
-  _globals['_ROUNDRESULT']._serialized_start=1017
-  _globals['_ROUNDRESULT']._serialized_end=1375
-  _globals['_ROUNDRESULT_CODECSENTRY']._serialized_start=1330
-  _globals['_ROUNDRESULT_CODECSENTRY']._serialized_end=1375
-  _globals['_OPENROUND']._serialized_start=1378
-  _globals['_OPENROUND']._serialized_end=1550
-  _globals['_JOB']._serialized_start=1553
-  _globals['_JOB']._serialized_end=1828
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=1830
-  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=1871
-  _globals['_MODELVERSION']._serialized_start=1874
-  _globals['_MODELVERSION']._serialized_end=2027
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=2029
-  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=2099
-  _globals['_ADMIN']._serialized_start=2235
-  _globals['_ADMIN']._serialized_end=2644
+  _globals['_JOBSTATE']._serialized_start=2131
+  _globals['_JOBSTATE']._serialized_end=2261
+  _globals['_LISTAGENTSREQUEST']._serialized_start=98
+  _globals['_LISTAGENTSREQUEST']._serialized_end=117
+  _globals['_AGENTINFO']._serialized_start=120
+  _globals['_AGENTINFO']._serialized_end=439
+  _globals['_AGENTINFO_MEASUREMENTSENTRY']._serialized_start=388
+  _globals['_AGENTINFO_MEASUREMENTSENTRY']._serialized_end=439
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=441
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=499
+  _globals['_JOBSPEC']._serialized_start=502
+  _globals['_JOBSPEC']._serialized_end=854
+  _globals['_STARTJOBREQUEST']._serialized_start=856
+  _globals['_STARTJOBREQUEST']._serialized_end=907
+  _globals['_GETJOBREQUEST']._serialized_start=909
+  _globals['_GETJOBREQUEST']._serialized_end=940
+  _globals['_LISTJOBSREQUEST']._serialized_start=942
+  _globals['_LISTJOBSREQUEST']._serialized_end=959
+  _globals['_LISTJOBSRESPONSE']._serialized_start=961
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1009
+  _globals['_STOPJOBREQUEST']._serialized_start=1011
+  _globals['_STOPJOBREQUEST']._serialized_end=1043
+  _globals['_ROUNDRESULT']._serialized_start=1046
+  _globals['_ROUNDRESULT']._serialized_end=1404
+  _globals['_ROUNDRESULT_CODECSENTRY']._serialized_start=1359
+  _globals['_ROUNDRESULT_CODECSENTRY']._serialized_end=1404
+  _globals['_OPENROUND']._serialized_start=1407
+  _globals['_OPENROUND']._serialized_end=1579
+  _globals['_JOB']._serialized_start=1582
+  _globals['_JOB']._serialized_end=1857
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_start=1859
+  _globals['_LISTMODELVERSIONSREQUEST']._serialized_end=1900
+  _globals['_MODELVERSION']._serialized_start=1903
+  _globals['_MODELVERSION']._serialized_end=2056
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_start=2058
+  _globals['_LISTMODELVERSIONSRESPONSE']._serialized_end=2128
+  _globals['_ADMIN']._serialized_start=2264
+  _globals['_ADMIN']._serialized_end=2739
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from tandem.v1 import admin_pb2 as tandem_dot_v1_dot_admin__pb2
+from tandem.v1 import coordinator_pb2 as tandem_dot_v1_dot_coordinator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -65,6 +66,11 @@ class AdminStub:
                 request_serializer=tandem_dot_v1_dot_admin__pb2.ListModelVersionsRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_admin__pb2.ListModelVersionsResponse.FromString,
                 _registered_method=True)
+        self.PublishModel = channel.stream_unary(
+                '/tandem.v1.Admin/PublishModel',
+                request_serializer=tandem_dot_v1_dot_coordinator__pb2.ModelChunk.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.ModelVersion.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -107,6 +113,16 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishModel(self, request_iterator, context):
+        """Publish a model trained elsewhere (centrally in the cloud, say) as the next
+        version of a zoo model: a ModelHeader naming the model and the sha256 of its
+        tensors, then the whole model as TensorChunks. Its tensors must be exactly the
+        zoo model's, finite, and hash to the sha256 given.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +155,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListModelVersions,
                     request_deserializer=tandem_dot_v1_dot_admin__pb2.ListModelVersionsRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_admin__pb2.ListModelVersionsResponse.SerializeToString,
+            ),
+            'PublishModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.PublishModel,
+                    request_deserializer=tandem_dot_v1_dot_coordinator__pb2.ModelChunk.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.ModelVersion.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +325,33 @@ class Admin:
             '/tandem.v1.Admin/ListModelVersions',
             tandem_dot_v1_dot_admin__pb2.ListModelVersionsRequest.SerializeToString,
             tandem_dot_v1_dot_admin__pb2.ListModelVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tandem.v1.Admin/PublishModel',
+            tandem_dot_v1_dot_coordinator__pb2.ModelChunk.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.ModelVersion.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,158 @@
+"""Cloud inference: every published model version, batched, on the GPU when there is one.
+
+The newest version of each model is loaded as soon as it is published and then
+swapped in: requests that arrive after the swap get it, requests already queued
+finish on the version they were queued for (batches are keyed by version), so a
+swap neither fails nor delays anything in flight. Older versions are loaded on
+request and a few are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+from pathlib import Path
+from dataclasses import dataclass
+
+from cloud.models import ModelRepository
+from cloud.store import VersionRow, read_tensors
+from tandem import codec, metrics, staged
+from tandem.batching import Batcher
+from tandem.errors import InvalidArgument, TandemError
+from tandem.inference import decode_input, model_info
+from tandem.staged import StagedModel
+from tandem.v1 import inference_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    device: str = "auto"
+    max_batch: int = 64  # rows per forward pass
+    max_delay: float = 0.002  # seconds the oldest request may wait for its batch to fill
+    max_queue_rows: int = 8192  # rows waiting, all models together; more is RESOURCE_EXHAUSTED
+    max_request_rows: int = 1024  # rows in one request
+    kept_versions: int = 4  # older versions kept loaded per model, besides the newest
+
+
+def _load(row: VersionRow, device: str) -> StagedModel:
+    arrays = read_tensors(Path(row.path))
+    if codec.state_sha256(arrays) != row.sha256:
+        raise RuntimeError(f"{row.path} does not match the sha256 recorded for {row.model} v{row.version}")
+    return StagedModel(row.model, row.version, row.sha256, arrays, device)
+
+
+class ModelServer:
+    """The cloud's inference backend (see `tandem.inference.Backend`)."""
+
+    def __init__(self, models: ModelRepository, config: ServingConfig) -> None:
+        self.config = config
+        self.device = staged.resolve_device(config.device)
+        self._models = models
+        self._newest: dict[str, StagedModel] = {}
+        self._older: collections.OrderedDict[tuple[str, int], StagedModel] = collections.OrderedDict()
+        self._loading: dict[tuple[str, int], asyncio.Task[StagedModel]] = {}
+        self._swaps: set[asyncio.Task[None]] = set()
+        self.batcher = Batcher(config.max_batch, config.max_delay, config.max_queue_rows, name="cloud-infer")
+        metrics.INFER_DEVICE.labels(self.device).set(1)
+
+    async def start(self, model_names: list[str]) -> None:
+        """Load the newest version of each model, so the first requests do not wait for it."""
+        for name in model_names:
+            row = self._models.newest(name)
+            if row is not None:
+                self._install(await self._load(row))
+
+    def published(self, row: VersionRow) -> None:
+        """A new version exists: load it in the background, then swap it in."""
+        task = asyncio.create_task(self._swap_in(row), name=f"swap-{row.model}-{row.version}")
+        self._swaps.add(task)
+        task.add_done_callback(self._swaps.discard)
+
+    async def _swap_in(self, row: VersionRow) -> None:
+        try:
+            self._install(await self._load(row))
+        except Exception:
+            log.exception("could not load %s v%d; still serving the previous version", row.model, row.version)
+
+    def _install(self, model: StagedModel) -> None:
+        current = self._newest.get(model.model)
+        if current is not None and current.version >= model.version:
+            self._keep(model)
+            return
+        self._newest[model.model] = model
+        if current is not None:
+            self._keep(current)
+        log.info("serving %s v%d on %s", model.model, model.version, self.device)
+        self._count(model.model)
+
+    def _keep(self, model: StagedModel) -> None:
+        """Keep an older version loaded; forget the least recently used beyond the limit."""
+        self._older[(model.model, model.version)] = model
+        self._older.move_to_end((model.model, model.version))
+        mine = [key for key in self._older if key[0] == model.model]
+        for key in mine[: max(0, len(mine) - self.config.kept_versions)]:
+            del self._older[key]
+        self._count(model.model)
+
+    def _count(self, name: str) -> None:
+        held = sum(1 for key in self._older if key[0] == name) + (name in self._newest)
+        metrics.INFER_LOADED_VERSIONS.labels(name).set(held)
+
+    async def _load(self, row: VersionRow) -> StagedModel:
+        key = (row.model, row.version)
+        task = self._loading.get(key)
+        if task is None:
+            task = self._loading[key] = asyncio.create_task(asyncio.to_thread(_load, row, self.device))
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def get(self, name: str, version: int) -> StagedModel:
+        """The loaded model for (name, version); version 0 is the newest being served."""
+        if version == 0:
+            newest = self._newest.get(name)
+            if newest is not None:
+                return newest
+            row = self._models.version(name, 0)
+            model = await self._load(row)
+            self._install(model)
+            return self._newest[name]
+        newest = self._newest.get(name)
+        if newest is not None and newest.version == version:
+            return newest
+        kept = self._older.get((name, version))
+        if kept is not None:
+            self._older.move_to_end((name, version))
+            return kept
+        model = await self._load(self._models.version(name, version))
+        self._install(model)
+        return model
+
+    async def infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
+        try:
+            x = decode_input(request, self.config.max_request_rows)
+            model = await self.get(request.model, request.version)
+            model.check_input(x, request.start_layer)
+        except TandemError as exc:
+            metrics.INFER_REJECTED.labels(request.model, exc.reason).inc()
+            raise
+        run = functools.partial(model.run, start_layer=request.start_layer)
+        out = await self.batcher.submit((model.model, model.version, request.start_layer), x, run, model.model)
+        return pb.InferResponse(
+            request_id=request.request_id, model=model.model, version=model.version,
+            output=codec.to_proto(out), placement=pb.PLACEMENT_CLOUD,
+        )
+
+    async def model_info(self, request: pb.ModelInfoRequest) -> pb.ModelInfo:
+        if not request.model:
+            raise InvalidArgument("model name is required")
+        return model_info(await self.get(request.model, request.version))
+
+    async def close(self) -> None:
+        for task in list(self._swaps):
+            task.cancel()
+        await self.batcher.close()
+

@@ -1,0 +1,153 @@
+"""Dynamic batching: requests with the same key are gathered and run as one batch.
+
+A batch closes when it holds `max_batch` rows or its oldest request has waited
+`max_delay` seconds, whichever comes first; it then runs on the batcher's own
+worker thread, so the event loop never waits on torch, and each caller gets its own
+rows back. While one batch runs, the next one gathers, so a busy server batches
+more without waiting longer. Rows waiting are bounded: past `max_queue_rows` a
+request is refused with RESOURCE_EXHAUSTED instead of queueing without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tandem import metrics
+from tandem.errors import ResourceExhausted
+
+Run = Callable[[np.ndarray], np.ndarray]
+
+# A key's gathering task ends after this long without requests (an old version, say).
+_IDLE_SECONDS = 30.0
+
+
+@dataclass
+class _Pending:
+    rows: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Lane:
+    """The requests waiting for one key, and the task that gathers them."""
+
+    run: Run
+    label: str
+    waiting: collections.deque[_Pending] = field(default_factory=collections.deque)
+    rows: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class Batcher:
+    def __init__(self, max_batch: int, max_delay: float, max_queue_rows: int, name: str = "infer") -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_delay < 0:
+            raise ValueError(f"max_delay must be >= 0, got {max_delay}")
+        self.max_batch, self.max_delay, self.max_queue_rows = max_batch, max_delay, max_queue_rows
+        # One thread: batches run one after another, each with all of torch's threads.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._lanes: dict[Hashable, _Lane] = {}
+        self.queued_rows = 0
+        self.batches = 0
+        self.rows_run = 0
+
+    async def submit(self, key: Hashable, rows: np.ndarray, run: Run, label: str) -> np.ndarray:
+        """Queue `rows` under `key` (all requests of a key share `run`); await their outputs."""
+        if self.queued_rows + len(rows) > self.max_queue_rows:
+            metrics.INFER_REJECTED.labels(label, "overloaded").inc()
+            raise ResourceExhausted(
+                f"inference queue is full ({self.queued_rows} rows waiting, limit {self.max_queue_rows}); "
+                "retry later", reason="overloaded",
+            )
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(run, label)
+        pending = _Pending(rows, asyncio.get_running_loop().create_future())
+        lane.waiting.append(pending)
+        lane.rows += len(rows)
+        self._queued(len(rows))
+        lane.arrived.set()
+        if lane.task is None:
+            lane.task = asyncio.create_task(self._gather(key, lane), name=f"batcher-{key}")
+        return await pending.future
+
+    def _queued(self, rows: int) -> None:
+        self.queued_rows += rows
+        metrics.INFER_QUEUE_ROWS.set(self.queued_rows)
+
+    async def _gather(self, key: Hashable, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not lane.waiting:
+                lane.arrived.clear()
+                try:
+                    await asyncio.wait_for(lane.arrived.wait(), _IDLE_SECONDS)
+                except TimeoutError:
+                    if not lane.waiting:
+                        del self._lanes[key]
+                        return
+                continue
+            close_at = lane.waiting[0].enqueued + self.max_delay
+            while lane.rows < self.max_batch:
+                remaining = close_at - time.perf_counter()
+                if remaining <= 0:
+                    break
+                lane.arrived.clear()
+                try:
+                    await asyncio.wait_for(lane.arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take(lane)
+            if not batch:
+                continue
+            x = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
+            try:
+                out = await loop.run_in_executor(self._executor, lane.run, x)
+            except Exception as exc:
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.rows_run += len(x)
+            metrics.INFER_BATCH_ROWS.labels(lane.label).observe(len(x))
+            first = 0
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_result(out[first : first + len(p.rows)])
+                first += len(p.rows)
+
+    def _take(self, lane: _Lane) -> list[_Pending]:
+        """Up to max_batch rows of live requests, oldest first (one request at least)."""
+        batch: list[_Pending] = []
+        rows, now = 0, time.perf_counter()
+        while lane.waiting:
+            head = lane.waiting[0]
+            if batch and rows + len(head.rows) > self.max_batch:
+                break
+            lane.waiting.popleft()
+            lane.rows -= len(head.rows)
+            self._queued(-len(head.rows))
+            if head.future.done():  # its caller gave up (cancelled or timed out)
+                continue
+            metrics.INFER_QUEUE_WAIT_SECONDS.labels(lane.label).observe(now - head.enqueued)
+            batch.append(head)
+            rows += len(head.rows)
+        return batch
+
+    async def close(self) -> None:
+        for lane in list(self._lanes.values()):
+            if lane.task is not None:
+                lane.task.cancel()
+        self._lanes.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
