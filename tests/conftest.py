@@ -13,12 +13,14 @@ from tandem import certs
 from tests.cluster import Cluster
 
 AGENTS = [f"agent-{i}" for i in range(6)]
+APP = "app-0"  # a local application calling an edge agent's Inference
 
 
 @pytest.fixture(scope="session")
 def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("certs")
     certs.init_deployment(directory, AGENTS)
+    certs.add_client(directory, APP)
     return directory
 
 

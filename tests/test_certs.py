@@ -65,9 +65,25 @@ def test_server_sans_and_usages(deployment: Path) -> None:
     eku = cloud.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
 
-    for name in ("admin.pem", "agents/edge-1.pem"):
-        eku = _cert(deployment / name).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH], name
+    admin = _cert(deployment / "admin.pem").extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(admin) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    # Agents are clients of the cloud and serve Inference to local applications.
+    agent = _cert(deployment / "agents/edge-1.pem")
+    eku = agent.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+    san = agent.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["tandem://agent/edge-1"]
+
+
+def test_client_certificates_for_local_applications(deployment: Path) -> None:
+    cert_path, _ = certs.add_client(deployment, "camera-app")
+    cert = _cert(cert_path)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert certs.identity_from_pem(cert_path.read_bytes()) == certs.Identity("client", "camera-app")
+    with pytest.raises(FileExistsError):
+        certs.add_client(deployment, "camera-app")
 
 
 def test_ca_and_chain(deployment: Path) -> None:

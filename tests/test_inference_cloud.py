@@ -11,41 +11,15 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
-import torch
 
 from cloud.app import CloudConfig, Coordinator
 from cloud.serving import ServingConfig
-from tandem import codec, training, zoo
-from tandem.v1 import coordinator_pb2 as cpb
+from tandem import codec
 from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import tensor_pb2
 from tests.helpers import admin_channel, agent_channel
-
-RNG = np.random.default_rng(0)
-
-
-def arrays_for(model: str, seed: int) -> dict[str, np.ndarray]:
-    return training.state_arrays(zoo.build_model(model, seed=seed))
-
-
-def forward(model: str, arrays: dict[str, np.ndarray], x: np.ndarray, start: int = 0, end: int | None = None) -> np.ndarray:
-    net = zoo.build_model(model)
-    training.load_state_arrays(net, arrays)
-    with torch.inference_mode():
-        h = torch.from_numpy(x)
-        for stage in list(net)[start:end]:
-            h = stage(h)
-    return h.numpy()
-
-
-def request(model: str, x: np.ndarray, **fields: object) -> pb.InferRequest:
-    return pb.InferRequest(model=model, input=codec.to_proto(x), **fields)  # type: ignore[arg-type]
-
-
-def inputs(rows: int, width: int = 64) -> np.ndarray:
-    return RNG.normal(size=(rows, width)).astype(np.float32)
-
+from tests.inference_helpers import arrays_for, forward, inputs, publish_messages, request
 
 @pytest_asyncio.fixture
 async def served(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]]:
@@ -208,11 +182,6 @@ async def test_overload_is_refused_not_queued(tmp_path: Path, certs_dir: Path) -
             assert all(r.version == 1 for r in await asyncio.gather(*first))  # the queued ones still succeed
     finally:
         await server.stop()
-
-
-def publish_messages(model: str, arrays: dict[str, np.ndarray], sha: str | None = None) -> list[cpb.ModelChunk]:
-    header = cpb.ModelHeader(model=model, sha256=sha if sha is not None else codec.state_sha256(arrays))
-    return [cpb.ModelChunk(header=header), *(cpb.ModelChunk(tensor=c) for c in codec.iter_chunks(arrays))]
 
 
 async def test_publish_model_checks_everything_and_swaps_it_in(

@@ -14,7 +14,7 @@ from cloud.models import ModelRepository
 from cloud.registry import Registry
 from cloud.service import AdminService, CoordinatorService
 from cloud.serving import ModelServer, ServingConfig
-from cloud.store import Store
+from cloud.store import Store, VersionRow
 from tandem import grpcserver, inference, lifecycle, metrics, tls, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc, inference_pb2_grpc
 
@@ -57,6 +57,7 @@ class Coordinator:
         intake = UpdateIntake(self.store, self.jobs, self.models, cfg.upload_buffer_bytes)
         self.serving = ModelServer(self.models, cfg.serving)
         self.models.add_listener(self.serving.published)
+        self.models.add_listener(self._announce)
 
         self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
@@ -84,6 +85,12 @@ class Coordinator:
             _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
         await grpcserver.set_serving(self.health, SERVICES, True)
         log.info("coordinator listening on port %d", self.port)
+
+    def _announce(self, row: VersionRow) -> None:
+        """Tell every connected agent of a new version (edges serving it fetch it)."""
+        notice = coordinator_pb2.ModelNotice(model=row.model, version=row.version, sha256=row.sha256,
+                                             job_id=row.job_id or "")
+        self.registry.broadcast(coordinator_pb2.CoordinatorMessage(model=notice))
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING first, end control streams, let uploads finish, then close."""

@@ -117,6 +117,11 @@ class ModelRepository:
     def newest(self, model: str) -> VersionRow | None:
         return self._store.get_version(model, 0)
 
+    def newest_notices(self) -> list[pb.ModelNotice]:
+        """The newest version of every zoo model that has one."""
+        rows = [self.newest(name) for name in zoo.model_names()]
+        return [pb.ModelNotice(model=r.model, version=r.version, sha256=r.sha256) for r in rows if r is not None]
+
     def version(self, model: str, version: int) -> VersionRow:
         if not model:
             raise InvalidArgument("model name is required")

@@ -309,13 +309,6 @@ class JobRunner:
             "job %s round %d closed: %d updates, version %d, accuracy %s",
             self.job_id, rnd.number, len(updates), version.version, accuracy,
         )
-        self._registry.broadcast(
-            pb.CoordinatorMessage(
-                model=pb.ModelNotice(
-                    model=version.model, version=version.version, sha256=version.sha256, job_id=self.job_id
-                )
-            )
-        )
 
     def _next_change(
         self, accumulator: Accumulator, previous: TensorFile | None, residual: dict[str, np.ndarray]

@@ -19,7 +19,7 @@ from tandem import metrics
 from tandem.certs import ROLE_ADMIN, ROLE_AGENT
 from tandem.errors import InvalidArgument, grpc_errors, grpc_stream_errors
 from tandem.timestamps import timestamp
-from tandem.tls import peer_identity, require_role
+from tandem.tls import require_role
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 
@@ -68,7 +68,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             self._store.agent_connected(identity.name, hello.num_examples, hello.device)
             session.send(
                 pb.CoordinatorMessage(
-                    welcome=pb.Welcome(agent_id=identity.name, heartbeat_interval_seconds=self._heartbeat_interval)
+                    welcome=pb.Welcome(agent_id=identity.name, heartbeat_interval_seconds=self._heartbeat_interval,
+                                       models=self._models.newest_notices())
                 )
             )
             self._registry.announce(session)
@@ -103,7 +104,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     async def DownloadModel(  # noqa: N802
         self, request: pb.ModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelChunk]:
-        peer_identity(context)  # any identity from the deployment's CA may read models
+        require_role(context, ROLE_AGENT, ROLE_ADMIN)
         if request.skip_chunks < 0 or request.have_version < 0:
             raise InvalidArgument("skip_chunks and have_version must not be negative")
         header, chunks = self._models.response(request.model, request.version, request.have_version)
@@ -188,11 +189,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ModelVersion:
         require_role(context, ROLE_ADMIN)
         model, arrays = await self._models.receive(request_iterator)
-        row = await self._models.publish(model, arrays)
-        self._registry.broadcast(
-            pb.CoordinatorMessage(model=pb.ModelNotice(model=row.model, version=row.version, sha256=row.sha256))
-        )
-        return _model_version(row)
+        return _model_version(await self._models.publish(model, arrays))
 
     @grpc_errors
     async def ListModelVersions(  # noqa: N802

@@ -16,10 +16,16 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from edge import transfer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edge import placement, transfer
+from edge.link import LinkMonitor
+from edge.models import EdgeModels, Held
+from edge.router import EdgeRouter, RouterConfig
 from tandem import __version__, codec, compression, data, grpcserver, metrics, tls, training, zoo
+from tandem.batching import Batcher
 from tandem.v1 import coordinator_pb2 as pb
-from tandem.v1 import coordinator_pb2_grpc
+from tandem.v1 import coordinator_pb2_grpc, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +43,16 @@ class AgentConfig:
     metrics: str | None = None
     backoff_initial: float = 0.5
     backoff_max: float = 15.0
+    # Inference for local applications (served when `listen` is set).
+    listen: str | None = None
+    placements: tuple[str, ...] = ()  # MODEL=MODE
+    cloud_timeout: float = 1.0
+    probe_interval: float = 2.0
+    device: str = "cpu"
+    max_batch: int = 64
+    max_delay: float = 0.002
+    max_queue_rows: int = 8192
+    max_request_rows: int = 1024
 
 
 @dataclass
@@ -76,12 +92,32 @@ class Agent:
         self._uploads: dict[tuple[str, int], tuple[transfer.Upload, dict[str, np.ndarray]]] = {}
         self._measurements: dict[str, float] = {"examples": float(len(self.dataset))}
         self._measured = asyncio.Event()  # a link measurement the coordinator has not heard yet
+        self.router = self._router() if config.listen else None
+
+    def _router(self) -> EdgeRouter:
+        cfg = self.config
+        placements = placement.parse_all(list(cfg.placements))
+        self.models = EdgeModels(self._fetch_for_serving, cfg.device)
+        self.link = LinkMonitor(self._probe, cfg.probe_interval, on_measure=self._measure_link)
+        router = EdgeRouter(
+            self.models, self.link, Batcher(cfg.max_batch, cfg.max_delay, cfg.max_queue_rows, name="edge-infer"),
+            placements, RouterConfig(max_request_rows=cfg.max_request_rows, cloud_timeout=cfg.cloud_timeout),
+        )
+        for name, chosen in placements.items():
+            router.set_placement(name, chosen, len(zoo.build_model(name)))
+        self.models.want(sorted(placements))
+        return router
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a control stream open until `stop` is set, reconnecting with backoff."""
         credentials = tls.agent_credentials(self.config.certs, self.config.agent_id)
         async with grpcserver.secure_channel(self.config.cloud, credentials) as channel:
             self._stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            self._health = health_pb2_grpc.HealthStub(channel)
+            prober: asyncio.Task[None] | None = None
+            if self.router is not None:
+                self.router.cloud = inference_pb2_grpc.InferenceStub(channel)
+                prober = asyncio.create_task(self.link.run(), name="link-probe")
             backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
             while not stop.is_set():
                 session = asyncio.create_task(self._session())
@@ -102,6 +138,8 @@ class Agent:
                     pass
             for task in self._training.values():
                 task.cancel()
+            if prober is not None:
+                prober.cancel()
 
     async def _session(self) -> bool:
         """One control stream; returns whether the coordinator welcomed us."""
@@ -129,10 +167,13 @@ class Agent:
                     interval = message.welcome.heartbeat_interval_seconds or 5.0
                     heartbeat = asyncio.create_task(self._heartbeats(outgoing, interval))
                     log.info("connected to %s as %s", self.config.cloud, message.welcome.agent_id)
+                    for notice in message.welcome.models:
+                        self._announced(notice)
                 elif kind == "task":
                     self._on_task(message.task)
                 elif kind == "model":
                     log.info("new global version: %s v%d", message.model.model, message.model.version)
+                    self._announced(message.model)
                 elif kind == "shutdown":
                     log.info("coordinator says: %s", message.shutdown.reason)
                     break
@@ -160,6 +201,27 @@ class Agent:
             self._measured.clear()
             seq += 1
             outgoing.put_nowait(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=seq, measurements=self._measurements)))
+
+    # ---- inference -------------------------------------------------------------
+
+    def _announced(self, notice: pb.ModelNotice) -> None:
+        if self.router is not None:
+            self.models.announce(notice.model, notice.version, notice.sha256)
+
+    async def _fetch_for_serving(self, model: str, version: int, sha: str, held: Held | None) -> dict[str, np.ndarray]:
+        """A version to serve: the one held for training if it is that one, else downloaded."""
+        trained = self.held.get(model)
+        if trained is not None and trained.version == version and trained.sha256 == sha:
+            return trained.arrays
+        specs = codec.specs_of(training.state_arrays(zoo.build_model(model)))
+        # A failure is retried at the next request, ModelNotice or reconnect (EdgeModels).
+        return await transfer.Download(model, version, sha, specs, held).run(self._stub, timeout=120)
+
+    async def _probe(self, timeout: float) -> None:
+        await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+
+    def _measure_link(self, name: str, value: float) -> None:
+        self._measurements[name] = value  # the next heartbeat carries it
 
     # ---- training tasks --------------------------------------------------------
 

@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import grpc
+
 from edge.agent import Agent, AgentConfig
-from tandem import lifecycle, metrics
+from tandem import grpcserver, inference, metrics, tls
+from tandem.v1 import inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+GRACE_SECONDS = 3.0
 
-async def serve(config: AgentConfig) -> None:
-    """Run the agent until SIGTERM or SIGINT."""
-    agent = Agent(config)
-    if config.metrics:
-        metrics.serve_metrics(config.metrics)
-    await agent.run(lifecycle.stop_event())
-    log.info("agent %s stopped", config.agent_id)
+
+class EdgeApp:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.inference_port = 0
+        self.metrics_port = 0
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.agent = Agent(cfg)
+        if cfg.metrics:
+            _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
+        if self.agent.router is not None and cfg.listen:
+            self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
+            inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.agent.router), self.server)
+            self.health = grpcserver.add_standard_services(self.server, [inference.SERVICE_NAME])
+            credentials = tls.agent_server_credentials(cfg.certs, cfg.agent_id)
+            self.inference_port = self.server.add_secure_port(cfg.listen, credentials)
+            await self.server.start()
+            await grpcserver.set_serving(self.health, [inference.SERVICE_NAME], True)
+            log.info("serving Inference to local applications on port %d", self.inference_port)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The control stream until `stop`; then drain local requests and close."""
+        await self.agent.run(stop)
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(GRACE_SECONDS)
+        log.info("agent %s stopped", self.config.agent_id)
+

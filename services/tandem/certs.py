@@ -26,7 +26,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 ROLE_AGENT = "agent"
 ROLE_ADMIN = "admin"
 ROLE_SERVER = "server"
-ROLES = frozenset({ROLE_AGENT, ROLE_ADMIN, ROLE_SERVER})
+ROLE_CLIENT = "client"  # a local application calling an edge agent's (or the cloud's) Inference
+ROLES = frozenset({ROLE_AGENT, ROLE_ADMIN, ROLE_SERVER, ROLE_CLIENT})
+# Agents are clients of the cloud and servers of Inference to local applications.
+_AGENT_USAGES = (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
 
 URI_SCHEME = "tandem://"
 SERVER_CN = "tandem-cloud"
@@ -157,11 +160,12 @@ def _issue(
     issuer: _Issuer,
     cn: str,
     identity: Identity,
-    usage: x509.ObjectIdentifier,
+    usage: x509.ObjectIdentifier | Sequence[x509.ObjectIdentifier],
     days: int,
     hosts: Sequence[x509.GeneralName] = (),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A leaf certificate carrying `identity` as a SAN URI, for one extended key usage."""
+    """A leaf certificate carrying `identity` as a SAN URI, for the extended key usages given."""
+    usages = [usage] if isinstance(usage, x509.ObjectIdentifier) else list(usage)
     key = _new_key()
     now = datetime.datetime.now(datetime.timezone.utc)
     # Never outlive the CA: a chain with an expired CA fails anyway, and confusingly.
@@ -192,7 +196,7 @@ def _issue(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -263,7 +267,7 @@ def init_deployment(directory: Path, agents: Sequence[str], hosts: Sequence[str]
     cert, key = _issue(ca, ADMIN_NAME, Identity(ROLE_ADMIN, ADMIN_NAME), ExtendedKeyUsageOID.CLIENT_AUTH, days)
     _write_pair(directory / "admin.pem", directory / "admin.key", cert, key)
     for name in names:
-        cert, key = _issue(ca, name, Identity(ROLE_AGENT, name), ExtendedKeyUsageOID.CLIENT_AUTH, days)
+        cert, key = _issue(ca, name, Identity(ROLE_AGENT, name), _AGENT_USAGES, days, _host_names([]))
         _write_pair(*agent_paths(directory, name), cert, key)
 
     # ca.pem last: its presence marks a complete deployment, so an interrupted init
@@ -271,15 +275,39 @@ def init_deployment(directory: Path, agents: Sequence[str], hosts: Sequence[str]
     _write(directory / "ca.pem", ca.cert.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
 
 
-def add_agent(directory: Path, name: str, days: int = 365) -> tuple[Path, Path]:
-    """Issue a certificate for a new agent from the deployment's CA; returns (cert, key) paths."""
+def add_agent(directory: Path, name: str, days: int = 365, hosts: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Issue a certificate for a new agent from the deployment's CA; returns (cert, key) paths.
+
+    It serves Inference to local applications as well, so it names localhost,
+    127.0.0.1 and `hosts` like the cloud's server certificate."""
     directory = Path(directory)
     _check_days(days)
     cert_path, key_path = agent_paths(directory, name)
     issuer = _load_issuer(directory)
     if cert_path.exists() or key_path.exists():
         raise FileExistsError(f"agent {name!r} already exists in {directory} ({cert_path})")
-    cert, key = _issue(issuer, name, Identity(ROLE_AGENT, name), ExtendedKeyUsageOID.CLIENT_AUTH, days)
+    cert, key = _issue(issuer, name, Identity(ROLE_AGENT, name), _AGENT_USAGES, days, _host_names(hosts))
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_pair(cert_path, key_path, cert, key)
+    return cert_path, key_path
+
+
+def client_paths(directory: Path, name: str) -> tuple[Path, Path]:
+    """The (certificate, key) paths of local application `name` in a deployment directory."""
+    validate_name(name)
+    clients = Path(directory) / "clients"
+    return clients / f"{name}.pem", clients / f"{name}.key"
+
+
+def add_client(directory: Path, name: str, days: int = 365) -> tuple[Path, Path]:
+    """Issue a certificate for a local application that calls Inference (and nothing else)."""
+    directory = Path(directory)
+    _check_days(days)
+    cert_path, key_path = client_paths(directory, name)
+    issuer = _load_issuer(directory)
+    if cert_path.exists() or key_path.exists():
+        raise FileExistsError(f"client {name!r} already exists in {directory} ({cert_path})")
+    cert, key = _issue(issuer, name, Identity(ROLE_CLIENT, name), ExtendedKeyUsageOID.CLIENT_AUTH, days)
     cert_path.parent.mkdir(parents=True, exist_ok=True)
     _write_pair(cert_path, key_path, cert, key)
     return cert_path, key_path

@@ -30,6 +30,14 @@ def server_credentials(certs_dir: Path) -> grpc.ServerCredentials:
     )
 
 
+def agent_server_credentials(certs_dir: Path, name: str) -> grpc.ServerCredentials:
+    """An agent's certificate, serving Inference to local clients from the same CA."""
+    cert, key = certs.agent_paths(certs_dir, name)
+    return grpc.ssl_server_credentials(
+        [(_read(key), _read(cert))], root_certificates=_read(certs_dir / "ca.pem"), require_client_auth=True
+    )
+
+
 def client_credentials(certs_dir: Path, cert: Path, key: Path) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=_read(certs_dir / "ca.pem"),
@@ -47,6 +55,12 @@ def agent_credentials(certs_dir: Path, name: str) -> grpc.ChannelCredentials:
     return client_credentials(certs_dir, cert, key)
 
 
+def app_credentials(certs_dir: Path, name: str) -> grpc.ChannelCredentials:
+    """A local application's credentials (`tandem certs add-client NAME`)."""
+    cert, key = certs.client_paths(certs_dir, name)
+    return client_credentials(certs_dir, cert, key)
+
+
 def peer_identity(context: grpc.aio.ServicerContext) -> certs.Identity:
     """The verified identity of the peer of a call."""
     pems = context.auth_context().get("x509_pem_cert")
@@ -58,8 +72,9 @@ def peer_identity(context: grpc.aio.ServicerContext) -> certs.Identity:
     return identity
 
 
-def require_role(context: grpc.aio.ServicerContext, role: str) -> certs.Identity:
+def require_role(context: grpc.aio.ServicerContext, *roles: str) -> certs.Identity:
     identity = peer_identity(context)
-    if identity.role != role:
-        raise PermissionDenied(f"this call needs a {role} certificate; {identity.role} {identity.name!r} presented")
+    if identity.role not in roles:
+        wanted = " or ".join(roles)
+        raise PermissionDenied(f"this call needs a {wanted} certificate; {identity.role} {identity.name!r} presented")
     return identity

@@ -7,6 +7,7 @@ is a flat ``nn.Sequential`` whose top-level children are the stages.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,6 +77,9 @@ _ZOO: dict[str, ZooEntry] = {
 }
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def model_names() -> list[str]:
     """The names of every model in the zoo, sorted."""
     return sorted(_ZOO)
@@ -93,8 +97,10 @@ def build_model(name: str, seed: int = 0) -> nn.Sequential:
     """A fresh model whose weights depend only on ``(name, seed)``.
 
     The seed is applied inside a forked RNG so the caller's global torch RNG is untouched.
+    That RNG is one per process, so builds are serialised: a model loaded on a worker
+    thread would otherwise draw from the generator in the middle of a seeded build.
     """
     entry = get_entry(name)
-    with torch.random.fork_rng(devices=[]):
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return entry.builder()

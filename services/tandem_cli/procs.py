@@ -33,24 +33,45 @@ def start_cloud(
          "--metrics", "127.0.0.1:0", "--ready-file", str(ready), "--grace", "3"],
         log,
     )
-    deadline = time.monotonic() + 60
+    return proc, wait_ready(proc, ready, log, "coordinator")
+
+
+def wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, what: str, timeout: float = 60) -> dict[str, Any]:
+    """The JSON a child writes to its --ready-file once serving; raises if it exits first."""
+    deadline = time.monotonic() + timeout
     while not ready.exists():
         if proc.poll() is not None:
-            raise RuntimeError(f"coordinator exited with {proc.returncode}; see {log}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}; see {log}")
         if time.monotonic() > deadline:
             stop(proc)
-            raise RuntimeError(f"coordinator did not start in 60 s; see {log}")
+            raise RuntimeError(f"{what} did not start in {timeout:.0f} s; see {log}")
         time.sleep(0.05)
-    return proc, json.loads(ready.read_text())
+    result: dict[str, Any] = json.loads(ready.read_text())
+    return result
 
 
 def start_agent(
-    cloud: str, certs: Path, name: str, data: str, log: Path, metrics: str | None = None
+    cloud: str, certs: Path, name: str, data: str, log: Path, metrics: str | None = None,
+    extra: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    extra = ["--metrics", metrics] if metrics else []
+    flags = ["--metrics", metrics] if metrics else []
     return tandem_process(
-        ["edge", "--cloud", cloud, "--certs", str(certs), "--id", name, "--data", data, *extra], log
+        ["edge", "--cloud", cloud, "--certs", str(certs), "--id", name, "--data", data, *flags, *(extra or [])], log
     )
+
+
+def start_serving_agent(
+    cloud: str, certs: Path, name: str, data: str, log: Path, placements: list[str], extra: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """An agent that serves Inference on a free loopback port with `placements`
+    (MODEL=MODE each); returns it and its ready-file JSON (inference_port, metrics_port)."""
+    ready = log.with_suffix(".ready.json")
+    ready.unlink(missing_ok=True)
+    flags = ["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", "--ready-file", str(ready)]
+    for placement in placements:
+        flags += ["--placement", placement]
+    proc = start_agent(cloud, certs, name, data, log, extra=[*flags, *(extra or [])])
+    return proc, wait_ready(proc, ready, log, f"agent {name}")
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 
 async def run_cloud(args: argparse.Namespace) -> int:
@@ -24,11 +25,8 @@ async def run_cloud(args: argparse.Namespace) -> int:
     stop = lifecycle.stop_event()
     await coordinator.start()
     if args.ready_file:
-        ports = {"port": coordinator.port, "metrics_port": coordinator.metrics_port,
-                 "health_port": coordinator.health_port, "pid": os.getpid()}
-        tmp = args.ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(ports))
-        tmp.replace(args.ready_file)
+        _write_ready(args.ready_file, {"port": coordinator.port, "metrics_port": coordinator.metrics_port,
+                                       "health_port": coordinator.health_port})
     await stop.wait()
     await coordinator.stop()
     return 0
@@ -38,9 +36,27 @@ async def run_edge(args: argparse.Namespace) -> int:
     import torch
 
     from edge.agent import AgentConfig
-    from edge.app import serve
+    from edge.app import EdgeApp
+    from tandem import lifecycle
 
     torch.set_num_threads(max(1, args.threads))
-    await serve(AgentConfig(cloud=args.cloud, certs=args.certs, agent_id=args.id, data=args.data,
-                            metrics=args.metrics))
+    config = AgentConfig(
+        cloud=args.cloud, certs=args.certs, agent_id=args.id, data=args.data, metrics=args.metrics,
+        listen=args.listen, placements=tuple(args.placement), cloud_timeout=args.cloud_timeout,
+        probe_interval=args.probe_interval, device=args.device, max_batch=args.max_batch,
+        max_delay=args.max_delay_ms / 1000, max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
+    )
+    app = EdgeApp(config)
+    stop = lifecycle.stop_event()
+    await app.start()
+    if args.ready_file:
+        _write_ready(args.ready_file, {"inference_port": app.inference_port, "metrics_port": app.metrics_port})
+    await app.run(stop)
     return 0
+
+
+def _write_ready(path: Path, ports: dict[str, int]) -> None:
+    """Bound ports as JSON, written atomically, for whoever started this process."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**ports, "pid": os.getpid()}))
+    tmp.replace(path)

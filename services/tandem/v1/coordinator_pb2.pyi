@@ -71,12 +71,14 @@ class CoordinatorMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[TrainTask, _Mapping]] = ..., model: _Optional[_Union[ModelNotice, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("agent_id", "heartbeat_interval_seconds")
+    __slots__ = ("agent_id", "heartbeat_interval_seconds", "models")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     heartbeat_interval_seconds: float
-    def __init__(self, agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelNotice]
+    def __init__(self, agent_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ..., models: _Optional[_Iterable[_Union[ModelNotice, _Mapping]]] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
     __slots__ = ("epochs", "batch_size", "learning_rate", "mu")

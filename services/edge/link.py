@@ -1,0 +1,102 @@
+"""The agent's view of its link to the cloud: round-trip time and throughput from
+real requests plus a small probe while idle, and whether to try the cloud at all.
+
+After a call fails for a link reason the link counts as down for a short, growing
+while: requests then go local at once instead of each waiting out a timeout. A
+probe that succeeds brings it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from tandem import metrics
+
+log = logging.getLogger(__name__)
+
+# Codes that say "the link or the cloud is not there", as opposed to "this request".
+LINK_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+})
+# Below this many bytes a transfer measures latency, not throughput.
+MEASURABLE_BYTES = 16 << 10
+_EWMA = 0.3
+
+
+def _average(previous: float | None, sample: float) -> float:
+    return sample if previous is None else (1 - _EWMA) * previous + _EWMA * sample
+
+
+class LinkMonitor:
+    def __init__(
+        self, probe: Callable[[float], Awaitable[None]], interval: float,
+        on_measure: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self._probe = probe  # a small call to the cloud with the given timeout
+        self.interval = interval
+        self._on_measure = on_measure
+        self.rtt: float | None = None
+        self.bytes_per_second: dict[str, float] = {}
+        self._down_until = 0.0
+        self._down_for = 0.0
+        self._last_measured = 0.0
+        metrics.EDGE_LINK_UP.set(1)
+
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def success(self, seconds: float, sent: int = 0, received: int = 0) -> None:
+        """A call to the cloud answered in `seconds` with these payload sizes."""
+        self._last_measured = time.monotonic()
+        if self._down_for:
+            log.info("cloud reachable again")
+        self._down_until, self._down_for = 0.0, 0.0
+        metrics.EDGE_LINK_UP.set(1)
+        if max(sent, received) < MEASURABLE_BYTES:
+            self.rtt = _average(self.rtt, seconds)
+            metrics.EDGE_LINK_RTT.set(self.rtt)
+            self._report("rtt_seconds", self.rtt)
+            return
+        # The time beyond one round trip went to moving the bytes.
+        moving = max(seconds - (self.rtt or 0.0), 1e-4)
+        for direction, nbytes in (("up", sent), ("down", received)):
+            if nbytes >= MEASURABLE_BYTES:
+                value = _average(self.bytes_per_second.get(direction), nbytes / moving)
+                self.bytes_per_second[direction] = value
+                metrics.EDGE_LINK_BYTES_PER_SECOND.labels(direction).set(value)
+                self._report(f"link_{direction}_bytes_per_second", value)
+
+    def failure(self, code: grpc.StatusCode) -> None:
+        """A call failed; if for a link reason, stop trying the cloud for a while."""
+        if code not in LINK_CODES:
+            return
+        self._down_for = min(max(2 * self._down_for, 0.25), 5.0)
+        self._down_until = time.monotonic() + self._down_for
+        metrics.EDGE_LINK_UP.set(0)
+        log.info("cloud call failed (%s); answering locally for %.2f s", code.name, self._down_for)
+
+    def _report(self, name: str, value: float) -> None:
+        if self._on_measure is not None:
+            self._on_measure(name, value)
+
+    async def run(self) -> None:
+        """Probe whenever no request has measured the link for `interval`, or it is down."""
+        while True:
+            await asyncio.sleep(self.interval / 4)
+            idle = time.monotonic() - self._last_measured >= self.interval
+            if not (idle or (not self.available() and self._down_for)):
+                continue
+            start = time.perf_counter()
+            try:
+                await self._probe(min(self.interval, 2.0))
+            except grpc.aio.AioRpcError as exc:
+                self._last_measured = time.monotonic()
+                self.failure(exc.code())
+            else:
+                self.success(time.perf_counter() - start)

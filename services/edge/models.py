@@ -1,0 +1,99 @@
+"""The model versions an edge agent serves locally.
+
+The agent learns of versions from the coordinator (its Welcome and ModelNotices),
+fetches the newest version of every model it serves (as deltas from the one it
+holds where it can) and swaps it in; requests in flight finish on the version they
+started with. A model nobody asked for is fetched on its first request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from tandem import metrics
+from tandem.errors import NotFound, Unavailable
+from tandem.staged import StagedModel
+
+log = logging.getLogger(__name__)
+
+Held = tuple[int, Mapping[str, np.ndarray]]
+# (model, version, sha256, the version held to patch, if any) -> the version's tensors
+Fetch = Callable[[str, int, str, Held | None], Awaitable[dict[str, np.ndarray]]]
+
+
+@dataclass
+class _Served:
+    model: StagedModel
+    arrays: Mapping[str, np.ndarray]
+
+
+class EdgeModels:
+    def __init__(self, fetch: Fetch, device: str = "cpu") -> None:
+        self._fetch = fetch
+        self._device = device
+        self._known: dict[str, tuple[int, str]] = {}  # model -> newest (version, sha256) announced
+        self._served: dict[str, _Served] = {}
+        self._wanted: set[str] = set()
+        self._updating: dict[str, asyncio.Task[None]] = {}
+
+    def want(self, names: list[str]) -> None:
+        """Serve these models: fetch each as soon as a version is known."""
+        self._wanted.update(names)
+        for name in names:
+            self._refresh(name)
+
+    def announce(self, name: str, version: int, sha256: str) -> None:
+        """The coordinator has published `version` of `name`."""
+        if version > self._known.get(name, (0, ""))[0]:
+            self._known[name] = (version, sha256)
+        if name in self._wanted:
+            self._refresh(name)
+
+    def held_version(self, name: str) -> int:
+        served = self._served.get(name)
+        return served.model.version if served is not None else 0
+
+    def _refresh(self, name: str) -> None:
+        known = self._known.get(name)
+        running = self._updating.get(name)
+        if known is None or known[0] <= self.held_version(name) or (running is not None and not running.done()):
+            return
+        self._updating[name] = asyncio.create_task(self._update(name), name=f"fetch-{name}")
+
+    async def _update(self, name: str) -> None:
+        try:
+            while True:
+                version, sha = self._known[name]
+                served = self._served.get(name)
+                if served is not None and served.model.version >= version:
+                    return
+                held = (served.model.version, served.arrays) if served is not None else None
+                arrays = await self._fetch(name, version, sha, held)
+                model = await asyncio.to_thread(StagedModel, name, version, sha, arrays, self._device)
+                self._served[name] = _Served(model, arrays)
+                metrics.MODEL_VERSION.labels(name).set(version)
+                log.info("serving %s v%d at the edge", name, version)
+        except Exception as exc:  # the next announcement, request or reconnect tries again
+            log.warning("could not fetch %s for serving: %s", name, exc)
+
+    async def get(self, name: str, version: int) -> StagedModel:
+        """The version of `name` to answer with here (0: the newest held)."""
+        served = self._served.get(name)
+        if served is None:
+            if name not in self._known:
+                raise NotFound(f"this agent knows no published version of model {name!r}")
+            self.want([name])
+            task = self._updating.get(name)
+            if task is not None:
+                await asyncio.shield(task)
+            served = self._served.get(name)
+            if served is None:
+                raise Unavailable(f"model {name!r} is not available at this agent yet; try again")
+        if version not in (0, served.model.version):
+            raise NotFound(f"this agent serves {name} v{served.model.version}, not v{version}")
+        return served.model

@@ -1,0 +1,152 @@
+"""The edge agent's inference backend: run each request here, in the cloud, split
+between the two, or as a cascade, as the model's placement says, and answer
+locally whenever the cloud cannot answer in time. No request fails because the link
+did: the agent holds every model it serves, so it can always finish the work itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from edge.link import LinkMonitor
+from edge.models import EdgeModels
+from edge.placement import EDGE, Placement
+from tandem import codec, metrics
+from tandem.batching import Batcher
+from tandem.inference import decode_input, model_info
+from tandem.errors import InvalidArgument
+from tandem.staged import StagedModel
+from tandem.v1 import inference_pb2 as pb
+from tandem.v1 import inference_pb2_grpc
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    max_request_rows: int = 1024
+    cloud_timeout: float = 1.0  # for requests without a deadline
+    margin: float = 0.003  # seconds kept back from a deadline for answering locally
+
+
+def _softmax_confidence(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(shifted)
+    return np.asarray(p.max(axis=1) / p.sum(axis=1))
+
+
+class EdgeRouter:
+    """Implements `tandem.inference.Backend` for an edge agent."""
+
+    def __init__(
+        self, models: EdgeModels, link: LinkMonitor, batcher: Batcher, placements: dict[str, Placement],
+        config: RouterConfig,
+    ) -> None:
+        self.models, self.link, self.batcher, self.config = models, link, batcher, config
+        self._placements = dict(placements)
+        self.cloud: inference_pb2_grpc.InferenceStub | None = None  # set once the channel exists
+
+    def placement(self, model: str) -> Placement:
+        return self._placements.get(model, EDGE)
+
+    def set_placement(self, model: str, placement: Placement, num_stages: int) -> None:
+        self._placements[model] = placement
+        metrics.EDGE_PLACEMENT.labels(model).set(placement.gauge(num_stages))
+
+    async def model_info(self, request: pb.ModelInfoRequest) -> pb.ModelInfo:
+        if not request.model:
+            raise InvalidArgument("model name is required")
+        return model_info(await self.models.get(request.model, request.version))
+
+    async def infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
+        x = decode_input(request, self.config.max_request_rows)
+        model = await self.models.get(request.model, request.version)
+        model.check_input(x, request.start_layer)
+        placement = self.placement(request.model)
+        start, last = request.start_layer, model.num_stages
+        if placement.mode == "cascade" and start == 0:
+            return await self._cascade(request, model, x, placement, deadline)
+        here = max(start, placement.edge_stages(last))
+        h = await self._local(model, x, start, here) if here > start else x
+        if here < last:
+            # Split: the cloud must run the same version; all-cloud takes whatever was asked for.
+            version = model.version if here > 0 else request.version
+            estimate = sum(model.seconds_per_example()[here:]) * len(x)
+            expected = (len(x), *model.stages[-1].output_shape)
+            answer = await self._cloud(request.request_id, model.model, version, h, here, deadline, estimate, expected)
+            if answer is not None:
+                return pb.InferResponse(
+                    request_id=request.request_id, model=model.model, version=answer[0],
+                    output=codec.to_proto(answer[1]), placement=pb.PLACEMENT_SPLIT if here > 0 else pb.PLACEMENT_CLOUD,
+                )
+            h = await self._local(model, h, here, last)
+        return self._answer(request, model, h, pb.PLACEMENT_EDGE)
+
+    async def _cascade(
+        self, request: pb.InferRequest, model: StagedModel, x: np.ndarray, placement: Placement, deadline: float | None
+    ) -> pb.InferResponse:
+        logits = await self._local(model, x, 0, model.num_stages)
+        unsure = np.flatnonzero(_softmax_confidence(logits) < placement.threshold)
+        sent_up = False
+        if unsure.size:
+            cloud_model = placement.cloud_model or model.model
+            version = 0 if placement.cloud_model else model.version
+            answer = await self._cloud(request.request_id, model.model, version, x[unsure], 0, deadline, 0.0,
+                                       (len(unsure), logits.shape[1]), cloud_model=cloud_model)
+            if answer is not None:
+                logits = logits.copy()
+                logits[unsure] = answer[1]
+                sent_up = True
+        up = int(unsure.size) if sent_up else 0
+        metrics.EDGE_CASCADE_ROWS.labels(model.model, "cloud").inc(up)
+        metrics.EDGE_CASCADE_ROWS.labels(model.model, "edge").inc(len(x) - up)
+        return self._answer(request, model, logits, pb.PLACEMENT_CASCADE if sent_up else pb.PLACEMENT_EDGE)
+
+    def _answer(
+        self, request: pb.InferRequest, model: StagedModel, out: np.ndarray, where: pb.Placement
+    ) -> pb.InferResponse:
+        return pb.InferResponse(request_id=request.request_id, model=model.model, version=model.version,
+                                output=codec.to_proto(out), placement=where)
+
+    async def _local(self, model: StagedModel, x: np.ndarray, start: int, end: int) -> np.ndarray:
+        run = functools.partial(model.run, start_layer=start, end_layer=end)
+        return await self.batcher.submit((model.model, model.version, start, end), x, run, model.model)
+
+    async def _cloud(
+        self, request_id: str, model: str, version: int, h: np.ndarray, start_layer: int, deadline: float | None,
+        local_estimate: float, expected: tuple[int, ...], cloud_model: str = "",
+    ) -> tuple[int, np.ndarray] | None:
+        """The cloud's (version, output), or None (counted as a fallback) when it cannot give
+        one in time, or gives one that is not of the `expected` shape."""
+        if self.cloud is None or not self.link.available():
+            metrics.EDGE_FALLBACKS.labels(model, "link_down").inc()
+            return None
+        if deadline is None:
+            timeout = self.config.cloud_timeout
+        else:
+            timeout = deadline - time.monotonic() - local_estimate - self.config.margin
+            if timeout <= 0:
+                metrics.EDGE_FALLBACKS.labels(model, "deadline").inc()
+                return None
+        request = pb.InferRequest(request_id=request_id, model=cloud_model or model, version=version,
+                                  input=codec.to_proto(h), start_layer=start_layer,
+                                  deadline_ms=max(1, int(timeout * 1000)))
+        begin = time.perf_counter()
+        try:
+            answer: pb.InferResponse = await self.cloud.Infer(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            self.link.failure(exc.code())
+            metrics.EDGE_FALLBACKS.labels(model, exc.code().name.lower()).inc()
+            return None
+        self.link.success(time.perf_counter() - begin, request.ByteSize(), answer.ByteSize())
+        try:
+            out = codec.from_proto(answer.output)
+        except codec.CodecError:
+            out = None
+        if out is None or out.shape != expected or out.dtype != np.float32:
+            metrics.EDGE_FALLBACKS.labels(model, "bad_response").inc()
+            return None
+        return answer.version, out
