@@ -25,9 +25,9 @@ def _client_args(parser: argparse.ArgumentParser) -> None:
                         help="deployment certificate directory (env TANDEM_CERTS; default %(default)s)")
 
 
-def _serving_args(parser: argparse.ArgumentParser) -> None:
+def _serving_args(parser: argparse.ArgumentParser, device: str = "auto") -> None:
     group = parser.add_argument_group("inference")
-    group.add_argument("--device", default="auto", help="where models run: auto (cuda if present), cpu, cuda[:N]")
+    group.add_argument("--device", default=device, help="where models run: auto (cuda if present), cpu, cuda[:N]")
     group.add_argument("--max-batch", type=int, default=64, help="rows gathered into one forward pass")
     group.add_argument("--max-delay-ms", type=float, default=2.0,
                        help="longest a request waits for its batch to fill, in milliseconds")
@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="the agent's name: its identity everywhere")
     p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
     p.add_argument("--days", type=int, default=365)
+    p.add_argument("--hosts", default="", help="names or IPs local applications reach the agent by, comma-separated")
+    p = certs_sub.add_parser("add-client", help="issue a certificate for a local application that calls Inference")
+    p.add_argument("name", help="the application's name")
+    p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
+    p.add_argument("--days", type=int, default=365)
 
     p = sub.add_parser("cloud", help="run the coordinator")
     p.add_argument("--listen", default="0.0.0.0:7443", help="gRPC address (mutual TLS), HOST:PORT")
@@ -74,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a directory of .npz/.safetensors files with arrays x and y")
     p.add_argument("--metrics", default=None, help="Prometheus metrics address HOST:PORT")
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training")
+    p.add_argument("--listen", default=None,
+                   help="serve Inference (mutual TLS) to local applications at HOST:PORT")
+    p.add_argument("--placement", action="append", default=[], metavar="MODEL=MODE",
+                   help="where MODEL's requests run: edge, cloud, split:K (stages 1..K here, the rest in the "
+                        "cloud) or cascade:T[:CLOUD_MODEL] (the cloud answers when the edge's confidence is "
+                        "below T); repeatable; models not named run at the edge")
+    p.add_argument("--cloud-timeout", type=float, default=1.0,
+                   help="seconds a cloud call may take when the request sets no deadline; then the edge answers")
+    p.add_argument("--probe-interval", type=float, default=2.0,
+                   help="seconds between link probes while no request measures the link")
+    p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
+    _serving_args(p, device="cpu")
 
     p_job = sub.add_parser("job", help="start, watch and stop federated training jobs")
     job_sub = p_job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
@@ -168,8 +185,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             hosts = [h for h in args.hosts.split(",") if h]
             certs.init_deployment(args.dir, agents, hosts, days=args.days)
             print(f"wrote CA, cloud, admin and {len(agents)} agent certificates to {args.dir}")
+        elif args.certs_command == "add-agent":
+            hosts = [h for h in args.hosts.split(",") if h]
+            cert, _ = certs.add_agent(args.dir, args.name, days=args.days, hosts=hosts)
+            print(f"wrote {cert}")
         else:
-            cert, _ = certs.add_agent(args.dir, args.name, days=args.days)
+            cert, _ = certs.add_client(args.dir, args.name, days=args.days)
             print(f"wrote {cert}")
         return 0
     if args.command == "cloud":
