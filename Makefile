@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CERTS  ?= .certs
 AGENTS ?= edge-1,edge-2,edge-3,edge-4
 
-.PHONY: install protos certs run test typecheck bench-fl bench-auto clean
+.PHONY: install protos certs run test typecheck bench-fl bench-auto gpu-check clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ bench-fl: $(STAMP)
 # Codec auto with two agents behind a bandwidth-shaped link (needs root for ip netns).
 bench-auto: $(STAMP)
 	$(TANDEM) bench auto --rounds 6 --rate 1mbit --target 1.0 --out bench/results/auto.json
+
+# Cloud inference on cuda against CPU (relative error < 1e-4); skips without a GPU.
+gpu-check: $(STAMP)
+	$(TANDEM) gpu-check --out bench/results/gpu.json
 
 clean:
 	rm -rf $(VENV) $(CERTS) .state .pytest_cache

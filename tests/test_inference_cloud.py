@@ -218,3 +218,12 @@ async def test_publish_model_checks_everything_and_swaps_it_in(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await admin_pb2_grpc.AdminStub(channel).PublishModel(iter(publish_messages("mlp-small", arrays)))
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_gpu_check_logic_runs_on_cpu(tmp_path: Path) -> None:
+    """`make gpu-check` is run on the rare GPU machine: keep its logic exercised here on CPU."""
+    from tandem_cli.gpu_check import check
+
+    results = await check("cpu", tmp_path)
+    assert results["device"] == "cpu" and results["passed"], results
+    assert set(results["models"]["mlp"]["relative_error"]) == {"batched", "start_layer_0", "start_layer_1", "start_layer_2"}

@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=int, default=4)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--min-accuracy", type=float, default=0.93, help="exit 1 below this final test accuracy")
+
+    p = sub.add_parser("gpu-check", help="cloud inference batching and split paths on cuda, checked against CPU")
+    p.add_argument("--device", default="cuda", help="device to check (skips when it is cuda and there is none)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/gpu.json"))
     return parser
 
 
@@ -209,6 +213,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tandem_cli.bench import run_bench_fl
 
         return asyncio.run(run_bench_fl(args))
+    if args.command == "gpu-check":
+        from tandem_cli.gpu_check import run_gpu_check
+
+        return run_gpu_check(args)
     if args.command == "demo":
         from tandem_cli.demo import run_demo
 
