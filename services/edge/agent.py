@@ -22,7 +22,7 @@ from edge import placement, transfer
 from edge.link import LinkMonitor
 from edge.models import EdgeModels, Held
 from edge.router import EdgeRouter, RouterConfig
-from tandem import __version__, codec, compression, data, grpcserver, metrics, tls, training, zoo
+from tandem import __version__, codec, compression, data, grpcserver, metrics, staged, tls, training, zoo
 from tandem.batching import Batcher
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc, inference_pb2_grpc
@@ -104,7 +104,7 @@ class Agent:
             placements, RouterConfig(max_request_rows=cfg.max_request_rows, cloud_timeout=cfg.cloud_timeout),
         )
         for name, chosen in placements.items():
-            router.set_placement(name, chosen, len(zoo.build_model(name)))
+            router.set_placement(name, chosen, len(staged.describe(name)[1]))
         self.models.want(sorted(placements))
         return router
 

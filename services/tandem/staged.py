@@ -77,6 +77,8 @@ class StagedModel:
         net = zoo.build_model(model)
         training.load_state_arrays(net, arrays)
         self._net = net.to(device).eval()
+        self._modules = list(self._net)
+        self._histograms = [metrics.INFER_STAGE_SECONDS.labels(model, str(s.index)) for s in self.stages]
         self._seconds_per_example = [0.0] * len(self.stages)  # moving averages, per stage
         self._lock = threading.Lock()
         self._timed_batches = 0
@@ -121,7 +123,7 @@ class StagedModel:
             h = torch.from_numpy(x).to(self.device, non_blocking=True)
             for index in range(start_layer, end):
                 begin = time.perf_counter()
-                h = self._net[index](h)
+                h = self._modules[index](h)
                 if timed:
                     if self.device != "cpu":
                         torch.cuda.synchronize()
@@ -129,7 +131,7 @@ class StagedModel:
             return h.float().cpu().numpy()
 
     def _observe(self, index: int, seconds: float, rows: int) -> None:
-        metrics.INFER_STAGE_SECONDS.labels(self.model, str(index + 1)).observe(seconds)
+        self._histograms[index].observe(seconds)
         with self._lock:
             previous = self._seconds_per_example[index]
             sample = seconds / rows
