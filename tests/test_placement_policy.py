@@ -1,0 +1,102 @@
+"""The placement policy on synthetic observations: each regime picks the right split,
+alpha trades latency for bytes, hysteresis holds under noise, the fleet does not herd."""
+
+from __future__ import annotations
+
+import random
+
+from cloud.placement_policy import AgentView, Decision, ModelProfile, Observations, PolicyConfig, costs, decide
+from tandem import staged
+
+_, STAGES = staged.describe("cnn")
+CNN = ModelProfile(
+    stage_bytes=(3 * 96 * 96 * 4, *(s.output_bytes for s in STAGES[:-1])),
+    cloud_seconds=(0.0003, 0.0003, 0.0002, 0.0002, 0.0002),
+)
+L = CNN.num_stages
+WEAK = (0.012, 0.010, 0.008, 0.008, 0.008)  # a fifth of a core
+STRONG = (0.0004, 0.0003, 0.0002, 0.0002, 0.0002)
+MBIT = 1e6 / 8  # bytes per second
+
+
+def view(edge: tuple[float, ...], mbit: float, rtt: float, reachable: bool = True, rate: float = 5.0) -> AgentView:
+    return AgentView(rtt=rtt, up_bytes_per_second=mbit * MBIT, reachable=reachable,
+                     edge_seconds={"cnn": edge}, request_rate={"cnn": rate})
+
+
+def once(agent: AgentView, config: PolicyConfig = PolicyConfig()) -> int:
+    obs = Observations(time=0.0, models={"cnn": CNN}, agents={"a": agent})
+    return decide(obs, {}, config)[("a", "cnn")].split
+
+
+def test_each_regime_picks_the_right_split() -> None:
+    assert once(view(WEAK, mbit=100, rtt=0.005)) == 0  # weak edge, fast link: offload everything
+    assert once(view(STRONG, mbit=2, rtt=0.080)) == L  # strong edge, slow link: run it all here
+    middle = once(view((0.002, 0.002, 0.015, 0.015, 0.015), mbit=20, rtt=0.010))
+    assert 0 < middle < L  # in between, a middle split wins
+    assert once(view(WEAK, mbit=100, rtt=0.005, reachable=False)) == L  # no link: all edge
+
+
+def test_costs_follow_the_formula() -> None:
+    agent = view(WEAK, mbit=8, rtt=0.01)
+    j = costs(CNN, agent, WEAK, queue_wait=0.002, alpha=1e-7)
+    k = 2
+    expected = sum(WEAK[:k]) + 0.01 + CNN.stage_bytes[k] / 1e6 + 0.002 + sum(CNN.cloud_seconds[k:]) + 1e-7 * CNN.stage_bytes[k]
+    assert abs(j[k] - expected) < 1e-12
+    assert j[L] == sum(WEAK)
+
+
+def test_alpha_trades_latency_for_bytes() -> None:
+    agent = view(WEAK, mbit=100, rtt=0.005)
+    splits = [once(agent, PolicyConfig(alpha=a)) for a in (0.0, 2e-7, 1e-6, 1e-3)]
+    assert splits == sorted(splits) and splits[0] == 0 and splits[-1] == L  # pricier bytes: deeper splits
+
+
+def test_hysteresis_holds_under_noise() -> None:
+    rng = random.Random(0)
+    config = PolicyConfig(min_dwell=5.0)
+    decisions: dict[tuple[str, str], Decision] = {}
+    switches = 0
+    for tick in range(200):
+        noisy = view(tuple(s * rng.uniform(0.9, 1.1) for s in WEAK), mbit=100 * rng.uniform(0.9, 1.1),
+                     rtt=0.005 * rng.uniform(0.8, 1.2))
+        new = decide(Observations(time=tick * 0.5, models={"cnn": CNN}, agents={"a": noisy}), decisions, config)
+        if decisions and new[("a", "cnn")].split != decisions[("a", "cnn")].split:
+            switches += 1
+        decisions = new
+    assert switches == 0
+
+
+def test_a_real_change_switches_after_the_dwell_time() -> None:
+    config = PolicyConfig(min_dwell=5.0)
+    fast = Observations(time=0.0, models={"cnn": CNN}, agents={"a": view(WEAK, mbit=100, rtt=0.001)})
+    decisions = decide(fast, {}, config)
+    start = decisions[("a", "cnn")].split
+    slow = view(WEAK, mbit=2, rtt=0.080)
+    early = decide(Observations(time=2.0, models={"cnn": CNN}, agents={"a": slow}), decisions, config)
+    assert early[("a", "cnn")].split == start  # too soon after the last switch
+    late = decide(Observations(time=6.0, models={"cnn": CNN}, agents={"a": slow}), decisions, config)
+    assert late[("a", "cnn")].split == L != start
+
+
+def test_the_fleet_does_not_herd_into_the_cloud() -> None:
+    """Eight weak agents on a fast link all prefer the cloud alone; together they would
+    swamp it. The switches come a few per tick, and stop where the queue says so."""
+    config = PolicyConfig(min_dwell=0.0, max_switch_fraction=0.25)
+    agents = {f"a{i}": view(WEAK, mbit=100, rtt=0.005, rate=300.0) for i in range(8)}
+    decisions = {(name, "cnn"): Decision(L, 0.0, sum(WEAK)) for name in agents}
+    in_cloud = []
+    for tick in range(1, 10):
+        decisions = decide(Observations(time=float(tick), models={"cnn": CNN}, agents=agents, cloud_busy=0.0),
+                           decisions, config)
+        in_cloud.append(sum(d.split < L for d in decisions.values()))
+    steps = [b - a for a, b in zip([0, *in_cloud], in_cloud)]
+    assert max(steps) <= 2, in_cloud  # a quarter of eight per tick at most
+    load = in_cloud[-1] * 300.0 * sum(CNN.cloud_seconds)
+    assert 0 < in_cloud[-1] < 8 and load < 0.95, in_cloud  # not everyone: the cloud would saturate
+
+
+def test_pinned_placements_are_left_alone() -> None:
+    obs = Observations(time=10.0, models={"cnn": CNN}, agents={"a": view(WEAK, mbit=100, rtt=0.005)})
+    current = {("a", "cnn"): Decision(L, 0.0, 1.0)}
+    assert decide(obs, current, PolicyConfig(), pinned=frozenset({("a", "cnn")}))[("a", "cnn")].split == L
