@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from edge.placement import Placement, parse, parse_all
+from tandem.placement import Placement, parse, parse_all
 from tandem import staged, training, zoo
 from tandem.batching import Batcher
 from tandem.errors import InvalidArgument, ResourceExhausted

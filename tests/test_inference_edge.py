@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from cloud.app import Coordinator
 from edge.agent import AgentConfig
 from edge.app import EdgeApp
-from edge.placement import parse
+from tandem.placement import parse
 from tandem import grpcserver, tls
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc

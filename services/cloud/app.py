@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ import grpc
 from cloud.intake import UpdateIntake
 from cloud.jobs import JobManager
 from cloud.models import ModelRepository
+from cloud.observations import DirectSource, PrometheusSource, Source, heartbeats
+from cloud.placement import ControllerConfig, PlacementController
 from cloud.registry import Registry
 from cloud.service import AdminService, CoordinatorService
 from cloud.serving import ModelServer, ServingConfig
@@ -38,6 +41,8 @@ class CloudConfig:
     grace: float = 10.0
     upload_buffer_bytes: int = 256 << 20  # updates being assembled at once, all agents together
     serving: ServingConfig = ServingConfig()
+    placement: ControllerConfig | None = None  # None: no placement controller
+    prometheus_url: str | None = None  # the controller's source; None reads /metrics and heartbeats directly
 
 
 class Coordinator:
@@ -56,6 +61,8 @@ class Coordinator:
         self.jobs = JobManager(self.store, self.registry, self.models)
         intake = UpdateIntake(self.store, self.jobs, self.models, cfg.upload_buffer_bytes)
         self.serving = ModelServer(self.models, cfg.serving)
+        source: Source = PrometheusSource(cfg.prometheus_url) if cfg.prometheus_url else DirectSource(heartbeats(self.registry))
+        self.placement = PlacementController(source, self.registry, self.store, cfg.placement or ControllerConfig())
         self.models.add_listener(self.serving.published)
         self.models.add_listener(self._announce)
 
@@ -65,7 +72,7 @@ class Coordinator:
             self.server,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(self.store, self.registry, self.models, self.jobs), self.server
+            AdminService(self.store, self.registry, self.models, self.jobs, self.placement), self.server
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.serving), self.server)
         self.health = grpcserver.add_standard_services(self.server, SERVICES)
@@ -83,6 +90,7 @@ class Coordinator:
         await self.server.start()
         if cfg.metrics:
             _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
+        self._controller = asyncio.create_task(self.placement.run()) if cfg.placement else None
         await grpcserver.set_serving(self.health, SERVICES, True)
         log.info("coordinator listening on port %d", self.port)
 
@@ -98,6 +106,8 @@ class Coordinator:
         self.registry.close_all("coordinator shutting down")
         await self.server.stop(self.config.grace)
         await self.jobs.shutdown()
+        if self._controller is not None:
+            self._controller.cancel()
         await self.serving.close()
         if self.health_server is not None:
             await self.health_server.stop(0)

@@ -12,6 +12,7 @@ import grpc
 from cloud.intake import UpdateIntake
 from cloud.jobs import JobManager
 from cloud.models import ModelRepository
+from cloud.placement import PlacementController
 from cloud.registry import Registry, Session
 from cloud.spec import JobSpec
 from cloud.store import Store, VersionRow
@@ -25,7 +26,8 @@ from tandem.v1 import coordinator_pb2 as pb
 
 
 HELLO_TIMEOUT_SECONDS = 30.0
-MAX_MEASUREMENTS = 32
+MAX_PROBE_BYTES = 1 << 20
+MAX_MEASUREMENTS = 256  # link, and per served model its stage times and request rate
 
 
 def _merge_measurements(into: dict[str, float], new: Mapping[str, float]) -> None:
@@ -131,8 +133,20 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         return pb.UploadProgress(chunks_received=self._intake.progress(identity.name, request))
 
 
+    @grpc_errors
+    async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeResponse:  # noqa: N802
+        require_role(context, ROLE_AGENT)
+        if not 0 <= request.reply_bytes <= MAX_PROBE_BYTES:
+            raise InvalidArgument(f"reply_bytes must be in 0..{MAX_PROBE_BYTES}")
+        return pb.ProbeResponse(payload=bytes(request.reply_bytes))
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, store: Store, registry: Registry, models: ModelRepository, jobs: JobManager) -> None:
+    def __init__(
+        self, store: Store, registry: Registry, models: ModelRepository, jobs: JobManager,
+        placement: PlacementController,
+    ) -> None:
+        self._placement = placement
         self._store = store
         self._registry = registry
         self._models = models
@@ -190,6 +204,27 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         require_role(context, ROLE_ADMIN)
         model, arrays = await self._models.receive(request_iterator)
         return _model_version(await self._models.publish(model, arrays))
+
+    @grpc_errors
+    async def ListPlacements(  # noqa: N802
+        self, request: admin_pb2.ListPlacementsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListPlacementsResponse:
+        require_role(context, ROLE_ADMIN)
+        return admin_pb2.ListPlacementsResponse(placements=self._placement.list(request.agent, request.model))
+
+    @grpc_errors
+    async def PinPlacement(  # noqa: N802
+        self, request: admin_pb2.PinPlacementRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.PlacementInfo:
+        require_role(context, ROLE_ADMIN)
+        return self._placement.pin(request.agent, request.model, request.placement)
+
+    @grpc_errors
+    async def UnpinPlacement(  # noqa: N802
+        self, request: admin_pb2.UnpinPlacementRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.PlacementInfo:
+        require_role(context, ROLE_ADMIN)
+        return self._placement.unpin(request.agent, request.model)
 
     @grpc_errors
     async def ListModelVersions(  # noqa: N802

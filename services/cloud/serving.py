@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from cloud.models import ModelRepository
 from cloud.store import VersionRow, read_tensors
 from tandem import codec, metrics, staged
-from tandem.batching import Batcher
+from tandem.batching import Batcher, keep_profiled
 from tandem.errors import InvalidArgument, TandemError
 from tandem.inference import decode_input, model_info
 from tandem.staged import StagedModel
@@ -42,7 +42,9 @@ def _load(row: VersionRow, device: str) -> StagedModel:
     arrays = read_tensors(Path(row.path))
     if codec.state_sha256(arrays) != row.sha256:
         raise RuntimeError(f"{row.path} does not match the sha256 recorded for {row.model} v{row.version}")
-    return StagedModel(row.model, row.version, row.sha256, arrays, device)
+    model = StagedModel(row.model, row.version, row.sha256, arrays, device)
+    model.profile(0, model.num_stages)  # warm up, and a first cost for every stage
+    return model
 
 
 class ModelServer:
@@ -56,15 +58,20 @@ class ModelServer:
         self._older: collections.OrderedDict[tuple[str, int], StagedModel] = collections.OrderedDict()
         self._loading: dict[tuple[str, int], asyncio.Task[StagedModel]] = {}
         self._swaps: set[asyncio.Task[None]] = set()
+        self._profiler: asyncio.Task[None] | None = None
         self.batcher = Batcher(config.max_batch, config.max_delay, config.max_queue_rows, name="cloud-infer")
         metrics.INFER_DEVICE.labels(self.device).set(1)
 
-    async def start(self, model_names: list[str]) -> None:
-        """Load the newest version of each model, so the first requests do not wait for it."""
+    async def start(self, model_names: list[str], profile_interval: float = 5.0) -> None:
+        """Load the newest version of each model, so the first requests do not wait for it,
+        and keep every stage's cost measured (placement needs the ones no request runs)."""
         for name in model_names:
             row = self._models.newest(name)
             if row is not None:
                 self._install(await self._load(row))
+        self._profiler = asyncio.create_task(
+            keep_profiled(self.batcher, lambda: list(self._newest.values()), profile_interval)
+        )
 
     def published(self, row: VersionRow) -> None:
         """A new version exists: load it in the background, then swap it in."""
@@ -152,6 +159,8 @@ class ModelServer:
         return model_info(await self.get(request.model, request.version))
 
     async def close(self) -> None:
+        if self._profiler is not None:
+            self._profiler.cancel()
         for task in list(self._swaps):
             task.cancel()
         await self.batcher.close()

@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS updates (
 CREATE TABLE IF NOT EXISTS agents (
     agent TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
     connects INTEGER NOT NULL, num_examples INTEGER NOT NULL, device TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pins (
+    agent TEXT NOT NULL, model TEXT NOT NULL, placement TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (agent, model));
 """
 
 
@@ -353,3 +356,15 @@ class Store:
 
     def list_agents(self) -> list[sqlite3.Row]:
         return list(self._db.execute("SELECT * FROM agents ORDER BY agent"))
+
+    def pins(self) -> dict[tuple[str, str], str]:
+        """Placements an operator fixed: (agent, model) -> placement."""
+        rows = self._db.execute("SELECT agent, model, placement FROM pins").fetchall()
+        return {(r["agent"], r["model"]): r["placement"] for r in rows}
+
+    def set_pin(self, agent: str, model: str, placement: str | None) -> None:
+        with self._tx() as db:
+            if placement is None:
+                db.execute("DELETE FROM pins WHERE agent = ? AND model = ?", (agent, model))
+            else:
+                db.execute("INSERT OR REPLACE INTO pins VALUES (?, ?, ?, ?)", (agent, model, placement, time.time()))

@@ -16,14 +16,13 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from edge import placement, transfer
+from edge import transfer
+from tandem import placement
 from edge.link import LinkMonitor
 from edge.models import EdgeModels, Held
 from edge.router import EdgeRouter, RouterConfig
 from tandem import __version__, codec, compression, data, grpcserver, metrics, staged, tls, training, zoo
-from tandem.batching import Batcher
+from tandem.batching import Batcher, keep_profiled
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc, inference_pb2_grpc
 
@@ -113,11 +112,12 @@ class Agent:
         credentials = tls.agent_credentials(self.config.certs, self.config.agent_id)
         async with grpcserver.secure_channel(self.config.cloud, credentials) as channel:
             self._stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-            self._health = health_pb2_grpc.HealthStub(channel)
             prober: asyncio.Task[None] | None = None
+            profiler: asyncio.Task[None] | None = None
             if self.router is not None:
                 self.router.cloud = inference_pb2_grpc.InferenceStub(channel)
                 prober = asyncio.create_task(self.link.run(), name="link-probe")
+                profiler = asyncio.create_task(keep_profiled(self.router.batcher, self.models.served, 5.0))
             backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
             while not stop.is_set():
                 session = asyncio.create_task(self._session())
@@ -138,8 +138,9 @@ class Agent:
                     pass
             for task in self._training.values():
                 task.cancel()
-            if prober is not None:
-                prober.cancel()
+            for background in (prober, profiler):
+                if background is not None:
+                    background.cancel()
 
     async def _session(self) -> bool:
         """One control stream; returns whether the coordinator welcomed us."""
@@ -174,6 +175,8 @@ class Agent:
                 elif kind == "model":
                     log.info("new global version: %s v%d", message.model.model, message.model.version)
                     self._announced(message.model)
+                elif kind == "placement":
+                    self._place(message.placement)
                 elif kind == "shutdown":
                     log.info("coordinator says: %s", message.shutdown.reason)
                     break
@@ -200,9 +203,23 @@ class Agent:
                 pass
             self._measured.clear()
             seq += 1
+            if self.router is not None:
+                self._measurements.update(self.router.measurements())
             outgoing.put_nowait(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=seq, measurements=self._measurements)))
 
     # ---- inference -------------------------------------------------------------
+
+    def _place(self, decision: pb.PlacementDecision) -> None:
+        """Apply the controller's (or a pinned) placement; the next request follows it."""
+        if self.router is None:
+            return
+        try:
+            chosen = placement.parse(decision.model, decision.placement)
+        except (ValueError, KeyError) as exc:
+            log.warning("ignoring placement %s for %s: %s", decision.placement, decision.model, exc)
+            return
+        self.router.set_placement(decision.model, chosen, len(staged.describe(decision.model)[1]))
+        log.info("placement of %s: %s%s", decision.model, chosen, " (pinned)" if decision.pinned else "")
 
     def _announced(self, notice: pb.ModelNotice) -> None:
         if self.router is not None:
@@ -217,8 +234,8 @@ class Agent:
         # A failure is retried at the next request, ModelNotice or reconnect (EdgeModels).
         return await transfer.Download(model, version, sha, specs, held).run(self._stub, timeout=120)
 
-    async def _probe(self, timeout: float) -> None:
-        await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+    async def _probe(self, timeout: float, size: int) -> None:
+        await self._stub.Probe(pb.ProbeRequest(payload=bytes(size)), timeout=timeout)
 
     def _measure_link(self, name: str, value: float) -> None:
         self._measurements[name] = value  # the next heartbeat carries it

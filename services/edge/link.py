@@ -26,6 +26,9 @@ LINK_CODES = frozenset({
 })
 # Below this many bytes a transfer measures latency, not throughput.
 MEASURABLE_BYTES = 16 << 10
+# A throughput probe sends this much up, when no request has measured it for a while.
+THROUGHPUT_PROBE_BYTES = 64 << 10
+THROUGHPUT_EVERY = 5  # probe intervals
 _EWMA = 0.3
 
 
@@ -35,10 +38,10 @@ def _average(previous: float | None, sample: float) -> float:
 
 class LinkMonitor:
     def __init__(
-        self, probe: Callable[[float], Awaitable[None]], interval: float,
+        self, probe: Callable[[float, int], Awaitable[None]], interval: float,
         on_measure: Callable[[str, float], None] | None = None,
     ) -> None:
-        self._probe = probe  # a small call to the cloud with the given timeout
+        self._probe = probe  # a call to the cloud: (timeout, bytes to send up)
         self.interval = interval
         self._on_measure = on_measure
         self.rtt: float | None = None
@@ -46,6 +49,7 @@ class LinkMonitor:
         self._down_until = 0.0
         self._down_for = 0.0
         self._last_measured = 0.0
+        self._last_throughput = 0.0
         metrics.EDGE_LINK_UP.set(1)
 
     def available(self) -> bool:
@@ -64,6 +68,7 @@ class LinkMonitor:
             self._report("rtt_seconds", self.rtt)
             return
         # The time beyond one round trip went to moving the bytes.
+        self._last_throughput = self._last_measured
         moving = max(seconds - (self.rtt or 0.0), 1e-4)
         for direction, nbytes in (("up", sent), ("down", received)):
             if nbytes >= MEASURABLE_BYTES:
@@ -86,17 +91,20 @@ class LinkMonitor:
             self._on_measure(name, value)
 
     async def run(self) -> None:
-        """Probe whenever no request has measured the link for `interval`, or it is down."""
+        """Probe whenever no request has measured the link for `interval`, or it is down;
+        send a larger probe when no request has measured its throughput for a while."""
         while True:
             await asyncio.sleep(self.interval / 4)
-            idle = time.monotonic() - self._last_measured >= self.interval
+            now = time.monotonic()
+            idle = now - self._last_measured >= self.interval
             if not (idle or (not self.available() and self._down_for)):
                 continue
+            size = THROUGHPUT_PROBE_BYTES if now - self._last_throughput >= THROUGHPUT_EVERY * self.interval else 0
             start = time.perf_counter()
             try:
-                await self._probe(min(self.interval, 2.0))
+                await self._probe(max(self.interval, 2.0), size)
             except grpc.aio.AioRpcError as exc:
                 self._last_measured = time.monotonic()
                 self.failure(exc.code())
             else:
-                self.success(time.perf_counter() - start)
+                self.success(time.perf_counter() - start, sent=size)

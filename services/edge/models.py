@@ -32,6 +32,12 @@ class _Served:
     arrays: Mapping[str, np.ndarray]
 
 
+def _ready(name: str, version: int, sha: str, arrays: Mapping[str, np.ndarray], device: str) -> StagedModel:
+    model = StagedModel(name, version, sha, arrays, device)
+    model.profile(0, model.num_stages)  # warm up, and a first cost for every stage
+    return model
+
+
 class EdgeModels:
     def __init__(self, fetch: Fetch, device: str = "cpu") -> None:
         self._fetch = fetch
@@ -54,6 +60,9 @@ class EdgeModels:
         if name in self._wanted:
             self._refresh(name)
 
+    def served(self) -> list[StagedModel]:
+        return [s.model for s in self._served.values()]
+
     def held_version(self, name: str) -> int:
         served = self._served.get(name)
         return served.model.version if served is not None else 0
@@ -74,7 +83,7 @@ class EdgeModels:
                     return
                 held = (served.model.version, served.arrays) if served is not None else None
                 arrays = await self._fetch(name, version, sha, held)
-                model = await asyncio.to_thread(StagedModel, name, version, sha, arrays, self._device)
+                model = await asyncio.to_thread(_ready, name, version, sha, arrays, self._device)
                 self._served[name] = _Served(model, arrays)
                 metrics.MODEL_VERSION.labels(name).set(version)
                 log.info("serving %s v%d at the edge", name, version)

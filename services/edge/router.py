@@ -15,7 +15,7 @@ import numpy as np
 
 from edge.link import LinkMonitor
 from edge.models import EdgeModels
-from edge.placement import EDGE, Placement
+from tandem.placement import EDGE, Placement
 from tandem import codec, metrics
 from tandem.batching import Batcher
 from tandem.inference import decode_input, model_info
@@ -48,6 +48,8 @@ class EdgeRouter:
         self.models, self.link, self.batcher, self.config = models, link, batcher, config
         self._placements = dict(placements)
         self.cloud: inference_pb2_grpc.InferenceStub | None = None  # set once the channel exists
+        self._examples: dict[str, int] = {}  # model -> rows served, for the request rate
+        self._rates: dict[str, tuple[float, int]] = {}  # model -> (when, rows) at the last report
 
     def placement(self, model: str) -> Placement:
         return self._placements.get(model, EDGE)
@@ -61,10 +63,27 @@ class EdgeRouter:
             raise InvalidArgument("model name is required")
         return model_info(await self.models.get(request.model, request.version))
 
+    def measurements(self) -> dict[str, float]:
+        """What the placement controller needs from this agent, for its heartbeat: each
+        served model's per-stage seconds per example and examples per second, and the link."""
+        now = time.monotonic()
+        values: dict[str, float] = {"link_up": 1.0 if self.link.available() else 0.0}
+        for model in self.models.served():
+            for index, seconds in enumerate(model.seconds_per_example(), start=1):
+                values[f"stage_seconds:{model.model}:{index}"] = seconds
+            rows = self._examples.get(model.model, 0)
+            then, before = self._rates.get(model.model, (now, rows))
+            if now > then:
+                values[f"examples_per_second:{model.model}"] = (rows - before) / (now - then)
+            self._rates[model.model] = (now, rows)
+        return values
+
     async def infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
         x = decode_input(request, self.config.max_request_rows)
         model = await self.models.get(request.model, request.version)
         model.check_input(x, request.start_layer)
+        self._examples[model.model] = self._examples.get(model.model, 0) + len(x)
+        metrics.EDGE_EXAMPLES.labels(model.model).inc(len(x))
         placement = self.placement(request.model)
         start, last = request.start_layer, model.num_stages
         if placement.mode == "cascade" and start == 0:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from tandem import metrics
 from tandem.errors import ResourceExhausted
+from tandem.staged import StagedModel
 
 Run = Callable[[np.ndarray], np.ndarray]
 
@@ -145,9 +147,25 @@ class Batcher:
             rows += len(head.rows)
         return batch
 
+    async def call(self, fn: Callable[[], object]) -> None:
+        """Run `fn` on the worker thread, between batches (profiling, say)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
     async def close(self) -> None:
         for lane in list(self._lanes.values()):
             if lane.task is not None:
                 lane.task.cancel()
         self._lanes.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def keep_profiled(batcher: Batcher, models: Callable[[], Iterable[StagedModel]], interval: float) -> None:
+    """Every `interval`, time the stages of each model that real requests have not run
+    lately (a split leaves some stages to the other side), on one example, between
+    batches: placement needs every stage's cost on both sides."""
+    while True:
+        await asyncio.sleep(interval)
+        for model in list(models()):
+            stale = model.stale_stages(max_age=2 * interval)
+            if stale is not None:
+                await batcher.call(functools.partial(model.profile, *stale))

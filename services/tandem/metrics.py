@@ -77,11 +77,25 @@ INFER_STAGE_SECONDS = Histogram(
     "tandem_inference_stage_duration_seconds", "Compute time of one stage for one batch, by model and stage.",
     ["model", "stage"], buckets=_LATENCY_BUCKETS,
 )
+INFER_STAGE_SECONDS_PER_EXAMPLE = Gauge(
+    "tandem_inference_stage_seconds_per_example",
+    "Measured compute time of one stage per example (moving average), by model and stage.", ["model", "stage"],
+)
 INFER_DEVICE = Gauge("tandem_inference_device_info", "1 for the device this server runs models on.", ["device"])
 INFER_REJECTED = Counter(
     "tandem_inference_rejected_total", "Inference requests refused, by model and reason.", ["model", "reason"]
 )
 INFER_LOADED_VERSIONS = Gauge("tandem_inference_loaded_versions", "Model versions held ready to serve.", ["model"])
+
+# ---- placement controller -----------------------------------------------------
+
+PLACEMENT_SPLIT_LAYER = Gauge(
+    "tandem_placement_split_layer",
+    "Placement in force per agent and model: stages run at the edge (0 all cloud, L all edge; -1 cascade).",
+    ["agent", "model"],
+)
+PLACEMENT_SWITCHES = Counter("tandem_placement_switches_total", "Placement changes pushed to agents, by model.",
+                             ["model"])
 
 # ---- edge agent -------------------------------------------------------------
 
@@ -109,6 +123,10 @@ EDGE_LINK_RTT = Gauge("tandem_edge_link_rtt_seconds", "Round-trip time of the li
 EDGE_LINK_BYTES_PER_SECOND = Gauge(
     "tandem_edge_link_bytes_per_second", "Throughput of the link to the cloud (moving average), by direction.",
     ["direction"],
+)
+EDGE_EXAMPLES = Counter(
+    "tandem_edge_inference_examples_total", "Examples (rows) of inference requests the agent served, by model.",
+    ["model"],
 )
 EDGE_LINK_UP = Gauge("tandem_edge_link_up", "1 while the agent believes the cloud reachable for inference.")
 EDGE_PLACEMENT = Gauge(

@@ -79,7 +79,9 @@ class StagedModel:
         self._net = net.to(device).eval()
         self._modules = list(self._net)
         self._histograms = [metrics.INFER_STAGE_SECONDS.labels(model, str(s.index)) for s in self.stages]
+        self._gauges = [metrics.INFER_STAGE_SECONDS_PER_EXAMPLE.labels(model, str(s.index)) for s in self.stages]
         self._seconds_per_example = [0.0] * len(self.stages)  # moving averages, per stage
+        self._measured_at = [0.0] * len(self.stages)  # time.monotonic() of each stage's last measurement
         self._lock = threading.Lock()
         self._timed_batches = 0
 
@@ -135,7 +137,23 @@ class StagedModel:
         with self._lock:
             previous = self._seconds_per_example[index]
             sample = seconds / rows
-            self._seconds_per_example[index] = sample if previous == 0 else (1 - _EWMA) * previous + _EWMA * sample
+            value = sample if previous == 0 else (1 - _EWMA) * previous + _EWMA * sample
+            self._seconds_per_example[index] = value
+            self._measured_at[index] = time.monotonic()
+        self._gauges[index].set(value)
+
+    def stale_stages(self, max_age: float) -> tuple[int, int] | None:
+        """The range (start, end) of stages not measured for `max_age` seconds, if any:
+        the stages this side has not been running, whose cost placement still needs."""
+        now = time.monotonic()
+        with self._lock:
+            stale = [i for i, at in enumerate(self._measured_at) if now - at > max_age]
+        return (stale[0], stale[-1] + 1) if stale else None
+
+    def profile(self, start: int, end: int) -> None:
+        """Time stages start+1..end on one example of zeros (call on the worker thread)."""
+        shape = self.input_shape_at(start)
+        self.run(np.zeros((1, *shape), np.float32), start, end)
 
     def seconds_per_example(self) -> list[float]:
         """Measured compute time per example of each stage (0 until a batch has run)."""

@@ -44,7 +44,31 @@ async def run_client(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(rows, indent=2))
             return 0
+        if args.command == "placement":
+            return await _placement(args, stub)
         return await _job(args, stub)
+
+
+async def _placement(args: argparse.Namespace, stub: Any) -> int:
+    action = args.placement_command
+    if action == "pin":
+        infos = [await stub.PinPlacement(admin_pb2.PinPlacementRequest(
+            agent=args.agent, model=args.model, placement=args.placement))]
+    elif action == "unpin":
+        infos = [await stub.UnpinPlacement(admin_pb2.UnpinPlacementRequest(agent=args.agent, model=args.model))]
+    else:
+        infos = list((await stub.ListPlacements(
+            admin_pb2.ListPlacementsRequest(agent=args.agent, model=args.model))).placements)
+    rows = [{"agent": p.agent, "model": p.model, "placement": p.placement, "pinned": p.pinned,
+             "predicted_seconds": list(p.predicted_seconds)} for p in infos]
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        costs = " ".join(f"k{k}={1000 * c:.1f}ms" for k, c in enumerate(row["predicted_seconds"]))
+        print(f"{row['agent']:<16} {row['model']:<10} {row['placement']:<18} {'pinned' if row['pinned'] else '':<7} "
+              f"{costs}")
+    return 0
 
 
 async def _job(args: argparse.Namespace, stub: Any) -> int:

@@ -10,8 +10,19 @@ from pathlib import Path
 
 async def run_cloud(args: argparse.Namespace) -> int:
     from cloud.app import CloudConfig, Coordinator
+    from cloud.placement import ControllerConfig
+    from cloud.placement_policy import PolicyConfig
     from cloud.serving import ServingConfig
     from tandem import lifecycle
+
+    alphas = {}
+    for item in args.alpha_model:
+        model, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--alpha-model {item!r} is not MODEL=ALPHA")
+        alphas[model] = float(value)
+    policy = PolicyConfig(alpha=args.alpha, alpha_per_model=alphas, min_dwell=args.min_dwell, min_gain=args.min_gain)
+    placement = ControllerConfig(interval=args.placement_interval, policy=policy) if args.placement_interval > 0 else None
 
     config = CloudConfig(
         listen=args.listen, certs=args.certs, state=args.state, metrics=args.metrics, health=args.health,
@@ -20,6 +31,7 @@ async def run_cloud(args: argparse.Namespace) -> int:
             device=args.device, max_batch=args.max_batch, max_delay=args.max_delay_ms / 1000,
             max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
         ),
+        placement=placement, prometheus_url=args.prometheus_url,
     )
     coordinator = Coordinator(config)
     stop = lifecycle.stop_event()

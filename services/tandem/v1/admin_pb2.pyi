@@ -237,3 +237,51 @@ class ListModelVersionsResponse(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
     def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
+
+class ListPlacementsRequest(_message.Message):
+    __slots__ = ("agent", "model")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    model: str
+    def __init__(self, agent: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class PlacementInfo(_message.Message):
+    __slots__ = ("agent", "model", "placement", "pinned", "predicted_seconds", "since")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    model: str
+    placement: str
+    pinned: bool
+    predicted_seconds: _containers.RepeatedScalarFieldContainer[float]
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, agent: _Optional[str] = ..., model: _Optional[str] = ..., placement: _Optional[str] = ..., pinned: _Optional[bool] = ..., predicted_seconds: _Optional[_Iterable[float]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListPlacementsResponse(_message.Message):
+    __slots__ = ("placements",)
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    placements: _containers.RepeatedCompositeFieldContainer[PlacementInfo]
+    def __init__(self, placements: _Optional[_Iterable[_Union[PlacementInfo, _Mapping]]] = ...) -> None: ...
+
+class PinPlacementRequest(_message.Message):
+    __slots__ = ("agent", "model", "placement")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    model: str
+    placement: str
+    def __init__(self, agent: _Optional[str] = ..., model: _Optional[str] = ..., placement: _Optional[str] = ...) -> None: ...
+
+class UnpinPlacementRequest(_message.Message):
+    __slots__ = ("agent", "model")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    model: str
+    def __init__(self, agent: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...

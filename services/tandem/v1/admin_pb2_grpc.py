@@ -71,6 +71,21 @@ class AdminStub:
                 request_serializer=tandem_dot_v1_dot_coordinator__pb2.ModelChunk.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_admin__pb2.ModelVersion.FromString,
                 _registered_method=True)
+        self.ListPlacements = channel.unary_unary(
+                '/tandem.v1.Admin/ListPlacements',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.ListPlacementsRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.ListPlacementsResponse.FromString,
+                _registered_method=True)
+        self.PinPlacement = channel.unary_unary(
+                '/tandem.v1.Admin/PinPlacement',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.PinPlacementRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.PlacementInfo.FromString,
+                _registered_method=True)
+        self.UnpinPlacement = channel.unary_unary(
+                '/tandem.v1.Admin/UnpinPlacement',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.UnpinPlacementRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.PlacementInfo.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -123,6 +138,27 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPlacements(self, request, context):
+        """The placement of every (agent, model) the controller knows, with the predicted
+        cost of each option; filters are optional.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinPlacement(self, request, context):
+        """Fix an agent's placement for a model until unpinned; the controller leaves it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinPlacement(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +196,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.PublishModel,
                     request_deserializer=tandem_dot_v1_dot_coordinator__pb2.ModelChunk.FromString,
                     response_serializer=tandem_dot_v1_dot_admin__pb2.ModelVersion.SerializeToString,
+            ),
+            'ListPlacements': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlacements,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.ListPlacementsRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.ListPlacementsResponse.SerializeToString,
+            ),
+            'PinPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinPlacement,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.PinPlacementRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.PlacementInfo.SerializeToString,
+            ),
+            'UnpinPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinPlacement,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.UnpinPlacementRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.PlacementInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +403,87 @@ class Admin:
             '/tandem.v1.Admin/PublishModel',
             tandem_dot_v1_dot_coordinator__pb2.ModelChunk.SerializeToString,
             tandem_dot_v1_dot_admin__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlacements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/ListPlacements',
+            tandem_dot_v1_dot_admin__pb2.ListPlacementsRequest.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.ListPlacementsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/PinPlacement',
+            tandem_dot_v1_dot_admin__pb2.PinPlacementRequest.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.PlacementInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/UnpinPlacement',
+            tandem_dot_v1_dot_admin__pb2.UnpinPlacementRequest.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.PlacementInfo.FromString,
             options,
             channel_credentials,
             insecure,

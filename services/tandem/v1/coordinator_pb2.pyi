@@ -59,16 +59,30 @@ class Heartbeat(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., measurements: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("welcome", "task", "model", "shutdown")
+    __slots__ = ("welcome", "task", "model", "shutdown", "placement")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     task: TrainTask
     model: ModelNotice
     shutdown: Shutdown
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[TrainTask, _Mapping]] = ..., model: _Optional[_Union[ModelNotice, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+    placement: PlacementDecision
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[TrainTask, _Mapping]] = ..., model: _Optional[_Union[ModelNotice, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., placement: _Optional[_Union[PlacementDecision, _Mapping]] = ...) -> None: ...
+
+class PlacementDecision(_message.Message):
+    __slots__ = ("model", "placement", "predicted_seconds", "pinned")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    placement: str
+    predicted_seconds: float
+    pinned: bool
+    def __init__(self, model: _Optional[str] = ..., placement: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("agent_id", "heartbeat_interval_seconds", "models")
@@ -225,3 +239,17 @@ class DeltaStep(_message.Message):
     to_version: int
     codec: str
     def __init__(self, from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., codec: _Optional[str] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("payload", "reply_bytes")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    reply_bytes: int
+    def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
+
+class ProbeResponse(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...

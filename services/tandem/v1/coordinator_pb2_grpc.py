@@ -56,6 +56,11 @@ class CoordinatorStub:
                 request_serializer=tandem_dot_v1_dot_coordinator__pb2.UpdateHeader.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_coordinator__pb2.UploadProgress.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/tandem.v1.Coordinator/Probe',
+                request_serializer=tandem_dot_v1_dot_coordinator__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_coordinator__pb2.ProbeResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -94,6 +99,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Measure the link: the payload goes up and is dropped; `reply_bytes` come back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +128,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.UploadStatus,
                     request_deserializer=tandem_dot_v1_dot_coordinator__pb2.UpdateHeader.FromString,
                     response_serializer=tandem_dot_v1_dot_coordinator__pb2.UploadProgress.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=tandem_dot_v1_dot_coordinator__pb2.ProbeRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_coordinator__pb2.ProbeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +245,33 @@ class Coordinator:
             '/tandem.v1.Coordinator/UploadStatus',
             tandem_dot_v1_dot_coordinator__pb2.UpdateHeader.SerializeToString,
             tandem_dot_v1_dot_coordinator__pb2.UploadProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Coordinator/Probe',
+            tandem_dot_v1_dot_coordinator__pb2.ProbeRequest.SerializeToString,
+            tandem_dot_v1_dot_coordinator__pb2.ProbeResponse.FromString,
             options,
             channel_credentials,
             insecure,
