@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes of updates assembled at once, all agents together (bounds memory)")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
     _serving_args(p)
+    group = p.add_argument_group("placement controller")
+    group.add_argument("--placement-interval", type=float, default=1.0,
+                       help="seconds between placement decisions (0: no controller; agents keep their flags)")
+    group.add_argument("--prometheus-url", default=None,
+                       help="read the controller's inputs from this Prometheus server (default: straight from "
+                            "the cloud's /metrics and the agents' heartbeats)")
+    group.add_argument("--alpha", type=float, default=0.0,
+                       help="price of a byte sent between edge and cloud, in seconds (per deployment)")
+    group.add_argument("--alpha-model", action="append", default=[], metavar="MODEL=ALPHA",
+                       help="the price for one model; repeatable")
+    group.add_argument("--min-dwell", type=float, default=5.0, help="seconds a placement is kept at least")
+    group.add_argument("--min-gain", type=float, default=0.10,
+                       help="fraction of predicted latency a switch must save")
 
     p = sub.add_parser("edge", help="run an edge agent")
     _client_args(p)
@@ -127,6 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.add_argument("--json", action="store_true")
 
+    p_place = sub.add_parser("placement", help="read, pin and unpin where agents run each model")
+    place_sub = p_place.add_subparsers(dest="placement_command", required=True, metavar="ACTION")
+    p = place_sub.add_parser("show", help="placements with the predicted cost of each split point")
+    _client_args(p)
+    p.add_argument("--agent", default="")
+    p.add_argument("--model", default="")
+    p.add_argument("--json", action="store_true")
+    p = place_sub.add_parser("pin", help="fix an agent's placement for a model until unpinned")
+    _client_args(p)
+    p.add_argument("agent")
+    p.add_argument("model")
+    p.add_argument("placement", help="edge, cloud, split:K or cascade:T[:CLOUD_MODEL]")
+    p = place_sub.add_parser("unpin", help="hand a placement back to the controller")
+    _client_args(p)
+    p.add_argument("agent")
+    p.add_argument("model")
+
     p = sub.add_parser("agents", help="list agents the coordinator knows")
     _client_args(p)
     p.add_argument("--json", action="store_true")
@@ -151,6 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=1.0, help="target upload seconds for codec auto")
     p.add_argument("--codec", default="none,auto")
     p.add_argument("--out", type=Path, default=Path("bench/results/auto.json"))
+
+    p = bench_sub.add_parser("infer", help="inference serving under load: throughput, latency, hot swaps, edge")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds of each load run")
+    p.add_argument("--swap-seconds", type=float, default=30.0, help="seconds of the hot-swap run")
+    p.add_argument("--swap-interval", type=float, default=3.0, help="seconds between publications in it")
+    p.add_argument("--clients", type=int, default=64, help="concurrent clients of single-row runs")
+    p.add_argument("--clients-per-channel", type=int, default=16, help="clients sharing one gRPC channel")
+    p.add_argument("--big-rows", type=int, default=256, help="rows per request of the large-request run")
+    p.add_argument("--big-clients", type=int, default=8, help="concurrent clients of the large-request run")
+    p.add_argument("--max-delay-ms", type=float, default=2.0, help="the cloud's batching delay")
+    p.add_argument("--edge-clients", type=int, default=16, help="concurrent clients of runs through the edge")
+    p.add_argument("--thresholds", type=lambda s: [float(t) for t in s.split(",") if t],
+                   default=[0.0, 0.5, 0.7, 0.9, 0.99, 1.01], help="cascade thresholds, comma-separated")
+    p.add_argument("--small-epochs", type=int, default=8, help="central training of mlp-small (the edge model)")
+    p.add_argument("--small-lr", type=float, default=0.1)
+    p.add_argument("--heavy-epochs", type=int, default=30, help="central training of mlp-heavy (the cloud model)")
+    p.add_argument("--heavy-lr", type=float, default=0.02, help="plain SGD on mlp-heavy diverges at 0.05 and 0.1")
+    p.add_argument("--no-edge", action="store_true", help="skip the placements and cascade through an edge agent")
+    p.add_argument("--work", type=Path, default=None, help="keep certificates, logs and raw runs here")
+    p.add_argument("--out", type=Path, default=Path("bench/results/infer.json"))
 
     p = sub.add_parser("demo", help="coordinator + agents on loopback, federated training of the reference workload")
     p.add_argument("--certs", type=Path, default=Path(".certs"))
@@ -210,6 +260,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from tandem_cli.bench_auto import run_bench_auto
 
             return asyncio.run(run_bench_auto(args))
+        if args.bench_command == "infer":
+            from tandem_cli.bench_infer import run_bench_infer
+
+            return asyncio.run(run_bench_infer(args))
         from tandem_cli.bench import run_bench_fl
 
         return asyncio.run(run_bench_fl(args))
