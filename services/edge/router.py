@@ -160,7 +160,9 @@ class EdgeRouter:
             self.link.failure(exc.code())
             metrics.EDGE_FALLBACKS.labels(model, exc.code().name.lower()).inc()
             return None
-        self.link.success(time.perf_counter() - begin, request.ByteSize(), answer.ByteSize())
+        # The server's own time is not the link's.
+        self.link.success(max(time.perf_counter() - begin - answer.server_seconds, 0.0), request.ByteSize(),
+                          answer.ByteSize())
         try:
             out = codec.from_proto(answer.output)
         except codec.CodecError:

@@ -93,9 +93,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def _answer(self, request: pb.InferRequest, time_remaining: float | None) -> pb.InferResponse:
         start = time.perf_counter()
         response = await self._backend.infer(request, deadline_of(request, time_remaining))
+        response.server_seconds = time.perf_counter() - start
         metrics.INFER_REQUEST_SECONDS.labels(
             request.model, str(request.start_layer), placement_name(response.placement)
-        ).observe(time.perf_counter() - start)
+        ).observe(response.server_seconds)
         return response
 
     @grpc_errors

@@ -69,22 +69,23 @@ def _mlp_heavy() -> nn.Sequential:
 def _cnn() -> nn.Sequential:
     # A camera-style model on 3x96x96 frames whose activations shrink with depth:
     # the input is 110,592 bytes, then 73,728, 36,864, 18,432, 9,216 and 40 bytes
-    # after the five stages, each about 4-5 million multiply-adds. Early stages are
-    # large to send and late ones small, so where to split depends on the link and
-    # on how fast the edge is.
+    # after the five stages, each 20-50 million multiply-adds (a wide convolution at
+    # full resolution, then a strided one that narrows). Early stages are large to
+    # send and late ones small, so where to split depends on the link and on how
+    # fast the edge is.
     def block(cin: int, wide: int, cout: int) -> nn.Sequential:
         return nn.Sequential(
-            nn.Conv2d(cin, wide, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(wide, cout, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(cin, wide, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(wide, cout, 3, stride=2, padding=1), nn.ReLU(),
         )
 
     return nn.Sequential(
-        block(3, 12, 8),  # 8x48x48
-        block(8, 32, 16),  # 16x24x24
-        block(16, 64, 32),  # 32x12x12
-        block(32, 128, 64),  # 64x6x6
-        nn.Sequential(nn.Conv2d(64, 256, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                      nn.Linear(256, 10)),
+        block(3, 96, 8),  # 8x48x48
+        block(8, 192, 16),  # 16x24x24
+        block(16, 384, 32),  # 32x12x12
+        block(32, 768, 64),  # 64x6x6
+        nn.Sequential(nn.Conv2d(64, 1024, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(1024, 10)),
     )
 
 

@@ -23,41 +23,15 @@ from tandem.v1 import admin_pb2
 from tandem_cli import procs
 from tandem_cli.admin import admin_channel, admin_stub, wait_connected, wait_job
 from tandem_cli.bench import machine
+from tandem_cli.netem import ShapedLink
 
-NS, HOST_IF, NS_IF = "tandem-slow", "tandem-h", "tandem-e"
-HOST_IP, NS_IP = "10.203.0.1", "10.203.0.2"
-
-
-def _ip(*args: str, ns: bool = False) -> None:
-    prefix = ["ip", "netns", "exec", NS] if ns else []
-    subprocess.run([*prefix, *args], check=True, capture_output=True)
-
-
-def shape_link(rate: str) -> None:
-    """A namespace behind a veth pair shaped to `rate` in both directions."""
-    teardown()
-    _ip("ip", "netns", "add", NS)
-    _ip("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)
-    _ip("ip", "link", "set", NS_IF, "netns", NS)
-    _ip("ip", "addr", "add", f"{HOST_IP}/30", "dev", HOST_IF)
-    _ip("ip", "link", "set", HOST_IF, "up")
-    _ip("ip", "addr", "add", f"{NS_IP}/30", "dev", NS_IF, ns=True)
-    _ip("ip", "link", "set", NS_IF, "up", ns=True)
-    _ip("ip", "link", "set", "lo", "up", ns=True)
-    tbf = ["tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"]
-    _ip("tc", "qdisc", "add", "dev", HOST_IF, "root", *tbf)  # cloud -> slow agents
-    _ip("tc", "qdisc", "add", "dev", NS_IF, "root", *tbf, ns=True)  # slow agents -> cloud
-
-
-def teardown() -> None:
-    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
-    subprocess.run(["ip", "link", "del", HOST_IF], capture_output=True)
+LINK = ShapedLink(0)
 
 
 def _slow_agent(port: int, certs_dir: Path, name: str, data: str, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
-            ["ip", "netns", "exec", NS, sys.executable, "-m", "tandem_cli", "edge", "--cloud", f"{HOST_IP}:{port}",
+            [*LINK.prefix(), sys.executable, "-m", "tandem_cli", "edge", "--cloud", f"{LINK.host_ip}:{port}",
              "--certs", str(certs_dir), "--id", name, "--data", data],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
@@ -93,7 +67,7 @@ async def run_one(work: Path, certs_dir: Path, update_codec: str, rounds: int, t
 
 async def run_bench_auto(args: argparse.Namespace) -> int:
     try:
-        shape_link(args.rate)
+        LINK.up(args.rate)
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
         print(f"skipped: cannot make a shaped network namespace here ({exc}); needs root and iproute2")
         return 2
@@ -101,12 +75,12 @@ async def run_bench_auto(args: argparse.Namespace) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="tandem-auto-") as tmp:
             work = Path(tmp)
-            certs.init_deployment(work / "certs", ["fast-0", "fast-1", "slow-0", "slow-1"], hosts=[HOST_IP])
+            certs.init_deployment(work / "certs", ["fast-0", "fast-1", "slow-0", "slow-1"], hosts=[LINK.host_ip])
             for update_codec in args.codec.split(","):
                 print(f"running {update_codec} ...", flush=True)
                 runs[update_codec] = await run_one(work, work / "certs", update_codec, args.rounds, args.target)
     finally:
-        teardown()
+        LINK.down()
     summary = {}
     for name, run in runs.items():
         later = run["rounds"][1:]

@@ -38,7 +38,7 @@ class InferRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., start_layer: _Optional[int] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "model", "version", "output", "placement", "error_code", "error_message")
+    __slots__ = ("request_id", "model", "version", "output", "placement", "error_code", "error_message", "server_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class InferResponse(_message.Message):
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: int
@@ -53,7 +54,8 @@ class InferResponse(_message.Message):
     placement: Placement
     error_code: int
     error_message: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., placement: _Optional[_Union[Placement, str]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+    server_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., placement: _Optional[_Union[Placement, str]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., server_seconds: _Optional[float] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ("model", "version")
