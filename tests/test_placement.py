@@ -104,3 +104,22 @@ async def test_a_pin_holds_until_unpinned_and_survives_restarts(
             await admin_pb2_grpc.AdminStub(channel).PinPlacement(
                 admin_pb2.PinPlacementRequest(agent="agent-5", model="cnn", placement="edge"))
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_placement_command_shows_pins_and_unpins(
+    placed: tuple[Coordinator, EdgeApp], certs_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tandem_cli.main import main
+
+    coordinator, app = placed
+    await wait_for(lambda: ("agent-5", "cnn") in coordinator.placement.decisions, timeout=30)
+    where = ["--cloud", f"localhost:{coordinator.port}", "--certs", str(certs_dir)]
+    assert await asyncio.to_thread(main, ["placement", "pin", "agent-5", "cnn", "split:3", *where]) == 0
+    await wait_for(lambda: agent_placement(app) == "split:3", timeout=1.0)
+    assert await asyncio.to_thread(main, ["placement", "show", "--json", *where]) == 0
+    out = capsys.readouterr().out
+    shown = __import__("json").loads(out[out.index("["):])
+    assert [(p["agent"], p["placement"], p["pinned"]) for p in shown] == [("agent-5", "split:3", True)]
+    assert await asyncio.to_thread(main, ["placement", "unpin", "agent-5", "cnn", *where]) == 0
+    assert await asyncio.to_thread(main, ["placement", "unpin", "agent-5", "cnn", *where]) == 1  # NOT_FOUND
+    assert "NOT_FOUND" in capsys.readouterr().err
