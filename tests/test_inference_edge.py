@@ -100,6 +100,10 @@ async def test_cascade_sends_up_only_the_unsure_rows(edge: tuple[EdgeApp, infere
         assert response.placement == where, t
         expected = np.where((confidence < t)[:, None], heavy, small)
         close(response, expected)
+    # What a cascade would send up, measured on the answers the edge computed, for the controller.
+    measured = router.measurements()
+    assert measured["confidence_below:mlp-small:1"] == 1.0
+    assert 0.0 < measured["confidence_below:mlp-small:0.9"] <= 1.0
 
 
 async def test_new_versions_are_fetched_and_served(

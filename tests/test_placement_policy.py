@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import random
 
-from cloud.placement_policy import AgentView, Decision, ModelProfile, Observations, PolicyConfig, costs, decide
+from cloud.placement import split_text
+from cloud.placement_policy import (
+    AgentView, CascadeOption, Decision, ModelProfile, Observations, PolicyConfig, costs, decide,
+)
 from tandem import staged
 
 _, STAGES = staged.describe("cnn")
@@ -100,3 +103,27 @@ def test_pinned_placements_are_left_alone() -> None:
     obs = Observations(time=10.0, models={"cnn": CNN}, agents={"a": view(WEAK, mbit=100, rtt=0.005)})
     current = {("a", "cnn"): Decision(L, 0.0, 1.0)}
     assert decide(obs, current, PolicyConfig(), pinned=frozenset({("a", "cnn")}))[("a", "cnn")].split == L
+
+
+def test_a_cascade_is_weighed_against_sending_everything_to_the_cloud_model() -> None:
+    """With a cascade asked for, the edge's own answers are not enough when it is unsure:
+    the choice is the cascade or the cloud's model for everything, never the edge alone."""
+    small = ModelProfile(stage_bytes=(256, 128), cloud_seconds=(0.0001, 0.0001))
+    big = ModelProfile(stage_bytes=(256, 8192, 8192, 8192), cloud_seconds=(0.002, 0.002, 0.002, 0.002))
+    config = PolicyConfig(cascades={"small": CascadeOption(0.9, "big")})
+
+    def choose(mbit: float, rtt: float, up: float | None) -> tuple[int, tuple[float, ...]]:
+        agent = AgentView(rtt=rtt, up_bytes_per_second=mbit * MBIT, edge_seconds={"small": (0.001, 0.001)},
+                          request_rate={"small": 5.0},
+                          confidence_below={"small": {0.9: up}} if up is not None else {})
+        obs = Observations(time=0.0, models={"small": small, "big": big}, agents={"a": agent})
+        d = decide(obs, {}, config)[("a", "small")]
+        return d.split, d.costs
+
+    split, j = choose(mbit=100, rtt=0.080, up=0.2)  # a distant cloud: answer most here
+    assert split == 3 and j[1] == j[2] == float("inf")  # option L + 1: the cascade
+    assert abs(j[3] - (0.002 + 0.2 * (0.080 + 256 / (100 * MBIT) + 0.008))) < 1e-3
+    assert choose(mbit=100, rtt=0.001, up=0.9)[0] == 0  # unsure edge, near cloud: all to the big model
+    assert choose(mbit=100, rtt=0.080, up=None)[0] == 0  # not measured yet: cannot price the cascade
+    assert split_text("mlp-small", 0, PolicyConfig(cascades={"mlp-small": CascadeOption(0.9, "mlp-heavy")})) == \
+        "cascade:1.01:mlp-heavy"

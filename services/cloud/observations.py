@@ -59,6 +59,7 @@ def agent_view(measurements: Mapping[str, float], connected: bool = True) -> Age
     """An agent from the measurement names its heartbeats use (see edge.router.measurements)."""
     edge: dict[str, dict[int, float]] = defaultdict(dict)
     rates: dict[str, float] = {}
+    below: dict[str, dict[float, float]] = defaultdict(dict)
     for name, value in measurements.items():
         kind, _, rest = name.partition(":")
         if kind == "stage_seconds":
@@ -67,6 +68,12 @@ def agent_view(measurements: Mapping[str, float], connected: bool = True) -> Age
                 edge[model][int(index)] = value
         elif kind == "examples_per_second":
             rates[rest] = value
+        elif kind == "confidence_below":
+            model, _, level = rest.rpartition(":")
+            try:
+                below[model][float(level)] = value
+            except ValueError:
+                pass
     edge_seconds = {}
     for model, by_stage in edge.items():
         seconds = tuple(by_stage[i] for i in sorted(by_stage))
@@ -77,6 +84,7 @@ def agent_view(measurements: Mapping[str, float], connected: bool = True) -> Age
     return AgentView(
         rtt=measurements.get("rtt_seconds", 0.0), up_bytes_per_second=up,
         reachable=connected and measurements.get("link_up", 1.0) > 0, edge_seconds=edge_seconds, request_rate=rates,
+        confidence_below=dict(below),
     )
 
 
@@ -133,6 +141,7 @@ QUERIES = {
     "rtt": 'tandem_edge_link_rtt_seconds{job="tandem-edge"}',
     "up": 'tandem_edge_link_bytes_per_second{job="tandem-edge",direction="up"}',
     "link_up": 'tandem_edge_link_up{job="tandem-edge"}',
+    "below": 'tandem_edge_confidence_below_ratio{job="tandem-edge"}',
     "rate": 'sum by (agent, model) (rate(tandem_edge_inference_examples_total{job="tandem-edge"}[{w}]))',
     "queue_wait": 'sum(rate(tandem_inference_queue_wait_seconds_sum{job="tandem-cloud"}[{w}])) / '
                   'sum(rate(tandem_inference_queue_wait_seconds_count{job="tandem-cloud"}[{w}]))',
@@ -170,6 +179,8 @@ class PrometheusSource:
         for name, key in (("rtt", "rtt_seconds"), ("up", "link_up_bytes_per_second"), ("link_up", "link_up")):
             for labels, value in r[name]:
                 measurements[labels["agent"]][key] = value
+        for labels, value in r["below"]:
+            measurements[labels["agent"]][f"confidence_below:{labels['model']}:{labels['threshold']}"] = value
         for labels, value in r["rate"]:
             measurements[labels["agent"]][f"examples_per_second:{labels['model']}"] = value
         agents = {agent: agent_view(m) for agent, m in measurements.items()}

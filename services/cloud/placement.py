@@ -34,8 +34,14 @@ class ControllerConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
 
-def split_text(model: str, k: int) -> str:
+def split_text(model: str, k: int, policy: PolicyConfig = PolicyConfig()) -> str:
+    """The placement string of option k (L + 1 is the model's cascade, if offered)."""
     stages = len(staged.describe(model)[1])
+    option = policy.cascades.get(model)
+    if option is not None:
+        if k == 0:
+            return option.all_cloud
+        return f"cascade:{option.threshold:g}" + (f":{option.cloud_model}" if option.cloud_model else "")
     return "cloud" if k == 0 else "edge" if k >= stages else f"split:{k}"
 
 
@@ -60,7 +66,7 @@ class PlacementController:
 
     def _text(self, key: Key) -> str:
         pinned = self._pins.get(key)
-        return pinned if pinned is not None else split_text(key[1], self.decisions[key].split)
+        return pinned if pinned is not None else split_text(key[1], self.decisions[key].split, self.config.policy)
 
     async def run(self) -> None:
         while True:

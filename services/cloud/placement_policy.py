@@ -46,6 +46,15 @@ class AgentView:
     reachable: bool = True
     edge_seconds: dict[str, tuple[float, ...]] = field(default_factory=dict)
     request_rate: dict[str, float] = field(default_factory=dict)  # examples per second
+    # model -> {t: fraction of recent examples whose confidence was below t}
+    confidence_below: dict[str, dict[float, float]] = field(default_factory=dict)
+
+    def sent_up(self, model: str, threshold: float) -> float | None:
+        """Fraction of examples a cascade at `threshold` would send up: measured at the
+        smallest measured threshold at or above it (an upper bound), None if unknown."""
+        measured = self.confidence_below.get(model, {})
+        above = [t for t in measured if t >= threshold]
+        return measured[min(above)] if above else None
 
 
 @dataclass(frozen=True)
@@ -58,8 +67,30 @@ class Observations:
 
 
 @dataclass(frozen=True)
+class CascadeOption:
+    """A cascade the operator asks for on a model: the edge answers when its confidence
+    is at least `threshold`, else `cloud_model` (default: the same) answers in the cloud.
+
+    On latency alone a cascade never beats running everything at the edge, so asking
+    for one means the edge's own answers are not good enough when it is unsure. The
+    options are then the cascade itself (option L + 1) and sending every input to the
+    cloud's model (option 0); splits of the edge model are off the table."""
+
+    threshold: float
+    cloud_model: str = ""
+
+    @property
+    def all_cloud(self) -> str:
+        return f"cascade:{ALL_UP}" + (f":{self.cloud_model}" if self.cloud_model else "")
+
+
+# A cascade threshold above any confidence: every input goes to the cloud's model.
+ALL_UP = 1.01
+
+
+@dataclass(frozen=True)
 class Decision:
-    split: int  # stages at the edge: 0 all cloud, L all edge
+    split: int  # stages at the edge: 0 all cloud, L all edge, L + 1 the model's cascade
     since: float  # when it was taken
     cost: float  # predicted J at the time
     costs: tuple[float, ...] = ()  # J(k) for every k, for the log
@@ -73,6 +104,7 @@ class PolicyConfig:
     min_gain_seconds: float = 0.001  # ... and by this much
     min_dwell: float = 5.0  # seconds a placement is kept at least
     max_switch_fraction: float = 0.25  # of the agents serving a model, per tick
+    cascades: dict[str, CascadeOption] = field(default_factory=dict)
 
     def alpha_for(self, model: str) -> float:
         return self.alpha_per_model.get(model, self.alpha)
@@ -99,6 +131,19 @@ def costs(
                 j += alpha * sent
         result.append(j)
     return tuple(result)
+
+
+def cascade_cost(
+    profile: ModelProfile, cloud: ModelProfile, agent: AgentView, edge: tuple[float, ...], sent_up: float,
+    queue_wait: float, alpha: float,
+) -> float:
+    """J of a cascade: the whole model here, and for the fraction `sent_up` of examples the
+    input goes up to the cloud's model as well."""
+    if not agent.reachable or agent.up_bytes_per_second <= 0:
+        return sum(edge) + (_UNUSABLE if sent_up > 0 else 0.0)
+    sent = profile.stage_bytes[0]
+    up = agent.rtt + sent / agent.up_bytes_per_second + queue_wait + sum(cloud.cloud_seconds) + alpha * sent
+    return sum(edge) + sent_up * up
 
 
 def _f(utilisation: float) -> float:
@@ -129,15 +174,47 @@ class QueueModel:
 DEFAULT_WAIT_SCALE = 0.002
 
 
-def _load(obs: Observations, plan: dict[tuple[str, str], int]) -> float:
+def _load(obs: Observations, config: PolicyConfig, plan: dict[tuple[str, str], int]) -> float:
     """Cloud compute seconds per second the fleet would cause under `plan`."""
     total = 0.0
     for (agent, model), k in plan.items():
         profile, view = obs.models.get(model), obs.agents.get(agent)
-        if profile is None or view is None or k >= profile.num_stages:
+        if profile is None or view is None or k == profile.num_stages:
             continue
-        total += view.request_rate.get(model, 0.0) * _offload_seconds(profile, k)
+        rate = view.request_rate.get(model, 0.0)
+        option = config.cascades.get(model)
+        if option is None:
+            if k < profile.num_stages:
+                total += rate * _offload_seconds(profile, k)
+            continue
+        cloud = obs.models.get(option.cloud_model or model)
+        up = 1.0 if k == 0 else view.sent_up(model, option.threshold)
+        if cloud is not None and up is not None:
+            total += rate * up * sum(cloud.cloud_seconds)
     return total
+
+
+def _price(
+    obs: Observations, config: PolicyConfig, queue: QueueModel, plan: dict[tuple[str, str], int],
+    key: tuple[str, str], k: int,
+) -> float:
+    """J of option k for one (agent, model), with the queue wait that the plan, this
+    option included, would bring about; infinite for a cascade that cannot be priced."""
+    agent, model = key
+    profile, view = obs.models[model], obs.agents[agent]
+    edge, alpha = view.edge_seconds[model], config.alpha_for(model)
+    wait = queue.wait(_load(obs, config, {**plan, key: k}))
+    option = config.cascades.get(model)
+    if option is None:
+        return costs(profile, view, edge, wait, alpha)[k] if k <= profile.num_stages else math.inf
+    cloud = obs.models.get(option.cloud_model or model)
+    if cloud is None or 0 < k <= profile.num_stages:
+        return math.inf
+    if k == 0:  # every input to the cloud's model, nothing computed here
+        return costs(replace(cloud, stage_bytes=profile.stage_bytes[:1] + cloud.stage_bytes[1:]), view,
+                     edge, wait, alpha)[0]
+    up = view.sent_up(model, option.threshold)
+    return math.inf if up is None else cascade_cost(profile, cloud, view, edge, up, wait, alpha)
 
 
 def decide(
@@ -146,7 +223,7 @@ def decide(
 ) -> dict[tuple[str, str], Decision]:
     """New decisions for every (agent, model) that the observations cover."""
     plan = {key: d.split for key, d in current.items()}
-    queue = QueueModel.calibrate(obs, _load(obs, plan))
+    queue = QueueModel.calibrate(obs, _load(obs, config, plan))
     decisions = dict(current)
     candidates: list[tuple[float, tuple[str, str], Decision]] = []
     for agent, view in sorted(obs.agents.items()):
@@ -155,20 +232,16 @@ def decide(
             key = (agent, model)
             if profile is None or len(edge) != profile.num_stages or key in pinned:
                 continue
-            others = {k: v for k, v in plan.items() if k != key}
-            # Each option priced with the queue wait it would bring about.
-            options = []
-            for k in range(profile.num_stages + 1):
-                wait = queue.wait(_load(obs, {**others, key: k}))
-                options.append(costs(profile, view, edge, wait, config.alpha_for(model))[k])
-            best = min(range(len(options)), key=lambda k: (options[k], -k))
+            count = profile.num_stages + (2 if model in config.cascades else 1)
+            options = [_price(obs, config, queue, plan, key, k) for k in range(count)]
+            best = min(range(count), key=lambda k: (options[k], -k))
             old = current.get(key)
             fresh = Decision(best, obs.time, options[best], tuple(options))
-            if old is None:
+            if old is None or old.split >= count:
                 decisions[key], plan[key] = fresh, best
                 continue
             decisions[key] = replace(old, costs=tuple(options))
-            unreachable = not view.reachable and old.split < profile.num_stages
+            unreachable = not view.reachable and old.split != profile.num_stages and best == profile.num_stages
             gain = options[old.split] - options[best]
             worth = gain > max(config.min_gain * options[old.split], config.min_gain_seconds)
             settled = obs.time - old.since >= config.min_dwell
@@ -178,17 +251,14 @@ def decide(
     candidates.sort(key=lambda c: -c[0])
     per_model: dict[str, int] = {}
     for gain, key, fresh in candidates:
-        agent, model = key
+        model = key[1]
         serving = sum(1 for v in obs.agents.values() if model in v.edge_seconds)
         limit = max(1, math.floor(config.max_switch_fraction * serving))
         if gain != math.inf and per_model.get(model, 0) >= limit:
             continue
         # Re-price with the switches already made this tick.
-        profile, view = obs.models[model], obs.agents[agent]
-        others = {k: v for k, v in plan.items() if k != key}
-        wait = queue.wait(_load(obs, {**others, key: fresh.split}))
-        cost = costs(profile, view, view.edge_seconds[model], wait, config.alpha_for(model))[fresh.split]
-        if gain != math.inf and cost >= decisions[key].costs[decisions[key].split]:
+        cost = _price(obs, config, queue, plan, key, fresh.split)
+        if gain != math.inf and cost >= _price(obs, config, queue, plan, key, decisions[key].split):
             continue
         decisions[key] = replace(fresh, cost=cost)
         plan[key] = fresh.split

@@ -32,6 +32,11 @@ class RouterConfig:
     margin: float = 0.003  # seconds kept back from a deadline for answering locally
 
 
+# Confidence levels at which the agent reports how many answers fell below: what a
+# cascade at that threshold would send up (the controller prices cascades with it).
+CONFIDENCE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
 def _softmax_confidence(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(shifted)
@@ -50,6 +55,7 @@ class EdgeRouter:
         self.cloud: inference_pb2_grpc.InferenceStub | None = None  # set once the channel exists
         self._examples: dict[str, int] = {}  # model -> rows served, for the request rate
         self._rates: dict[str, tuple[float, int]] = {}  # model -> (when, rows) at the last report
+        self._confidence: dict[str, np.ndarray] = {}  # model -> [answers, below each grid level]
 
     def placement(self, model: str) -> Placement:
         return self._placements.get(model, EDGE)
@@ -76,7 +82,17 @@ class EdgeRouter:
             if now > then:
                 values[f"examples_per_second:{model.model}"] = (rows - before) / (now - then)
             self._rates[model.model] = (now, rows)
+            counts = self._confidence.pop(model.model, None)
+            if counts is not None and counts[0] > 0:
+                for level, below in zip(CONFIDENCE_GRID, counts[1:]):
+                    values[f"confidence_below:{model.model}:{level:g}"] = float(below / counts[0])
+                    metrics.EDGE_CONFIDENCE_BELOW.labels(model.model, f"{level:g}").set(float(below / counts[0]))
         return values
+
+    def _count_confidence(self, model: str, confidence: np.ndarray) -> None:
+        counts = self._confidence.setdefault(model, np.zeros(len(CONFIDENCE_GRID) + 1))
+        counts[0] += len(confidence)
+        counts[1:] += (confidence[:, None] < np.asarray(CONFIDENCE_GRID)[None, :]).sum(axis=0)
 
     async def infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
         x = decode_input(request, self.config.max_request_rows)
@@ -102,13 +118,26 @@ class EdgeRouter:
                     output=codec.to_proto(answer[1]), placement=pb.PLACEMENT_SPLIT if here > 0 else pb.PLACEMENT_CLOUD,
                 )
             h = await self._local(model, h, here, last)
+        if h.ndim == 2:  # class scores: how sure the edge is tells what a cascade would send up
+            self._count_confidence(model.model, _softmax_confidence(h))
         return self._answer(request, model, h, pb.PLACEMENT_EDGE)
 
     async def _cascade(
         self, request: pb.InferRequest, model: StagedModel, x: np.ndarray, placement: Placement, deadline: float | None
     ) -> pb.InferResponse:
+        if placement.threshold > 1:  # everything goes up: nothing to compute here first
+            answer = await self._cloud(request.request_id, model.model, 0, x, 0, deadline,
+                                       sum(model.seconds_per_example()) * len(x),
+                                       (len(x), *model.stages[-1].output_shape), cloud_model=placement.cloud_model)
+            if answer is not None:
+                metrics.EDGE_CASCADE_ROWS.labels(model.model, "cloud").inc(len(x))
+                return self._answer(request, model, answer[1], pb.PLACEMENT_CASCADE)
         logits = await self._local(model, x, 0, model.num_stages)
-        unsure = np.flatnonzero(_softmax_confidence(logits) < placement.threshold)
+        confidence = _softmax_confidence(logits)
+        self._count_confidence(model.model, confidence)
+        unsure = np.flatnonzero(confidence < placement.threshold)
+        if placement.threshold > 1:
+            unsure = unsure[:0]  # the cloud just failed: answer it all here
         sent_up = False
         if unsure.size:
             cloud_model = placement.cloud_model or model.model

@@ -128,6 +128,11 @@ EDGE_EXAMPLES = Counter(
     "tandem_edge_inference_examples_total", "Examples (rows) of inference requests the agent served, by model.",
     ["model"],
 )
+EDGE_CONFIDENCE_BELOW = Gauge(
+    "tandem_edge_confidence_below_ratio",
+    "Fraction of recent answers whose confidence was below a level: what a cascade would send up.",
+    ["model", "threshold"],
+)
 EDGE_LINK_UP = Gauge("tandem_edge_link_up", "1 while the agent believes the cloud reachable for inference.")
 EDGE_PLACEMENT = Gauge(
     "tandem_edge_placement_split_layer",

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="price of a byte sent between edge and cloud, in seconds (per deployment)")
     group.add_argument("--alpha-model", action="append", default=[], metavar="MODEL=ALPHA",
                        help="the price for one model; repeatable")
+    group.add_argument("--cascade", action="append", default=[], metavar="MODEL=T[:CLOUD_MODEL]",
+                       help="offer a cascade for MODEL as an option besides the split points; repeatable")
     group.add_argument("--min-dwell", type=float, default=5.0, help="seconds a placement is kept at least")
     group.add_argument("--min-gain", type=float, default=0.10,
                        help="fraction of predicted latency a switch must save")

@@ -11,7 +11,8 @@ from pathlib import Path
 async def run_cloud(args: argparse.Namespace) -> int:
     from cloud.app import CloudConfig, Coordinator
     from cloud.placement import ControllerConfig
-    from cloud.placement_policy import PolicyConfig
+    from cloud.placement_policy import CascadeOption, PolicyConfig
+    from tandem import placement as placement_mod
     from cloud.serving import ServingConfig
     from tandem import lifecycle
 
@@ -21,7 +22,15 @@ async def run_cloud(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--alpha-model {item!r} is not MODEL=ALPHA")
         alphas[model] = float(value)
-    policy = PolicyConfig(alpha=args.alpha, alpha_per_model=alphas, min_dwell=args.min_dwell, min_gain=args.min_gain)
+    cascades = {}
+    for item in args.cascade:
+        model, sep, text = item.partition("=")
+        chosen = placement_mod.parse(model, f"cascade:{text}") if sep else None
+        if chosen is None or chosen.mode != "cascade":
+            raise ValueError(f"--cascade {item!r} is not MODEL=T[:CLOUD_MODEL]")
+        cascades[model] = CascadeOption(chosen.threshold, chosen.cloud_model)
+    policy = PolicyConfig(alpha=args.alpha, alpha_per_model=alphas, min_dwell=args.min_dwell, min_gain=args.min_gain,
+                          cascades=cascades)
     placement = ControllerConfig(interval=args.placement_interval, policy=policy) if args.placement_interval > 0 else None
 
     config = CloudConfig(
