@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CERTS  ?= .certs
 AGENTS ?= edge-1,edge-2,edge-3,edge-4
 
-.PHONY: install protos certs run test typecheck bench-fl bench-auto gpu-check clean
+.PHONY: install protos certs run test typecheck bench-fl bench-auto bench-infer gpu-check clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ bench-fl: $(STAMP)
 # Codec auto with two agents behind a bandwidth-shaped link (needs root for ip netns).
 bench-auto: $(STAMP)
 	$(TANDEM) bench auto --rounds 6 --rate 1mbit --target 1.0 --out bench/results/auto.json
+
+# Inference serving under load against an echo server and in-process forward passes,
+# hot swaps, and edge placements and a cascade through an agent (~5 minutes).
+bench-infer: $(STAMP)
+	$(TANDEM) bench infer --seconds 10 --swap-seconds 30 --out bench/results/infer.json
 
 # Cloud inference on cuda against CPU (relative error < 1e-4); skips without a GPU.
 gpu-check: $(STAMP)

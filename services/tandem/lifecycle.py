@@ -41,3 +41,26 @@ def tune_allocator() -> bool:
         return bool(libc.mallopt(m_mmap_threshold, 1 << 20)) and bool(libc.mallopt(m_arena_max, 2))
     except (OSError, AttributeError):
         return False
+
+
+def tune_for_serving(torch_threads: int = 0) -> int:
+    """Share the CPU well between the event loop (gRPC) and the forward passes on the
+    batcher's thread; returns the number of torch threads set.
+
+    - torch's intra-op threads spin for a while after every operation; on a small
+      host they take the core the event loop needs. `0` picks one core fewer than
+      the machine has (at least one).
+    - The forward-pass thread needs the GIL between torch operations, and a busy event
+      loop keeps it for up to the switch interval (5 ms by default) each time: at
+      1 ms a small batch is not kept waiting several times longer than it computes.
+    Measured on 2 cores (mlp, single-row requests, 64 clients): about 1.5x the
+    requests per second of the defaults.
+    """
+    import sys
+
+    import torch
+
+    threads = torch_threads or max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(threads)
+    sys.setswitchinterval(0.001)
+    return threads

@@ -34,6 +34,8 @@ def _serving_args(parser: argparse.ArgumentParser, device: str = "auto") -> None
     group.add_argument("--max-queue-rows", type=int, default=8192,
                        help="rows waiting at most; beyond it requests get RESOURCE_EXHAUSTED")
     group.add_argument("--max-request-rows", type=int, default=1024, help="rows one request may carry")
+    group.add_argument("--torch-threads", type=int, default=0,
+                       help="torch intra-op threads (0: one fewer than the cores, leaving one to gRPC)")
 
 
 def build_parser() -> argparse.ArgumentParser:

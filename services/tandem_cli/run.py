@@ -42,6 +42,7 @@ async def run_cloud(args: argparse.Namespace) -> int:
         ),
         placement=placement, prometheus_url=args.prometheus_url,
     )
+    lifecycle.tune_for_serving(args.torch_threads)
     coordinator = Coordinator(config)
     stop = lifecycle.stop_event()
     await coordinator.start()
@@ -54,13 +55,13 @@ async def run_cloud(args: argparse.Namespace) -> int:
 
 
 async def run_edge(args: argparse.Namespace) -> int:
-    import torch
-
     from edge.agent import AgentConfig
     from edge.app import EdgeApp
     from tandem import lifecycle
 
-    torch.set_num_threads(max(1, args.threads))
+    # --threads (training, 1 by default, which keeps local training reproducible) unless
+    # --torch-threads says otherwise.
+    lifecycle.tune_for_serving(args.torch_threads or max(1, args.threads))
     config = AgentConfig(
         cloud=args.cloud, certs=args.certs, agent_id=args.id, data=args.data, metrics=args.metrics,
         listen=args.listen, placements=tuple(args.placement), cloud_timeout=args.cloud_timeout,
