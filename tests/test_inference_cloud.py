@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from prometheus_client import REGISTRY, generate_latest
+
 from cloud.app import CloudConfig, Coordinator
 from cloud.serving import ServingConfig
 from tandem import codec
@@ -91,8 +93,10 @@ async def test_bad_inputs_get_precise_codes(served: tuple[inference_pb2_grpc.Inf
             await stub.Infer(bad)
         assert err.value.code() == code, (bad.model, err.value.details())
         assert words in (err.value.details() or ""), err.value.details()
-    # Nothing above disturbed the server.
+    # Nothing above disturbed the server, and names from the wire made no metric series.
     assert (await stub.Infer(request("mlp", inputs(1)))).version == 1
+    exposition = generate_latest(REGISTRY).decode()
+    assert 'model="nope"' not in exposition and 'model="unknown"' in exposition
 
 
 async def test_stream_reports_errors_in_order_and_stays_open(served: tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]) -> None:

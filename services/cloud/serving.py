@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from cloud.models import ModelRepository
 from cloud.store import VersionRow, read_tensors
-from tandem import codec, metrics, staged
+from tandem import codec, metrics, staged, zoo
 from tandem.batching import Batcher, keep_profiled
 from tandem.errors import InvalidArgument, TandemError
 from tandem.inference import decode_input, model_info
@@ -144,7 +144,9 @@ class ModelServer:
             model = await self.get(request.model, request.version)
             model.check_input(x, request.start_layer)
         except TandemError as exc:
-            metrics.INFER_REJECTED.labels(request.model, exc.reason).inc()
+            # A name from the wire labels a series only if it is a model: no unbounded series.
+            label = request.model if request.model in zoo.model_names() else "unknown"
+            metrics.INFER_REJECTED.labels(label, exc.reason).inc()
             raise
         run = functools.partial(model.run, start_layer=request.start_layer)
         out = await self.batcher.submit((model.model, model.version, request.start_layer), x, run, model.model)
