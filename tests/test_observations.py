@@ -1,0 +1,73 @@
+"""The controller's direct source as plain logic: heartbeat measurement names, and the
+cloud's exposition text parsed with prometheus_client's parser (made here by a real
+registry with the same metric names, so the text is what /metrics serves)."""
+
+from __future__ import annotations
+
+import grpc
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+
+from cloud.observations import DirectSource, agent_view, stage_bytes
+from edge.link import LinkMonitor
+
+
+def test_agent_view_reads_the_heartbeat_names() -> None:
+    view = agent_view({
+        "rtt_seconds": 0.02, "link_up_bytes_per_second": 1e6, "link_up": 1.0,
+        **{f"stage_seconds:cnn:{i}": 0.001 * i for i in range(1, 6)},
+        "stage_seconds:mlp:1": 0.001, "stage_seconds:mlp:3": 0.001,  # a gap: not usable
+        "examples_per_second:cnn": 7.5, "confidence_below:cnn:0.9": 0.25, "confidence_below:cnn:x": 1.0,
+        "uplink_bytes_per_second": 5.0,
+    })
+    assert (view.rtt, view.up_bytes_per_second, view.reachable) == (0.02, 1e6, True)
+    assert view.edge_seconds == {"cnn": (0.001, 0.002, 0.003, 0.004, 0.005)}
+    assert view.request_rate == {"cnn": 7.5}
+    assert view.sent_up("cnn", 0.8) == 0.25 and view.sent_up("cnn", 0.95) is None
+    # Without inference traffic, the throughput that training uploads measured stands in.
+    assert agent_view({"uplink_bytes_per_second": 5.0}).up_bytes_per_second == 5.0
+    assert not agent_view({"link_up": 0.0}).reachable
+
+
+def test_stage_bytes_start_with_the_input() -> None:
+    assert stage_bytes("cnn") == (110_592, 73_728, 36_864, 18_432, 9_216)
+
+
+async def test_direct_source_turns_counters_into_rates() -> None:
+    registry = CollectorRegistry()
+    per_example = Gauge("tandem_inference_stage_seconds_per_example", "", ["model", "stage"], registry=registry)
+    wait = Histogram("tandem_inference_queue_wait_seconds", "", ["model"], registry=registry)
+    busy = Histogram("tandem_inference_stage_duration_seconds", "", ["model", "stage"], registry=registry)
+    for stage in range(1, 6):
+        per_example.labels("cnn", str(stage)).set(0.002)
+    per_example.labels("mlp", "1").set(0.001)  # mlp's other stages unmeasured: not a usable profile
+    measurements = {"a": {"rtt_seconds": 0.01, "link_up_bytes_per_second": 1e6,
+                          **{f"stage_seconds:cnn:{i}": 0.003 for i in range(1, 6)}}}
+    source = DirectSource(agents=lambda: measurements, exposition=lambda: generate_latest(registry).decode())
+    first = await source.observe()
+    assert set(first.models) == {"cnn"} and first.models["cnn"].cloud_seconds == (0.002,) * 5
+    assert (first.queue_wait, first.cloud_busy) == (0.0, 0.0)  # no interval yet
+    for _ in range(10):
+        wait.labels("cnn").observe(0.004)
+    busy.labels("cnn", "1").observe(0.05)
+    second = await source.observe()
+    assert abs(second.queue_wait - 0.004) < 1e-9
+    assert second.cloud_busy > 0
+    assert second.agents["a"].edge_seconds["cnn"] == (0.003,) * 5
+
+
+def test_link_monitor_separates_round_trips_from_throughput() -> None:
+    async def never(timeout: float, size: int) -> None:
+        raise AssertionError("not probed in this test")
+
+    link = LinkMonitor(never, interval=1.0)
+    link.success(0.010)
+    link.success(0.020)
+    assert link.rtt is not None and 0.010 < link.rtt < 0.020  # a moving average of small calls
+    link.success(0.110, sent=100_000)
+    assert abs(link.bytes_per_second["up"] - 100_000 / (0.110 - link.rtt)) < 1.0
+    link.failure(grpc.StatusCode.INVALID_ARGUMENT)
+    assert link.available()  # not a link problem
+    link.failure(grpc.StatusCode.UNAVAILABLE)
+    assert not link.available()
+    link.success(0.01)
+    assert link.available()
