@@ -218,8 +218,11 @@ class Agent:
         except (ValueError, KeyError) as exc:
             log.warning("ignoring placement %s for %s: %s", decision.placement, decision.model, exc)
             return
+        before = self.router.placement(decision.model)
         self.router.set_placement(decision.model, chosen, len(staged.describe(decision.model)[1]))
-        log.info("placement of %s: %s%s", decision.model, chosen, " (pinned)" if decision.pinned else "")
+        if chosen != before:
+            log.info("placement of %s: %s -> %s (%s)", decision.model, before, chosen,
+                     "pinned by an operator" if decision.pinned else "the cloud's placement controller")
 
     def _announced(self, notice: pb.ModelNotice) -> None:
         if self.router is not None:

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", action="append", default=[], metavar="MODEL=MODE",
                    help="where MODEL's requests run: edge, cloud, split:K (stages 1..K here, the rest in the "
                         "cloud) or cascade:T[:CLOUD_MODEL] (the cloud answers when the edge's confidence is "
-                        "below T); repeatable; models not named run at the edge")
+                        "below T); repeatable; models not named run at the edge. The cloud's placement "
+                        "controller replaces these as it decides (`tandem placement pin` fixes one)")
     p.add_argument("--cloud-timeout", type=float, default=1.0,
                    help="seconds a cloud call may take when the request sets no deadline; then the edge answers")
     p.add_argument("--probe-interval", type=float, default=2.0,
