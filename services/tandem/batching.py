@@ -45,7 +45,8 @@ class _Lane:
     label: str
     waiting: collections.deque[_Pending] = field(default_factory=collections.deque)
     rows: int = 0
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # a request came to an empty lane
+    full: asyncio.Event = field(default_factory=asyncio.Event)  # max_batch rows, or the delay is up
     task: asyncio.Task[None] | None = None
 
 
@@ -78,7 +79,11 @@ class Batcher:
         lane.waiting.append(pending)
         lane.rows += len(rows)
         self._queued(len(rows))
-        lane.arrived.set()
+        # Wake the gathering task only when it has something to do: cheap per request.
+        if len(lane.waiting) == 1:
+            lane.arrived.set()
+        if lane.rows >= self.max_batch:
+            lane.full.set()
         if lane.task is None:
             lane.task = asyncio.create_task(self._gather(key, lane), name=f"batcher-{key}")
         return await pending.future
@@ -99,16 +104,14 @@ class Batcher:
                         del self._lanes[key]
                         return
                 continue
-            close_at = lane.waiting[0].enqueued + self.max_delay
-            while lane.rows < self.max_batch:
-                remaining = close_at - time.perf_counter()
-                if remaining <= 0:
-                    break
-                lane.arrived.clear()
-                try:
-                    await asyncio.wait_for(lane.arrived.wait(), remaining)
-                except TimeoutError:
-                    break
+            remaining = lane.waiting[0].enqueued + self.max_delay - time.perf_counter()
+            if lane.rows < self.max_batch and remaining > 0:
+                # One timer per batch, not one wait per arrival: the batch closes when
+                # submit() sees it full or when the oldest request has waited max_delay.
+                lane.full.clear()
+                timer = loop.call_later(remaining, lane.full.set)
+                await lane.full.wait()
+                timer.cancel()
             batch = self._take(lane)
             if not batch:
                 continue
@@ -122,7 +125,7 @@ class Batcher:
                 continue
             self.batches += 1
             self.rows_run += len(x)
-            metrics.INFER_BATCH_ROWS.labels(lane.label).observe(len(x))
+            metrics.child(metrics.INFER_BATCH_ROWS, lane.label).observe(len(x))
             first = 0
             for p in batch:
                 if not p.future.done():
@@ -142,7 +145,7 @@ class Batcher:
             self._queued(-len(head.rows))
             if head.future.done():  # its caller gave up (cancelled or timed out)
                 continue
-            metrics.INFER_QUEUE_WAIT_SECONDS.labels(lane.label).observe(now - head.enqueued)
+            metrics.child(metrics.INFER_QUEUE_WAIT_SECONDS, lane.label).observe(now - head.enqueued)
             batch.append(head)
             rows += len(head.rows)
         return batch

@@ -94,8 +94,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         start = time.perf_counter()
         response = await self._backend.infer(request, deadline_of(request, time_remaining))
         response.server_seconds = time.perf_counter() - start
-        metrics.INFER_REQUEST_SECONDS.labels(
-            request.model, str(request.start_layer), placement_name(response.placement)
+        metrics.child(
+            metrics.INFER_REQUEST_SECONDS, response.model, str(request.start_layer), placement_name(response.placement)
         ).observe(response.server_seconds)
         return response
 

@@ -154,6 +154,19 @@ def _split(method: str) -> tuple[str, str]:
     return service, name
 
 
+_CHILDREN: dict[tuple[object, ...], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: several times cheaper, and it runs on every
+    request. Only for labels from a bounded set (methods, codes, zoo models)."""
+    key = (id(metric), *labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
+
+
 def _code(context: grpc.aio.ServicerContext) -> str:
     code = context.code()
     if code is None:
@@ -175,8 +188,8 @@ def _observed(service: str, method: str, context: grpc.aio.ServicerContext) -> I
         code = "CANCELLED" if context.cancelled() else "UNKNOWN"
         raise
     finally:
-        RPC_HANDLED.labels(service, method, code).inc()
-        RPC_SECONDS.labels(service, method).observe(time.perf_counter() - start)
+        child(RPC_HANDLED, service, method, code).inc()
+        child(RPC_SECONDS, service, method).observe(time.perf_counter() - start)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types

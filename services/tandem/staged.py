@@ -110,7 +110,9 @@ class StagedModel:
             )
         if x.shape[0] == 0:
             raise InvalidArgument("input batch is empty")
-        if not np.isfinite(x).all():
+        # A float64 sum of float32 values cannot overflow, so it is finite exactly when
+        # every value is: one pass, no boolean array.
+        if not np.isfinite(x.sum(dtype=np.float64)):
             raise InvalidArgument("input holds non-finite values (NaN or infinity)")
 
     def run(self, x: np.ndarray, start_layer: int = 0, end_layer: int | None = None) -> np.ndarray:
