@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CERTS  ?= .certs
 AGENTS ?= edge-1,edge-2,edge-3,edge-4
 
-.PHONY: install protos certs run test typecheck bench-fl bench-auto bench-infer gpu-check clean
+.PHONY: install protos certs run test typecheck bench-fl bench-auto bench-infer bench-placement gpu-check clean
 
 install: $(STAMP)
 
@@ -48,6 +48,12 @@ bench-auto: $(STAMP)
 # hot swaps, and edge placements and a cascade through an agent (~5 minutes).
 bench-infer: $(STAMP)
 	$(TANDEM) bench infer --seconds 10 --swap-seconds 30 --out bench/results/infer.json
+
+# Adaptive placement against every static placement on a weak edge whose shaped link follows
+# a trace; then four agents (needs root for ip netns, tc and cgroups; about 24 minutes).
+bench-placement: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) -m tandem_cli.bench_placement --phase-seconds 30 --agents 1,4 --out bench/results/placement.json
 
 # Cloud inference on cuda against CPU (relative error < 1e-4); skips without a GPU.
 gpu-check: $(STAMP)

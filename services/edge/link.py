@@ -69,13 +69,24 @@ class LinkMonitor:
             return
         # The time beyond one round trip went to moving the bytes.
         self._last_throughput = self._last_measured
-        moving = max(seconds - (self.rtt or 0.0), 1e-4)
+        moving = max(seconds - (self.rtt or 0.0), seconds / 2, 1e-4)
         for direction, nbytes in (("up", sent), ("down", received)):
             if nbytes >= MEASURABLE_BYTES:
-                value = _average(self.bytes_per_second.get(direction), nbytes / moving)
+                sample, old = nbytes / moving, self.bytes_per_second.get(direction)
+                # A step change (more than 2x either way) is taken at once; smaller changes are smoothed.
+                value = sample if old is None or not 0.5 <= sample / old <= 2 else _average(old, sample)
                 self.bytes_per_second[direction] = value
                 metrics.EDGE_LINK_BYTES_PER_SECOND.labels(direction).set(value)
                 self._report(f"link_{direction}_bytes_per_second", value)
+
+    def too_slow(self, sent: int, seconds: float) -> None:
+        """A call that sent `sent` bytes did not finish in `seconds`: the uplink moves less."""
+        if sent >= MEASURABLE_BYTES and seconds > 0:
+            bound = sent / seconds
+            if self.bytes_per_second.get("up", float("inf")) > bound:
+                self.bytes_per_second["up"] = bound
+                metrics.EDGE_LINK_BYTES_PER_SECOND.labels("up").set(bound)
+                self._report("link_up_bytes_per_second", bound)
 
     def failure(self, code: grpc.StatusCode) -> None:
         """A call failed; if for a link reason, stop trying the cloud for a while."""

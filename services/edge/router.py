@@ -186,6 +186,8 @@ class EdgeRouter:
         try:
             answer: pb.InferResponse = await self.cloud.Infer(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self.link.too_slow(request.ByteSize(), timeout)
             self.link.failure(exc.code())
             metrics.EDGE_FALLBACKS.labels(model, exc.code().name.lower()).inc()
             return None
