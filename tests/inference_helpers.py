@@ -9,8 +9,8 @@ import torch
 
 from tandem import codec, grpcserver, tls, training, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc
-from tandem.v1 import coordinator_pb2 as cpb
 from tandem.v1 import inference_pb2 as pb
+from tandem_cli.admin import publish_messages
 
 RNG = np.random.default_rng(0)
 
@@ -42,11 +42,6 @@ def request(model: str, x: np.ndarray, **fields: object) -> pb.InferRequest:
 
 def inputs(rows: int, width: int = 64) -> np.ndarray:
     return RNG.normal(size=(rows, width)).astype(np.float32)
-
-
-def publish_messages(model: str, arrays: dict[str, np.ndarray], sha: str | None = None) -> list[cpb.ModelChunk]:
-    header = cpb.ModelHeader(model=model, sha256=sha if sha is not None else codec.state_sha256(arrays))
-    return [cpb.ModelChunk(header=header), *(cpb.ModelChunk(tensor=c) for c in codec.iter_chunks(arrays))]
 
 
 async def publish(target: str, certs_dir: Path, model: str, arrays: dict[str, np.ndarray]) -> admin_pb2.ModelVersion:

@@ -200,7 +200,7 @@ async def test_publish_model_checks_everything_and_swaps_it_in(
         wrong = dict(arrays)
         wrong.pop(sorted(wrong)[0])
         for messages, words in [
-            (publish_messages("mlp-small", arrays, sha="0" * 64), "not to the header's sha256"),
+            (publish_messages("mlp-small", arrays, sha256="0" * 64), "not to the header's sha256"),
             (publish_messages("mlp-small", nan), "non-finite"),
             (publish_messages("mlp-small", wrong), "missing"),
             (publish_messages("mlp-small", arrays_for("mlp", 0)), "where [32] is expected"),

@@ -4,6 +4,7 @@ the control stream and are applied, operators read and pin them, pins hold."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -118,7 +119,7 @@ async def test_the_placement_command_shows_pins_and_unpins(
     await wait_for(lambda: agent_placement(app) == "split:3", timeout=1.0)
     assert await asyncio.to_thread(main, ["placement", "show", "--json", *where]) == 0
     out = capsys.readouterr().out
-    shown = __import__("json").loads(out[out.index("["):])
+    shown = json.loads(out[out.index("["):])
     assert [(p["agent"], p["placement"], p["pinned"]) for p in shown] == [("agent-5", "split:3", True)]
     assert await asyncio.to_thread(main, ["placement", "unpin", "agent-5", "cnn", *where]) == 0
     assert await asyncio.to_thread(main, ["placement", "unpin", "agent-5", "cnn", *where]) == 1  # NOT_FOUND

@@ -9,8 +9,11 @@ from typing import Any
 
 import grpc
 
-from tandem import grpcserver, tls
+import numpy as np
+
+from tandem import codec, grpcserver, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc
+from tandem.v1 import coordinator_pb2 as cpb
 
 STATE_NAMES = {
     admin_pb2.JOB_STATE_RUNNING: "running",
@@ -18,6 +21,12 @@ STATE_NAMES = {
     admin_pb2.JOB_STATE_STOPPED: "stopped",
     admin_pb2.JOB_STATE_FAILED: "failed",
 }
+
+
+def publish_messages(model: str, arrays: dict[str, np.ndarray], sha256: str | None = None) -> list[cpb.ModelChunk]:
+    """An Admin.PublishModel upload: the header (its sha256 computed unless given), then the tensors."""
+    header = cpb.ModelHeader(model=model, sha256=codec.state_sha256(arrays) if sha256 is None else sha256)
+    return [cpb.ModelChunk(header=header), *(cpb.ModelChunk(tensor=c) for c in codec.iter_chunks(arrays))]
 
 
 def admin_channel(cloud: str, certs: Path) -> grpc.aio.Channel:

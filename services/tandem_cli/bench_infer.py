@@ -25,11 +25,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from tandem import certs, codec, data, grpcserver, tls, training, zoo
+from tandem import certs, data, grpcserver, tls, training, zoo
 from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
-from tandem.v1 import coordinator_pb2 as cpb
 from tandem.v1 import inference_pb2 as pb
 from tandem_cli import loadgen, procs
+from tandem_cli.admin import publish_messages
 from tandem_cli.bench import _target, machine
 
 AGENT, APP = "bench-edge", "bench-app"
@@ -71,11 +71,6 @@ def compute_ceiling(model: str, batch: float) -> dict[str, Any]:
     rows = max(1, round(batch))
     seconds = forward_seconds(model, rows)
     return {"model": model, "batch": rows, "forward_ms": seconds * 1000, "samples_per_second": rows / seconds}
-
-
-def publish_messages(model: str, arrays: dict[str, np.ndarray]) -> list[cpb.ModelChunk]:
-    header = cpb.ModelHeader(model=model, sha256=codec.state_sha256(arrays))
-    return [cpb.ModelChunk(header=header), *(cpb.ModelChunk(tensor=c) for c in codec.iter_chunks(arrays))]
 
 
 class Bench:

@@ -79,14 +79,11 @@ class Edge:
 
 
 async def publish(target: str, certs_dir: Path) -> None:
-    from tandem import codec, training, zoo
+    from tandem import training, zoo
     from tandem.v1 import admin_pb2_grpc
-    from tandem.v1 import coordinator_pb2 as cpb
-    from tandem_cli.admin import admin_channel
+    from tandem_cli.admin import admin_channel, publish_messages
 
-    arrays = training.state_arrays(zoo.build_model(MODEL, seed=1))
-    header = cpb.ModelHeader(model=MODEL, sha256=codec.state_sha256(arrays))
-    messages = [cpb.ModelChunk(header=header), *(cpb.ModelChunk(tensor=c) for c in codec.iter_chunks(arrays))]
+    messages = publish_messages(MODEL, training.state_arrays(zoo.build_model(MODEL, seed=1)))
     async with admin_channel(target, certs_dir) as channel:
         await admin_pb2_grpc.AdminStub(channel).PublishModel(iter(messages))
 

@@ -24,8 +24,8 @@ import torch
 from tandem import certs, codec, grpcserver, tls, training, zoo
 from tandem.staged import StagedModel
 from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
-from tandem.v1 import coordinator_pb2 as cpb
 from tandem.v1 import inference_pb2 as pb
+from tandem_cli.admin import publish_messages
 from tandem_cli.bench import machine
 
 MODELS = ("mlp", "mlp-heavy")
@@ -63,9 +63,7 @@ async def check(device: str, work: Path) -> dict[str, Any]:
             rng = np.random.default_rng(0)
             for name in MODELS:
                 arrays = training.state_arrays(zoo.build_model(name, seed=7))
-                header = cpb.ModelHeader(model=name, sha256=codec.state_sha256(arrays))
-                await admin.PublishModel(iter([cpb.ModelChunk(header=header),
-                                               *(cpb.ModelChunk(tensor=c) for c in codec.iter_chunks(arrays))]))
+                await admin.PublishModel(iter(publish_messages(name, arrays)))
                 reference = StagedModel(name, 1, "", arrays, "cpu")
                 errors: dict[str, float] = {}
                 # Batching: 64 concurrent single-row requests, gathered into batches on the device.
