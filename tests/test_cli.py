@@ -43,7 +43,7 @@ def test_top_level_help_as_a_module() -> None:
 
 def test_subcommand_tree_is_complete() -> None:
     assert {("certs", "init"), ("certs", "add-agent"), ("cloud",), ("edge",), ("job", "start"), ("job", "wait"),
-            ("job", "list"), ("agents",), ("models",), ("demo",)} <= set(SUBCOMMANDS)
+            ("job", "list"), ("agents",), ("models",), ("demo",), ("status",), ("serve",)} <= set(SUBCOMMANDS)
 
 
 @pytest.mark.parametrize("path", [(), *SUBCOMMANDS], ids=lambda p: " ".join(p) or "tandem")
@@ -119,3 +119,13 @@ def test_bad_agent_name_in_add_agent_exits_2(name: str, deployment: Path, capsys
 def test_add_agent_without_a_deployment_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["certs", "add-agent", "c", "--dir", str(tmp_path)]) == 2
     assert "tandem certs init" in capsys.readouterr().err
+
+
+def test_readme_configuration_reference_matches_the_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tandem_cli import docs
+
+    for var in docs.ENVIRONMENT:  # defaults come from the environment; the README shows the built-in ones
+        monkeypatch.delenv(var, raising=False)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert docs.splice(readme) == readme, "run `python -m tandem_cli.docs README.md`"
+    assert "| `--placement` MODEL=MODE |" in readme and "#### `tandem serve`" in readme

@@ -124,3 +124,29 @@ async def test_the_placement_command_shows_pins_and_unpins(
     assert await asyncio.to_thread(main, ["placement", "unpin", "agent-5", "cnn", *where]) == 0
     assert await asyncio.to_thread(main, ["placement", "unpin", "agent-5", "cnn", *where]) == 1  # NOT_FOUND
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+async def test_the_status_command_shows_agents_jobs_models_and_placements(
+    placed: tuple[Coordinator, EdgeApp], certs_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tandem_cli.main import main
+
+    coordinator, _ = placed
+    await wait_for(lambda: ("agent-5", "cnn") in coordinator.placement.decisions, timeout=30)
+    where = ["--cloud", f"localhost:{coordinator.port}", "--certs", str(certs_dir)]
+    start = ["job", "start", "--model", "mlp", "--rounds", "3", "--min-clients", "2", "--deadline", "60", *where]
+    assert await asyncio.to_thread(main, start) == 0
+    job_id = capsys.readouterr().out.strip()
+
+    assert await asyncio.to_thread(main, ["status", "--json", *where]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [(a["agent_id"], a["connected"]) for a in status["agents"]] == [("agent-5", True)]
+    assert [(j["job_id"], j["state"]) for j in status["jobs"]] == [(job_id, "running")]
+    assert [(m["model"], m["version"]) for m in status["models"]] == [("cnn", 1), ("mlp", 1)]  # mlp: the job's start
+    assert [(p["agent"], p["model"]) for p in status["placements"]] == [("agent-5", "cnn")]
+
+    assert await asyncio.to_thread(main, ["status", *where]) == 0
+    text = capsys.readouterr().out
+    for line in ("agents: 1 connected of 1", "jobs: 1 running of 1", "models: 2 published", "placements: 1"):
+        assert line in text
+    assert job_id in text and "agent-5" in text

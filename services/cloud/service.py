@@ -17,7 +17,7 @@ from cloud.registry import Registry, Session
 from cloud.spec import JobSpec
 from cloud.store import Store, VersionRow
 from tandem import metrics
-from tandem.certs import ROLE_ADMIN, ROLE_AGENT
+from tandem.certs import ROLE_ADMIN, ROLE_AGENT, ROLE_REPLICA
 from tandem.errors import InvalidArgument, grpc_errors, grpc_stream_errors
 from tandem.timestamps import timestamp
 from tandem.tls import require_role
@@ -106,7 +106,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     async def DownloadModel(  # noqa: N802
         self, request: pb.ModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelChunk]:
-        require_role(context, ROLE_AGENT, ROLE_ADMIN)
+        require_role(context, ROLE_AGENT, ROLE_ADMIN, ROLE_REPLICA)
         if request.skip_chunks < 0 or request.have_version < 0:
             raise InvalidArgument("skip_chunks and have_version must not be negative")
         header, chunks = self._models.response(request.model, request.version, request.have_version)
@@ -230,7 +230,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListModelVersions(  # noqa: N802
         self, request: admin_pb2.ListModelVersionsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListModelVersionsResponse:
-        require_role(context, ROLE_ADMIN)
+        require_role(context, ROLE_ADMIN, ROLE_REPLICA)  # replicas follow the published versions
         return admin_pb2.ListModelVersionsResponse(
             versions=[_model_version(v) for v in self._store.list_versions(request.model)]
         )

@@ -15,8 +15,8 @@ import functools
 import logging
 from pathlib import Path
 from dataclasses import dataclass
+from typing import Protocol
 
-from cloud.models import ModelRepository
 from cloud.store import VersionRow, read_tensors
 from tandem import codec, metrics, staged, zoo
 from tandem.batching import Batcher, keep_profiled
@@ -38,6 +38,14 @@ class ServingConfig:
     kept_versions: int = 4  # older versions kept loaded per model, besides the newest
 
 
+class Versions(Protocol):
+    """Where the served versions are recorded: the coordinator's repository, or a replica's mirror."""
+
+    def newest(self, model: str) -> VersionRow | None: ...
+
+    def version(self, model: str, version: int) -> VersionRow: ...
+
+
 def _load(row: VersionRow, device: str) -> StagedModel:
     arrays = read_tensors(Path(row.path))
     if codec.state_sha256(arrays) != row.sha256:
@@ -50,7 +58,7 @@ def _load(row: VersionRow, device: str) -> StagedModel:
 class ModelServer:
     """The cloud's inference backend (see `tandem.inference.Backend`)."""
 
-    def __init__(self, models: ModelRepository, config: ServingConfig) -> None:
+    def __init__(self, models: Versions, config: ServingConfig) -> None:
         self.config = config
         self.device = staged.resolve_device(config.device)
         self._models = models

@@ -40,6 +40,7 @@ class AgentConfig:
     agent_id: str
     data: str
     metrics: str | None = None
+    health: str | None = None  # plaintext health-only port for probes that cannot present a certificate
     backoff_initial: float = 0.5
     backoff_max: float = 15.0
     # Inference for local applications (served when `listen` is set).

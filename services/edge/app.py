@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import grpc
+from grpc_health.v1 import health
 
 from edge.agent import Agent, AgentConfig
 from tandem import grpcserver, inference, metrics, tls
@@ -21,13 +22,17 @@ class EdgeApp:
         self.config = config
         self.inference_port = 0
         self.metrics_port = 0
+        self.health_port = 0
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
         cfg = self.config
         self.agent = Agent(cfg)
         if cfg.metrics:
             _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
+        # Health: SERVING while the agent runs; the Inference service only when it is served.
+        self.health = health.aio.HealthServicer()
         if self.agent.router is not None and cfg.listen:
             self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
             inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.agent.router), self.server)
@@ -37,12 +42,21 @@ class EdgeApp:
             await self.server.start()
             await grpcserver.set_serving(self.health, [inference.SERVICE_NAME], True)
             log.info("serving Inference to local applications on port %d", self.inference_port)
+        else:
+            await grpcserver.set_serving(self.health, [], True)
+        if cfg.health:
+            self.health_server = grpcserver.create_server()
+            grpcserver.add_health_only(self.health_server, self.health)
+            self.health_port = self.health_server.add_insecure_port(cfg.health)
+            await self.health_server.start()
 
     async def run(self, stop: asyncio.Event) -> None:
         """The control stream until `stop`; then drain local requests and close."""
         await self.agent.run(stop)
+        await self.health.enter_graceful_shutdown()
         if self.server is not None:
-            await self.health.enter_graceful_shutdown()
             await self.server.stop(GRACE_SECONDS)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         log.info("agent %s stopped", self.config.agent_id)
 

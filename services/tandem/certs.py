@@ -27,7 +27,8 @@ ROLE_AGENT = "agent"
 ROLE_ADMIN = "admin"
 ROLE_SERVER = "server"
 ROLE_CLIENT = "client"  # a local application calling an edge agent's (or the cloud's) Inference
-ROLES = frozenset({ROLE_AGENT, ROLE_ADMIN, ROLE_SERVER, ROLE_CLIENT})
+ROLE_REPLICA = "replica"  # a cloud inference replica: reads published models, serves Inference
+ROLES = frozenset({ROLE_AGENT, ROLE_ADMIN, ROLE_SERVER, ROLE_CLIENT, ROLE_REPLICA})
 # Agents are clients of the cloud and servers of Inference to local applications.
 _AGENT_USAGES = (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
 
@@ -35,6 +36,7 @@ URI_SCHEME = "tandem://"
 SERVER_CN = "tandem-cloud"
 SERVER_NAME = "cloud"
 ADMIN_NAME = "admin"
+REPLICA_NAME = "inference"
 
 # Lowercase, starts alphanumeric, at most 63 characters: safe as a file name, a DNS
 # label and a URI path segment without any escaping.
@@ -237,7 +239,10 @@ def _load_issuer(directory: Path) -> _Issuer:
 
 
 def init_deployment(directory: Path, agents: Sequence[str], hosts: Sequence[str] = (), days: int = 365) -> None:
-    """Create a new CA and the cloud, admin and agent certificates in `directory`.
+    """Create a new CA and the cloud, admin, inference-replica and agent certificates in `directory`.
+
+    The inference replicas (`tandem serve`) share one identity, `replica/inference`,
+    and are servers under the same names as the cloud.
 
     Refuses to touch a directory that already holds a CA, so a deployment's
     certificates are never silently replaced.
@@ -266,6 +271,9 @@ def init_deployment(directory: Path, agents: Sequence[str], hosts: Sequence[str]
     _write_pair(directory / "cloud.pem", directory / "cloud.key", cert, key)
     cert, key = _issue(ca, ADMIN_NAME, Identity(ROLE_ADMIN, ADMIN_NAME), ExtendedKeyUsageOID.CLIENT_AUTH, days)
     _write_pair(directory / "admin.pem", directory / "admin.key", cert, key)
+    replica = Identity(ROLE_REPLICA, REPLICA_NAME)
+    cert, key = _issue(ca, REPLICA_NAME, replica, _AGENT_USAGES, days, host_names)
+    _write_pair(directory / f"{REPLICA_NAME}.pem", directory / f"{REPLICA_NAME}.key", cert, key)
     for name in names:
         cert, key = _issue(ca, name, Identity(ROLE_AGENT, name), _AGENT_USAGES, days, _host_names([]))
         _write_pair(*agent_paths(directory, name), cert, key)

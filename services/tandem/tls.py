@@ -30,12 +30,30 @@ def server_credentials(certs_dir: Path) -> grpc.ServerCredentials:
     )
 
 
-def agent_server_credentials(certs_dir: Path, name: str) -> grpc.ServerCredentials:
-    """An agent's certificate, serving Inference to local clients from the same CA."""
-    cert, key = certs.agent_paths(certs_dir, name)
+def _leaf_server_credentials(certs_dir: Path, cert: Path, key: Path) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(_read(key), _read(cert))], root_certificates=_read(certs_dir / "ca.pem"), require_client_auth=True
     )
+
+
+def agent_server_credentials(certs_dir: Path, name: str) -> grpc.ServerCredentials:
+    """An agent's certificate, serving Inference to local clients from the same CA."""
+    return _leaf_server_credentials(certs_dir, *certs.agent_paths(certs_dir, name))
+
+
+def replica_paths(certs_dir: Path) -> tuple[Path, Path]:
+    """The inference replicas' (certificate, key), written by `tandem certs init`."""
+    return certs_dir / f"{certs.REPLICA_NAME}.pem", certs_dir / f"{certs.REPLICA_NAME}.key"
+
+
+def replica_server_credentials(certs_dir: Path) -> grpc.ServerCredentials:
+    """A cloud inference replica serving Inference, under the cloud's names."""
+    return _leaf_server_credentials(certs_dir, *replica_paths(certs_dir))
+
+
+def replica_credentials(certs_dir: Path) -> grpc.ChannelCredentials:
+    """A replica calling the coordinator for the models it serves."""
+    return client_credentials(certs_dir, *replica_paths(certs_dir))
 
 
 def client_credentials(certs_dir: Path, cert: Path, key: Path) -> grpc.ChannelCredentials:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import grpc
-
 import numpy as np
+from tqdm import tqdm
 
 from tandem import codec, grpcserver, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc
@@ -47,20 +48,37 @@ async def wait_connected(stub: admin_pb2_grpc.AdminStub, count: int, timeout: fl
             await asyncio.sleep(0.2)
 
 
-async def wait_job(stub: admin_pb2_grpc.AdminStub, job_id: str, timeout: float, echo: bool) -> dict[str, Any]:
-    """Poll a job until it ends (or `timeout` seconds pass, 0: never); with `echo`,
+async def wait_job(
+    stub: admin_pb2_grpc.AdminStub, job_id: str, timeout: float, echo: bool, progress: bool = False
+) -> dict[str, Any]:
+    """Poll a job until it ends (or `timeout` seconds pass, 0: never). With `progress`
+    and a terminal on stderr, draw a progress bar of its rounds there; with `echo`,
     print each round as it closes."""
     start = time.monotonic()
     printed = 0
-    while True:
-        job = job_dict(await stub.GetJob(admin_pb2.GetJobRequest(job_id=job_id)))
-        for r in job["rounds"][printed:]:
-            if echo:
-                print(round_line(r), flush=True)
-        printed = len(job["rounds"])
-        if job["state"] in TERMINAL or (timeout and time.monotonic() - start > timeout):
-            return job
-        await asyncio.sleep(0.25)
+    bar: tqdm[Any] | None = None
+    if progress and sys.stderr.isatty():
+        bar = tqdm(total=None, unit="round", desc=f"job {job_id}", file=sys.stderr, dynamic_ncols=True)
+    try:
+        while True:
+            job = job_dict(await stub.GetJob(admin_pb2.GetJobRequest(job_id=job_id)))
+            for r in job["rounds"][printed:]:
+                if bar is not None:
+                    if echo:
+                        bar.write(round_line(r))
+                    bar.set_postfix(accuracy=f"{r['accuracy']:.4f}", refresh=False)
+                elif echo:
+                    print(round_line(r), flush=True)
+            if bar is not None:
+                bar.total = job["spec"]["rounds"]
+                bar.update(len(job["rounds"]) - printed)
+            printed = len(job["rounds"])
+            if job["state"] in TERMINAL or (timeout and time.monotonic() - start > timeout):
+                return job
+            await asyncio.sleep(0.25)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def job_dict(job: admin_pb2.Job) -> dict[str, Any]:

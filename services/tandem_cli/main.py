@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", default="", help="comma-separated agent names")
     p.add_argument("--hosts", default="", help="extra server names or IPs for the cloud certificate, comma-separated")
     p.add_argument("--days", type=int, default=365, help="validity of the leaf certificates")
+    p.add_argument("--k8s", default=None, metavar="NAMESPACE",
+                   help="also name the Kubernetes services of deploy/k8s in NAMESPACE in the server certificates, "
+                        "and write their Secrets to DIR/k8s/secrets.yaml (agents are named after edge nodes)")
     p = certs_sub.add_parser("add-agent", help="issue a certificate for one more agent")
     p.add_argument("name", help="the agent's name: its identity everywhere")
     p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
@@ -62,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cloud", help="run the coordinator")
     p.add_argument("--listen", default="0.0.0.0:7443", help="gRPC address (mutual TLS), HOST:PORT")
-    p.add_argument("--certs", type=Path, default=Path(_env("TANDEM_CERTS", ".certs") or ".certs"))
+    p.add_argument("--certs", type=Path, default=Path(_env("TANDEM_CERTS", ".certs") or ".certs"),
+                   help="deployment certificate directory (env TANDEM_CERTS)")
     p.add_argument("--state", type=Path, required=True, help="state directory (SQLite and tensor files)")
     p.add_argument("--metrics", default=None, help="Prometheus metrics address HOST:PORT")
     p.add_argument("--health", default=None, help="plaintext gRPC health-only address HOST:PORT, for probes")
@@ -95,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local data: digits:I/N (partition I of N, 0-based, of the reference workload) "
                         "or a directory of .npz/.safetensors files with arrays x and y")
     p.add_argument("--metrics", default=None, help="Prometheus metrics address HOST:PORT")
+    p.add_argument("--health", default=None, help="plaintext gRPC health-only address HOST:PORT, for probes")
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training")
     p.add_argument("--listen", default=None,
                    help="serve Inference (mutual TLS) to local applications at HOST:PORT")
@@ -109,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between link probes while no request measures the link")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
     _serving_args(p, device="cpu")
+
+    p = sub.add_parser("serve", help="run a cloud inference replica that follows the coordinator's models")
+    _client_args(p)
+    p.add_argument("--listen", default="0.0.0.0:7450", help="Inference address (mutual TLS), HOST:PORT")
+    p.add_argument("--health", default=None, help="plaintext gRPC health-only address HOST:PORT, for probes")
+    p.add_argument("--metrics", default=None, help="Prometheus metrics address HOST:PORT")
+    p.add_argument("--cache", type=Path, required=True, help="directory for the mirrored model files")
+    p.add_argument("--models", default="", help="comma-separated models to serve (default: every zoo model)")
+    p.add_argument("--poll-interval", type=float, default=2.0, help="seconds between looks for new versions")
+    p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
+    _serving_args(p)
 
     p_job = sub.add_parser("job", help="start, watch and stop federated training jobs")
     job_sub = p_job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
@@ -133,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-lr", type=float, default=0.0, help="server step size (0: the strategy's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and agent selection")
     p.add_argument("--max-update-bytes", type=int, default=0, help="largest update accepted (0: 256 MiB)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end, with a progress bar on a terminal")
     for action, text in (("status", "print a job"), ("wait", "wait for a job to end, then print it"),
                          ("stop", "stop a running job")):
         p = job_sub.add_parser(action, help=text)
@@ -162,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("agent")
     p.add_argument("model")
 
+    p = sub.add_parser("status", help="agents, jobs, models and placements on one screen")
+    _client_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = sub.add_parser("agents", help="list agents the coordinator knows")
     _client_args(p)
     p.add_argument("--json", action="store_true")
@@ -237,13 +257,34 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _write_k8s_secrets(directory: Path, namespace: str, agents: list[str]) -> Path:
+    import yaml
+
+    from tandem import k8s_secrets
+
+    path = directory / "k8s" / "secrets.yaml"
+    path.parent.mkdir(exist_ok=True)
+    text = yaml.safe_dump_all(k8s_secrets.secrets(directory, namespace, agents), sort_keys=False)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds private keys
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    return path
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "certs":
         if args.certs_command == "init":
             agents = [a for a in args.agents.split(",") if a]
             hosts = [h for h in args.hosts.split(",") if h]
+            if args.k8s:
+                from tandem import k8s_secrets
+
+                hosts += k8s_secrets.service_hosts(args.k8s)
             certs.init_deployment(args.dir, agents, hosts, days=args.days)
-            print(f"wrote CA, cloud, admin and {len(agents)} agent certificates to {args.dir}")
+            print(f"wrote CA, cloud, admin, inference and {len(agents)} agent certificates to {args.dir}")
+            if args.k8s:
+                path = _write_k8s_secrets(args.dir, args.k8s, agents)
+                print(f"wrote Kubernetes Secrets for namespace {args.k8s} to {path} (kubectl apply -f {path})")
         elif args.certs_command == "add-agent":
             hosts = [h for h in args.hosts.split(",") if h]
             cert, _ = certs.add_agent(args.dir, args.name, days=args.days, hosts=hosts)
@@ -260,6 +301,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from tandem_cli.run import run_edge
 
         return asyncio.run(run_edge(args))
+    if args.command == "serve":
+        from tandem_cli.run import run_serve
+
+        return asyncio.run(run_serve(args))
     if args.command == "bench":
         if args.bench_command == "auto":
             from tandem_cli.bench_auto import run_bench_auto

@@ -63,7 +63,7 @@ async def run_edge(args: argparse.Namespace) -> int:
     # --torch-threads says otherwise.
     lifecycle.tune_for_serving(args.torch_threads or max(1, args.threads))
     config = AgentConfig(
-        cloud=args.cloud, certs=args.certs, agent_id=args.id, data=args.data, metrics=args.metrics,
+        cloud=args.cloud, certs=args.certs, agent_id=args.id, data=args.data, metrics=args.metrics, health=args.health,
         listen=args.listen, placements=tuple(args.placement), cloud_timeout=args.cloud_timeout,
         probe_interval=args.probe_interval, device=args.device, max_batch=args.max_batch,
         max_delay=args.max_delay_ms / 1000, max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
@@ -72,8 +72,34 @@ async def run_edge(args: argparse.Namespace) -> int:
     stop = lifecycle.stop_event()
     await app.start()
     if args.ready_file:
-        _write_ready(args.ready_file, {"inference_port": app.inference_port, "metrics_port": app.metrics_port})
+        _write_ready(args.ready_file, {"inference_port": app.inference_port, "metrics_port": app.metrics_port,
+                                       "health_port": app.health_port})
     await app.run(stop)
+    return 0
+
+
+async def run_serve(args: argparse.Namespace) -> int:
+    from cloud.replica import Replica, ReplicaConfig
+    from cloud.serving import ServingConfig
+    from tandem import lifecycle, zoo
+
+    models = tuple(m for m in args.models.split(",") if m) if args.models else tuple(zoo.model_names())
+    config = ReplicaConfig(
+        cloud=args.cloud, certs=args.certs, listen=args.listen, cache=args.cache, models=models,
+        health=args.health, metrics=args.metrics, poll_interval=args.poll_interval,
+        serving=ServingConfig(
+            device=args.device, max_batch=args.max_batch, max_delay=args.max_delay_ms / 1000,
+            max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
+        ),
+    )
+    lifecycle.tune_for_serving(args.torch_threads)
+    replica = Replica(config)
+    stop = lifecycle.stop_event()
+    await replica.start()
+    if args.ready_file:
+        _write_ready(args.ready_file, {"port": replica.port, "metrics_port": replica.metrics_port,
+                                       "health_port": replica.health_port})
+    await replica.run(stop)
     return 0
 
 

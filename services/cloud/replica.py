@@ -1,0 +1,196 @@
+"""A cloud inference replica (`tandem serve`): Inference without the coordinator's state.
+
+The coordinator keeps jobs, rounds and the model store on one volume; inference
+scales apart from it. A replica mirrors the published versions it serves into a
+local cache directory (polling `Admin.ListModelVersions`, downloading with
+`Coordinator.DownloadModel`, as a delta from the version it holds where it can) and
+serves them with the same `ModelServer` as the coordinator: batched, hot-swapped,
+on the GPU when there is one. It reports NOT_SERVING until its first mirror pass has
+loaded every model that has a version, so a Kubernetes Service sends it nothing
+before then, and again from SIGTERM on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from cloud.serving import ModelServer, ServingConfig
+from cloud.store import VersionRow, read_tensors, write_tensors
+from edge.transfer import Download  # the client side of a model download, as agents do it
+from tandem import codec, grpcserver, inference, metrics, tls, training, zoo
+from tandem.errors import InvalidArgument, NotFound
+from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICES = [inference.SERVICE_NAME]
+GRACE_SECONDS = 5.0
+DOWNLOAD_TIMEOUT = 300.0
+
+
+class ModelMirror:
+    """The published versions of some models, copied into a local directory.
+
+    It answers `ModelServer`'s questions (`newest`, `version`, `add_listener`) from
+    what it holds: the newest version of each model and the ones before it that
+    were newest while this replica ran, up to `keep` per model."""
+
+    def __init__(self, cache: Path, models: list[str], keep: int = 4) -> None:
+        self._cache = cache
+        self._models = models
+        self._keep = keep
+        self._held: dict[str, dict[int, VersionRow]] = {name: {} for name in models}
+        self._listeners: list[Callable[[VersionRow], None]] = []
+        self._specs: dict[str, dict[str, codec.TensorSpec]] = {}
+
+    def add_listener(self, listener: Callable[[VersionRow], None]) -> None:
+        self._listeners.append(listener)
+
+    def newest(self, model: str) -> VersionRow | None:
+        held = self._held.get(model)
+        return held[max(held)] if held else None
+
+    def version(self, model: str, version: int) -> VersionRow:
+        if not model:
+            raise InvalidArgument("model name is required")
+        if version < 0:
+            raise InvalidArgument(f"version must be >= 0, got {version}")
+        if model not in self._held:
+            raise NotFound(f"this replica does not serve {model!r}; it serves {self._models}")
+        held = self._held[model]
+        row = self.newest(model) if version == 0 else held.get(version)
+        if row is None:
+            have = sorted(held) or "none yet"
+            raise NotFound(f"this replica holds versions {have} of {model!r}, not {version}; the coordinator has all")
+        return row
+
+    async def sync(self, admin: admin_pb2_grpc.AdminStub, coordinator: coordinator_pb2_grpc.CoordinatorStub) -> int:
+        """Fetch every served model's newest published version not held yet; returns how many."""
+        listed = await admin.ListModelVersions(admin_pb2.ListModelVersionsRequest(), timeout=30)
+        newest: dict[str, admin_pb2.ModelVersion] = {}
+        for v in listed.versions:
+            if v.model in self._held and (v.model not in newest or v.version > newest[v.model].version):
+                newest[v.model] = v
+        fetched = 0
+        for name, v in newest.items():
+            current = self.newest(name)
+            if current is None or v.version > current.version:
+                self._add(await self._fetch(coordinator, v, current))
+                fetched += 1
+        return fetched
+
+    async def _fetch(
+        self, stub: coordinator_pb2_grpc.CoordinatorStub, v: admin_pb2.ModelVersion, current: VersionRow | None
+    ) -> VersionRow:
+        held = (current.version, await asyncio.to_thread(read_tensors, Path(current.path))) if current else None
+        arrays = await Download(v.model, v.version, v.sha256, self._specs_of(v.model), held).run(
+            stub, timeout=DOWNLOAD_TIMEOUT
+        )
+        path = self._cache / v.model / f"{v.version:08d}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = await asyncio.to_thread(write_tensors, path, arrays)
+        log.info("mirrored %s v%d (%d bytes)", v.model, v.version, size)
+        return VersionRow(v.model, v.version, v.sha256, str(path), v.job_id or None, v.round or None,
+                          time.time(), size)
+
+    def _specs_of(self, model: str) -> dict[str, codec.TensorSpec]:
+        if model not in self._specs:
+            self._specs[model] = codec.specs_of(training.state_arrays(zoo.build_model(model)))
+        return self._specs[model]
+
+    def _add(self, row: VersionRow) -> None:
+        held = self._held[row.model]
+        held[row.version] = row
+        for old in sorted(held)[: max(0, len(held) - self._keep)]:
+            Path(held.pop(old).path).unlink(missing_ok=True)
+        for listener in self._listeners:
+            listener(row)
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    cloud: str
+    certs: Path
+    listen: str
+    cache: Path
+    models: tuple[str, ...] = field(default_factory=lambda: tuple(zoo.model_names()))
+    health: str | None = None
+    metrics: str | None = None
+    poll_interval: float = 2.0
+    serving: ServingConfig = ServingConfig()
+
+
+class Replica:
+    def __init__(self, config: ReplicaConfig) -> None:
+        unknown = sorted(set(config.models) - set(zoo.model_names()))
+        if unknown:
+            raise ValueError(f"unknown models {unknown}; the zoo has {zoo.model_names()}")
+        self.config = config
+        self.port = 0
+        self.health_port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.mirror = ModelMirror(cfg.cache, list(cfg.models))
+        self.serving = ModelServer(self.mirror, cfg.serving)
+        self.mirror.add_listener(self.serving.published)
+        self.channel = grpcserver.secure_channel(cfg.cloud, tls.replica_credentials(cfg.certs))
+        self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
+        inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.serving), self.server)
+        self.health = grpcserver.add_standard_services(self.server, SERVICES)
+        self.port = self.server.add_secure_port(cfg.listen, tls.replica_server_credentials(cfg.certs))
+        self.health_server: grpc.aio.Server | None = None
+        if cfg.health:
+            self.health_server = grpcserver.create_server()
+            grpcserver.add_health_only(self.health_server, self.health)
+            self.health_port = self.health_server.add_insecure_port(cfg.health)
+            await self.health_server.start()
+        if cfg.metrics:
+            _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
+        await self.server.start()
+        log.info("inference replica listening on port %d, following %s", self.port, cfg.cloud)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Mirror until `stop`; SERVING from the first complete pass on. Then drain and close."""
+        admin = admin_pb2_grpc.AdminStub(self.channel)
+        coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        serving = False
+        while not stop.is_set():
+            try:
+                await self.mirror.sync(admin, coordinator)
+                if not serving:
+                    await self.serving.start([])  # profiling of the loaded models
+                    await _until_loaded(self.serving, self.mirror, self.config.models)
+                    await grpcserver.set_serving(self.health, SERVICES, True)
+                    serving = True
+                    log.info("replica serving %s", {m: r.version for m in self.config.models
+                                                    if (r := self.mirror.newest(m)) is not None})
+            except grpc.aio.AioRpcError as exc:
+                log.warning("cannot reach the coordinator (%s: %s); serving what is held",
+                            exc.code().name, exc.details())
+            try:
+                await asyncio.wait_for(stop.wait(), self.config.poll_interval)
+            except TimeoutError:
+                pass
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(GRACE_SECONDS)
+        await self.serving.close()
+        await self.channel.close()
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+
+
+async def _until_loaded(server: ModelServer, mirror: ModelMirror, models: tuple[str, ...]) -> None:
+    """Every model the mirror holds is loaded (the swaps it triggered have finished)."""
+    for name in models:
+        row = mirror.newest(name)
+        if row is not None:
+            await server.get(name, row.version)

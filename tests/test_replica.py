@@ -1,0 +1,124 @@
+"""Cloud inference replicas (`tandem serve`): a real process following a real coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cloud.app import CloudConfig, Coordinator
+from tandem import grpcserver, tls
+from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
+from tandem_cli import procs
+from tests.conftest import APP
+from tests.inference_helpers import arrays_for, close, forward, inputs, publish, request
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+def start_replica(cloud: str, certs_dir: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    ready, log = tmp / "replica.ready.json", tmp / "replica.log"
+    proc = procs.tandem_process(
+        ["serve", "--cloud", cloud, "--certs", str(certs_dir), "--models", "mlp", "--cache", str(tmp / "cache"),
+         "--listen", "127.0.0.1:0", "--health", "127.0.0.1:0", "--poll-interval", "0.3",
+         "--ready-file", str(ready)], log,
+    )
+    return proc, procs.wait_ready(proc, ready, log, "replica")
+
+
+@pytest.fixture
+def replica_proc() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        procs.stop(proc)
+
+
+async def health(port: int) -> int:
+    """The replica's overall health, from the plaintext port a kubelet probes."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return int(reply.status)
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.2)
+
+
+def serving(port: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await health(port) == SERVING
+
+    return check
+
+
+async def test_replica_serves_the_newest_version_and_swaps(
+    coordinator: Coordinator, certs_dir: Path, tmp_path: Path, replica_proc: list[subprocess.Popen[bytes]]
+) -> None:
+    cloud = f"localhost:{coordinator.port}"
+    v1 = arrays_for("mlp", seed=1)
+    await publish(cloud, certs_dir, "mlp", v1)
+    proc, ports = start_replica(cloud, certs_dir, tmp_path)
+    replica_proc.append(proc)
+    await wait_for(serving(ports["health_port"]))
+
+    x = inputs(5)
+    async with grpcserver.secure_channel(f"localhost:{ports['port']}", tls.app_credentials(certs_dir, APP)) as ch:
+        stub = inference_pb2_grpc.InferenceStub(ch)
+        first = await stub.Infer(request("mlp", x), timeout=10)
+        assert first.version == 1
+        close(first, forward("mlp", v1, x))
+        split = await stub.Infer(request("mlp", forward("mlp", v1, x, 0, 1), start_layer=1), timeout=10)
+        close(split, forward("mlp", v1, x))
+
+        v2 = arrays_for("mlp", seed=2)
+        await publish(cloud, certs_dir, "mlp", v2)
+
+        async def swapped() -> bool:
+            return (await stub.Infer(request("mlp", x), timeout=10)).version == 2
+
+        await wait_for(swapped, timeout=30)
+        close(await stub.Infer(request("mlp", x), timeout=10), forward("mlp", v2, x))
+        pinned = await stub.Infer(request("mlp", x, version=1), timeout=10)  # kept while it was the newest
+        close(pinned, forward("mlp", v1, x))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Infer(request("cnn", np.zeros((1, 3, 96, 96), np.float32)), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "does not serve 'cnn'" in (err.value.details() or "")
+
+
+async def test_replica_is_not_serving_until_the_coordinator_answers(
+    certs_dir: Path, tmp_path: Path, replica_proc: list[subprocess.Popen[bytes]]
+) -> None:
+    port = procs.free_port()
+    proc, ports = start_replica(f"localhost:{port}", certs_dir, tmp_path)
+    replica_proc.append(proc)
+    await asyncio.sleep(1.5)  # several mirror passes, all failing
+    assert await health(ports["health_port"]) == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    coordinator = Coordinator(CloudConfig(listen=f"127.0.0.1:{port}", certs=certs_dir, state=tmp_path / "state"))
+    await coordinator.start()
+    try:
+        await publish(f"localhost:{port}", certs_dir, "mlp", arrays_for("mlp", seed=3))
+        await wait_for(serving(ports["health_port"]))
+    finally:
+        await coordinator.stop()
+
+
+async def test_replica_certificate_reads_models_and_nothing_else(coordinator: Coordinator, certs_dir: Path) -> None:
+    async with grpcserver.secure_channel(f"localhost:{coordinator.port}", tls.replica_credentials(certs_dir)) as ch:
+        admin = admin_pb2_grpc.AdminStub(ch)
+        await admin.ListModelVersions(admin_pb2.ListModelVersionsRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await admin.ListAgents(admin_pb2.ListAgentsRequest())
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
