@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
+from prometheus_client import REGISTRY
+
+from edge.agent import AgentConfig
+from edge.app import EdgeApp
 
 from tandem import codec, grpcserver, tls, training, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
+from tandem.v1 import inference_pb2_grpc
 from tandem_cli.admin import publish_messages
+from tests.conftest import APP
 
 RNG = np.random.default_rng(0)
 
@@ -51,3 +60,30 @@ async def publish(target: str, certs_dir: Path, model: str, arrays: dict[str, np
             iter(publish_messages(model, arrays))
         )
         return version
+
+
+def fallbacks(model: str, reason: str) -> float:
+    return REGISTRY.get_sample_value("tandem_edge_inference_fallbacks_total", {"model": model, "reason": reason}) or 0.0
+
+
+async def wait_for(condition: Callable[[], object], timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def start_edge(cloud_port: int, certs_dir: Path, placements: tuple[str, ...], **extra: object) -> EdgeApp:
+    config = AgentConfig(
+        cloud=f"localhost:{cloud_port}", certs=certs_dir, agent_id="agent-5", data="digits:0/4",
+        listen="127.0.0.1:0", placements=placements, backoff_initial=0.1, backoff_max=0.5, probe_interval=0.2,
+        **extra,  # type: ignore[arg-type]
+    )
+    app = EdgeApp(config)
+    await app.start()
+    return app
+
+
+def app_stub(app: EdgeApp, certs_dir: Path) -> tuple[grpc.aio.Channel, inference_pb2_grpc.InferenceStub]:
+    """A local application's channel to the agent, with its own certificate from the same CA."""
+    channel = grpcserver.secure_channel(f"localhost:{app.inference_port}", tls.app_credentials(certs_dir, APP))
+    return channel, inference_pb2_grpc.InferenceStub(channel)

@@ -12,44 +12,16 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
-from prometheus_client import REGISTRY
 
 from cloud.app import Coordinator
-from edge.agent import AgentConfig
 from edge.app import EdgeApp
 from tandem.placement import parse
 from tandem import grpcserver, tls
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
-from tests.conftest import APP
-from tests.inference_helpers import arrays_for, close, forward, inputs, request
-
-
-def fallbacks(model: str, reason: str) -> float:
-    return REGISTRY.get_sample_value("tandem_edge_inference_fallbacks_total", {"model": model, "reason": reason}) or 0.0
-
-
-async def wait_for(condition: object, timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.02)
-
-
-async def start_edge(cloud_port: int, certs_dir: Path, placements: tuple[str, ...], **extra: object) -> EdgeApp:
-    config = AgentConfig(
-        cloud=f"localhost:{cloud_port}", certs=certs_dir, agent_id="agent-5", data="digits:0/4",
-        listen="127.0.0.1:0", placements=placements, backoff_initial=0.1, backoff_max=0.5, probe_interval=0.2,
-        **extra,  # type: ignore[arg-type]
-    )
-    app = EdgeApp(config)
-    await app.start()
-    return app
-
-
-def app_stub(app: EdgeApp, certs_dir: Path) -> tuple[grpc.aio.Channel, inference_pb2_grpc.InferenceStub]:
-    """A local application's channel to the agent, with its own certificate from the same CA."""
-    channel = grpcserver.secure_channel(f"localhost:{app.inference_port}", tls.app_credentials(certs_dir, APP))
-    return channel, inference_pb2_grpc.InferenceStub(channel)
+from tests.inference_helpers import (
+    app_stub, arrays_for, close, fallbacks, forward, inputs, request, start_edge, wait_for,
+)
 
 
 @pytest_asyncio.fixture

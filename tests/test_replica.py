@@ -1,4 +1,4 @@
-"""Cloud inference replicas (`tandem serve`): a real process following a real coordinator."""
+"""Cloud inference replicas (`tandem serve`) following a real coordinator, and the health ports probes use."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from tandem import grpcserver, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from tandem_cli import procs
 from tests.conftest import APP
-from tests.inference_helpers import arrays_for, close, forward, inputs, publish, request
+from tests.inference_helpers import arrays_for, close, forward, inputs, publish, request, start_edge
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
+SERVING: int = health_pb2.HealthCheckResponse.SERVING
 
 
 def start_replica(cloud: str, certs_dir: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
@@ -85,7 +85,7 @@ async def test_replica_serves_the_newest_version_and_swaps(
         await publish(cloud, certs_dir, "mlp", v2)
 
         async def swapped() -> bool:
-            return (await stub.Infer(request("mlp", x), timeout=10)).version == 2
+            return bool((await stub.Infer(request("mlp", x), timeout=10)).version == 2)
 
         await wait_for(swapped, timeout=30)
         close(await stub.Infer(request("mlp", x), timeout=10), forward("mlp", v2, x))
@@ -122,3 +122,24 @@ async def test_replica_certificate_reads_models_and_nothing_else(coordinator: Co
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await admin.ListAgents(admin_pb2.ListAgentsRequest())
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_agent_health_port_serves_while_it_runs(coordinator: Coordinator, certs_dir: Path) -> None:
+    """The edge agent's plaintext health port (its DaemonSet's probes): SERVING, then NOT_SERVING on stop."""
+    app = await start_edge(coordinator.port, certs_dir, (), health="127.0.0.1:0")
+    stop = asyncio.Event()
+    runner = asyncio.create_task(app.run(stop))
+    try:
+        assert await health(app.health_port) == SERVING
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.health_port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="tandem.v1.Inference"), timeout=5)
+            assert reply.status == SERVING
+            stop.set()
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            async for update in watch:  # the stream sees the agent go NOT_SERVING before the port closes
+                if update.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+    finally:
+        stop.set()
+        await runner

@@ -75,7 +75,7 @@ class Coordinator:
             AdminService(self.store, self.registry, self.models, self.jobs, self.placement), self.server
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.serving), self.server)
-        self.health = grpcserver.add_standard_services(self.server, SERVICES)
+        self.health = await grpcserver.add_standard_services(self.server, SERVICES)
         self.port = self.server.add_secure_port(cfg.listen, tls.server_credentials(cfg.certs))
         self.health_server: grpc.aio.Server | None = None
         if cfg.health:

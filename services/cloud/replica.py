@@ -145,7 +145,7 @@ class Replica:
         self.channel = grpcserver.secure_channel(cfg.cloud, tls.replica_credentials(cfg.certs))
         self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
         inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.serving), self.server)
-        self.health = grpcserver.add_standard_services(self.server, SERVICES)
+        self.health = await grpcserver.add_standard_services(self.server, SERVICES)
         self.port = self.server.add_secure_port(cfg.listen, tls.replica_server_credentials(cfg.certs))
         self.health_server: grpc.aio.Server | None = None
         if cfg.health:

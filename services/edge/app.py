@@ -6,7 +6,6 @@ import asyncio
 import logging
 
 import grpc
-from grpc_health.v1 import health
 
 from edge.agent import Agent, AgentConfig
 from tandem import grpcserver, inference, metrics, tls
@@ -32,11 +31,11 @@ class EdgeApp:
         if cfg.metrics:
             _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
         # Health: SERVING while the agent runs; the Inference service only when it is served.
-        self.health = health.aio.HealthServicer()
+        self.health = await grpcserver.new_health([])
         if self.agent.router is not None and cfg.listen:
             self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
             inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.agent.router), self.server)
-            self.health = grpcserver.add_standard_services(self.server, [inference.SERVICE_NAME])
+            self.health = await grpcserver.add_standard_services(self.server, [inference.SERVICE_NAME])
             credentials = tls.agent_server_credentials(cfg.certs, cfg.agent_id)
             self.inference_port = self.server.add_secure_port(cfg.listen, credentials)
             await self.server.start()

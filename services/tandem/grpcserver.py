@@ -47,9 +47,17 @@ def create_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> gr
     return grpc.aio.server(interceptors=list(interceptors), options=SERVER_OPTIONS)
 
 
-def add_standard_services(server: grpc.aio.Server, service_names: Sequence[str]) -> health.aio.HealthServicer:
-    """Health (NOT_SERVING until the caller says otherwise) and reflection for grpcurl."""
+async def new_health(service_names: Sequence[str]) -> health.aio.HealthServicer:
+    """A health servicer saying NOT_SERVING for the server ("") and each service until
+    the caller says otherwise (grpc's own starts with "" SERVING)."""
     health_servicer = health.aio.HealthServicer()
+    await set_serving(health_servicer, service_names, False)
+    return health_servicer
+
+
+async def add_standard_services(server: grpc.aio.Server, service_names: Sequence[str]) -> health.aio.HealthServicer:
+    """Health (NOT_SERVING until the caller says otherwise) and reflection for grpcurl."""
+    health_servicer = await new_health(service_names)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
