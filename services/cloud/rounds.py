@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud import autocodec, evaluation
+from cloud import autocodec, evaluation, privacy, robust
 from cloud.accumulator import Accumulator
 from cloud.models import ModelRepository
 from cloud.registry import Registry, Session
@@ -270,9 +270,11 @@ class JobRunner:
         previous_state = self._store.job_state_path(self.job_id, rnd.number - 1)
         previous = TensorFile(previous_state) if previous_state.exists() else None
         residual: dict[str, np.ndarray] = {}
-        changes, delta, delta_bytes = await asyncio.to_thread(
-            self._next_change, rnd.accumulator, previous, residual
-        )
+        if self.spec.defence.streams:
+            mean = rnd.accumulator.mean()
+        else:
+            mean = await asyncio.to_thread(self._defended_mean, rnd.number, updates)
+        changes, delta, delta_bytes = await asyncio.to_thread(self._next_change, mean, previous, residual)
         version = await self._models.write_changed(self.spec.model, base, changes, self.job_id, rnd.number)
         del changes
         accuracy = loss = None
@@ -310,8 +312,24 @@ class JobRunner:
             self.job_id, rnd.number, len(updates), version.version, accuracy,
         )
 
+    def _defended_mean(self, number: int, updates: list[UpdateRow]) -> dict[str, np.ndarray]:
+        """The job's robust or private aggregate, from the updates' durable files."""
+        specs = self._models.specs(self.spec.model)
+        with robust.UpdateFiles(updates, specs) as files:
+            mean, report = robust.aggregate(files.dense, len(updates), list(specs), self.spec.defence,
+                                            [u.num_examples for u in updates])
+        if report.clipped:
+            metrics.UPDATES_CLIPPED.inc(report.clipped)
+        if self.spec.defence.private:
+            metrics.DP_EPSILON.labels(self.job_id).set(
+                privacy.epsilon(self.spec.dp_noise_multiplier, number, self.spec.dp_delta))
+        log.info("job %s round %d: %s of %d updates%s%s", self.job_id, number, self.spec.aggregator, len(updates),
+                 f", {report.clipped} clipped to {report.clip_bound:.4g}" if self.spec.defence.clips else "",
+                 f", averaged {[updates[i].agent for i in report.selected]}" if report.selected is not None else "")
+        return mean
+
     def _next_change(
-        self, accumulator: Accumulator, previous: TensorFile | None, residual: dict[str, np.ndarray]
+        self, mean: dict[str, np.ndarray], previous: TensorFile | None, residual: dict[str, np.ndarray]
     ) -> tuple[dict[str, deltas.Change], dict[str, np.ndarray] | None, int]:
         """The change from the base to the new global model, and its encoding for agents
         that hold the base.
@@ -323,7 +341,7 @@ class JobRunner:
         spent running sum (`step`), and top-k changes stay sparse: the close holds one
         model-sized buffer.
         """
-        step = self._optimizer.step(accumulator.mean())
+        step = self._optimizer.step(mean)
         for name, total in step.items():
             if not np.isfinite(total).all():
                 raise ValueError(f"the aggregate of round updates is not finite in {name!r}; nothing was published")

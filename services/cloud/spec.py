@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cloud.robust import Defence
 from cloud.strategies import STRATEGIES
 from tandem import compression, zoo
 from tandem.errors import InvalidArgument, NotFound
@@ -46,6 +47,22 @@ class JobSpec:
     server_lr: float = 0.0  # 0: the strategy's default
     downlink_codec: str = ""  # "": derived from codec
     target_upload_seconds: float = 2.0
+    aggregator: str = "mean"
+    trim_fraction: float = 0.0
+    hostile_agents: int = 0
+    krum_selected: int = 0
+    clip_norm: float = 0.0
+    clip_to_median: bool = False
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
+
+    @property
+    def defence(self) -> Defence:
+        return Defence(
+            aggregator=self.aggregator, trim_fraction=self.trim_fraction, hostile=self.hostile_agents,
+            krum_selected=self.krum_selected, clip_norm=self.clip_norm, clip_to_median=self.clip_to_median,
+            dp_noise_multiplier=self.dp_noise_multiplier, dp_delta=self.dp_delta,
+        )
 
     @property
     def effective_server_lr(self) -> float:
@@ -95,6 +112,8 @@ class JobSpec:
                f"server_lr must be in [0, 100], got {self.server_lr}")
         _check(math.isfinite(self.target_upload_seconds) and self.target_upload_seconds > 0,
                f"target_upload_seconds must be positive, got {self.target_upload_seconds}")
+        problems = self.defence.problems(self.min_clients)
+        _check(not problems, "; ".join(problems))
         return self
 
     @classmethod
@@ -119,6 +138,14 @@ class JobSpec:
             server_lr=msg.server_lr,
             downlink_codec=msg.downlink_codec,
             target_upload_seconds=msg.target_upload_seconds or defaults.target_upload_seconds,
+            aggregator=msg.aggregator or defaults.aggregator,
+            trim_fraction=msg.trim_fraction,
+            hostile_agents=msg.hostile_agents,
+            krum_selected=msg.krum_selected,
+            clip_norm=msg.clip_norm,
+            clip_to_median=msg.clip_to_median,
+            dp_noise_multiplier=msg.dp_noise_multiplier,
+            dp_delta=msg.dp_delta or defaults.dp_delta,
         ).validate()
 
     def to_proto(self) -> admin_pb2.JobSpec:
@@ -128,7 +155,10 @@ class JobSpec:
             epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate, codec=self.codec,
             seed=self.seed, max_update_bytes=self.max_update_bytes, strategy=self.strategy, mu=self.mu,
             server_lr=self.server_lr, downlink_codec=self.downlink_codec,
-            target_upload_seconds=self.target_upload_seconds,
+            target_upload_seconds=self.target_upload_seconds, aggregator=self.aggregator,
+            trim_fraction=self.trim_fraction, hostile_agents=self.hostile_agents, krum_selected=self.krum_selected,
+            clip_norm=self.clip_norm, clip_to_median=self.clip_to_median,
+            dp_noise_multiplier=self.dp_noise_multiplier, dp_delta=self.dp_delta,
         )
 
     def to_dict(self) -> dict[str, Any]:

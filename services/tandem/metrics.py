@@ -35,6 +35,12 @@ RPC_CLIENT_HANDLED = Counter(
 CONNECTED_AGENTS = Gauge("tandem_coordinator_connected_agents", "Agents with an open control stream.")
 AGENT_CONNECTS = Counter("tandem_coordinator_agent_connects_total", "Control streams opened by agents.")
 UPDATES_ACCEPTED = Counter("tandem_coordinator_updates_accepted_total", "Model updates accepted.")
+UPDATES_CLIPPED = Counter(
+    "tandem_coordinator_updates_clipped_total", "Updates whose L2 norm was bounded before aggregation."
+)
+DP_EPSILON = Gauge(
+    "tandem_coordinator_dp_epsilon", "Privacy spent by a DP-FedAvg job so far: epsilon at its delta.", ["job"]
+)
 UPDATES_DUPLICATE = Counter("tandem_coordinator_updates_duplicate_total", "Re-sent updates answered as duplicates.")
 UPDATES_REJECTED = Counter(
     "tandem_coordinator_updates_rejected_total", "Model updates rejected, by reason.", ["reason"]

@@ -98,7 +98,10 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
             "learning_rate": spec.learning_rate, "codec": spec.codec, "seed": spec.seed,
             "max_update_bytes": spec.max_update_bytes, "strategy": spec.strategy, "mu": spec.mu,
             "server_lr": spec.server_lr, "downlink_codec": spec.downlink_codec,
-            "target_upload_seconds": spec.target_upload_seconds,
+            "target_upload_seconds": spec.target_upload_seconds, "aggregator": spec.aggregator,
+            "trim_fraction": spec.trim_fraction, "hostile_agents": spec.hostile_agents,
+            "krum_selected": spec.krum_selected, "clip_norm": spec.clip_norm, "clip_to_median": spec.clip_to_median,
+            "dp_noise_multiplier": spec.dp_noise_multiplier, "dp_delta": spec.dp_delta,
         },
         "rounds": [
             {
@@ -106,7 +109,7 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
                 "seconds": round(r.seconds, 3), "bytes_up": r.bytes_up, "bytes_down": r.bytes_down,
                 "accepted": r.accepted, "rejected": r.rejected, "version": r.version, "sha256": r.sha256,
                 "attempts": r.attempts, "agents": list(r.agents), "codecs": dict(r.codecs),
-                "delta_bytes": r.delta_bytes,
+                "delta_bytes": r.delta_bytes, "epsilon": r.epsilon,
             }
             for r in job.rounds
         ],
@@ -126,4 +129,5 @@ def round_line(r: dict[str, Any]) -> str:
         f"round {r['round']:>3}  local loss {r['local_loss']:.4f}  test loss {r['loss']:.4f}  "
         f"accuracy {r['accuracy']:.4f}  {r['seconds']:6.2f} s  up {r['bytes_up'] / 1e6:7.2f} MB  "
         f"down {r['bytes_down'] / 1e6:7.2f} MB  ({r['accepted']} updates)"
+        + (f"  epsilon {r['epsilon']:.3f}" if r.get("epsilon") else "")
     )

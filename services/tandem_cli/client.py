@@ -136,7 +136,9 @@ async def _job(args: argparse.Namespace, stub: Any) -> int:
             epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, codec=args.codec, seed=args.seed,
             max_update_bytes=args.max_update_bytes, downlink_codec=args.downlink_codec,
             target_upload_seconds=args.target_upload_seconds, strategy=args.strategy, mu=args.mu,
-            server_lr=args.server_lr,
+            server_lr=args.server_lr, aggregator=args.aggregator, trim_fraction=args.trim_fraction,
+            hostile_agents=args.hostile, krum_selected=args.krum_selected, clip_norm=args.clip_norm,
+            clip_to_median=args.clip_to_median, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta,
         )
         job = await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))
         print(job.job_id, flush=True)

@@ -150,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and agent selection")
     p.add_argument("--max-update-bytes", type=int, default=0, help="largest update accepted (0: 256 MiB)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end, with a progress bar on a terminal")
+    group = p.add_argument_group("defences against hostile agents, and privacy")
+    group.add_argument("--aggregator", default="mean", choices=["mean", "median", "trimmed_mean", "krum", "multi_krum"],
+                       help="how updates are combined (mean: FedAvg weighted by examples; the others weigh agents "
+                            "alike and run at the round's close)")
+    group.add_argument("--trim-fraction", type=float, default=0.0, help="trimmed_mean: fraction cut from each end")
+    group.add_argument("--hostile", type=int, default=0,
+                       help="hostile agents per round to withstand; refused if the aggregator cannot with "
+                            "--min-clients updates")
+    group.add_argument("--krum-selected", type=int, default=0, help="multi_krum: updates averaged (0: n - f)")
+    group.add_argument("--clip-norm", type=float, default=0.0, help="bound on each update's L2 norm (0: none)")
+    group.add_argument("--clip-to-median", action="store_true", help="bound each round at its median update norm")
+    group.add_argument("--dp-noise-multiplier", type=float, default=0.0,
+                       help="DP-FedAvg: Gaussian noise of std this x --clip-norm on the sum of updates (0: off)")
+    group.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported")
     for action, text in (("status", "print a job"), ("wait", "wait for a job to end, then print it"),
                          ("stop", "stop a running job")):
         p = job_sub.add_parser(action, help=text)

@@ -62,7 +62,7 @@ class ListAgentsResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "rounds", "min_clients", "clients_per_round", "round_deadline_seconds", "eval", "epochs", "batch_size", "learning_rate", "codec", "seed", "max_update_bytes", "strategy", "mu", "server_lr", "downlink_codec", "target_upload_seconds")
+    __slots__ = ("model", "rounds", "min_clients", "clients_per_round", "round_deadline_seconds", "eval", "epochs", "batch_size", "learning_rate", "codec", "seed", "max_update_bytes", "strategy", "mu", "server_lr", "downlink_codec", "target_upload_seconds", "aggregator", "trim_fraction", "hostile_agents", "krum_selected", "clip_norm", "clip_to_median", "dp_noise_multiplier", "dp_delta")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,14 @@ class JobSpec(_message.Message):
     SERVER_LR_FIELD_NUMBER: _ClassVar[int]
     DOWNLINK_CODEC_FIELD_NUMBER: _ClassVar[int]
     TARGET_UPLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    TRIM_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    HOSTILE_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    KRUM_SELECTED_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIP_TO_MEDIAN_FIELD_NUMBER: _ClassVar[int]
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     model: str
     rounds: int
     min_clients: int
@@ -97,7 +105,15 @@ class JobSpec(_message.Message):
     server_lr: float
     downlink_codec: str
     target_upload_seconds: float
-    def __init__(self, model: _Optional[str] = ..., rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., eval: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., codec: _Optional[str] = ..., seed: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., strategy: _Optional[str] = ..., mu: _Optional[float] = ..., server_lr: _Optional[float] = ..., downlink_codec: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ...) -> None: ...
+    aggregator: str
+    trim_fraction: float
+    hostile_agents: int
+    krum_selected: int
+    clip_norm: float
+    clip_to_median: bool
+    dp_noise_multiplier: float
+    dp_delta: float
+    def __init__(self, model: _Optional[str] = ..., rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., eval: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., codec: _Optional[str] = ..., seed: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., strategy: _Optional[str] = ..., mu: _Optional[float] = ..., server_lr: _Optional[float] = ..., downlink_codec: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ..., aggregator: _Optional[str] = ..., trim_fraction: _Optional[float] = ..., hostile_agents: _Optional[int] = ..., krum_selected: _Optional[int] = ..., clip_norm: _Optional[float] = ..., clip_to_median: _Optional[bool] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
     __slots__ = ("spec",)
@@ -128,7 +144,7 @@ class StopJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("round", "accuracy", "loss", "local_loss", "seconds", "bytes_up", "bytes_down", "accepted", "rejected", "version", "sha256", "attempts", "agents", "codecs", "delta_bytes")
+    __slots__ = ("round", "accuracy", "loss", "local_loss", "seconds", "bytes_up", "bytes_down", "accepted", "rejected", "version", "sha256", "attempts", "agents", "codecs", "delta_bytes", "epsilon")
     class CodecsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +167,7 @@ class RoundResult(_message.Message):
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     CODECS_FIELD_NUMBER: _ClassVar[int]
     DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
     round: int
     accuracy: float
     loss: float
@@ -166,7 +183,8 @@ class RoundResult(_message.Message):
     agents: _containers.RepeatedScalarFieldContainer[str]
     codecs: _containers.ScalarMap[str, str]
     delta_bytes: int
-    def __init__(self, round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., local_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., attempts: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ..., codecs: _Optional[_Mapping[str, str]] = ..., delta_bytes: _Optional[int] = ...) -> None: ...
+    epsilon: float
+    def __init__(self, round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., local_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., attempts: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ..., codecs: _Optional[_Mapping[str, str]] = ..., delta_bytes: _Optional[int] = ..., epsilon: _Optional[float] = ...) -> None: ...
 
 class OpenRound(_message.Message):
     __slots__ = ("round", "attempt", "base_version", "selected", "accepted_agents", "rejected", "deadline")
