@@ -74,7 +74,7 @@ async def test_dp_job_reports_privacy_spent_per_round(coordinator: Coordinator, 
             done = await wait_rounds(coordinator.port, certs_dir, job.job_id, number)
         first, second = (r.epsilon for r in done.rounds)
         assert 0 < first < second  # composition: two rounds spend more than one
-        gauge = REGISTRY.get_sample_value("tandem_coordinator_dp_epsilon", {"job": job.job_id})
+        gauge = REGISTRY.get_sample_value("tandem_coordinator_dp_epsilon", {"job_id": job.job_id})
         assert gauge == pytest.approx(second)
     finally:
         for s in opened:

@@ -39,19 +39,27 @@ UPDATES_CLIPPED = Counter(
     "tandem_coordinator_updates_clipped_total", "Updates whose L2 norm was bounded before aggregation."
 )
 DP_EPSILON = Gauge(
-    "tandem_coordinator_dp_epsilon", "Privacy spent by a DP-FedAvg job so far: epsilon at its delta.", ["job"]
+    "tandem_coordinator_dp_epsilon", "Privacy spent by a DP-FedAvg job so far: epsilon at its delta.", ["job_id"]
 )
 UPDATES_DUPLICATE = Counter("tandem_coordinator_updates_duplicate_total", "Re-sent updates answered as duplicates.")
 UPDATES_REJECTED = Counter(
     "tandem_coordinator_updates_rejected_total", "Model updates rejected, by reason.", ["reason"]
 )
 ROUNDS = Counter("tandem_coordinator_rounds_total", "Round attempts that ended, by outcome.", ["outcome"])
+# Known label values exist from the start, at 0, so rate() and increase() see the first event.
+for _outcome in ("closed", "retried"):
+    ROUNDS.labels(_outcome)
+for _reason in ("conflict", "malformed", "resume", "stale", "too_large", "unknown_job"):
+    UPDATES_REJECTED.labels(_reason)
 ROUND_SECONDS = Histogram(
     "tandem_coordinator_round_duration_seconds", "Wall time of a closed round, from opening to publishing.",
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
 )
 MODEL_VERSION = Gauge("tandem_model_version", "Newest model version published (cloud) or held (edge).", ["model"])
-ROUND_ACCURACY = Gauge("tandem_coordinator_round_accuracy_ratio", "Test accuracy after the last closed round.", ["job"])
+# Labelled `job_id`: Prometheus' own `job` label (the scrape job) would shadow `job`.
+ROUND_ACCURACY = Gauge(
+    "tandem_coordinator_round_accuracy_ratio", "Test accuracy after the last closed round.", ["job_id"]
+)
 BYTES_RECEIVED = Counter(
     "tandem_coordinator_received_bytes_total", "Tensor bytes received by the coordinator, by kind.", ["kind"]
 )
