@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CERTS  ?= .certs
 AGENTS ?= edge-1,edge-2,edge-3,edge-4
 
-.PHONY: install protos certs run test typecheck bench-fl bench-auto bench-infer bench-placement gpu-check clean
+.PHONY: install protos certs run test typecheck bench-fl bench-auto bench-infer bench-placement reliability gpu-check clean
 
 install: $(STAMP)
 
@@ -54,6 +54,10 @@ bench-infer: $(STAMP)
 bench-placement: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) -m tandem_cli.bench_placement --phase-seconds 30 --agents 1,4 --out bench/results/placement.json
+
+# Poisoning, churn, coordinator crashes, link faults, fuzzing: docs/reliability.md.
+reliability: $(STAMP)
+	$(PY) -m tandem_cli.reliability --out bench/results/reliability.json
 
 # Cloud inference on cuda against CPU (relative error < 1e-4); skips without a GPU.
 gpu-check: $(STAMP)
