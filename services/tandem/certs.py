@@ -23,12 +23,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tandem import revocation
+
 ROLE_AGENT = "agent"
 ROLE_ADMIN = "admin"
 ROLE_SERVER = "server"
 ROLE_CLIENT = "client"  # a local application calling an edge agent's (or the cloud's) Inference
 ROLE_REPLICA = "replica"  # a cloud inference replica: reads published models, serves Inference
 ROLES = frozenset({ROLE_AGENT, ROLE_ADMIN, ROLE_SERVER, ROLE_CLIENT, ROLE_REPLICA})
+REVOCABLE_ROLES = (ROLE_AGENT, ROLE_CLIENT)  # the identities `tandem certs add-*` hands out
 # Agents are clients of the cloud and servers of Inference to local applications.
 _AGENT_USAGES = (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
 
@@ -343,3 +346,31 @@ def identity_from_pem(pem: bytes) -> Identity | None:
             return None
         found.add(Identity(role, name))
     return found.pop() if len(found) == 1 else None
+
+
+def revoke(directory: Path, name: str, role: str | None = None) -> Identity:
+    """Deny agent (or local application) `name` on every server of the deployment.
+
+    Servers reading this directory refuse its next call within about a second, no
+    restart needed (see `tandem.revocation`). With no `role`, the name must belong
+    to exactly one issued agent or client certificate; give `role` to revoke a name
+    whose certificate is gone from the directory, or one used by both.
+    """
+    directory = Path(directory)
+    validate_name(name)
+    if not (directory / "ca.pem").is_file():
+        raise FileNotFoundError(f"no deployment in {directory} (no ca.pem)")
+    if role is None:
+        issued = [r for r, paths in ((ROLE_AGENT, agent_paths), (ROLE_CLIENT, client_paths))
+                  if paths(directory, name)[0].exists()]
+        if not issued:
+            raise FileNotFoundError(f"no agent or client named {name!r} in {directory}; name its role to revoke "
+                                    "a certificate that is no longer there")
+        if len(issued) > 1:
+            raise ValueError(f"{name!r} is both an agent and a client in {directory}: name the role to revoke")
+        role = issued[0]
+    elif role not in REVOCABLE_ROLES:
+        raise ValueError(f"cannot revoke role {role!r}; only {' and '.join(REVOCABLE_ROLES)} certificates")
+    identity = Identity(role, name)
+    revocation.add(directory, [str(identity)])
+    return identity

@@ -2,16 +2,27 @@
 
 Identity always comes from the peer's verified certificate (its `tandem://ROLE/NAME`
 SAN URI), never from a field in a message.
+
+Servers follow their directory while they run: a replaced certificate, key or CA
+bundle is used for new connections (open ones keep theirs), and an identity added
+to the deny list (`tandem certs revoke`) is refused on its next call.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from tandem import certs
+from tandem import certs, revocation
 from tandem.errors import PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
 
 
 def _read(path: Path) -> bytes:
@@ -21,24 +32,90 @@ def _read(path: Path) -> bytes:
         raise FileNotFoundError(f"certificate file {path} not found (run `tandem certs init`)") from None
 
 
+# --- server credentials -------------------------------------------------------------
+
+
+def _check_pair(cert_pem: bytes, key_pem: bytes, ca_pem: bytes, where: Path) -> None:
+    """Refuse a certificate and key that do not belong together, or an empty CA bundle:
+    caught between the two renames of a rotation, they would fail every handshake."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        bundle = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError as exc:
+        raise ValueError(f"unreadable certificate, key or CA bundle in {where}: {exc}") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, public) != cert.public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ):
+        raise ValueError(f"the private key in {where} does not match its certificate")
+    if not bundle:
+        raise ValueError(f"no CA certificate in {where}")
+
+
+_Stamp = tuple[tuple[int, int, int] | None, ...]
+
+
+class _ServerFiles:
+    """A server's certificate, key and CA bundle, reread when any of them changed.
+
+    gRPC calls it (from one of its own threads) before each TLS handshake; a stat of
+    three files is all it costs while nothing changed. A half-rotated set (a key
+    that does not match the certificate yet) is logged and the previous set kept.
+    """
+
+    def __init__(self, certs_dir: Path, cert: Path, key: Path) -> None:
+        self._paths = (cert, key, certs_dir / "ca.pem")
+        self._where = certs_dir
+        self._deny = revocation.REGISTRY.for_directory(certs_dir)
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self.initial = self._load()
+
+    def _stat(self) -> _Stamp:
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in self._paths:
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except FileNotFoundError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        cert, key, ca = (_read(path) for path in self._paths)
+        _check_pair(cert, key, ca, self._where)
+        revocation.REGISTRY.trust(ca, self._deny)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        try:
+            with self._lock:
+                stamp = self._stat()
+                if stamp == self._stamp:
+                    return None
+                self._stamp = stamp  # a bad set is reported once, and retried when a file changes again
+                config = self._load()
+        except Exception as exc:  # noqa: BLE001 - on gRPC's thread nothing may escape: keep serving the old set
+            log.error("keeping the current server certificates: %s", exc)
+            return None
+        log.info("new server certificates from %s are used for new connections", self._where)
+        return config
+
+
+def _server_credentials(certs_dir: Path, cert: Path, key: Path) -> grpc.ServerCredentials:
+    files = _ServerFiles(Path(certs_dir), cert, key)
+    return grpc.dynamic_ssl_server_credentials(files.initial, files, require_client_authentication=True)
+
+
 def server_credentials(certs_dir: Path) -> grpc.ServerCredentials:
     """The cloud's server certificate; clients must present one from the same CA."""
-    return grpc.ssl_server_credentials(
-        [(_read(certs_dir / "cloud.key"), _read(certs_dir / "cloud.pem"))],
-        root_certificates=_read(certs_dir / "ca.pem"),
-        require_client_auth=True,
-    )
-
-
-def _leaf_server_credentials(certs_dir: Path, cert: Path, key: Path) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials(
-        [(_read(key), _read(cert))], root_certificates=_read(certs_dir / "ca.pem"), require_client_auth=True
-    )
+    return _server_credentials(certs_dir, certs_dir / "cloud.pem", certs_dir / "cloud.key")
 
 
 def agent_server_credentials(certs_dir: Path, name: str) -> grpc.ServerCredentials:
     """An agent's certificate, serving Inference to local clients from the same CA."""
-    return _leaf_server_credentials(certs_dir, *certs.agent_paths(certs_dir, name))
+    return _server_credentials(certs_dir, *certs.agent_paths(certs_dir, name))
 
 
 def replica_paths(certs_dir: Path) -> tuple[Path, Path]:
@@ -48,7 +125,7 @@ def replica_paths(certs_dir: Path) -> tuple[Path, Path]:
 
 def replica_server_credentials(certs_dir: Path) -> grpc.ServerCredentials:
     """A cloud inference replica serving Inference, under the cloud's names."""
-    return _leaf_server_credentials(certs_dir, *replica_paths(certs_dir))
+    return _server_credentials(certs_dir, *replica_paths(certs_dir))
 
 
 def replica_credentials(certs_dir: Path) -> grpc.ChannelCredentials:
@@ -80,13 +157,19 @@ def app_credentials(certs_dir: Path, name: str) -> grpc.ChannelCredentials:
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> certs.Identity:
-    """The verified identity of the peer of a call."""
+    """The verified identity of the peer of a call, unless the deployment revoked it.
+
+    A revoked identity is UNAUTHENTICATED, not PERMISSION_DENIED: its certificate no
+    longer proves anything, whatever the call, and it will not work again.
+    """
     pems = context.auth_context().get("x509_pem_cert")
     if not pems:
         raise Unauthenticated("a client certificate is required")
     identity = certs.identity_from_pem(pems[0])
     if identity is None:
         raise Unauthenticated("the client certificate carries no Tandem identity")
+    if revocation.REGISTRY.revoked(str(identity), pems[0]):
+        raise Unauthenticated(f"the certificate of {identity} has been revoked")
     return identity
 
 

@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
     p.add_argument("--days", type=int, default=365)
 
+    p = certs_sub.add_parser("revoke", help="deny an agent's or application's certificate on every server, "
+                                            "without a restart")
+    p.add_argument("name", help="the agent's or application's name")
+    p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
+    p.add_argument("--role", choices=certs.REVOCABLE_ROLES, default=None,
+                   help="needed only when the name is both an agent and a client, or its certificate is gone")
+
     p = sub.add_parser("cloud", help="run the coordinator")
     p.add_argument("--listen", default="0.0.0.0:7443", help="gRPC address (mutual TLS), HOST:PORT")
     p.add_argument("--certs", type=Path, default=Path(_env("TANDEM_CERTS", ".certs") or ".certs"),
@@ -303,6 +310,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             hosts = [h for h in args.hosts.split(",") if h]
             cert, _ = certs.add_agent(args.dir, args.name, days=args.days, hosts=hosts)
             print(f"wrote {cert}")
+        elif args.certs_command == "revoke":
+            identity = certs.revoke(args.dir, args.name, role=args.role)
+            print(f"revoked {identity}: servers reading {args.dir} refuse its next call within a second "
+                  f"(copy {args.dir / 'revoked.txt'} to other servers' certificate directories)")
         else:
             cert, _ = certs.add_client(args.dir, args.name, days=args.days)
             print(f"wrote {cert}")
