@@ -135,11 +135,11 @@ async def test_agent_health_port_serves_while_it_runs(coordinator: Coordinator, 
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="tandem.v1.Inference"), timeout=5)
             assert reply.status == SERVING
-            stop.set()
+            # Watching from before the stop: the stream sees NOT_SERVING before the port closes.
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
-            async for update in watch:  # the stream sees the agent go NOT_SERVING before the port closes
-                if update.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    break
+            assert (await anext(aiter(watch))).status == SERVING
+            stop.set()
+            assert (await anext(aiter(watch))).status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         stop.set()
         await runner
