@@ -8,7 +8,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
 from cloud.observations import DirectSource, agent_view, stage_bytes
-from edge.link import LinkMonitor
+from edge.link import RTT_SAMPLES, THROUGHPUT_SAMPLES, LinkMonitor
 
 
 def test_agent_view_reads_the_heartbeat_names() -> None:
@@ -62,7 +62,7 @@ def test_link_monitor_separates_round_trips_from_throughput() -> None:
     link = LinkMonitor(never, interval=1.0)
     link.success(0.010)
     link.success(0.020)
-    assert link.rtt is not None and 0.010 < link.rtt < 0.020  # a moving average of small calls
+    assert link.rtt == 0.010  # the least of the recent small calls: the other one was held up
     link.success(0.110, sent=100_000)
     assert abs(link.bytes_per_second["up"] - 100_000 / (0.110 - link.rtt)) < 1.0
     link.failure(grpc.StatusCode.INVALID_ARGUMENT)
@@ -71,3 +71,28 @@ def test_link_monitor_separates_round_trips_from_throughput() -> None:
     assert not link.available()
     link.success(0.01)
     assert link.available()
+
+
+def test_link_estimates_ignore_late_samples_and_follow_lasting_changes() -> None:
+    async def never(timeout: float, size: int) -> None:
+        raise AssertionError("not probed in this test")
+
+    link = LinkMonitor(never, interval=1.0)
+    link.success(0.030)
+    link.success(0.090)  # an agent busy with its own work answered late
+    assert link.rtt == 0.030
+    for _ in range(RTT_SAMPLES):
+        link.success(0.080)  # the path itself got longer
+    assert link.rtt == 0.080
+    link.success(0.080 + 0.100, sent=1_000_000)  # 10 MB/s
+    link.success(0.080 + 0.400, sent=1_000_000)  # held up: not the link
+    assert abs(link.bytes_per_second["up"] - 1e7) < 1.0
+    for _ in range(THROUGHPUT_SAMPLES):
+        link.success(0.080 + 0.500, sent=1_000_000)  # the link got slower: 2 MB/s
+    assert abs(link.bytes_per_second["up"] - 2e6) < 1.0
+    link.success(0.080 + 0.100, sent=1_000_000)  # and faster again: taken at once
+    assert abs(link.bytes_per_second["up"] - 1e7) < 1.0
+    link.too_slow(100_000, 0.5)  # a missed deadline caps it at once
+    assert link.bytes_per_second["up"] == 200_000
+    link.success(0.080 + 0.400, sent=100_000)  # 250 KB/s
+    assert abs(link.bytes_per_second["up"] - 250_000) < 1.0

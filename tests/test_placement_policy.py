@@ -4,11 +4,14 @@ alpha trades latency for bytes, hysteresis holds under noise, the fleet does not
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
+from cloud.observations import agent_view
 from cloud.placement import split_text
 from cloud.placement_policy import (
     AgentView, CascadeOption, Decision, ModelProfile, Observations, PolicyConfig, costs, decide,
 )
+from edge.link import THROUGHPUT_EVERY, THROUGHPUT_PROBE_BYTES, LinkMonitor
 from tandem import staged
 
 _, STAGES = staged.describe("cnn")
@@ -127,3 +130,35 @@ def test_a_cascade_is_weighed_against_sending_everything_to_the_cloud_model() ->
     assert choose(mbit=100, rtt=0.080, up=None)[0] == 0  # not measured yet: cannot price the cascade
     assert split_text("mlp-small", 0, PolicyConfig(cascades={"mlp-small": CascadeOption(0.9, "mlp-heavy")})) == \
         "cascade:1.01:mlp-heavy"
+
+
+def test_an_agent_busy_at_the_edge_still_sees_that_the_cloud_is_cheaper() -> None:
+    """bench_placement's 20 Mbit/s, 30 ms phase with four agents: they had gone to the
+    edge in the 2 Mbit/s phase and stayed there for all 30 s, though all-cloud answered
+    in 95 ms and the edge in 150 ms. A weak agent computing at the edge answers most of
+    its probes late (its CPU quota goes to the model), so its samples run high: the
+    averaged round trip came to 45-85 ms and the throughput to 1.5-2 MB/s, which priced
+    the cloud no cheaper than the edge. What the cloud would cost is what the probes
+    that were not held up measured."""
+    rtt, up, size = 0.030, 2.5e6, THROUGHPUT_PROBE_BYTES
+
+    async def never(timeout: float, size: int) -> None:
+        raise AssertionError("not probed in this test")
+
+    measurements: dict[str, float] = {}
+    link = LinkMonitor(never, interval=0.5, on_measure=measurements.__setitem__)
+    rng = random.Random(1)
+    for probe in range(60):  # 30 s of idle probes, every fifth one a throughput probe
+        late = rng.uniform(0.020, 0.090) if rng.random() < 0.6 else 0.0
+        if probe % THROUGHPUT_EVERY == THROUGHPUT_EVERY - 1:
+            link.success(rtt + size / up + late, sent=size)
+        else:
+            link.success(rtt + late)
+    edge = (0.035, 0.025, 0.025, 0.025, 0.015)  # the bench's weak agent: 125 ms all at the edge
+    measurements.update({f"stage_seconds:cnn:{i}": s for i, s in enumerate(edge, start=1)})
+    measurements["examples_per_second:cnn"] = 3.0
+    cloud = replace(CNN, cloud_seconds=(0.006, 0.005, 0.004, 0.003, 0.002))  # the bench cloud's 20 ms
+    obs = Observations(time=60.0, models={"cnn": cloud}, agents={"a": agent_view(measurements)})
+    decided = decide(obs, {("a", "cnn"): Decision(L, 0.0, sum(edge))}, PolicyConfig(min_dwell=5.0))[("a", "cnn")]
+    assert decided.split == 0, [round(1000 * c) for c in decided.costs]
+    assert 0.090 < decided.cost < 0.105  # 30 ms + 110 KB at 2.5 MB/s + 20 ms, give or take the probes' floor

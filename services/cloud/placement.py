@@ -80,6 +80,10 @@ class PlacementController:
         observations = await self._source.observe()
         self.decisions = decide(observations, self.decisions, self.config.policy, frozenset(self._pins))
         connected = set(self._registry.connected())
+        if log.isEnabledFor(logging.DEBUG):  # the prices behind decisions that did not change, too
+            for key, held in sorted(self.decisions.items()):
+                log.debug("placement costs %s %s: %s [%s]", *key, split_text(key[1], held.split, self.config.policy),
+                          ", ".join(f"k={k}: {1000 * c:.1f} ms" for k, c in enumerate(held.costs)))
         for key in sorted(set(self.decisions) | set(self._pins)):
             agent, model = key
             text = self._text(key)

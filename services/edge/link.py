@@ -1,6 +1,13 @@
 """The agent's view of its link to the cloud: round-trip time and throughput from
 real requests plus a small probe while idle, and whether to try the cloud at all.
 
+Every sample errs one way: the call also waits for this agent's own CPU (a weak
+device computing a request at the edge answers its probe late) and for queues behind
+its own traffic, never less than the path needs. So the round trip is the least of
+the recent samples and the throughput the greatest (BBR's min-RTT and max-bandwidth
+filters); an average would price the cloud by how busy the edge is, and keep an agent
+computing at the edge from ever seeing that the cloud is cheaper.
+
 After a call fails for a link reason the link counts as down for a short, growing
 while: requests then go local at once instead of each waiting out a timeout. A
 probe that succeeds brings it back.
@@ -11,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -29,11 +37,10 @@ MEASURABLE_BYTES = 16 << 10
 # A throughput probe sends this much up, when no request has measured it for a while.
 THROUGHPUT_PROBE_BYTES = 64 << 10
 THROUGHPUT_EVERY = 5  # probe intervals
-_EWMA = 0.3
-
-
-def _average(previous: float | None, sample: float) -> float:
-    return sample if previous is None else (1 - _EWMA) * previous + _EWMA * sample
+# The estimates follow this many recent samples: a change of the link shows after at
+# most that many (a deadline miss caps the uplink at once), a late sample not at all.
+RTT_SAMPLES = 10  # 5 s of idle probes at a 0.5 s interval (the bench's), 20 s at the default 2 s
+THROUGHPUT_SAMPLES = 3  # a second of requests at 3 a second; at the edge, three throughput probes
 
 
 class LinkMonitor:
@@ -46,6 +53,8 @@ class LinkMonitor:
         self._on_measure = on_measure
         self.rtt: float | None = None
         self.bytes_per_second: dict[str, float] = {}
+        self._rtts: deque[float] = deque(maxlen=RTT_SAMPLES)
+        self._throughputs: dict[str, deque[float]] = {}
         self._down_until = 0.0
         self._down_for = 0.0
         self._last_measured = 0.0
@@ -63,7 +72,8 @@ class LinkMonitor:
         self._down_until, self._down_for = 0.0, 0.0
         metrics.EDGE_LINK_UP.set(1)
         if max(sent, received) < MEASURABLE_BYTES:
-            self.rtt = _average(self.rtt, seconds)
+            self._rtts.append(seconds)
+            self.rtt = min(self._rtts)
             metrics.EDGE_LINK_RTT.set(self.rtt)
             self._report("rtt_seconds", self.rtt)
             return
@@ -72,21 +82,23 @@ class LinkMonitor:
         moving = max(seconds - (self.rtt or 0.0), seconds / 2, 1e-4)
         for direction, nbytes in (("up", sent), ("down", received)):
             if nbytes >= MEASURABLE_BYTES:
-                sample, old = nbytes / moving, self.bytes_per_second.get(direction)
-                # A step change (more than 2x either way) is taken at once; smaller changes are smoothed.
-                value = sample if old is None or not 0.5 <= sample / old <= 2 else _average(old, sample)
-                self.bytes_per_second[direction] = value
-                metrics.EDGE_LINK_BYTES_PER_SECOND.labels(direction).set(value)
-                self._report(f"link_{direction}_bytes_per_second", value)
+                samples = self._throughputs.setdefault(direction, deque(maxlen=THROUGHPUT_SAMPLES))
+                samples.append(nbytes / moving)
+                self._set_throughput(direction, max(samples))
 
     def too_slow(self, sent: int, seconds: float) -> None:
-        """A call that sent `sent` bytes did not finish in `seconds`: the uplink moves less."""
+        """A call that sent `sent` bytes did not finish in `seconds`: the uplink moves less,
+        whatever faster samples said before."""
         if sent >= MEASURABLE_BYTES and seconds > 0:
             bound = sent / seconds
             if self.bytes_per_second.get("up", float("inf")) > bound:
-                self.bytes_per_second["up"] = bound
-                metrics.EDGE_LINK_BYTES_PER_SECOND.labels("up").set(bound)
-                self._report("link_up_bytes_per_second", bound)
+                self._throughputs["up"] = deque([bound], maxlen=THROUGHPUT_SAMPLES)
+                self._set_throughput("up", bound)
+
+    def _set_throughput(self, direction: str, value: float) -> None:
+        self.bytes_per_second[direction] = value
+        metrics.EDGE_LINK_BYTES_PER_SECOND.labels(direction).set(value)
+        self._report(f"link_{direction}_bytes_per_second", value)
 
     def failure(self, code: grpc.StatusCode) -> None:
         """A call failed; if for a link reason, stop trying the cloud for a while."""
