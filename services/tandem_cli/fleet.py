@@ -1,0 +1,68 @@
+"""A coordinator and its agents as real processes on loopback, for the reliability runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tandem import certs
+from tandem.v1 import admin_pb2
+from tandem_cli import procs
+from tandem_cli.admin import admin_channel, admin_stub, wait_connected, wait_job
+
+
+def make_certs(directory: Path, agents: list[str]) -> Path:
+    if not (directory / "ca.pem").exists():
+        certs.init_deployment(directory, agents)
+    return directory
+
+
+class Fleet:
+    """`agents` maps each agent name to its attack ("" for an honest agent)."""
+
+    def __init__(self, work: Path, certs_dir: Path, agents: dict[str, str], cloud_extra: list[str] | None = None,
+                 listen: str = "127.0.0.1:0") -> None:
+        self.work, self.certs_dir, self.agents = work, certs_dir, agents
+        self.cloud_extra, self.listen = cloud_extra, listen
+        work.mkdir(parents=True, exist_ok=True)
+        self.start_cloud()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for index, name in enumerate(agents):
+            self.start_agent(name, index)
+
+    def start_cloud(self) -> None:
+        """Start (or, after it died, restart) the coordinator on the same state and address."""
+        self.cloud, self.ports = procs.start_cloud(self.certs_dir, self.work / "state", self.work / "cloud.log",
+                                                   listen=self.listen, extra=self.cloud_extra)
+        self.target = f"localhost:{self.ports['port']}"
+
+    def data(self, index: int) -> str:
+        return f"digits:{index}/{len(self.agents)}"
+
+    def start_agent(self, name: str, index: int) -> None:
+        attack, log = self.agents[name], self.work / f"{name}.log"
+        if attack:
+            with open(log, "ab") as out:
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "tandem_cli.hostile", "--attack", attack, "--cloud", self.target,
+                     "--certs", str(self.certs_dir), "--id", name, "--data", self.data(index)],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                )
+        else:
+            self.procs[name] = procs.start_agent(self.target, self.certs_dir, name, self.data(index), log)
+
+    async def run_job(self, spec: admin_pb2.JobSpec, connected: int | None = None, timeout: float = 1800) -> dict[str, Any]:
+        async with admin_channel(self.target, self.certs_dir) as channel:
+            stub = admin_stub(channel)
+            await wait_connected(stub, len(self.agents) if connected is None else connected, timeout=180)
+            job_id = (await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))).job_id
+            job = await wait_job(stub, job_id, timeout=timeout, echo=False)
+        if job["state"] != "completed":
+            raise RuntimeError(f"job {job_id} {job['state']}: {job['message']}; logs in {self.work}")
+        return job
+
+    def close(self) -> None:
+        for proc in [*self.procs.values(), self.cloud]:
+            procs.stop(proc)
