@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tandem.v1 import tensor_pb2 as tandem_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btandem/v1/coordinator.proto\x12\ttandem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tandem/v1/tensor.proto\")\n\x0eUploadProgress\x12\x17\n\x0f\x63hunks_received\x18\x01 \x01(\x03\"d\n\x0c\x41gentMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.tandem.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.tandem.v1.HeartbeatH\x00\x42\x06\n\x04kind\"\xa1\x01\n\x05Hello\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12,\n\x06models\x18\x04 \x03(\x0b\x32\x1c.tandem.v1.Hello.ModelsEntry\x1a-\n\x0bModelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x8b\x01\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12<\n\x0cmeasurements\x18\x02 \x03(\x0b\x32&.tandem.v1.Heartbeat.MeasurementsEntry\x1a\x33\n\x11MeasurementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xee\x01\n\x12\x43oordinatorMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.tandem.v1.WelcomeH\x00\x12$\n\x04task\x18\x02 \x01(\x0b\x32\x14.tandem.v1.TrainTaskH\x00\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x16.tandem.v1.ModelNoticeH\x00\x12\'\n\x08shutdown\x18\x04 \x01(\x0b\x32\x13.tandem.v1.ShutdownH\x00\x12\x31\n\tplacement\x18\x05 \x01(\x0b\x32\x1c.tandem.v1.PlacementDecisionH\x00\x42\x06\n\x04kind\"`\n\x11PlacementDecision\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tplacement\x18\x02 \x01(\t\x12\x19\n\x11predicted_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\"g\n\x07Welcome\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12&\n\x06models\x18\x03 \x03(\x0b\x32\x16.tandem.v1.ModelNotice\"W\n\x0eTrainingConfig\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\n\n\x02mu\x18\x04 \x01(\x01\"\x8e\x02\n\tTrainTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\x12\x13\n\x0b\x62\x61se_sha256\x18\x05 \x01(\t\x12+\n\x08training\x18\x06 \x01(\x0b\x32\x19.tandem.v1.TrainingConfig\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10max_update_bytes\x18\t \x01(\x03\x12\x16\n\tbase_seed\x18\n \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_base_seed\"M\n\x0bModelNotice\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\x1a\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\"j\n\x0bUpdateChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.tandem.v1.UpdateHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.tandem.v1.TensorChunkH\x00\x42\x06\n\x04kind\"\xa9\x01\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x12\n\nlocal_loss\x18\x06 \x01(\x01\x12\x16\n\x0e\x63ontent_sha256\x18\x07 \x01(\t\x12\x13\n\x0bskip_chunks\x18\x08 \x01(\x03\"{\n\rUpdateReceipt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x06 \x01(\x03\"Y\n\x0cModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0chave_version\x18\x03 \x01(\x03\x12\x13\n\x0bskip_chunks\x18\x04 \x01(\x03\"h\n\nModelChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.tandem.v1.ModelHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.tandem.v1.TensorChunkH\x00\x42\x06\n\x04kind\"\xb5\x01\n\x0bModelHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12&\n\x07tensors\x18\x04 \x03(\x0b\x32\x15.tandem.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12#\n\x05steps\x18\x06 \x03(\x0b\x32\x14.tandem.v1.DeltaStep\x12\x14\n\x0ctotal_chunks\x18\x07 \x01(\x03\"D\n\tDeltaStep\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x03\x12\x12\n\nto_version\x18\x02 \x01(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\"4\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x05\" \n\rProbeResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xdb\x02\n\x0b\x43oordinator\x12\x45\n\x07\x43onnect\x12\x17.tandem.v1.AgentMessage\x1a\x1d.tandem.v1.CoordinatorMessage(\x01\x30\x01\x12\x42\n\x0cUploadUpdate\x12\x16.tandem.v1.UpdateChunk\x1a\x18.tandem.v1.UpdateReceipt(\x01\x12\x41\n\rDownloadModel\x12\x17.tandem.v1.ModelRequest\x1a\x15.tandem.v1.ModelChunk0\x01\x12\x42\n\x0cUploadStatus\x12\x17.tandem.v1.UpdateHeader\x1a\x19.tandem.v1.UploadProgress\x12:\n\x05Probe\x12\x17.tandem.v1.ProbeRequest\x1a\x18.tandem.v1.ProbeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btandem/v1/coordinator.proto\x12\ttandem.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tandem/v1/tensor.proto\")\n\x0eUploadProgress\x12\x17\n\x0f\x63hunks_received\x18\x01 \x01(\x03\"d\n\x0c\x41gentMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.tandem.v1.HelloH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.tandem.v1.HeartbeatH\x00\x42\x06\n\x04kind\"\xa1\x01\n\x05Hello\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12,\n\x06models\x18\x04 \x03(\x0b\x32\x1c.tandem.v1.Hello.ModelsEntry\x1a-\n\x0bModelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x8b\x01\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12<\n\x0cmeasurements\x18\x02 \x03(\x0b\x32&.tandem.v1.Heartbeat.MeasurementsEntry\x1a\x33\n\x11MeasurementsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa0\x02\n\x12\x43oordinatorMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.tandem.v1.WelcomeH\x00\x12$\n\x04task\x18\x02 \x01(\x0b\x32\x14.tandem.v1.TrainTaskH\x00\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x16.tandem.v1.ModelNoticeH\x00\x12\'\n\x08shutdown\x18\x04 \x01(\x0b\x32\x13.tandem.v1.ShutdownH\x00\x12\x31\n\tplacement\x18\x05 \x01(\x0b\x32\x1c.tandem.v1.PlacementDecisionH\x00\x12\x30\n\rheartbeat_ack\x18\x06 \x01(\x0b\x32\x17.tandem.v1.HeartbeatAckH\x00\x42\x06\n\x04kind\"\x1b\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"`\n\x11PlacementDecision\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tplacement\x18\x02 \x01(\t\x12\x19\n\x11predicted_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\"g\n\x07Welcome\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12&\n\x06models\x18\x03 \x03(\x0b\x32\x16.tandem.v1.ModelNotice\"W\n\x0eTrainingConfig\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\n\n\x02mu\x18\x04 \x01(\x01\"\x8e\x02\n\tTrainTask\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x03\x12\x13\n\x0b\x62\x61se_sha256\x18\x05 \x01(\t\x12+\n\x08training\x18\x06 \x01(\x0b\x32\x19.tandem.v1.TrainingConfig\x12\r\n\x05\x63odec\x18\x07 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10max_update_bytes\x18\t \x01(\x03\x12\x16\n\tbase_seed\x18\n \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_base_seed\"M\n\x0bModelNotice\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"\x1a\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\"j\n\x0bUpdateChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.tandem.v1.UpdateHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.tandem.v1.TensorChunkH\x00\x42\x06\n\x04kind\"\xa9\x01\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x12\n\nlocal_loss\x18\x06 \x01(\x01\x12\x16\n\x0e\x63ontent_sha256\x18\x07 \x01(\t\x12\x13\n\x0bskip_chunks\x18\x08 \x01(\x03\"{\n\rUpdateReceipt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x06 \x01(\x03\"Y\n\x0cModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x14\n\x0chave_version\x18\x03 \x01(\x03\x12\x13\n\x0bskip_chunks\x18\x04 \x01(\x03\"h\n\nModelChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.tandem.v1.ModelHeaderH\x00\x12(\n\x06tensor\x18\x02 \x01(\x0b\x32\x16.tandem.v1.TensorChunkH\x00\x42\x06\n\x04kind\"\xb5\x01\n\x0bModelHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12&\n\x07tensors\x18\x04 \x03(\x0b\x32\x15.tandem.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12#\n\x05steps\x18\x06 \x03(\x0b\x32\x14.tandem.v1.DeltaStep\x12\x14\n\x0ctotal_chunks\x18\x07 \x01(\x03\"D\n\tDeltaStep\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x03\x12\x12\n\nto_version\x18\x02 \x01(\x03\x12\r\n\x05\x63odec\x18\x03 \x01(\t\"4\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x05\" \n\rProbeResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xdb\x02\n\x0b\x43oordinator\x12\x45\n\x07\x43onnect\x12\x17.tandem.v1.AgentMessage\x1a\x1d.tandem.v1.CoordinatorMessage(\x01\x30\x01\x12\x42\n\x0cUploadUpdate\x12\x16.tandem.v1.UpdateChunk\x1a\x18.tandem.v1.UpdateReceipt(\x01\x12\x41\n\rDownloadModel\x12\x17.tandem.v1.ModelRequest\x1a\x15.tandem.v1.ModelChunk0\x01\x12\x42\n\x0cUploadStatus\x12\x17.tandem.v1.UpdateHeader\x1a\x19.tandem.v1.UploadProgress\x12:\n\x05Probe\x12\x17.tandem.v1.ProbeRequest\x1a\x18.tandem.v1.ProbeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,37 +50,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEAT_MEASUREMENTSENTRY']._serialized_start=497
   _globals['_HEARTBEAT_MEASUREMENTSENTRY']._serialized_end=548
   _globals['_COORDINATORMESSAGE']._serialized_start=551
-  _globals['_COORDINATORMESSAGE']._serialized_end=789
-  _globals['_PLACEMENTDECISION']._serialized_start=791
-  _globals['_PLACEMENTDECISION']._serialized_end=887
-  _globals['_WELCOME']._serialized_start=889
-  _globals['_WELCOME']._serialized_end=992
-  _globals['_TRAININGCONFIG']._serialized_start=994
-  _globals['_TRAININGCONFIG']._serialized_end=1081
-  _globals['_TRAINTASK']._serialized_start=1084
-  _globals['_TRAINTASK']._serialized_end=1354
-  _globals['_MODELNOTICE']._serialized_start=1356
-  _globals['_MODELNOTICE']._serialized_end=1433
-  _globals['_SHUTDOWN']._serialized_start=1435
-  _globals['_SHUTDOWN']._serialized_end=1461
-  _globals['_UPDATECHUNK']._serialized_start=1463
-  _globals['_UPDATECHUNK']._serialized_end=1569
-  _globals['_UPDATEHEADER']._serialized_start=1572
-  _globals['_UPDATEHEADER']._serialized_end=1741
-  _globals['_UPDATERECEIPT']._serialized_start=1743
-  _globals['_UPDATERECEIPT']._serialized_end=1866
-  _globals['_MODELREQUEST']._serialized_start=1868
-  _globals['_MODELREQUEST']._serialized_end=1957
-  _globals['_MODELCHUNK']._serialized_start=1959
-  _globals['_MODELCHUNK']._serialized_end=2063
-  _globals['_MODELHEADER']._serialized_start=2066
-  _globals['_MODELHEADER']._serialized_end=2247
-  _globals['_DELTASTEP']._serialized_start=2249
-  _globals['_DELTASTEP']._serialized_end=2317
-  _globals['_PROBEREQUEST']._serialized_start=2319
-  _globals['_PROBEREQUEST']._serialized_end=2371
-  _globals['_PROBERESPONSE']._serialized_start=2373
-  _globals['_PROBERESPONSE']._serialized_end=2405
-  _globals['_COORDINATOR']._serialized_start=2408
-  _globals['_COORDINATOR']._serialized_end=2755
+  _globals['_COORDINATORMESSAGE']._serialized_end=839
+  _globals['_HEARTBEATACK']._serialized_start=841
+  _globals['_HEARTBEATACK']._serialized_end=868
+  _globals['_PLACEMENTDECISION']._serialized_start=870
+  _globals['_PLACEMENTDECISION']._serialized_end=966
+  _globals['_WELCOME']._serialized_start=968
+  _globals['_WELCOME']._serialized_end=1071
+  _globals['_TRAININGCONFIG']._serialized_start=1073
+  _globals['_TRAININGCONFIG']._serialized_end=1160
+  _globals['_TRAINTASK']._serialized_start=1163
+  _globals['_TRAINTASK']._serialized_end=1433
+  _globals['_MODELNOTICE']._serialized_start=1435
+  _globals['_MODELNOTICE']._serialized_end=1512
+  _globals['_SHUTDOWN']._serialized_start=1514
+  _globals['_SHUTDOWN']._serialized_end=1540
+  _globals['_UPDATECHUNK']._serialized_start=1542
+  _globals['_UPDATECHUNK']._serialized_end=1648
+  _globals['_UPDATEHEADER']._serialized_start=1651
+  _globals['_UPDATEHEADER']._serialized_end=1820
+  _globals['_UPDATERECEIPT']._serialized_start=1822
+  _globals['_UPDATERECEIPT']._serialized_end=1945
+  _globals['_MODELREQUEST']._serialized_start=1947
+  _globals['_MODELREQUEST']._serialized_end=2036
+  _globals['_MODELCHUNK']._serialized_start=2038
+  _globals['_MODELCHUNK']._serialized_end=2142
+  _globals['_MODELHEADER']._serialized_start=2145
+  _globals['_MODELHEADER']._serialized_end=2326
+  _globals['_DELTASTEP']._serialized_start=2328
+  _globals['_DELTASTEP']._serialized_end=2396
+  _globals['_PROBEREQUEST']._serialized_start=2398
+  _globals['_PROBEREQUEST']._serialized_end=2450
+  _globals['_PROBERESPONSE']._serialized_start=2452
+  _globals['_PROBERESPONSE']._serialized_end=2484
+  _globals['_COORDINATOR']._serialized_start=2487
+  _globals['_COORDINATOR']._serialized_end=2834
 # @@protoc_insertion_point(module_scope)

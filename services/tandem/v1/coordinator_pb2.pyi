@@ -59,18 +59,26 @@ class Heartbeat(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., measurements: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
-    __slots__ = ("welcome", "task", "model", "shutdown", "placement")
+    __slots__ = ("welcome", "task", "model", "shutdown", "placement", "heartbeat_ack")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     task: TrainTask
     model: ModelNotice
     shutdown: Shutdown
     placement: PlacementDecision
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[TrainTask, _Mapping]] = ..., model: _Optional[_Union[ModelNotice, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., placement: _Optional[_Union[PlacementDecision, _Mapping]] = ...) -> None: ...
+    heartbeat_ack: HeartbeatAck
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[TrainTask, _Mapping]] = ..., model: _Optional[_Union[ModelNotice, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., placement: _Optional[_Union[PlacementDecision, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[HeartbeatAck, _Mapping]] = ...) -> None: ...
+
+class HeartbeatAck(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
 class PlacementDecision(_message.Message):
     __slots__ = ("model", "placement", "predicted_seconds", "pinned")
