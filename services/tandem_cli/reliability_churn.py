@@ -25,21 +25,32 @@ ACKED = re.compile(r"job (\S+) round (\d+): trained .* update [0-9a-f]+ accepted
 
 async def _churn(fleet: Fleet, names: list[str], killed: int, rounds: int, rng: random.Random,
                  events: list[dict[str, Any]]) -> None:
-    """In every round: `killed` agents die at a random moment, each restarted 1-4 s later."""
-    async with admin_channel(fleet.target, fleet.certs_dir) as channel:
-        stub = admin_stub(channel)
-        seen = 0
-        while seen < rounds:
-            jobs = (await stub.ListJobs(admin_pb2.ListJobsRequest())).jobs
-            job = job_dict(jobs[-1]) if jobs else None
-            current = job["open_round"]["round"] if job and "open_round" in job else 0
-            if current > seen:
-                seen = current
-                for name in rng.sample(names, killed):
-                    asyncio.create_task(_kill_and_restart(fleet, name, names.index(name), rng, current, events))
-            if job and job["state"] != "running":
-                return
-            await asyncio.sleep(0.05)
+    """In every round: `killed` agents die at a random moment, each restarted 1-4 s later.
+    Cancelled, it lets no restart happen afterwards."""
+    pending: set[asyncio.Task[None]] = set()
+    try:
+        async with admin_channel(fleet.target, fleet.certs_dir) as channel:
+            stub = admin_stub(channel)
+            seen = 0
+            while seen < rounds:
+                jobs = (await stub.ListJobs(admin_pb2.ListJobsRequest())).jobs
+                job = job_dict(jobs[-1]) if jobs else None
+                current = job["open_round"]["round"] if job and "open_round" in job else 0
+                if current > seen:
+                    seen = current
+                    for name in rng.sample(names, killed):
+                        task = asyncio.create_task(
+                            _kill_and_restart(fleet, name, names.index(name), rng, current, events))
+                        pending.add(task)
+                        task.add_done_callback(pending.discard)
+                if job and job["state"] != "running":
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.Event().wait()  # until cancelled: restarts still due go ahead meanwhile
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _kill_and_restart(fleet: Fleet, name: str, index: int, rng: random.Random, round_: int,
@@ -74,9 +85,10 @@ async def run_one(work: Path, certs_dir: Path, names: list[str], killed: int, ro
                                  round_deadline_seconds=deadline, eval="digits", seed=1)
         churn = asyncio.create_task(_churn(fleet, names, killed, rounds, random.Random(seed), events)) if killed else None
         job = await fleet.run_job(spec)
+    finally:
         if churn is not None:
             churn.cancel()
-    finally:
+            await asyncio.gather(churn, return_exceptions=True)
         fleet.close()
     acked = acknowledged(work, names)
     included = {(r["round"], agent) for r in job["rounds"] for agent in r["agents"]}
