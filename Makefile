@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CERTS  ?= .certs
 AGENTS ?= edge-1,edge-2,edge-3,edge-4
 
-.PHONY: install protos certs run test typecheck bench-fl bench-auto bench-infer bench-placement reliability gpu-check clean
+.PHONY: install protos certs run test typecheck bench-fl bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
 
 install: $(STAMP)
 
@@ -58,6 +58,10 @@ bench-placement: $(STAMP)
 # Poisoning, churn, coordinator crashes, link faults, fuzzing: docs/reliability.md.
 reliability: $(STAMP)
 	$(PY) -m tandem_cli.reliability --out bench/results/reliability.json
+
+# Hostile messages against every RPC of an in-process coordinator and edge agent (~70 s).
+fuzz: $(STAMP)
+	$(PY) -m tandem_cli.fuzz --cases 10000 --out bench/results/fuzz.json
 
 # Cloud inference on cuda against CPU (relative error < 1e-4); skips without a GPU.
 gpu-check: $(STAMP)

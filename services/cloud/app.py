@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from cloud.intake import UpdateIntake
+from cloud.limits import AgentLimits, LimitsConfig
 from cloud.jobs import JobManager
 from cloud.models import ModelRepository
 from cloud.observations import DirectSource, PrometheusSource, Source, heartbeats
@@ -43,6 +44,7 @@ class CloudConfig:
     serving: ServingConfig = ServingConfig()
     placement: ControllerConfig | None = None  # None: no placement controller
     prometheus_url: str | None = None  # the controller's source; None reads /metrics and heartbeats directly
+    limits: LimitsConfig = LimitsConfig()  # per agent: streams open at once, requests and request bytes per second
 
 
 class Coordinator:
@@ -66,7 +68,8 @@ class Coordinator:
         self.models.add_listener(self.serving.published)
         self.models.add_listener(self._announce)
 
-        self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
+        self.limits = AgentLimits(cfg.limits)
+        self.server = grpcserver.create_server([metrics.MetricsInterceptor(), self.limits])
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
             CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, cfg.heartbeat_interval),
             self.server,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from cloud.jobs import JobManager
 from cloud.rounds import JobRunner, OpenRound
@@ -19,7 +20,9 @@ from cloud.models import ModelRepository
 from cloud.spec import JobSpec
 from cloud.store import Store, UpdateRow, write_tensors
 from tandem import codec, compression, deltas, metrics
-from tandem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TandemError
+from tandem.errors import (
+    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TandemError, drain,
+)
 from tandem.v1 import coordinator_pb2 as pb
 
 PARTIAL_TTL_SECONDS = 600.0
@@ -117,11 +120,11 @@ class UpdateIntake:
         try:
             async with self._lock(key):
                 receipt = await self._receive(key, header, messages)
-        except (TandemError, codec.CodecError, compression.CompressionError) as exc:
+        except (TandemError, codec.CodecError, compression.CompressionError, DecodeError) as exc:
             reason = exc.reason if isinstance(exc, TandemError) else "malformed"
             metrics.UPDATES_REJECTED.labels(reason).inc()
             self._jobs.count_rejection(header.job_id, header.round, wire)
-            await _drain(messages)
+            await drain(messages)
             raise
         metrics.BYTES_RECEIVED.labels("update").inc(receipt.bytes_received)
         return receipt
@@ -174,7 +177,7 @@ class UpdateIntake:
                     )
                 partial.assembler.add(message.tensor)
                 partial.chunks += 1
-        except (TandemError, codec.CodecError, compression.CompressionError):
+        except (TandemError, codec.CodecError, compression.CompressionError, DecodeError):
             raise
         except BaseException:
             # The stream broke (cancelled, connection lost): keep what arrived for a resume.
@@ -260,24 +263,6 @@ class UpdateIntake:
         self._partials[key] = partial
         while sum(p.assembler.bytes_received for p in self._partials.values()) > PARTIAL_BUDGET_BYTES:
             self._partials.pop(next(iter(self._partials)))
-
-
-async def _drain(messages: AsyncIterator[pb.UpdateChunk], limit_bytes: int = 64 << 20, seconds: float = 5.0) -> None:
-    """Read what the client is still sending before answering with an error.
-
-    A server that ends a client-streaming call while the client is still writing
-    can make the client see INTERNAL instead of the real status (grpc/grpc#36066);
-    reading the rest first (bounded in bytes and time) delivers the precise code.
-    """
-    received = 0
-    try:
-        async with asyncio.timeout(seconds):
-            async for message in messages:
-                received += message.ByteSize()
-                if received > limit_bytes:
-                    return
-    except Exception:  # noqa: BLE001 - the peer's stream is already being rejected
-        return
 
 
 # Weighted by its example count, an update folded into the float32 running sum must

@@ -80,7 +80,8 @@ class Registry:
         """Return when an agent connects or disconnects, or after `timeout` seconds."""
         async with self._changed:
             try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a cancellation
+                    await self._changed.wait()
             except TimeoutError:
                 pass
 

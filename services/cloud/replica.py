@@ -177,7 +177,8 @@ class Replica:
                 log.warning("cannot reach the coordinator (%s: %s); serving what is held",
                             exc.code().name, exc.details())
             try:
-                await asyncio.wait_for(stop.wait(), self.config.poll_interval)
+                async with asyncio.timeout(self.config.poll_interval):
+                    await stop.wait()
             except TimeoutError:
                 pass
         await self.health.enter_graceful_shutdown()

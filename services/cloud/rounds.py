@@ -180,7 +180,8 @@ class JobRunner:
             if remaining <= 0:
                 return
             try:
-                await asyncio.wait_for(self._updated.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._updated.wait()
             except TimeoutError:
                 return
 

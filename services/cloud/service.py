@@ -28,6 +28,8 @@ from tandem.v1 import coordinator_pb2 as pb
 HELLO_TIMEOUT_SECONDS = 30.0
 MAX_PROBE_BYTES = 1 << 20
 MAX_MEASUREMENTS = 256  # link, and per served model its stage times and request rate
+# A shorter round cannot be met by any agent, and a round that misses its quorum is
+# retried at once: with a deadline of nothing, the retries never yield the event loop.
 
 
 def _merge_measurements(into: dict[str, float], new: Mapping[str, float]) -> None:
@@ -55,7 +57,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> AsyncIterator[pb.CoordinatorMessage]:
         identity = require_role(context, ROLE_AGENT)
         try:
-            first = await asyncio.wait_for(anext(request_iterator, None), HELLO_TIMEOUT_SECONDS)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the message does (CPython gh-86296), and the handler would run on.
+            async with asyncio.timeout(HELLO_TIMEOUT_SECONDS):
+                first = await anext(request_iterator, None)
         except TimeoutError:
             raise InvalidArgument(f"no Hello within {HELLO_TIMEOUT_SECONDS:.0f} s of connecting") from None
         if first is None or not first.HasField("hello"):
@@ -65,7 +70,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             raise InvalidArgument("malformed Hello: negative num_examples, device over 64 characters or "
                                   "over 256 models")
         session = await self._registry.connect(identity.name, hello)
-        reader: asyncio.Task[None] | None = None
+        reader: asyncio.Task[Exception | None] | None = None
         try:
             self._store.agent_connected(identity.name, hello.num_examples, hello.device)
             session.send(
@@ -75,25 +80,36 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 )
             )
             self._registry.announce(session)
-            reader = asyncio.create_task(self._read(session, request_iterator))
+            reader = asyncio.create_task(self._read(session, request_iterator, context))
             while (message := await session.queue.get()) is not None:
                 yield message
+            if reader.done() and (error := reader.result()) is not None:
+                raise error  # a malformed or over-limit message ends the stream with its status
         finally:
             if reader is not None:
                 reader.cancel()
             self._store.agent_seen(identity.name, session.last_seen)  # heartbeats stay in memory until here
             await self._registry.disconnect(session)
 
-    async def _read(self, session: Session, request_iterator: AsyncIterator[pb.AgentMessage]) -> None:
+    async def _read(
+        self, session: Session, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> Exception | None:
+        """Heartbeats until the agent closes its side; what ended the stream, if the agent's
+        fault (a revoked certificate ends it UNAUTHENTICATED at its next heartbeat)."""
         try:
             async for message in request_iterator:
                 if message.HasField("heartbeat"):
+                    require_role(context, ROLE_AGENT)
                     session.last_seen = time.time()
                     _merge_measurements(session.measurements, message.heartbeat.measurements)
+                    session.send(pb.CoordinatorMessage(heartbeat_ack=pb.HeartbeatAck(seq=message.heartbeat.seq)))
         except (grpc.RpcError, asyncio.CancelledError):
             pass
+        except Exception as exc:  # noqa: BLE001 - handed to Connect, which answers with its status
+            return exc
         finally:
             session.close()
+        return None
 
     @grpc_errors
     async def UploadUpdate(  # noqa: N802

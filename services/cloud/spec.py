@@ -89,7 +89,8 @@ class JobSpec:
             self.clients_per_round == 0 or self.clients_per_round >= self.min_clients,
             f"clients_per_round ({self.clients_per_round}) must be 0 (all) or >= min_clients ({self.min_clients})",
         )
-        _check(0 < self.deadline <= 86_400, f"deadline must be in (0, 86400] seconds, got {self.deadline}")
+        # Below a second a round could not even reach its agents, and retrying it would spin.
+        _check(1 <= self.deadline <= 86_400, f"round deadline must be in [1, 86400] seconds, got {self.deadline}")
         _check(self.eval in EVAL_SETS, f"unknown eval set {self.eval!r}; known: {[e for e in EVAL_SETS if e]}")
         _check(1 <= self.epochs <= 1_000, f"epochs must be in 1..1000, got {self.epochs}")
         _check(1 <= self.batch_size <= 65_536, f"batch_size must be in 1..65536, got {self.batch_size}")

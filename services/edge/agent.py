@@ -134,7 +134,8 @@ class Agent:
                 log.info("control stream closed; reconnecting in %.1f s", delay)
                 metrics.EDGE_RECONNECTS.inc()
                 try:
-                    await asyncio.wait_for(stop.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
                 except TimeoutError:
                     pass
             for task in self._training.values():
@@ -199,7 +200,8 @@ class Agent:
         seq = 0
         while True:
             try:
-                await asyncio.wait_for(self._measured.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._measured.wait()
             except TimeoutError:
                 pass
             self._measured.clear()

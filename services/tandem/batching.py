@@ -98,7 +98,8 @@ class Batcher:
             if not lane.waiting:
                 lane.arrived.clear()
                 try:
-                    await asyncio.wait_for(lane.arrived.wait(), _IDLE_SECONDS)
+                    async with asyncio.timeout(_IDLE_SECONDS):
+                        await lane.arrived.wait()
                 except TimeoutError:
                     if not lane.waiting:
                         del self._lanes[key]

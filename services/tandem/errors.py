@@ -1,17 +1,23 @@
 """Domain errors and their gRPC status codes, in one place.
 
 Plain logic raises these; servicers translate them with `grpc_errors`. Anything
-else becomes a sanitized INTERNAL so no stack trace or path leaks to a peer.
+else becomes a sanitized INTERNAL so no stack trace or path leaks to a peer. A
+request that is not even valid protobuf is INVALID_ARGUMENT: in a stream, the
+servicer sees the DecodeError and `status_of` says so; a unary request is parsed
+before any servicer runs, so `MalformedRequests` (a server interceptor) answers it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from tandem.codec import CodecError
 from tandem.compression import CompressionError
@@ -63,22 +69,69 @@ class Unavailable(TandemError):
     code, reason = grpc.StatusCode.UNAVAILABLE, "unavailable"
 
 
+# Messages often quote what the peer sent. A status message travels in a trailer, which
+# gRPC percent-encodes (up to 3 bytes for each byte of UTF-8); a client refuses trailers
+# over 8 KiB some of the time and over 16 KiB always, and then sees RESOURCE_EXHAUSTED
+# instead of the real status.
+MAX_STATUS_BYTES = 2000
+
+
+def clip(message: str) -> str:
+    """`message`, cut to MAX_STATUS_BYTES of UTF-8 so that its status reaches the peer."""
+    data = message.encode()
+    if len(data) <= MAX_STATUS_BYTES:
+        return message
+    kept = data[:MAX_STATUS_BYTES].decode(errors="ignore")
+    return f"{kept}... ({len(data) - len(kept.encode())} more bytes)"
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception."""
     if isinstance(exc, TandemError):
-        return exc.code, str(exc)
+        return exc.code, clip(str(exc))
     if isinstance(exc, (CodecError, CompressionError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return grpc.StatusCode.INVALID_ARGUMENT, clip(str(exc))
+    if isinstance(exc, DecodeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {exc}"
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, name: str) -> None:
+async def drain(
+    messages: AsyncIterator[Any], context: grpc.aio.ServicerContext | None = None, limit_bytes: int = 64 << 20,
+    seconds: float = 5.0,
+) -> None:
+    """Read what the client is still sending before answering with an error.
+
+    A server that ends a client-streaming call while the client is still writing
+    can make the client see INTERNAL instead of the real status (grpc/grpc#36066);
+    reading the rest first (bounded in bytes and time) delivers the precise code.
+    With the call's `context`, it reads beneath the request iterator, which a
+    message that did not parse has ended, and skips messages that do not parse.
+    """
+    received = 0
+    try:
+        async with asyncio.timeout(seconds):
+            while received <= limit_bytes:
+                try:
+                    message = await (context.read() if context is not None else anext(messages, grpc.aio.EOF))
+                except DecodeError:
+                    continue
+                if message is grpc.aio.EOF:
+                    return
+                received += message.ByteSize()
+    except Exception:  # noqa: BLE001 - the peer's stream is already being rejected
+        return
+
+
+async def _abort(context: grpc.aio.ServicerContext, request: Any, exc: BaseException, name: str) -> None:
     code, message = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed", name, exc_info=exc)
+    if hasattr(request, "__aiter__"):  # a client stream
+        await drain(request, context)
     await context.abort(code, message)
 
 
@@ -92,7 +145,7 @@ def grpc_errors(method: F) -> F:
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
-            await _abort(context, exc, method.__qualname__)
+            await _abort(context, request, exc, method.__qualname__)
 
     return wrapper  # type: ignore[return-value]
 
@@ -108,7 +161,70 @@ def grpc_stream_errors(method: Callable[..., AsyncIterator[Any]]) -> Callable[..
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
-            await _abort(context, exc, method.__qualname__)
+            await _abort(context, request, exc, method.__qualname__)
 
     return wrapper
 
+
+class Malformed:
+    """Stands for a unary request that is not valid protobuf, until the handler answers it."""
+
+    def __init__(self, error: Exception, size: int) -> None:
+        self.error = error
+        self.size = size  # bytes received
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # noqa: BLE001 - whatever the parser raises, the bytes were bad
+            return Malformed(exc, len(raw))
+
+    return parse
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
+    """INVALID_ARGUMENT for a unary request that does not parse (gRPC itself would answer
+    UNKNOWN, with the parser's exception, before any servicer could translate it)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+
+        async def refuse(request: Malformed, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, clip(f"malformed message: {request.error}"))
+
+        def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, Malformed):
+                    await refuse(request, context)
+                return await behavior(request, context)
+
+            return checked
+
+        def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if not inspect.isasyncgenfunction(behavior):  # writes with context.write (grpc's Health.Watch)
+                return unary(behavior)
+
+            async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, Malformed):
+                    await refuse(request, context)
+                async for response in behavior(request, context):
+                    yield response
+
+            return checked
+
+        serialize = {"request_deserializer": _lenient(handler.request_deserializer),
+                     "response_serializer": handler.response_serializer}
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **serialize)
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **serialize)

@@ -8,6 +8,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tandem.errors import MalformedRequests
+
 # Chunks are 1 MiB; a little headroom above gRPC's 4 MiB default lets a whole small
 # model or a large inference batch through in one message, and nothing bigger.
 MAX_MESSAGE_BYTES = 8 << 20
@@ -43,8 +45,9 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 
 def create_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    """An unstarted asyncio server with Tandem's message limits and keepalive."""
-    return grpc.aio.server(interceptors=list(interceptors), options=SERVER_OPTIONS)
+    """An unstarted asyncio server with Tandem's message limits and keepalive. A request
+    that does not parse is INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN)."""
+    return grpc.aio.server(interceptors=[*interceptors, MalformedRequests()], options=SERVER_OPTIONS)
 
 
 async def new_health(service_names: Sequence[str]) -> health.aio.HealthServicer:

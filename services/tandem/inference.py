@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -18,7 +19,7 @@ import grpc
 import numpy as np
 
 from tandem import codec, grpcserver, metrics, tls
-from tandem.errors import InvalidArgument, TandemError, grpc_errors, status_of
+from tandem.errors import InvalidArgument, grpc_errors, grpc_stream_errors, status_of
 from tandem.staged import StagedModel
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
@@ -26,6 +27,7 @@ from tandem.v1 import inference_pb2_grpc
 # Requests of one stream in progress at once; beyond it the stream is not read
 # further until answers go out (backpressure instead of unbounded memory).
 STREAM_WINDOW = 64
+MAX_INPUT_DIMS = 8  # batch, channels, height, width and room to spare
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,13 @@ def decode_input(request: pb.InferRequest, max_rows: int) -> np.ndarray:
         raise InvalidArgument(f"deadline_ms must be >= 0, got {request.deadline_ms}")
     if not request.HasField("input"):
         raise InvalidArgument("input tensor is required")
+    dims = list(request.input.shape)
+    # Checked before decoding: numpy refuses more than 64 dimensions or sizes past int64,
+    # and a peer's shape should not cost more than a glance.
+    if len(dims) > MAX_INPUT_DIMS:
+        raise InvalidArgument(f"input has {len(dims)} dimensions; at most {MAX_INPUT_DIMS} are accepted")
+    if any(d < 0 for d in dims) or math.prod(d for d in dims if d) > grpcserver.MAX_MESSAGE_BYTES:
+        raise InvalidArgument(f"input shape {dims} is negative or larger than any message")
     x = codec.from_proto(request.input, max_bytes=grpcserver.MAX_MESSAGE_BYTES)
     if x.ndim < 2:
         raise InvalidArgument(f"input must be a batch (at least 2 dimensions), got shape {list(x.shape)}")
@@ -104,13 +113,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         tls.peer_identity(context)
         return await self._answer(request, context.time_remaining())
 
+    @grpc_stream_errors
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.InferResponse]:
-        try:
-            tls.peer_identity(context)
-        except TandemError as exc:
-            await context.abort(exc.code, str(exc))
+        tls.peer_identity(context)
         window: asyncio.Queue[asyncio.Task[pb.InferResponse] | None] = asyncio.Queue(STREAM_WINDOW)
 
         async def read() -> None:
@@ -124,7 +131,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             while (task := await window.get()) is not None:
                 yield await task
-            await reader
+            await reader  # a message that does not parse ends the stream with INVALID_ARGUMENT
         finally:
             reader.cancel()
             while not window.empty():

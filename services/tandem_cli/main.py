@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--min-dwell", type=float, default=5.0, help="seconds a placement is kept at least")
     group.add_argument("--min-gain", type=float, default=0.10,
                        help="fraction of predicted latency a switch must save")
+    group = p.add_argument_group("limits per agent (beyond them calls get RESOURCE_EXHAUSTED; others are not slowed)")
+    group.add_argument("--agent-max-streams", type=int, default=32, help="streaming calls an agent has open at once")
+    group.add_argument("--agent-requests-per-second", type=float, default=5000.0,
+                       help="calls per second, sustained (bursts of twice as many)")
+    group.add_argument("--agent-bytes-per-second", type=float, default=float(256 << 20),
+                       help="request bytes per second, sustained (bursts of 1 GiB)")
 
     p = sub.add_parser("edge", help="run an edge agent")
     _client_args(p)

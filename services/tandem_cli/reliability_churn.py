@@ -24,7 +24,7 @@ ACKED = re.compile(r"job (\S+) round (\d+): trained .* update [0-9a-f]+ accepted
 
 
 async def _churn(fleet: Fleet, names: list[str], killed: int, rounds: int, rng: random.Random,
-                 events: list[dict[str, Any]]) -> None:
+                 events: list[dict[str, Any]], window: float) -> None:
     """In every round: `killed` agents die at a random moment, each restarted 1-4 s later.
     Cancelled, it lets no restart happen afterwards."""
     pending: set[asyncio.Task[None]] = set()
@@ -40,7 +40,7 @@ async def _churn(fleet: Fleet, names: list[str], killed: int, rounds: int, rng: 
                     seen = current
                     for name in rng.sample(names, killed):
                         task = asyncio.create_task(
-                            _kill_and_restart(fleet, name, names.index(name), rng, current, events))
+                            _kill_and_restart(fleet, name, names.index(name), rng, current, events, window))
                         pending.add(task)
                         task.add_done_callback(pending.discard)
                 if job and job["state"] != "running":
@@ -54,8 +54,8 @@ async def _churn(fleet: Fleet, names: list[str], killed: int, rounds: int, rng: 
 
 
 async def _kill_and_restart(fleet: Fleet, name: str, index: int, rng: random.Random, round_: int,
-                            events: list[dict[str, Any]]) -> None:
-    await asyncio.sleep(rng.uniform(0.0, 2.0))
+                            events: list[dict[str, Any]], window: float) -> None:
+    await asyncio.sleep(rng.uniform(0.0, window))
     proc = fleet.procs[name]
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
@@ -76,14 +76,14 @@ def acknowledged(work: Path, names: list[str]) -> set[tuple[int, str]]:
 
 
 async def run_one(work: Path, certs_dir: Path, names: list[str], killed: int, rounds: int, deadline: float,
-                  seed: int) -> dict[str, Any]:
+                  seed: int, window: float) -> dict[str, Any]:
     fleet = Fleet(work, certs_dir, {name: "" for name in names})
     events: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
         spec = admin_pb2.JobSpec(model="mlp", rounds=rounds, min_clients=len(names) - killed,
                                  round_deadline_seconds=deadline, eval="digits", seed=1)
-        churn = asyncio.create_task(_churn(fleet, names, killed, rounds, random.Random(seed), events)) if killed else None
+        churn = asyncio.create_task(_churn(fleet, names, killed, rounds, random.Random(seed), events, window)) if killed else None
         job = await fleet.run_job(spec)
     finally:
         if churn is not None:
@@ -102,12 +102,13 @@ async def run_one(work: Path, certs_dir: Path, names: list[str], killed: int, ro
 
 
 async def run(work: Path, agents: int = 10, killed: int = 3, rounds: int = 10, deadline: float = 60.0,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, window: float = 2.0) -> dict[str, Any]:
+    """`window`: each kill comes at a random moment within this many seconds of the round's opening."""
     names = [f"churn-{i}" for i in range(agents)]
     certs_dir = make_certs(work / "certs", names)
-    calm = await run_one(work / "calm", certs_dir, names, 0, rounds, deadline, seed)
+    calm = await run_one(work / "calm", certs_dir, names, 0, rounds, deadline, seed, window)
     print(f"  churn: no churn: {calm['final_accuracy']:.4f}", flush=True)
-    churn = await run_one(work / "churn", certs_dir, names, killed, rounds, deadline, seed)
+    churn = await run_one(work / "churn", certs_dir, names, killed, rounds, deadline, seed, window)
     print(f"  churn: {killed} of {agents} killed per round: {churn['final_accuracy']:.4f}, "
           f"{len(churn['acknowledged_lost'])} acknowledged updates lost", flush=True)
     return {"calm": calm, "churn": churn}

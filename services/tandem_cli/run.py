@@ -10,6 +10,7 @@ from pathlib import Path
 
 async def run_cloud(args: argparse.Namespace) -> int:
     from cloud.app import CloudConfig, Coordinator
+    from cloud.limits import LimitsConfig
     from cloud.placement import ControllerConfig
     from cloud.placement_policy import CascadeOption, PolicyConfig
     from tandem import placement as placement_mod
@@ -41,6 +42,9 @@ async def run_cloud(args: argparse.Namespace) -> int:
             max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
         ),
         placement=placement, prometheus_url=args.prometheus_url,
+        limits=LimitsConfig(max_streams=args.agent_max_streams, requests_per_second=args.agent_requests_per_second,
+                            request_burst=max(1, int(2 * args.agent_requests_per_second)),
+                            bytes_per_second=args.agent_bytes_per_second),
     )
     lifecycle.tune_for_serving(args.torch_threads)
     coordinator = Coordinator(config)

@@ -1,0 +1,108 @@
+"""`make reliability`: the figures of trust under attack and failure, one target each.
+
+    python -m tandem_cli.reliability --out bench/results/reliability.json
+    python -m tandem_cli.reliability --only poison,crash --quick
+
+Every scenario runs real processes on loopback (see each module's docstring):
+poisoning (`reliability_poison`), agent churn (`reliability_churn`), coordinator
+crashes (`reliability_crash`), link faults (`reliability_links`), many agents on
+one coordinator (`reliability_load`), fuzzing (`tandem_cli.fuzz`). `--quick` is the size `make test` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tandem_cli import (
+    reliability_churn, reliability_crash, reliability_links, reliability_load, reliability_poison,
+)
+from tandem_cli.bench import machine
+
+SCENARIOS = ("poison", "churn", "crash", "links", "load", "fuzz")
+
+FULL: dict[str, dict[str, Any]] = {
+    "poison": {"agents": 8, "hostile": 2, "rounds": 10},
+    "churn": {"agents": 10, "killed": 3, "rounds": 10},
+    "crash": {"agents": 4, "rounds": 10, "kills": 5},
+    "links": {"rounds": 10, "mean_fault_interval": 10.0},
+    "load": {"agents": 500, "interval": 5.0, "seconds": 60.0},
+    "fuzz": {"cases": 10_000},
+}
+QUICK: dict[str, dict[str, Any]] = {
+    "poison": {"agents": 5, "hostile": 1, "rounds": 3, "attacks": ("scale:-10",)},
+    "churn": {"agents": 5, "killed": 1, "rounds": 3, "window": 0.5},
+    "crash": {"agents": 3, "rounds": 4, "kills": 2},
+    "links": {"rounds": 4, "mean_fault_interval": 3.0},
+    "load": {"agents": 50, "interval": 1.0, "seconds": 10.0},
+    "fuzz": {"cases": 300},
+}
+
+
+async def run_scenario(name: str, work: Path, sizes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The scenario's raw result and its targets."""
+    if name == "poison":
+        runs = await reliability_poison.run(work, **sizes)
+        return runs, reliability_poison.targets(runs)
+    if name == "churn":
+        runs = await reliability_churn.run(work, **sizes)
+        return runs, reliability_churn.targets(runs)
+    if name == "crash":
+        runs = await reliability_crash.run(work, **sizes)
+        return runs, reliability_crash.targets(runs)
+    if name == "links":
+        result = await reliability_links.run(work, **sizes)
+        return result, reliability_links.targets(result)
+    if name == "load":
+        result = await reliability_load.run(work, **sizes)
+        return result, reliability_load.targets(result)
+    from tandem_cli import fuzz
+
+    result = await fuzz.run(work, **sizes)
+    return result, fuzz.targets(result)
+
+
+async def run(only: list[str], quick: bool, work: Path) -> dict[str, Any]:
+    sizes = QUICK if quick else FULL
+    results: dict[str, Any] = {}
+    targets: dict[str, Any] = {}
+    for name in only:
+        started = time.monotonic()
+        print(f"{name} ...", flush=True)
+        results[name], found = await run_scenario(name, work / name, sizes[name])
+        results[name + "_seconds"] = round(time.monotonic() - started, 1)
+        targets.update(found)
+    return {"command": " ".join(sys.argv), "machine": machine(), "quick": quick, "sizes": {n: sizes[n] for n in only},
+            "runs": results, "targets": targets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tandem_cli.reliability", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}")
+    parser.add_argument("--quick", action="store_true", help="the small sizes `make test` runs")
+    parser.add_argument("--work", type=Path, default=None, help="keep certificates, state and logs here")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/reliability.json"))
+    args = parser.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(only) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; known: {list(SCENARIOS)}")
+    with tempfile.TemporaryDirectory(prefix="tandem-reliability-") as tmp:
+        report = asyncio.run(run(only, args.quick, args.work or Path(tmp)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"\n{'target':<48} {'measured':>10} {'goal':>8}  met")
+    for name, t in report["targets"].items():
+        print(f"{name:<48} {t['measured']:>10} {t['op']:>2}{t['goal']:>6}  {'yes' if t['met'] else 'NO'}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
