@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import psutil
 
@@ -33,6 +34,7 @@ class LightAgent:
         self.rtts: list[float] = []
         self.dropped = False
         self.tasks = 0
+        self.uploads: dict[str, int] = {}  # status code name -> count
 
     async def run(self, stop: asyncio.Event) -> None:
         outgoing: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
@@ -84,8 +86,10 @@ class LightAgent:
 
         try:
             await stub.UploadUpdate(messages(), timeout=60)
-        except Exception:  # a round that closed first: real agents see the same
-            pass
+            code = "OK"
+        except grpc.aio.AioRpcError as exc:  # FAILED_PRECONDITION: a round that closed first, as real agents see
+            code = exc.code().name
+        self.uploads[code] = self.uploads.get(code, 0) + 1
 
 
 async def run(work: Path, agents: int = 500, interval: float = 5.0, seconds: float = 60.0,
@@ -99,7 +103,8 @@ async def run(work: Path, agents: int = 500, interval: float = 5.0, seconds: flo
     process = psutil.Process(cloud.pid)
     idle_rss = process.memory_info().rss
     base = training.state_arrays(zoo.build_model("mlp", seed=0))
-    update = {name: np.full_like(value, 1e-3) for name, value in base.items()}
+    # Codec "none" sends each tensor as one flat component.
+    update = {name: np.full(value.size, 1e-3, np.float32) for name, value in base.items()}
     fleet = [LightAgent(target, certs_dir, name, interval, update) for name in names]
     stop = asyncio.Event()
     running = []
@@ -140,6 +145,7 @@ async def run(work: Path, agents: int = 500, interval: float = 5.0, seconds: flo
         "rss_idle_bytes": idle_rss, "rss_connected_bytes": connected_rss, "rss_peak_bytes": peak_rss,
         "rss_per_agent_bytes": (connected_rss - idle_rss) / agents, "rounds_closed": rounds,
         "job_state": final["state"], "tasks_received": sum(a.tasks for a in fleet),
+        "uploads": {code: sum(a.uploads.get(code, 0) for a in fleet) for code in {c for a in fleet for c in a.uploads}},
     }
 
 
