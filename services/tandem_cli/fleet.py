@@ -53,12 +53,18 @@ class Fleet:
         else:
             self.procs[name] = procs.start_agent(self.target, self.certs_dir, name, self.data(index), log)
 
-    async def run_job(self, spec: admin_pb2.JobSpec, connected: int | None = None, timeout: float = 1800) -> dict[str, Any]:
+    async def run_job(self, spec: admin_pb2.JobSpec, connected: int | None = None, timeout: float = 1800,
+                      stop_after: float = 0.0) -> dict[str, Any]:
+        """Run a job to its end. With `stop_after`, a job still running then is stopped and
+        returned as it stands (a poisoned job can stall); otherwise anything but completion raises."""
         async with admin_channel(self.target, self.certs_dir) as channel:
             stub = admin_stub(channel)
             await wait_connected(stub, len(self.agents) if connected is None else connected, timeout=180)
             job_id = (await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))).job_id
-            job = await wait_job(stub, job_id, timeout=timeout, echo=False)
+            job = await wait_job(stub, job_id, timeout=stop_after or timeout, echo=False)
+            if stop_after and job["state"] == "running":
+                await stub.StopJob(admin_pb2.StopJobRequest(job_id=job_id))
+                return await wait_job(stub, job_id, timeout=60, echo=False)
         if job["state"] != "completed":
             raise RuntimeError(f"job {job_id} {job['state']}: {job['message']}; logs in {self.work}")
         return job

@@ -32,14 +32,18 @@ async def run_one(work: Path, certs_dir: Path, names: list[str], hostile: int, a
     fleet = Fleet(work, certs_dir, agents)
     started = time.monotonic()
     try:
-        spec = admin_pb2.JobSpec(model="mlp", rounds=rounds, min_clients=len(names), round_deadline_seconds=600,
+        spec = admin_pb2.JobSpec(model="mlp", rounds=rounds, min_clients=len(names), round_deadline_seconds=30,
                                  eval="digits", seed=1, **defence)
-        job = await fleet.run_job(spec)
+        # Poisoned FedAvg can diverge until honest agents' updates are no longer finite and
+        # are refused: its rounds then never reach quorum. It is stopped and reported as it stands.
+        job = await fleet.run_job(spec, stop_after=60 + 10 * rounds)
     finally:
         fleet.close()
     return {
         "attack": attack if hostile else "none", "hostile": hostile, "agents": len(names), "spec": defence,
-        "accuracy": [r["accuracy"] for r in job["rounds"]], "final_accuracy": job["rounds"][-1]["accuracy"],
+        "state": job["state"], "rounds_closed": len(job["rounds"]),
+        "accuracy": [r["accuracy"] for r in job["rounds"]],
+        "final_accuracy": job["rounds"][-1]["accuracy"] if job["rounds"] else 0.0,
         "seconds": time.monotonic() - started,
     }
 
