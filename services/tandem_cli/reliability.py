@@ -39,7 +39,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "poison": {"agents": 5, "hostile": 1, "rounds": 3, "attacks": ("scale:-10",)},
     "churn": {"agents": 5, "killed": 1, "rounds": 3, "window": 0.5},
     "crash": {"agents": 3, "rounds": 4, "kills": 2},
-    "links": {"rounds": 4, "mean_fault_interval": 3.0},
+    "links": {"rounds": 4, "mean_fault_interval": 3.0, "min_seconds": 15.0},
     "load": {"agents": 50, "interval": 1.0, "seconds": 10.0},
     "fuzz": {"cases": 300},
 }

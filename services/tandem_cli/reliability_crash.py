@@ -1,9 +1,9 @@
 """Coordinator crash: SIGKILL at random moments of a job, restarted each time on the same state.
 
 The same job runs twice with the same seeds, agents and data: once undisturbed,
-once with the coordinator killed at `kills` random moments (uploads, aggregation
-and publication are all in progress at some point of a round) and restarted on
-the same port and state directory. Agents reconnect by themselves.
+once with the coordinator killed in `kills` random rounds, at a random moment of
+each (uploads, aggregation and publication are all in progress at some point of a
+round), and restarted on the same port and state directory. Agents reconnect by themselves.
 
 The job averages with `trimmed_mean` at trim 0: the plain mean of the updates,
 taken per coordinate over the sorted values, so its bits do not depend on the
@@ -42,21 +42,26 @@ async def _state(fleet: Fleet, job_id: str) -> dict[str, Any]:
         return job_dict(await admin_stub(channel).GetJob(admin_pb2.GetJobRequest(job_id=job_id), timeout=10))
 
 
-async def run_one(work: Path, certs_dir: Path, names: list[str], rounds: int, kill_times: list[float]) -> dict[str, Any]:
-    """The job, with the coordinator killed `kill_times` seconds after it started."""
+async def run_one(work: Path, certs_dir: Path, names: list[str], rounds: int, kill_rounds: list[int],
+                  rng: random.Random) -> dict[str, Any]:
+    """The job, with the coordinator killed once in each of `kill_rounds`, at a random
+    moment within half a second of that round's opening (uploads, aggregation or
+    publication under way), and restarted at once."""
     # A fixed port, so that the agents find the coordinator again after each restart.
     fleet = Fleet(work, certs_dir, {n: "" for n in names}, listen=f"127.0.0.1:{procs.free_port()}")
     spec = admin_pb2.JobSpec(model="mlp", rounds=rounds, min_clients=len(names), round_deadline_seconds=300,
                              eval="digits", seed=1, aggregator="trimmed_mean")
     kills: list[dict[str, Any]] = []
+    started = time.monotonic()
     try:
         job_id = await _job(fleet, spec, len(names))
-        started = time.monotonic()
-        for at in kill_times:
-            await asyncio.sleep(max(0.0, started + at - time.monotonic()))
-            job = await _state(fleet, job_id)
+        for target in kill_rounds:
+            while (job := await _state(fleet, job_id))["state"] == "running" and job["current_round"] < target:
+                await asyncio.sleep(0.02)
             if job["state"] != "running":
                 break
+            await asyncio.sleep(rng.uniform(0.0, 0.5))
+            job = await _state(fleet, job_id)
             fleet.cloud.send_signal(signal.SIGKILL)
             fleet.cloud.wait()
             kills.append({"at_seconds": round(time.monotonic() - started, 2), "round": job["current_round"],
@@ -81,11 +86,10 @@ async def run_one(work: Path, certs_dir: Path, names: list[str], rounds: int, ki
 async def run(work: Path, agents: int = 4, rounds: int = 10, kills: int = 5, seed: int = 0) -> dict[str, Any]:
     names = [f"crash-{i}" for i in range(agents)]
     certs_dir = make_certs(work / "certs", names)
-    calm = await run_one(work / "calm", certs_dir, names, rounds, [])
-    span = sum(calm["round_seconds"])  # the rounds' own time, from each opening to its publication
     rng = random.Random(seed)
-    kill_times = sorted(rng.uniform(0.1 * span, 0.9 * span) for _ in range(kills))
-    crashed = await run_one(work / "crashed", certs_dir, names, rounds, kill_times)
+    calm = await run_one(work / "calm", certs_dir, names, rounds, [], rng)
+    kill_rounds = sorted(rng.sample(range(1, rounds + 1), min(kills, rounds)))
+    crashed = await run_one(work / "crashed", certs_dir, names, rounds, kill_rounds, rng)
     same = crashed["final_sha256"] == calm["final_sha256"]
     print(f"  crash: {len(crashed['kills'])} kills, final model {'identical' if same else 'differs'}, "
           f"{len(crashed['acknowledged_lost'])} acknowledged updates lost", flush=True)
