@@ -357,3 +357,9 @@ def test_tensor_file_reads_the_same_chunks_and_adds_in_slices(tmp_path: Path) ->
     pieces = list(stored.slices("a.w", slice_bytes=1000))
     assert [first for first, _ in pieces] == list(range(0, 150_000, 250))
     np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), arrays["a.w"].reshape(-1))
+
+
+def test_a_tensor_with_too_many_dimensions_is_refused() -> None:
+    shape = [1] * (codec.MAX_DIMS + 1)
+    with pytest.raises(codec.CodecError, match="at most 32 dimensions"):
+        codec.from_proto(tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=shape, data=bytes(4)))

@@ -87,6 +87,8 @@ async def test_a_pin_holds_until_unpinned_and_survives_restarts(
              grpc.StatusCode.INVALID_ARGUMENT),
             (admin_pb2.PinPlacementRequest(agent="agent-5", model="nope", placement="edge"), grpc.StatusCode.NOT_FOUND),
             (admin_pb2.PinPlacementRequest(model="cnn", placement="edge"), grpc.StatusCode.INVALID_ARGUMENT),
+            (admin_pb2.PinPlacementRequest(agent="x" * 300, model="cnn", placement="edge"),
+             grpc.StatusCode.INVALID_ARGUMENT),  # not an agent name: never a metric label
         ]:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await admin.PinPlacement(request)

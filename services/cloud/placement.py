@@ -17,7 +17,7 @@ from cloud.observations import Source
 from cloud.placement_policy import Decision, PolicyConfig, decide
 from cloud.registry import Registry, Session
 from cloud.store import Store
-from tandem import metrics, placement, staged
+from tandem import certs, metrics, placement, staged
 from tandem.errors import InvalidArgument, NotFound
 from tandem.timestamps import timestamp
 from tandem.v1 import admin_pb2
@@ -128,6 +128,10 @@ class PlacementController:
     def pin(self, agent: str, model: str, text: str) -> admin_pb2.PlacementInfo:
         if not agent or not model:
             raise InvalidArgument("agent and model are required")
+        try:
+            certs.validate_name(agent)  # it becomes a metric label and a row: no arbitrary strings
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         try:
             chosen = placement.parse(model, text)
         except KeyError as exc:

@@ -104,6 +104,8 @@ def _raw(array: np.ndarray) -> memoryview:
 
 # ---- whole tensors -------------------------------------------------------------
 
+MAX_DIMS = 32  # numpy's own limit is 64; no model here comes near either
+
 
 def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
     array = _contiguous(array)
@@ -113,8 +115,12 @@ def to_proto(array: np.ndarray) -> tensor_pb2.Tensor:
 def from_proto(msg: tensor_pb2.Tensor, max_bytes: int = 64 << 20) -> np.ndarray:
     """Decode a whole tensor, checking that its byte length matches dtype and shape."""
     dtype = dtype_from_proto(msg.dtype)
+    if len(msg.shape) > MAX_DIMS:
+        raise CodecError(f"a tensor has at most {MAX_DIMS} dimensions, got {len(msg.shape)}")
     if any(d < 0 for d in msg.shape):
         raise CodecError(f"negative dimension in shape {list(msg.shape)}")
+    if any(d > max_bytes for d in msg.shape):
+        raise CodecError(f"shape {list(msg.shape)[:8]} exceeds the limit of {max_bytes} bytes")
     expected = math.prod(msg.shape) * dtype.itemsize
     if expected > max_bytes:
         raise CodecError(f"tensor of {expected} bytes exceeds the limit of {max_bytes}")
