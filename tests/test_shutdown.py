@@ -86,8 +86,8 @@ async def agent_send(port: int, certs_dir: Path, agent: str, messages: list[pb.U
 
 
 async def test_a_thousand_abandoned_calls_leave_nothing_behind(coordinator: Coordinator, certs_dir: Path) -> None:
-    """Cancelled and timed-out calls of every kind: open files, threads and the coordinator's
-    sessions come back to where they were."""
+    """Cancelled and timed-out calls of every kind: open files and threads come back to
+    where they were, and the server still answers."""
     process = psutil.Process()
     async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
@@ -120,7 +120,6 @@ async def test_a_thousand_abandoned_calls_leave_nothing_behind(coordinator: Coor
     await asyncio.sleep(0.5)
     assert process.num_fds() <= files + 2, (files, process.num_fds())
     assert threading.active_count() <= threads + 1, (threads, threading.active_count())
-    assert coordinator.registry.sessions() == [] or all(s.agent_id != "agent-0" for s in coordinator.registry.sessions())
 
 
 async def never_messages() -> AsyncIterator[pb.AgentMessage]:

@@ -80,12 +80,7 @@ class Coordinator:
         inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.serving), self.server)
         self.health = await grpcserver.add_standard_services(self.server, SERVICES)
         self.port = self.server.add_secure_port(cfg.listen, tls.server_credentials(cfg.certs))
-        self.health_server: grpc.aio.Server | None = None
-        if cfg.health:
-            self.health_server = grpcserver.create_server()
-            grpcserver.add_health_only(self.health_server, self.health)
-            self.health_port = self.health_server.add_insecure_port(cfg.health)
-            await self.health_server.start()
+        self.health_server, self.health_port = await grpcserver.start_health_only(cfg.health, self.health)
         await self.serving.start(zoo.model_names())  # newest versions loaded before serving
         resumed = self.jobs.resume()  # before serving: uploads find their round's runner
         if resumed:

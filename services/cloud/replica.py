@@ -147,12 +147,7 @@ class Replica:
         inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.serving), self.server)
         self.health = await grpcserver.add_standard_services(self.server, SERVICES)
         self.port = self.server.add_secure_port(cfg.listen, tls.replica_server_credentials(cfg.certs))
-        self.health_server: grpc.aio.Server | None = None
-        if cfg.health:
-            self.health_server = grpcserver.create_server()
-            grpcserver.add_health_only(self.health_server, self.health)
-            self.health_port = self.health_server.add_insecure_port(cfg.health)
-            await self.health_server.start()
+        self.health_server, self.health_port = await grpcserver.start_health_only(cfg.health, self.health)
         if cfg.metrics:
             _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
         await self.server.start()

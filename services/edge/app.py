@@ -43,11 +43,7 @@ class EdgeApp:
             log.info("serving Inference to local applications on port %d", self.inference_port)
         else:
             await grpcserver.set_serving(self.health, [], True)
-        if cfg.health:
-            self.health_server = grpcserver.create_server()
-            grpcserver.add_health_only(self.health_server, self.health)
-            self.health_port = self.health_server.add_insecure_port(cfg.health)
-            await self.health_server.start()
+        self.health_server, self.health_port = await grpcserver.start_health_only(cfg.health, self.health)
 
     async def run(self, stop: asyncio.Event) -> None:
         """The control stream until `stop`; then drain local requests and close."""

@@ -69,9 +69,18 @@ async def add_standard_services(server: grpc.aio.Server, service_names: Sequence
     return health_servicer
 
 
-def add_health_only(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer) -> None:
-    """Serve the same health states on a second server (a plaintext port for probes)."""
+async def start_health_only(
+    address: str | None, health_servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server | None, int]:
+    """The same health states on a plaintext port for probes that cannot present a
+    certificate (Kubernetes'); (None, 0) when no address is given."""
+    if not address:
+        return None, 0
+    server = create_server()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    return server, port
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, service_names: Sequence[str], serving: bool) -> None:

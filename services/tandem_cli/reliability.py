@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 import tempfile
@@ -20,12 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tandem_cli import (
-    reliability_churn, reliability_crash, reliability_links, reliability_load, reliability_poison,
-)
 from tandem_cli.bench import machine
 
-SCENARIOS = ("poison", "churn", "crash", "links", "load", "fuzz")
+SCENARIOS = ("poison", "churn", "crash", "links", "load", "fuzz")  # tandem_cli.reliability_NAME, and fuzz
 
 FULL: dict[str, dict[str, Any]] = {
     "poison": {"agents": 8, "hostile": 2, "rounds": 10},
@@ -46,26 +44,13 @@ QUICK: dict[str, dict[str, Any]] = {
 
 
 async def run_scenario(name: str, work: Path, sizes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The scenario's raw result and its targets."""
-    if name == "poison":
-        runs = await reliability_poison.run(work, **sizes)
-        return runs, reliability_poison.targets(runs)
-    if name == "churn":
-        runs = await reliability_churn.run(work, **sizes)
-        return runs, reliability_churn.targets(runs)
-    if name == "crash":
-        runs = await reliability_crash.run(work, **sizes)
-        return runs, reliability_crash.targets(runs)
-    if name == "links":
-        result = await reliability_links.run(work, **sizes)
-        return result, reliability_links.targets(result)
-    if name == "load":
-        result = await reliability_load.run(work, **sizes)
-        return result, reliability_load.targets(result)
-    from tandem_cli import fuzz
-
-    result = await fuzz.run(work, **sizes)
-    return result, fuzz.targets(result)
+    """The scenario's raw result and its targets: every scenario module has `run` and `targets`."""
+    if name == "fuzz":
+        from tandem_cli import fuzz as module  # needs hypothesis, from the dev extra
+    else:
+        module = importlib.import_module(f"tandem_cli.reliability_{name}")
+    result: dict[str, Any] = await module.run(work, **sizes)
+    return result, module.targets(result)
 
 
 async def run(only: list[str], quick: bool, work: Path) -> dict[str, Any]:

@@ -6,6 +6,10 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cloud.serving import ServingConfig
 
 
 async def run_cloud(args: argparse.Namespace) -> int:
@@ -14,7 +18,6 @@ async def run_cloud(args: argparse.Namespace) -> int:
     from cloud.placement import ControllerConfig
     from cloud.placement_policy import CascadeOption, PolicyConfig
     from tandem import placement as placement_mod
-    from cloud.serving import ServingConfig
     from tandem import lifecycle
 
     alphas = {}
@@ -37,10 +40,7 @@ async def run_cloud(args: argparse.Namespace) -> int:
     config = CloudConfig(
         listen=args.listen, certs=args.certs, state=args.state, metrics=args.metrics, health=args.health,
         heartbeat_interval=args.heartbeat, grace=args.grace, upload_buffer_bytes=args.upload_buffer_bytes,
-        serving=ServingConfig(
-            device=args.device, max_batch=args.max_batch, max_delay=args.max_delay_ms / 1000,
-            max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
-        ),
+        serving=_serving_config(args),
         placement=placement, prometheus_url=args.prometheus_url,
         limits=LimitsConfig(max_streams=args.agent_max_streams, requests_per_second=args.agent_requests_per_second,
                             request_burst=max(1, int(2 * args.agent_requests_per_second)),
@@ -84,17 +84,13 @@ async def run_edge(args: argparse.Namespace) -> int:
 
 async def run_serve(args: argparse.Namespace) -> int:
     from cloud.replica import Replica, ReplicaConfig
-    from cloud.serving import ServingConfig
     from tandem import lifecycle, zoo
 
     models = tuple(m for m in args.models.split(",") if m) if args.models else tuple(zoo.model_names())
     config = ReplicaConfig(
         cloud=args.cloud, certs=args.certs, listen=args.listen, cache=args.cache, models=models,
         health=args.health, metrics=args.metrics, poll_interval=args.poll_interval,
-        serving=ServingConfig(
-            device=args.device, max_batch=args.max_batch, max_delay=args.max_delay_ms / 1000,
-            max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
-        ),
+        serving=_serving_config(args),
     )
     lifecycle.tune_for_serving(args.torch_threads)
     replica = Replica(config)
@@ -105,6 +101,16 @@ async def run_serve(args: argparse.Namespace) -> int:
                                        "health_port": replica.health_port})
     await replica.run(stop)
     return 0
+
+
+def _serving_config(args: argparse.Namespace) -> ServingConfig:
+    """The inference flags that `tandem cloud` and `tandem serve` share."""
+    from cloud.serving import ServingConfig
+
+    return ServingConfig(
+        device=args.device, max_batch=args.max_batch, max_delay=args.max_delay_ms / 1000,
+        max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
+    )
 
 
 def _write_ready(path: Path, ports: dict[str, int]) -> None:
