@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cloud.store import read_tensors
 from tandem import codec
 from tandem.v1 import tensor_pb2
 
@@ -363,3 +364,65 @@ def test_a_tensor_with_too_many_dimensions_is_refused() -> None:
     shape = [1] * (codec.MAX_DIMS + 1)
     with pytest.raises(codec.CodecError, match="at most 32 dimensions"):
         codec.from_proto(tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=shape, data=bytes(4)))
+
+
+# ---- resumable chunking, and uploads spooled to disk ------------------------------
+
+
+def _update_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {"b.w": rng.standard_normal((70, 30), dtype=np.float32), "a.idx": np.arange(90, dtype=np.uint8),
+            "c.empty": np.zeros((0,), np.float32), "d.q": rng.integers(-127, 127, 5000, dtype=np.int8)}
+
+
+def test_iter_chunks_skip_leaves_out_exactly_the_first_chunks() -> None:
+    arrays = _update_arrays()
+    every = list(codec.iter_chunks(arrays, chunk_bytes=1000))
+    for skip in range(len(every) + 1):
+        assert list(codec.iter_chunks(arrays, chunk_bytes=1000, skip=skip)) == every[skip:]
+
+
+def _spool_specs(arrays: dict[str, np.ndarray]) -> dict[str, codec.TensorSpec]:
+    specs = codec.specs_of(arrays)
+    specs["a.idx"] = codec.TensorSpec("a.idx", np.dtype(np.uint8), (400,), exact=False)  # sent shorter
+    return specs
+
+
+def test_a_spool_writes_a_safetensors_file_as_the_chunks_arrive(tmp_path: Path) -> None:
+    from cloud.spool import Spool
+
+    arrays = _update_arrays()
+    spool = Spool(tmp_path / "u.part", _spool_specs(arrays))
+    for chunk in codec.iter_chunks(arrays, chunk_bytes=1000):
+        spool.add(chunk)
+    file = spool.finish()
+    assert spool.content_sha256() == codec.state_sha256(arrays)
+    loaded = read_tensors(tmp_path / "u.part")  # the safetensors library reads it
+    assert sorted(loaded) == sorted(arrays)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(loaded[name], array)
+        np.testing.assert_array_equal(file.read(name), array)
+    spool.move(tmp_path / "u.safetensors")
+    spool.discard()  # a moved spool keeps its file
+    assert (tmp_path / "u.safetensors").exists() and not (tmp_path / "u.part").exists()
+
+
+def test_a_spool_refuses_tensors_out_of_order_or_interleaved(tmp_path: Path) -> None:
+    from cloud.spool import Spool
+
+    arrays = _update_arrays()
+    chunks = list(codec.iter_chunks(arrays, chunk_bytes=1000))
+    backwards = Spool(tmp_path / "b.part", _spool_specs(arrays))
+    backwards.add(next(c for c in chunks if c.name == "d.q"))
+    with pytest.raises(codec.CodecError, match="out of order"):
+        backwards.add(chunks[0])  # a.idx after d.q
+    backwards.discard()
+    spool = Spool(tmp_path / "u.part", _spool_specs(arrays))
+    spool.add(chunks[0])  # a.idx, whole in one chunk
+    spool.add(chunks[1])  # b.w begins
+    with pytest.raises(codec.CodecError, match="out of order"):
+        spool.add(next(c for c in chunks if c.name == "c.empty"))  # before b.w is whole
+    with pytest.raises(codec.CodecError, match="missing"):
+        spool.finish()
+    spool.discard()
+    assert not (tmp_path / "u.part").exists()

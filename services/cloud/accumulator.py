@@ -1,40 +1,85 @@
-"""The open round's running sum: each accepted update is folded in as it arrives,
-so the coordinator holds O(model size), not O(agents x model size)."""
+"""The open round's running sum: each accepted update is folded in as it arrives.
+
+The sum lives in a scratch file and is folded one tensor at a time, so the
+coordinator holds a few copies of one tensor, never a model (let alone agents x
+model). The file is not durable state: after a restart the round's sum is rebuilt
+from the updates' own files.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 
+from cloud.tensorfile import pread_array, pwrite_array
 from tandem import codec as wire
 from tandem import compression
 from tandem.compression import Codec
 
 
 class Accumulator:
-    def __init__(self, specs: Mapping[str, wire.TensorSpec]) -> None:
-        self._specs = dict(specs)
-        self.total = {name: np.zeros(spec.shape, np.float32) for name, spec in specs.items()}
+    def __init__(self, specs: Mapping[str, wire.TensorSpec], path: Path) -> None:
+        self._specs = {name: specs[name] for name in sorted(specs)}
+        self._offsets: dict[str, int] = {}
+        end = 0
+        for name, spec in self._specs.items():
+            self._offsets[name] = end
+            end += 4 * int(np.prod(spec.shape, dtype=np.int64))
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, end)  # zeros, without writing them
         self.weight = 0
         self.folded: set[str] = set()
 
+    def total(self, name: str) -> np.ndarray:
+        """sum(n_i * delta_i) of one tensor."""
+        out = np.empty(self._specs[name].shape, np.float32)
+        pread_array(self._fd, out, self._offsets[name])
+        return out
+
     def fold(self, agent: str, num_examples: int, components: Mapping[str, np.ndarray], codec: Codec) -> None:
-        """Add num_examples * delta, one tensor at a time (one dense tensor at a time in memory)."""
+        """Add num_examples * delta, one tensor at a time. `components` may read each
+        tensor's encoding when it is looked up (`TensorFile.arrays`)."""
         if agent in self.folded:
             return
         for name in self._specs:
-            compression.accumulate(self.total[name], name, components, codec, num_examples)
+            total = self.total(name)
+            compression.accumulate(total, name, components, codec, num_examples)
+            pwrite_array(self._fd, total, self._offsets[name])
         self.weight += num_examples
         self.folded.add(agent)
 
-    def mean(self) -> dict[str, np.ndarray]:
-        """sum(n_i * delta_i) / sum(n_i), the FedAvg delta, computed in place: the
-        accumulator is spent afterwards (no second model-sized buffer)."""
+    def mean(self) -> Mapping[str, np.ndarray]:
+        """sum(n_i * delta_i) / sum(n_i), the FedAvg delta: each tensor is read and
+        divided when it is looked up."""
         if self.weight <= 0:
             raise ValueError("no update was folded in")
-        w = np.float32(self.weight)
-        for total in self.total.values():
-            total /= w
-        self.weight = 0
-        return self.total
+        return _Mean(self, np.float32(self.weight))
+
+    def close(self) -> None:
+        """Delete the scratch file (the sum is spent, or will be rebuilt)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self.path.unlink(missing_ok=True)
+
+
+class _Mean(Mapping[str, np.ndarray]):
+    def __init__(self, accumulator: Accumulator, weight: np.float32) -> None:
+        self._accumulator = accumulator
+        self._weight = weight
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        total = self._accumulator.total(name)
+        total /= self._weight
+        return total
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._accumulator._specs)
+
+    def __len__(self) -> int:
+        return len(self._accumulator._specs)

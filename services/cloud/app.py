@@ -40,8 +40,8 @@ class CloudConfig:
     health: str | None = None  # plaintext health-only port for probes that cannot present a certificate
     heartbeat_interval: float = 5.0
     grace: float = 10.0
-    upload_buffer_bytes: int = 256 << 20  # updates being assembled at once, all agents together
     serving: ServingConfig = ServingConfig()
+    models: tuple[str, ...] = ()  # what the Inference service serves; empty: every zoo model
     placement: ControllerConfig | None = None  # None: no placement controller
     prometheus_url: str | None = None  # the controller's source; None reads /metrics and heartbeats directly
     limits: LimitsConfig = LimitsConfig()  # per agent: streams open at once, requests and request bytes per second
@@ -61,11 +61,15 @@ class Coordinator:
         self.registry = Registry()
         self.models = ModelRepository(self.store)
         self.jobs = JobManager(self.store, self.registry, self.models)
-        intake = UpdateIntake(self.store, self.jobs, self.models, cfg.upload_buffer_bytes)
+        intake = UpdateIntake(self.store, self.jobs, self.models)
         self.serving = ModelServer(self.models, cfg.serving)
         source: Source = PrometheusSource(cfg.prometheus_url) if cfg.prometheus_url else DirectSource(heartbeats(self.registry))
         self.placement = PlacementController(source, self.registry, self.store, cfg.placement or ControllerConfig())
-        self.models.add_listener(self.serving.published)
+        served = set(cfg.models or zoo.model_names())
+        unknown = sorted(served - set(zoo.model_names()))
+        if unknown:
+            raise ValueError(f"unknown models {unknown}; the zoo has {zoo.model_names()}")
+        self.models.add_listener(lambda row: self.serving.published(row) if row.model in served else None)
         self.models.add_listener(self._announce)
 
         self.limits = AgentLimits(cfg.limits)
@@ -81,7 +85,7 @@ class Coordinator:
         self.health = await grpcserver.add_standard_services(self.server, SERVICES)
         self.port = self.server.add_secure_port(cfg.listen, tls.server_credentials(cfg.certs))
         self.health_server, self.health_port = await grpcserver.start_health_only(cfg.health, self.health)
-        await self.serving.start(zoo.model_names())  # newest versions loaded before serving
+        await self.serving.start(sorted(served))  # newest versions loaded before serving
         resumed = self.jobs.resume()  # before serving: uploads find their round's runner
         if resumed:
             log.info("resumed jobs %s", resumed)

@@ -1,5 +1,10 @@
 """Receiving model updates: validate everything, make it durable, fold it into the
-round's sum, then acknowledge. Broken uploads can resume where they stopped."""
+round's sum, then acknowledge. Broken uploads can resume where they stopped.
+
+An update goes to disk as it arrives (`cloud.spool`) and is validated and folded in
+from its file one tensor at a time, so the memory an upload takes is a chunk plus a
+few copies of the model's largest tensor, whatever the model's size and however many
+agents upload at once (at most two are decoded at a time)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -15,10 +21,12 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from cloud.jobs import JobManager
-from cloud.rounds import JobRunner, OpenRound
 from cloud.models import ModelRepository
+from cloud.rounds import JobRunner, OpenRound
 from cloud.spec import JobSpec
-from cloud.store import Store, UpdateRow, write_tensors
+from cloud.spool import Spool
+from cloud.store import Store, UpdateRow
+from cloud.tensorfile import TensorFile
 from tandem import codec, compression, deltas, metrics
 from tandem.errors import (
     AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TandemError, drain,
@@ -26,7 +34,7 @@ from tandem.errors import (
 from tandem.v1 import coordinator_pb2 as pb
 
 PARTIAL_TTL_SECONDS = 600.0
-PARTIAL_BUDGET_BYTES = 256 << 20  # all kept partial uploads together
+PARTIAL_BUDGET_BYTES = 4 << 30  # on disk, all kept partial uploads together
 
 UploadKey = tuple[str, int, str]  # job, round, agent
 
@@ -37,48 +45,22 @@ def update_digest(header: pb.UpdateHeader, content_sha256: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class ByteBudget:
-    """At most `limit` bytes of updates being assembled at once, whatever the number of
-    agents uploading: the coordinator's memory stays bounded by its setting, not by
-    agents x model size. Uploads that do not fit wait their turn (first come, first
-    served); one larger than the whole budget runs alone."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._changed = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def reserve(self, nbytes: int) -> AsyncIterator[None]:
-        nbytes = min(nbytes, self.limit)
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.used + nbytes <= self.limit)
-            self.used += nbytes
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self.used -= nbytes
-                self._changed.notify_all()
-
-
 @dataclass
 class Partial:
     """What a broken upload delivered, kept so that the agent can resume it."""
 
     content_sha256: str
-    assembler: codec.ChunkAssembler
+    spool: Spool
     chunks: int
     wire: int
     since: float
 
 
 class UpdateIntake:
-    def __init__(
-        self, store: Store, jobs: JobManager, models: ModelRepository, buffer_bytes: int = 256 << 20
-    ) -> None:
+    def __init__(self, store: Store, jobs: JobManager, models: ModelRepository) -> None:
         self._store = store
-        self._budget = ByteBudget(buffer_bytes)
+        for leftover in (store.directory / "updates").glob("*/*/*.part"):
+            leftover.unlink()  # uploads broken by a crash: their agents send them again
         self._jobs = jobs
         self._models = models
         # One upload at a time per (job, round, agent), so a re-send racing the
@@ -155,43 +137,54 @@ class UpdateIntake:
             raise InvalidArgument(str(exc), reason="malformed") from None
         spec = JobSpec.from_dict(json.loads(job["spec"]))
         specs = self._models.specs(spec.model)
-        expected = deltas.expected(specs, update_codec)
-        async with self._budget.reserve(sum(spec.nbytes for spec in expected.values())):
-            return await self._assemble(key, header, messages, spec, specs, update_codec, existing, runner)
+        return await self._assemble(key, header, messages, spec, specs, update_codec, existing, runner)
 
     async def _assemble(
         self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk], spec: JobSpec,
         specs: dict[str, codec.TensorSpec], update_codec: compression.Codec, existing: UpdateRow | None,
         runner: JobRunner | None,
     ) -> pb.UpdateReceipt:
-        agent = key[2]
         partial = self._resume(key, header, specs, update_codec)
+        spool = partial.spool
         try:
             async for message in messages:
                 partial.wire += message.ByteSize()
                 if not message.HasField("tensor"):
                     raise InvalidArgument("an upload has exactly one header, first", reason="malformed")
-                if partial.assembler.bytes_received + len(message.tensor.data) > spec.max_update_bytes:
+                if spool.bytes_received + len(message.tensor.data) > spec.max_update_bytes:
                     raise ResourceExhausted(
                         f"update exceeds the job's limit of {spec.max_update_bytes} bytes", reason="too_large"
                     )
-                partial.assembler.add(message.tensor)
+                spool.add(message.tensor)
                 partial.chunks += 1
         except (TandemError, codec.CodecError, compression.CompressionError, DecodeError):
+            spool.discard()
             raise
         except BaseException:
             # The stream broke (cancelled, connection lost): keep what arrived for a resume.
             self._keep(key, partial)
             raise
-        if partial.assembler.missing():
+        if spool.missing():
             # A cancelled client stream can also end as a plain end of stream.
             self._keep(key, partial)
-        components = partial.assembler.result()
-        content = await asyncio.to_thread(codec.state_sha256, components)
+            raise codec.CodecError(f"update incomplete: missing or truncated tensors {spool.missing()}")
+        try:
+            return await self._accept(key, header, partial, specs, update_codec, existing, runner)
+        finally:
+            spool.discard()  # unless accepted, when the file has moved to its final name
+
+    async def _accept(
+        self, key: UploadKey, header: pb.UpdateHeader, partial: Partial, specs: dict[str, codec.TensorSpec],
+        update_codec: compression.Codec, existing: UpdateRow | None, runner: JobRunner | None,
+    ) -> pb.UpdateReceipt:
+        """Check a complete upload, then record it, or answer a re-send as a duplicate."""
+        agent = key[2]
+        file = await asyncio.to_thread(partial.spool.finish)
+        content = partial.spool.content_sha256()
         if header.content_sha256 and content != header.content_sha256:
             raise InvalidArgument("the update's content does not match its content_sha256", reason="malformed")
         async with self._decoding:  # bounds the memory of dense decodes running at once
-            await asyncio.to_thread(_validate, components, specs, update_codec, header.num_examples)
+            await asyncio.to_thread(_validate, file.arrays(), specs, update_codec, header.num_examples)
         digest = update_digest(header, content)
         receipt = pb.UpdateReceipt(
             job_id=header.job_id, round=header.round, agent_id=agent, digest=digest, bytes_received=partial.wire
@@ -207,13 +200,14 @@ class UpdateIntake:
             return receipt
         assert runner is not None
         path = self._store.update_path(header.job_id, header.round, agent)
-        size = await asyncio.to_thread(write_tensors, path, components)
+        rnd = runner.check_update(agent, header)  # the round may have closed while it arrived
+        await asyncio.to_thread(partial.spool.move, path)
         try:
-            rnd = runner.check_update(agent, header)  # the round may have closed while we wrote
-            row = UpdateRow(agent, digest, header.num_examples, header.local_loss, str(path), size, header.codec)
+            row = UpdateRow(agent, digest, header.num_examples, header.local_loss, str(path), path.stat().st_size,
+                            header.codec)
             # Once the record is committed the update must be folded in and counted,
             # even if this call is cancelled meanwhile: shield the three together.
-            await asyncio.shield(self._commit(runner, rnd, header, row, partial.wire, components, update_codec))
+            await asyncio.shield(self._commit(runner, rnd, header, row, partial.wire, TensorFile(path), update_codec))
         except TandemError:
             path.unlink(missing_ok=True)
             raise
@@ -222,13 +216,13 @@ class UpdateIntake:
 
     async def _commit(
         self, runner: JobRunner, rnd: OpenRound, header: pb.UpdateHeader, row: UpdateRow, wire: int,
-        components: Mapping[str, np.ndarray], update_codec: compression.Codec,
+        file: TensorFile, update_codec: compression.Codec,
     ) -> None:
         async with rnd.fold_lock:
             if not rnd.accepting:
                 raise FailedPrecondition(f"round {header.round} closed while the update arrived", reason="stale")
             self._store.add_update(header.job_id, header.round, row, wire)
-            await asyncio.to_thread(rnd.accumulator.fold, row.agent, header.num_examples, components, update_codec)
+            await asyncio.to_thread(rnd.accumulator.fold, row.agent, header.num_examples, file.arrays(), update_codec)
             runner.accepted(rnd, row.agent, header.codec)
 
     def _resume(
@@ -237,10 +231,16 @@ class UpdateIntake:
         partial = self._partials.pop(key, None)
         wire = pb.UpdateChunk(header=header).ByteSize()
         if header.skip_chunks == 0:
-            assembler = codec.ChunkAssembler(deltas.expected(specs, update_codec))
-            return Partial(header.content_sha256, assembler, 0, wire, time.monotonic())
+            if partial is not None:
+                partial.spool.discard()
+            path = self._store.update_path(*key)
+            spool = Spool(path.with_name(f"{path.stem}.{uuid.uuid4().hex[:8]}.part"),
+                          deltas.expected(specs, update_codec))
+            return Partial(header.content_sha256, spool, 0, wire, time.monotonic())
         if partial is None or partial.content_sha256 != header.content_sha256 or partial.chunks != header.skip_chunks:
             have = partial.chunks if partial is not None else 0
+            if partial is not None:
+                partial.spool.discard()
             raise FailedPrecondition(
                 f"cannot resume at chunk {header.skip_chunks}: {have} chunks of this content are held; start over",
                 reason="resume",
@@ -253,16 +253,18 @@ class UpdateIntake:
         runner = self._jobs.running(key[0])
         if not partial.content_sha256 or partial.chunks == 0 or runner is None or runner.round is None \
                 or runner.round.number != key[1] or not runner.round.accepting:
+            partial.spool.discard()
             return
         now = time.monotonic()
         for old, kept in list(self._partials.items()):
             job = self._jobs.running(old[0])
             if now - kept.since > PARTIAL_TTL_SECONDS or job is None or job.round is None or job.round.number != old[1]:
                 del self._partials[old]
+                kept.spool.discard()
         partial.since = now
         self._partials[key] = partial
-        while sum(p.assembler.bytes_received for p in self._partials.values()) > PARTIAL_BUDGET_BYTES:
-            self._partials.pop(next(iter(self._partials)))
+        while sum(p.spool.bytes_received for p in self._partials.values()) > PARTIAL_BUDGET_BYTES:
+            self._partials.pop(next(iter(self._partials))).spool.discard()
 
 
 # Weighted by its example count, an update folded into the float32 running sum must

@@ -11,7 +11,7 @@ import numpy as np
 
 from cloud.store import Store, VersionRow, write_tensor_pieces, write_tensors
 from cloud.tensorfile import TensorFile
-from tandem import codec, deltas, metrics, training, zoo
+from tandem import codec, deltas, metrics, zoo
 from tandem.errors import InvalidArgument, NotFound
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import tensor_pb2
@@ -35,13 +35,16 @@ class ModelRepository:
         if model not in self._specs:
             if model not in zoo.model_names():
                 raise NotFound(f"unknown model {model!r}; the zoo has {zoo.model_names()}")
-            self._specs[model] = codec.specs_of(training.state_arrays(zoo.build_model(model)))
+            # As training.state_arrays makes them: every tensor float32.
+            self._specs[model] = {name: codec.TensorSpec(name, np.dtype(np.float32), shape)
+                                  for name, shape in zoo.state_shapes(model).items()}
         return self._specs[model]
 
     def initial_arrays(self, model: str, seed: int) -> dict[str, np.ndarray]:
-        arrays = training.state_arrays(zoo.build_model(model, seed=seed))
-        self._specs.setdefault(model, codec.specs_of(arrays))
-        return arrays
+        """The seeded initial model, as float32 views of the new torch model (no copy:
+        they are written out, never changed)."""
+        state = zoo.build_model(model, seed=seed).state_dict()
+        return {name: np.asarray(t.detach().numpy(), dtype=np.float32) for name, t in state.items()}
 
     async def write(self, model: str, arrays: Mapping[str, np.ndarray], job_id: str, round_: int) -> VersionRow:
         """Write the next version's file (not yet recorded: the caller commits it).
@@ -56,19 +59,26 @@ class ModelRepository:
         return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
 
     async def write_changed(
-        self, model: str, base: TensorFile, changes: Mapping[str, deltas.Change], job_id: str, round_: int
+        self, model: str, base: TensorFile, change_of: Callable[[str], deltas.Change], job_id: str, round_: int
     ) -> VersionRow:
         """Write the next version as base + change, slice by slice: neither the base nor
-        the new version is ever whole in memory (not yet recorded: the caller commits it)."""
+        the new version is ever whole in memory, and `change_of(name)` is called once
+        per tensor, as it is written (not yet recorded: the caller commits it)."""
         version = self._reserve(model)
         path = self._store.model_path(model, version)
 
         def pieces(name: str) -> Iterator[np.ndarray]:
+            change = change_of(name)
             for first, piece in base.slices(name):
-                deltas.apply_change(piece, first, changes[name])
+                deltas.apply_change(piece, first, change)
                 yield piece
 
-        size, sha = await asyncio.to_thread(write_tensor_pieces, path, base.specs, pieces)
+        try:
+            size, sha = await asyncio.to_thread(write_tensor_pieces, path, base.specs, pieces)
+        except BaseException:
+            if self._reserved.get(model) == version:
+                self._reserved[model] = version - 1  # nothing was written: the number is free again
+            raise
         return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
 
     async def publish(self, model: str, arrays: Mapping[str, np.ndarray], job_id: str = "", round_: int = 0) -> VersionRow:

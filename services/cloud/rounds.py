@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -99,6 +100,8 @@ class JobRunner:
             self._store.set_job_state(self.job_id, "failed", f"{type(exc).__name__}: {exc}")
         finally:
             self._registry.remove_listener(self._on_connect)
+            if self.round is not None:
+                self.round.accumulator.close()  # rebuilt from the updates' files on the next start
             self.round = None
 
     async def _restore_state(self) -> None:
@@ -119,7 +122,7 @@ class JobRunner:
         base = self._models.version(self.spec.model, base_version)
         row = self._store.get_round(self.job_id, number)
         updates = self._store.list_updates(self.job_id, number)
-        accumulator = Accumulator(self._models.specs(self.spec.model))
+        accumulator = Accumulator(self._models.specs(self.spec.model), self._store.sum_path(self.job_id, number))
         await asyncio.to_thread(self._refold, accumulator, updates)
         submitted = {u.agent for u in updates}
         previous = set(json.loads(row["selected"])) if row else set()
@@ -153,8 +156,7 @@ class JobRunner:
         """Fold in updates accepted before a restart (their files are the durable copy)."""
         for update in updates:
             if update.agent not in accumulator.folded and update.path is not None:
-                components = read_tensors(Path(update.path))
-                accumulator.fold(update.agent, update.num_examples, components,
+                accumulator.fold(update.agent, update.num_examples, TensorFile(Path(update.path)).arrays(),
                                  compression.parse_codec(update.codec))
 
     async def _wait_for_agents(self, submitted: set[str]) -> None:
@@ -271,13 +273,15 @@ class JobRunner:
         previous_state = self._store.job_state_path(self.job_id, rnd.number - 1)
         previous = TensorFile(previous_state) if previous_state.exists() else None
         residual: dict[str, np.ndarray] = {}
+        mean: Mapping[str, np.ndarray]
         if self.spec.defence.streams:
             mean = rnd.accumulator.mean()
         else:
             mean = await asyncio.to_thread(self._defended_mean, rnd.number, updates)
-        changes, delta, delta_bytes = await asyncio.to_thread(self._next_change, mean, previous, residual)
-        version = await self._models.write_changed(self.spec.model, base, changes, self.job_id, rnd.number)
-        del changes
+        change_of, delta, delta_bytes = await asyncio.to_thread(self._next_change, mean, previous, residual)
+        version = await self._models.write_changed(self.spec.model, base, change_of, self.job_id, rnd.number)
+        del change_of, mean
+        rnd.accumulator.close()
         accuracy = loss = None
         if self.spec.eval:
             new = await asyncio.to_thread(read_tensors, Path(version.path))
@@ -330,24 +334,25 @@ class JobRunner:
         return mean
 
     def _next_change(
-        self, mean: dict[str, np.ndarray], previous: TensorFile | None, residual: dict[str, np.ndarray]
-    ) -> tuple[dict[str, deltas.Change], dict[str, np.ndarray] | None, int]:
-        """The change from the base to the new global model, and its encoding for agents
-        that hold the base.
+        self, mean: Mapping[str, np.ndarray], previous: TensorFile | None, residual: dict[str, np.ndarray]
+    ) -> tuple[Callable[[str], deltas.Change], dict[str, np.ndarray] | None, int]:
+        """The change from the base to the new global model, as a function of the tensor's
+        name that the new version's writer calls once per tensor, and the change's
+        encoding for agents that hold the base.
 
-        With a lossy downlink the cloud publishes exactly what agents reconstruct,
-        base + decode(encode(step + residual)), and keeps what was left out as its own
-        error-feedback residual (read from the last job state, `previous`, slice by
-        slice; the new one is left in `residual`). Everything happens in place on the
-        spent running sum (`step`), and top-k changes stay sparse: the close holds one
+        With a lossless downlink every tensor's change is made as it is written, so the
+        close holds one tensor at a time. With a lossy one the cloud publishes exactly
+        what agents reconstruct, base + decode(encode(step + residual)), and keeps what
+        was left out as its own error-feedback residual (read from the last job state,
+        `previous`, slice by slice; the new one is left in `residual`). That happens in
+        place on the step, and top-k changes stay sparse: the close holds one
         model-sized buffer.
         """
+        if self._downlink.lossless:
+            return lambda name: _finite(name, self._optimizer.step_one(name, mean[name])), None, 0
         step = self._optimizer.step(mean)
         for name, total in step.items():
-            if not np.isfinite(total).all():
-                raise ValueError(f"the aggregate of round updates is not finite in {name!r}; nothing was published")
-        if self._downlink.lossless:
-            return dict(step), None, 0
+            _finite(name, total)
         components: dict[str, np.ndarray] = {}
         changes: dict[str, deltas.Change] = {}
         for name, target in step.items():
@@ -364,7 +369,13 @@ class JobRunner:
             residual[name] = target
             changes[name] = change
             components.update(encoded)
-        return changes, components, deltas.nbytes(components)
+        return changes.__getitem__, components, deltas.nbytes(components)
+
+
+def _finite(name: str, change: np.ndarray) -> np.ndarray:
+    if not np.isfinite(change).all():
+        raise ValueError(f"the aggregate of round updates is not finite in {name!r}; nothing was published")
+    return change
 
 
 def _bytes_per_param(codec: str) -> float:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
-from tandem.codec import TensorSpec
+from tandem.codec import TensorSpec, tensor_header
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -91,7 +91,10 @@ _SAFETENSORS_DTYPES = {"<f4": "F32", "<f2": "F16", "|i1": "I8", "|u1": "U8", "<i
 Pieces = Callable[[str], Iterable[np.ndarray]]
 
 
-def _safetensors_header(specs: Mapping[str, TensorSpec]) -> bytes:
+def safetensors_header(specs: Mapping[str, TensorSpec], size: int = 0) -> bytes:
+    """A safetensors file's first bytes for `specs`, their data laid out in sorted name
+    order. `size` pads the result to that many bytes (trailing spaces, which the format
+    allows), so that a header can be rewritten in space reserved for a larger one."""
     entries: dict[str, object] = {}
     offset = 0
     for name in sorted(specs):
@@ -101,7 +104,20 @@ def _safetensors_header(specs: Mapping[str, TensorSpec]) -> bytes:
         offset += spec.nbytes
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
+    if size:
+        if len(header) + 8 > size:
+            raise ValueError(f"a header of {len(header) + 8} bytes does not fit in {size}")
+        header += b" " * (size - 8 - len(header))
     return len(header).to_bytes(8, "little") + header
+
+
+def sync_directory(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_tensor_pieces(path: Path, specs: Mapping[str, TensorSpec], pieces: Pieces) -> tuple[int, str]:
@@ -120,10 +136,10 @@ def write_tensor_pieces(path: Path, specs: Mapping[str, TensorSpec], pieces: Pie
     size = 0
     try:
         with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
-            size += out.write(_safetensors_header(specs))
+            size += out.write(safetensors_header(specs))
             for name in sorted(specs):
                 spec = specs[name]
-                digest.update(f"{name}\0{spec.dtype.str}\0{','.join(map(str, spec.shape))}\0".encode())
+                digest.update(tensor_header(name, spec.dtype, spec.shape))
                 written = 0
                 for piece in pieces(name):
                     data = np.ascontiguousarray(piece, dtype=spec.dtype).reshape(-1).view(np.uint8).data
@@ -134,14 +150,13 @@ def write_tensor_pieces(path: Path, specs: Mapping[str, TensorSpec], pieces: Pie
                     raise ValueError(f"tensor {name!r}: {written} bytes written, its shape needs {spec.nbytes}")
                 size += written
         os.fsync(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_directory(path.parent)
     return size, digest.hexdigest()
 
 
@@ -193,6 +208,10 @@ class Store:
 
     def delta_path(self, model: str, version: int) -> Path:
         return self.directory / "models" / model / f"v{version:06d}.delta.safetensors"
+
+    def sum_path(self, job_id: str, round_: int) -> Path:
+        """The open round's running sum of updates (rebuilt from the updates after a restart)."""
+        return self.directory / "updates" / job_id / f"r{round_:05d}.sum"
 
     def job_state_path(self, job_id: str, round_: int) -> Path:
         """Server optimiser moments and the downlink residual after `round_` closed."""

@@ -33,25 +33,26 @@ class ServerOptimizer:
         return self.strategy in ("fedadam", "fedyogi")
 
     def step(self, mean_delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The change to apply to the global model this round. FedAvg scales the mean
-        delta in place (the caller hands it over), so large models cost no copy."""
+        """The change to apply to the global model this round, every tensor at once."""
+        return {name: self.step_one(name, delta) for name, delta in mean_delta.items()}
+
+    def step_one(self, name: str, delta: np.ndarray) -> np.ndarray:
+        """One tensor's change: call it once per tensor and round. FedAvg scales the
+        mean delta in place (the caller hands it over), so large models cost no copy."""
         if not self.stateful:
-            for d in mean_delta.values():
-                if self.lr != 1.0:
-                    d *= np.float32(self.lr)
-            return dict(mean_delta)
-        out = {}
-        for name, delta in mean_delta.items():
-            m = self.m.get(name, np.zeros_like(delta))
-            v = self.v.get(name, np.full_like(delta, self.tau**2))
-            m = self.beta1 * m + (1 - self.beta1) * delta
-            squared = delta * delta
-            if self.strategy == "fedadam":
-                v = self.beta2 * v + (1 - self.beta2) * squared
-            else:  # Yogi: v moves towards delta^2 additively, so it cannot grow as fast
-                v = v - (1 - self.beta2) * squared * np.sign(v - squared)
-            self.m[name], self.v[name] = m.astype(np.float32), v.astype(np.float32)
-            out[name] = (self.lr * m / (np.sqrt(v) + self.tau)).astype(np.float32)
+            if self.lr != 1.0:
+                delta *= np.float32(self.lr)
+            return delta
+        m = self.m.get(name, np.zeros_like(delta))
+        v = self.v.get(name, np.full_like(delta, self.tau**2))
+        m = self.beta1 * m + (1 - self.beta1) * delta
+        squared = delta * delta
+        if self.strategy == "fedadam":
+            v = self.beta2 * v + (1 - self.beta2) * squared
+        else:  # Yogi: v moves towards delta^2 additively, so it cannot grow as fast
+            v = v - (1 - self.beta2) * squared * np.sign(v - squared)
+        self.m[name], self.v[name] = m.astype(np.float32), v.astype(np.float32)
+        out: np.ndarray = (self.lr * m / (np.sqrt(v) + self.tau)).astype(np.float32)
         return out
 
     def state(self) -> dict[str, np.ndarray]:

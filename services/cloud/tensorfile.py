@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,26 @@ from tandem.v1 import tensor_pb2
 
 _DTYPES = {"F32": "<f4", "F16": "<f2", "I8": "i1", "U8": "u1", "I32": "<i4", "I64": "<i8"}
 MAX_HEADER_BYTES = 100 << 20
+
+
+def pread_array(fd: int, out: np.ndarray, offset: int) -> None:
+    """Fill the C-contiguous `out` with the bytes of `fd` from `offset`."""
+    view = out.reshape(-1).view(np.uint8).data
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"file descriptor {fd}: {len(view) - done} bytes short at offset {offset + done}")
+        done += n
+
+
+def pwrite_array(fd: int, array: np.ndarray, offset: int) -> None:
+    """Write the bytes of the C-contiguous `array` to `fd` at `offset`."""
+    view = array.reshape(-1).view(np.uint8).data
+    while view:
+        n = os.pwrite(fd, view, offset)
+        offset += n
+        view = view[n:]
 
 
 @dataclass(frozen=True)
@@ -80,6 +100,19 @@ class TensorFile:
         finally:
             os.close(fd)
 
+    def read(self, name: str) -> np.ndarray:
+        """One whole tensor, read into memory of its own (writable)."""
+        entry = self._entries[name]
+        out = np.empty(entry.spec.shape, entry.spec.dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            pread_array(f.fileno(), out, entry.start)
+        return out
+
+    def arrays(self) -> Mapping[str, np.ndarray]:
+        """Every tensor by name, each read when it is looked up: what `compression`
+        decodes one tensor at a time, without the whole file in memory."""
+        return _Lazy(self)
+
     def slices(self, name: str, slice_bytes: int = 1 << 20) -> Iterator[tuple[int, np.ndarray]]:
         """(index of the first element, a writable flat piece) for one tensor, in order."""
         entry = self._entries[name]
@@ -93,3 +126,19 @@ class TensorFile:
                 if len(data) != n * itemsize:
                     raise OSError(f"{self.path}: truncated tensor {name!r}")
                 yield first, np.frombuffer(bytearray(data), dtype=entry.spec.dtype)
+
+
+class _Lazy(Mapping[str, np.ndarray]):
+    def __init__(self, file: TensorFile) -> None:
+        self._file = file
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._file._entries:
+            raise KeyError(name)
+        return self._file.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file._entries)
+
+    def __len__(self) -> int:
+        return len(self._file._entries)

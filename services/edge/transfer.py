@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from tandem import codec, compression, deltas, metrics
 from tandem.v1 import coordinator_pb2 as pb
-from tandem.v1 import tensor_pb2
 from tandem.v1 import coordinator_pb2_grpc
 
 # Transfers smaller than this say more about latency than about throughput.
@@ -114,18 +113,17 @@ class Download:
 
 @dataclass
 class Upload:
-    """One encoded update on its way up; `run` again after a break resumes it."""
+    """One encoded update on its way up; `run` again after a break resumes it.
+    Chunks are made as they are sent: the update is never copied whole."""
 
     header: pb.UpdateHeader
     components: Mapping[str, np.ndarray]
-    chunks: list[tensor_pb2.TensorChunk] = field(default_factory=list)
     wire: int = 0
     seconds: float = 0.0
     broken: bool = False
 
     def __post_init__(self) -> None:
         self.header.content_sha256 = codec.state_sha256(self.components)
-        self.chunks = list(codec.iter_chunks(self.components))
 
     async def run(self, stub: coordinator_pb2_grpc.CoordinatorStub, timeout: float) -> pb.UpdateReceipt:
         skip = 0
@@ -137,7 +135,7 @@ class Upload:
 
         def messages() -> Iterator[pb.UpdateChunk]:
             yield pb.UpdateChunk(header=header)
-            for chunk in self.chunks[skip:]:
+            for chunk in codec.iter_chunks(self.components, skip=skip):
                 yield pb.UpdateChunk(tensor=chunk)
 
         async def stream() -> AsyncIterator[pb.UpdateChunk]:

@@ -132,13 +132,20 @@ def from_proto(msg: tensor_pb2.Tensor, max_bytes: int = 64 << 20) -> np.ndarray:
 # ---- chunked tensors -----------------------------------------------------------
 
 
-def iter_chunks(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES) -> Iterator[tensor_pb2.TensorChunk]:
-    """Split named tensors into chunks of at most `chunk_bytes`, in sorted name order."""
+def iter_chunks(
+    arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES, skip: int = 0
+) -> Iterator[tensor_pb2.TensorChunk]:
+    """Split named tensors into chunks of at most `chunk_bytes`, in sorted name order,
+    made as they are asked for; the first `skip` chunks are left out (a resume)."""
     for name in sorted(arrays):
         array = _contiguous(arrays[name])
         data = _raw(array)
+        count = max(1, -(-len(data) // chunk_bytes))
+        if skip >= count:
+            skip -= count
+            continue
         dtype = dtype_to_proto(array.dtype)
-        offset = 0
+        offset, skip = skip * chunk_bytes, 0
         while True:
             piece = data[offset : offset + chunk_bytes]
             yield tensor_pb2.TensorChunk(
@@ -157,16 +164,22 @@ def chunk_count(arrays: Mapping[str, np.ndarray], chunk_bytes: int = CHUNK_BYTES
 class ChunkAssembler:
     """Rebuilds named tensors from chunks, validating each chunk against `expected`.
 
-    Chunks of one tensor must arrive in order (offset == bytes received so far);
-    tensors may come in any order but each only once. Memory is bounded by the
-    expected specs, whatever the peer sends.
+    Chunks of one tensor must arrive in order (offset == bytes received so far).
+    Tensors may come in any order but each only once; with `in_order`, they must come
+    in sorted name order, each whole before the next (as `iter_chunks` sends them).
+    Memory is bounded by the expected specs, whatever the peer sends: a tensor's
+    buffer is allocated once, at its declared size, when its first chunk arrives.
+    Subclasses put the data elsewhere by overriding `_begin`, `_write` and `result`.
     """
 
-    def __init__(self, expected: Mapping[str, TensorSpec]) -> None:
+    def __init__(self, expected: Mapping[str, TensorSpec], in_order: bool = False) -> None:
         self._expected = dict(expected)
+        self._in_order = in_order
         self._declared: dict[str, TensorSpec] = {}  # the exact spec of each tensor begun
+        self._received: dict[str, int] = {}
         self._buffers: dict[str, bytearray] = {}
         self._done: set[str] = set()
+        self._current = ""  # in order: the tensor being received ("": none)
         self.bytes_received = 0
 
     def add(self, chunk: tensor_pb2.TensorChunk) -> None:
@@ -184,25 +197,43 @@ class ChunkAssembler:
             if not spec.accepts(shape):
                 bound = list(spec.shape) if spec.exact else f"at most {list(spec.shape)}"
                 raise CodecError(f"tensor {chunk.name!r}: shape {list(shape)} where {bound} is expected")
+            if self._in_order and (self._current or any(name > chunk.name for name in self._declared)):
+                raise CodecError(f"tensor {chunk.name!r} out of order: tensors come in sorted name order, "
+                                 "each whole before the next")
             declared = self._declared[chunk.name] = TensorSpec(spec.name, spec.dtype, shape)
+            self._received[chunk.name] = 0
+            self._begin(chunk.name, declared)
+            self._current = chunk.name
         elif shape != declared.shape:
             raise CodecError(f"tensor {chunk.name!r}: shape changed from {list(declared.shape)} to {list(shape)}")
-        spec = declared
-        buffer = self._buffers.setdefault(chunk.name, bytearray())
-        if chunk.offset != len(buffer):
-            raise CodecError(f"tensor {chunk.name!r}: chunk at offset {chunk.offset}, expected {len(buffer)}")
-        if len(buffer) + len(chunk.data) > spec.nbytes:
-            raise CodecError(f"tensor {chunk.name!r}: data overruns its {spec.nbytes} bytes")
-        if not chunk.data and spec.nbytes:
+        received = self._received[chunk.name]
+        if chunk.offset != received:
+            raise CodecError(f"tensor {chunk.name!r}: chunk at offset {chunk.offset}, expected {received}")
+        if received + len(chunk.data) > declared.nbytes:
+            raise CodecError(f"tensor {chunk.name!r}: data overruns its {declared.nbytes} bytes")
+        if not chunk.data and declared.nbytes:
             raise CodecError(f"tensor {chunk.name!r}: empty chunk")
-        buffer += chunk.data
+        self._write(chunk.name, received, chunk.data)
+        self._received[chunk.name] = received + len(chunk.data)
         self.bytes_received += len(chunk.data)
-        if len(buffer) == spec.nbytes:
+        if self._received[chunk.name] == declared.nbytes:
             self._done.add(chunk.name)
+            self._current = ""
+
+    def _begin(self, name: str, spec: TensorSpec) -> None:
+        self._buffers[name] = bytearray(spec.nbytes)
+
+    def _write(self, name: str, offset: int, data: bytes) -> None:
+        self._buffers[name][offset : offset + len(data)] = data
 
     def missing(self) -> list[str]:
         """Tensors not yet complete."""
         return sorted(set(self._expected) - self._done)
+
+    @property
+    def declared(self) -> dict[str, TensorSpec]:
+        """The exact spec of every tensor begun (variable-size ones at their sent length)."""
+        return dict(self._declared)
 
     def result(self) -> dict[str, np.ndarray]:
         """The complete tensors; raises CodecError if any is missing or truncated."""
@@ -216,6 +247,11 @@ class ChunkAssembler:
         }
 
 
+def tensor_header(name: str, dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """What `state_sha256` hashes of a tensor before its bytes."""
+    return f"{name}\0{np.dtype(dtype).str}\0{','.join(map(str, shape))}\0".encode()
+
+
 def state_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     """Content hash of named tensors: names, dtypes, shapes and bytes, in sorted order.
 
@@ -225,7 +261,6 @@ def state_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
     for name in sorted(arrays):
         array = _contiguous(arrays[name])
-        header = f"{name}\0{array.dtype.str}\0{','.join(map(str, array.shape))}\0"
-        digest.update(header.encode())
+        digest.update(tensor_header(name, array.dtype, array.shape))
         digest.update(_raw(array))
     return digest.hexdigest()

@@ -46,6 +46,17 @@ def _mlp10m() -> nn.Sequential:
     )
 
 
+def _mlp250m() -> nn.Sequential:
+    # 252 million parameters (1.01 GB of float32) in 18 stages of at most 63 MB each:
+    # the size at which moving and aggregating a model must not cost a model's memory.
+    width = 3968
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(64, width), nn.ReLU()),
+        *(nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(16)),
+        nn.Linear(width, 10),
+    )
+
+
 def _mlp_small() -> nn.Sequential:
     # A weak, cheap digits model for a small edge device: the edge half of a cascade.
     return nn.Sequential(
@@ -94,6 +105,7 @@ _ZOO: dict[str, ZooEntry] = {
     for entry in (
         ZooEntry(name="mlp", input_shape=(64,), num_classes=10, builder=_mlp),
         ZooEntry(name="mlp10m", input_shape=(64,), num_classes=10, builder=_mlp10m),
+        ZooEntry(name="mlp250m", input_shape=(64,), num_classes=10, builder=_mlp250m),
         ZooEntry(name="mlp-small", input_shape=(64,), num_classes=10, builder=_mlp_small),
         ZooEntry(name="mlp-heavy", input_shape=(64,), num_classes=10, builder=_mlp_heavy),
         ZooEntry(name="cnn", input_shape=(3, 96, 96), num_classes=10, builder=_cnn),
@@ -128,3 +140,12 @@ def build_model(name: str, seed: int = 0) -> nn.Sequential:
     with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return entry.builder()
+
+
+def state_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in the model's state dict, without allocating it
+    (built on torch's meta device)."""
+    entry = get_entry(name)
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = entry.builder()
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}

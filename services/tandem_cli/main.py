@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health", default=None, help="plaintext gRPC health-only address HOST:PORT, for probes")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between agent heartbeats")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
-    p.add_argument("--upload-buffer-bytes", type=int, default=256 << 20,
-                   help="bytes of updates assembled at once, all agents together (bounds memory)")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
+    p.add_argument("--models", default="",
+                   help="comma-separated models its Inference service serves (default: every zoo model)")
     _serving_args(p)
     group = p.add_argument_group("placement controller")
     group.add_argument("--placement-interval", type=float, default=1.0,

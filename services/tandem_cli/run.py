@@ -39,8 +39,8 @@ async def run_cloud(args: argparse.Namespace) -> int:
 
     config = CloudConfig(
         listen=args.listen, certs=args.certs, state=args.state, metrics=args.metrics, health=args.health,
-        heartbeat_interval=args.heartbeat, grace=args.grace, upload_buffer_bytes=args.upload_buffer_bytes,
-        serving=_serving_config(args),
+        heartbeat_interval=args.heartbeat, grace=args.grace,
+        serving=_serving_config(args), models=tuple(m for m in args.models.split(",") if m),
         placement=placement, prometheus_url=args.prometheus_url,
         limits=LimitsConfig(max_streams=args.agent_max_streams, requests_per_second=args.agent_requests_per_second,
                             request_burst=max(1, int(2 * args.agent_requests_per_second)),
