@@ -55,7 +55,7 @@ bench-placement: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) -m tandem_cli.bench_placement --phase-seconds 30 --agents 1,4 --out bench/results/placement.json
 
-# Poisoning, churn, coordinator crashes, link faults, fuzzing: docs/reliability.md.
+# Poisoning, churn, coordinator crashes, link faults, 500 agents, a 1 GB model, fuzzing: docs/reliability.md.
 reliability: $(STAMP)
 	$(PY) -m tandem_cli.reliability --out bench/results/reliability.json
 

@@ -46,3 +46,13 @@ async def test_a_flaky_link_fails_no_local_request(tmp_path: Path) -> None:
     assert run["local_application"]["requests"] > 50
     assert targets["links_failed_local_requests"]["met"], run["local_application"]["outcomes"]
     assert targets["links_flaky_agent_kept_training"]["met"]
+
+
+async def test_a_1gb_model_moves_both_ways_within_1_5x_its_size_on_each_side(tmp_path: Path) -> None:
+    run, targets = await run_scenario("memory", tmp_path, QUICK["memory"])
+    assert run["job_state"] == "completed" and run["new_version"] == 2
+    assert run["model_bytes"] > 1e9 and run["upload_bytes"] > run["model_bytes"]
+    assert targets["memory_peak_rss_over_model_size"]["met"], run["phases"]
+    # The coordinator never holds the model: receiving, folding and serving it cost a fraction.
+    for phase in ("download", "upload", "close", "download_new"):
+        assert run["phases"][phase]["peak"]["cloud"] < 0.75 * run["model_bytes"], phase

@@ -40,8 +40,8 @@ class JobManager:
 
     async def start_job(self, spec: JobSpec) -> str:
         job_id = uuid.uuid4().hex[:12]
-        arrays = self._models.initial_arrays(spec.model, spec.seed)
-        version = await self._models.publish(spec.model, arrays, job_id, 0)
+        # Not held here: the initial model is freed once written, before the first task goes out.
+        version = await self._models.publish(spec.model, self._models.initial_arrays(spec.model, spec.seed), job_id, 0)
         self._store.create_job(job_id, spec.to_dict(), version.version)
         self._launch(job_id, spec)
         return job_id

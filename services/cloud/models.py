@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud.spool import Spool
 from cloud.store import Store, VersionRow, write_tensor_pieces, write_tensors
 from cloud.tensorfile import TensorFile
 from tandem import codec, deltas, metrics, zoo
@@ -22,6 +23,8 @@ class ModelRepository:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        for leftover in (store.directory / "models").glob("*/*.part"):
+            leftover.unlink()  # a publication broken by a crash
         self._specs: dict[str, dict[str, codec.TensorSpec]] = {}
         self._reserved: dict[str, int] = {}
         self._listeners: list[Callable[[VersionRow], None]] = []
@@ -76,8 +79,7 @@ class ModelRepository:
         try:
             size, sha = await asyncio.to_thread(write_tensor_pieces, path, base.specs, pieces)
         except BaseException:
-            if self._reserved.get(model) == version:
-                self._reserved[model] = version - 1  # nothing was written: the number is free again
+            self._release(model, version)
             raise
         return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
 
@@ -88,29 +90,40 @@ class ModelRepository:
         self.published(row)
         return row
 
-    async def receive(self, chunks: AsyncIterator[pb.ModelChunk]) -> tuple[str, dict[str, np.ndarray]]:
-        """A whole model sent by an operator: checked against the zoo model, its hash and for
-        non-finite values before anything is written. Returns (model, arrays)."""
+    async def receive(self, chunks: AsyncIterator[pb.ModelChunk]) -> VersionRow:
+        """Publish a whole model sent by an operator. It goes to disk as it arrives and
+        is checked there, one slice at a time, against the zoo model, its hash and for
+        non-finite values before it becomes a version: its size costs no memory."""
         first = await anext(chunks, None)
         if first is None or not first.HasField("header"):
             raise InvalidArgument("a model upload must start with a ModelHeader")
         header = first.header
         if header.steps:
             raise InvalidArgument("publish a whole model, not delta steps")
-        # Memory is bounded by the zoo model's size, whatever the peer sends.
-        assembler = codec.ChunkAssembler(self.specs(header.model))
-        async for message in chunks:
-            if not message.HasField("tensor"):
-                raise InvalidArgument("only TensorChunks may follow the ModelHeader")
-            assembler.add(message.tensor)
-        arrays = assembler.result()
-        for name, array in arrays.items():
-            if not np.isfinite(array).all():
-                raise InvalidArgument(f"tensor {name!r} holds non-finite values")
-        sha = codec.state_sha256(arrays)
-        if sha != header.sha256:
-            raise InvalidArgument(f"the tensors hash to {sha}, not to the header's sha256 {header.sha256!r}")
-        return header.model, arrays
+        specs = self.specs(header.model)
+        version = self._reserve(header.model)
+        path = self._store.model_path(header.model, version)
+        spool = Spool(path.with_suffix(".part"), specs)
+        try:
+            async for message in chunks:
+                if not message.HasField("tensor"):
+                    raise InvalidArgument("only TensorChunks may follow the ModelHeader")
+                spool.add(message.tensor)
+            file = await asyncio.to_thread(spool.finish)
+            await asyncio.to_thread(_check_finite, file)
+            sha = spool.content_sha256()
+            if sha != header.sha256:
+                raise InvalidArgument(f"the tensors hash to {sha}, not to the header's sha256 {header.sha256!r}")
+            await asyncio.to_thread(spool.move, path)
+        except BaseException:
+            self._release(header.model, version)
+            raise
+        finally:
+            spool.discard()
+        row = VersionRow(header.model, version, sha, str(path), "", 0, time.time(), path.stat().st_size)
+        self._store.add_version(row)
+        self.published(row)
+        return row
 
     def _reserve(self, model: str) -> int:
         """The next version number, reserved at once (no await between read and write),
@@ -118,6 +131,11 @@ class ModelRepository:
         version = max(self._store.next_version(model), self._reserved.get(model, 0) + 1)
         self._reserved[model] = version
         return version
+
+    def _release(self, model: str, version: int) -> None:
+        """A reserved number that nothing was recorded under is free again (if still the last)."""
+        if self._reserved.get(model) == version:
+            self._reserved[model] = version - 1
 
     def published(self, row: VersionRow) -> None:
         metrics.MODEL_VERSION.labels(row.model).set(row.version)
@@ -192,3 +210,10 @@ class ModelRepository:
                 return []
             row = previous
         return chain[::-1]
+
+
+def _check_finite(file: TensorFile) -> None:
+    for name in file.specs:
+        for _, piece in file.slices(name):
+            if not np.isfinite(piece).all():
+                raise InvalidArgument(f"tensor {name!r} holds non-finite values")

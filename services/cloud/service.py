@@ -218,8 +218,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request_iterator: AsyncIterator[pb.ModelChunk], context: grpc.aio.ServicerContext
     ) -> admin_pb2.ModelVersion:
         require_role(context, ROLE_ADMIN)
-        model, arrays = await self._models.receive(request_iterator)
-        return _model_version(await self._models.publish(model, arrays))
+        return _model_version(await self._models.receive(request_iterator))
 
     @grpc_errors
     async def ListPlacements(  # noqa: N802

@@ -69,6 +69,7 @@ class Download:
         metrics.EDGE_BYTES_RECEIVED.labels("model").inc(self.wire)
         assert self.assembler is not None and self.header is not None
         arrays = self._finish(self.assembler.result())
+        self.assembler = None  # the arrays own the buffers now; a finished download holds nothing
         if codec.state_sha256(arrays) != self.sha256:
             raise ModelMismatch(f"{self.model} v{self.version}: content hash does not match {self.sha256[:12]}")
         return arrays

@@ -6,7 +6,8 @@
 Every scenario runs real processes on loopback (see each module's docstring):
 poisoning (`reliability_poison`), agent churn (`reliability_churn`), coordinator
 crashes (`reliability_crash`), link faults (`reliability_links`), many agents on
-one coordinator (`reliability_load`), fuzzing (`tandem_cli.fuzz`). `--quick` is the size `make test` runs.
+one coordinator (`reliability_load`), a 1 GB model moved both ways (`reliability_memory`),
+fuzzing (`tandem_cli.fuzz`). `--quick` is the size `make test` runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from tandem_cli.bench import machine
 
-SCENARIOS = ("poison", "churn", "crash", "links", "load", "fuzz")  # tandem_cli.reliability_NAME, and fuzz
+SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "fuzz")  # tandem_cli.reliability_NAME, and fuzz
 
 FULL: dict[str, dict[str, Any]] = {
     "poison": {"agents": 8, "hostile": 2, "rounds": 10},
@@ -31,6 +32,7 @@ FULL: dict[str, dict[str, Any]] = {
     "crash": {"agents": 4, "rounds": 10, "kills": 5},
     "links": {"rounds": 10, "mean_fault_interval": 10.0},
     "load": {"agents": 500, "interval": 5.0, "seconds": 60.0},
+    "memory": {"model": "mlp250m"},
     "fuzz": {"cases": 10_000},
 }
 QUICK: dict[str, dict[str, Any]] = {
@@ -39,6 +41,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "crash": {"agents": 3, "rounds": 4, "kills": 2},
     "links": {"rounds": 4, "mean_fault_interval": 3.0, "min_seconds": 15.0},
     "load": {"agents": 50, "interval": 1.0, "seconds": 10.0},
+    "memory": {"model": "mlp250m"},  # the figure itself: about 40 s, 2.5 GB of memory and 4 GB of disk
     "fuzz": {"cases": 300},
 }
 
