@@ -46,7 +46,8 @@ HOSTILE = [0.01, 0.01, 0.012, 0.008, -10.0]
     ({"aggregator": "trimmed_mean", "trim_fraction": 0.2, "hostile_agents": 1}, 0.01),
     ({"aggregator": "krum", "hostile_agents": 1}, 0.01),
     ({"aggregator": "multi_krum", "hostile_agents": 1, "krum_selected": 2}, 0.01),
-], ids=["mean", "median", "trimmed_mean", "krum", "multi_krum"])
+    ({"aggregator": "mean_around_median", "hostile_agents": 1}, 0.01),
+], ids=["mean", "median", "trimmed_mean", "krum", "multi_krum", "mean_around_median"])
 async def test_a_hostile_update_moves_only_the_mean(
     coordinator: Coordinator, certs_dir: Path, spec: dict[str, object], expected: float
 ) -> None:
@@ -86,6 +87,7 @@ async def test_dp_job_reports_privacy_spent_per_round(coordinator: Coordinator, 
     ({"aggregator": "trimmed_mean", "trim_fraction": 0.1, "hostile_agents": 2, "min_clients": 8},
      "trim_fraction must be >= f/n = 0.250"),
     ({"dp_noise_multiplier": 1.0, "min_clients": 2}, "differential privacy needs a fixed clip_norm"),
+    ({"aggregator": "mean_around_median", "hostile_agents": 2, "min_clients": 4}, "it needs n > 2f"),
 ])
 async def test_a_job_that_cannot_defend_itself_is_refused_at_start(
     coordinator: Coordinator, certs_dir: Path, spec: dict[str, object], reason: str

@@ -48,6 +48,7 @@ async def test_stop_says_not_serving_at_once_and_lets_an_upload_finish(tmp_path:
         watch = health_pb2_grpc.HealthStub(health).Watch(health_pb2.HealthCheckRequest(), timeout=30)
         assert (await anext(aiter(watch))).status == health_pb2.HealthCheckResponse.SERVING
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        await channel.channel_ready()  # connected before the stop: the upload is under way, not yet to begin
 
         async def upload() -> pb.UpdateReceipt:
             receipt: pb.UpdateReceipt = await stub.UploadUpdate(slow(), timeout=30)
