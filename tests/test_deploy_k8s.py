@@ -170,13 +170,33 @@ def test_certs_init_k8s_writes_the_secrets_the_manifests_mount(tmp_path: Path) -
     assert secrets.keys() == SECRETS
     assert all(s["metadata"]["namespace"] == "factory" for s in secrets.values())
     agents = secrets["tandem-agents"]["data"]
-    assert set(agents) == {"ca.pem", "edge-node-1.pem", "edge-node-1.key", "edge-node-2.pem", "edge-node-2.key"}
+    assert set(agents) == {"ca.pem", "revoked.txt", "edge-node-1.pem", "edge-node-1.key", "edge-node-2.pem",
+                           "edge-node-2.key"}
     assert base64.b64decode(agents["edge-node-2.key"]) == (directory / "agents" / "edge-node-2.key").read_bytes()
     for secret, leaf in (("tandem-cloud", "cloud.pem"), ("tandem-inference", "inference.pem")):
         cert = x509.load_pem_x509_certificate(base64.b64decode(secrets[secret]["data"][leaf]))
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert {"tandem-coordinator.factory.svc", "tandem-inference.factory.svc.cluster.local"} <= set(
             names.get_values_for_type(x509.DNSName))
+
+
+def test_certs_revoke_rewrites_the_secrets_with_the_deny_list(tmp_path: Path) -> None:
+    directory = tmp_path / "certs"
+    assert main(["certs", "init", "--dir", str(directory), "--agents", "edge-node-1,edge-node-2",
+                 "--k8s", "factory"]) == 0
+    path = directory / "k8s" / "secrets.yaml"
+    before = {s["metadata"]["name"]: s for s in yaml.safe_load_all(path.read_text())}
+    assert all(base64.b64decode(before[n]["data"]["revoked.txt"]) == b""
+               for n in ("tandem-cloud", "tandem-inference", "tandem-agents"))
+    assert main(["certs", "revoke", "edge-node-2", "--dir", str(directory)]) == 0
+    after = {s["metadata"]["name"]: s for s in yaml.safe_load_all(path.read_text())}
+    deny = (directory / "revoked.txt").read_bytes()
+    assert b"agent/edge-node-2" in deny
+    for name in ("tandem-cloud", "tandem-inference", "tandem-agents"):  # every server that checks client certificates
+        assert base64.b64decode(after[name]["data"]["revoked.txt"]) == deny
+        assert after[name]["metadata"]["namespace"] == "factory"
+    assert after["tandem-agents"]["data"].keys() == before["tandem-agents"]["data"].keys()
+    assert path.stat().st_mode & 0o777 == 0o600
 
 
 def test_dockerfile_is_pinned_non_root_and_copies_what_exists() -> None:

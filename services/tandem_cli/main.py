@@ -320,6 +320,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             identity = certs.revoke(args.dir, args.name, role=args.role)
             print(f"revoked {identity}: servers reading {args.dir} refuse its next call within a second "
                   f"(copy {args.dir / 'revoked.txt'} to other servers' certificate directories)")
+            secrets_file = args.dir / "k8s" / "secrets.yaml"
+            if secrets_file.exists():
+                from tandem import k8s_secrets
+
+                _write_k8s_secrets(args.dir, *k8s_secrets.deployed(secrets_file))
+                print(f"rewrote {secrets_file} with the deny list: kubectl apply -f {secrets_file}")
         else:
             cert, _ = certs.add_client(args.dir, args.name, days=args.days)
             print(f"wrote {cert}")
