@@ -20,11 +20,13 @@ def make_certs(directory: Path, agents: list[str]) -> Path:
 
 
 class Fleet:
-    """`agents` maps each agent name to its attack ("" for an honest agent)."""
+    """`agents` maps each agent name to its attack ("" for an honest agent). The data is
+    cut into `partitions` shares (default: one per agent), agent i holding share i."""
 
     def __init__(self, work: Path, certs_dir: Path, agents: dict[str, str], cloud_extra: list[str] | None = None,
-                 listen: str = "127.0.0.1:0") -> None:
+                 listen: str = "127.0.0.1:0", partitions: int = 0) -> None:
         self.work, self.certs_dir, self.agents = work, certs_dir, agents
+        self.partitions = partitions or len(agents)
         self.cloud_extra, self.listen = cloud_extra, listen
         work.mkdir(parents=True, exist_ok=True)
         self.start_cloud()
@@ -39,7 +41,7 @@ class Fleet:
         self.target = f"localhost:{self.ports['port']}"
 
     def data(self, index: int) -> str:
-        return f"digits:{index}/{len(self.agents)}"
+        return f"digits:{index}/{self.partitions}"
 
     def start_agent(self, name: str, index: int) -> None:
         attack, log = self.agents[name], self.work / f"{name}.log"

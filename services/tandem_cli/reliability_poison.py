@@ -2,7 +2,10 @@
 
 Every run is a real coordinator and real agent processes; the hostile agents train
 honestly and then send a poisoned update (`tandem_cli.hostile`). The all-honest
-run (plain FedAvg, every agent honest) is the yardstick.
+run (plain FedAvg, every agent honest) is the issue's yardstick. A second one is the
+best any defence can do: FedAvg over the honest agents alone, on the same data
+shares. With non-IID shares the hostile agents' data is lost to every defence, and
+that costs accuracy however well the attack is stopped.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ def aggregators(agents: int, hostile: int) -> dict[str, dict[str, Any]]:
 
 
 async def run_one(work: Path, certs_dir: Path, names: list[str], hostile: int, attack: str, defence: dict[str, Any],
-                  rounds: int, server_lr: float = 0.0) -> dict[str, Any]:
+                  rounds: int, server_lr: float = 0.0, partitions: int = 0) -> dict[str, Any]:
     agents = {name: (attack if i >= len(names) - hostile else "") for i, name in enumerate(names)}
-    fleet = Fleet(work, certs_dir, agents)
+    fleet = Fleet(work, certs_dir, agents, partitions=partitions)
     started = time.monotonic()
     try:
         spec = admin_pb2.JobSpec(model="mlp", rounds=rounds, min_clients=len(names), round_deadline_seconds=30,
@@ -64,6 +67,10 @@ async def run(work: Path, agents: int = 8, hostile: int = 2, rounds: int = 10,
     runs: dict[str, Any] = {}
     runs["honest/fedavg"] = await run_one(work / "honest", certs_dir, names, 0, "", {}, rounds, server_lr)
     print(f"  poisoning: all honest, fedavg: {runs['honest/fedavg']['final_accuracy']:.4f}", flush=True)
+    runs["honest_only/fedavg"] = await run_one(work / "honest-only", certs_dir, names[: agents - hostile], 0, "", {},
+                                               rounds, server_lr, partitions=agents)
+    print(f"  poisoning: the {agents - hostile} honest agents alone, fedavg: "
+          f"{runs['honest_only/fedavg']['final_accuracy']:.4f}", flush=True)
     for attack in attacks:
         for name, defence in aggregators(agents, hostile).items():
             key = f"{attack}/{name}"
@@ -80,7 +87,7 @@ def targets(runs: dict[str, Any]) -> dict[str, Any]:
     worst: dict[str, float] = {}
     for key, r in runs.items():
         attack, name = key.split("/")
-        if attack != "honest" and name != "fedavg":
+        if attack not in ("honest", "honest_only") and name != "fedavg":
             worst[name] = max(worst.get(name, 0.0), 100 * (honest - float(r["final_accuracy"])))
     best = min((worst[name], name) for name in TRIMMED if name in worst)
     out = {
@@ -89,6 +96,15 @@ def targets(runs: dict[str, Any]) -> dict[str, Any]:
             "how": "all-honest FedAvg final accuracy minus the worst run under attack of the best of "
                    f"{', '.join(TRIMMED)}, x100"},
     }
+    ceiling = float(runs["honest_only/fedavg"]["final_accuracy"])
+    out["poisoning_ceiling_drop_points"] = {
+        "measured": round(100 * (honest - ceiling), 2), "goal": 2.0, "op": "<=", "met": honest - ceiling <= 0.02,
+        "how": "all-honest FedAvg minus FedAvg over the honest agents alone on the same shares, x100: the drop a "
+               "perfect defence would show"}
+    out["poisoning_best_defence_below_ceiling_points"] = {
+        "measured": round(best[0] - 100 * (honest - ceiling), 2), "goal": 2.0, "op": "<=",
+        "met": best[0] - 100 * (honest - ceiling) <= 2.0, "aggregator": best[1],
+        "how": f"FedAvg over the honest agents alone minus the worst run under attack of {best[1]}, x100"}
     for name, drop in worst.items():
         out[f"poisoning_worst_{name}_drop_points"] = {
             "measured": round(drop, 2), "goal": 2.0, "op": "<=", "met": drop <= 2.0,
