@@ -28,16 +28,15 @@ it ends at 0.913 where the trimmed mean ends at 0.800 and the median at 0.762.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 
 from cloud.store import UpdateRow
+from cloud.tensorfile import TensorFile
 from tandem import compression
 from tandem.codec import TensorSpec
 
@@ -245,44 +244,24 @@ def dense_from(updates: Sequence[Mapping[str, np.ndarray]]) -> Dense:
     return lambda i, name: updates[i][name]
 
 
-class _Lazy(Mapping[str, np.ndarray]):
-    """An update file's components, each read when asked for (safetensors, no pickle)."""
-
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
-        self._keys = list(handle.keys())
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._keys:
-            raise KeyError(key)
-        return self._handle.get_tensor(key)  # type: ignore[no-any-return]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
 class UpdateFiles:
     """`dense(i, name)` over a round's durable update files: one tensor of one update
-    decoded at a time (any codec), so a pass over the round holds n x one tensor."""
+    read and decoded at a time (any codec), so a pass over the round holds n x one tensor."""
 
     def __init__(self, updates: Sequence[UpdateRow], specs: Mapping[str, TensorSpec]) -> None:
         self._updates = updates
         self._specs = specs
-        self._stack = contextlib.ExitStack()
-        self._files: list[_Lazy] = []
+        self._files: list[Mapping[str, np.ndarray]] = []
 
     def __enter__(self) -> UpdateFiles:
         for update in self._updates:
             if update.path is None:
                 raise ValueError(f"the update of {update.agent} has no file left to aggregate")
-            self._files.append(_Lazy(self._stack.enter_context(safe_open(update.path, framework="np"))))
+            self._files.append(TensorFile(Path(update.path)).arrays())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        self._files.clear()
 
     def dense(self, i: int, name: str) -> np.ndarray:
         out = np.zeros(self._specs[name].shape, np.float32)
