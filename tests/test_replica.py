@@ -14,11 +14,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud.app import CloudConfig, Coordinator
+from cloud.serving import ServingConfig
 from tandem import grpcserver, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
+from tandem.v1 import inference_pb2 as pb
 from tandem_cli import procs
 from tests.conftest import APP
-from tests.inference_helpers import arrays_for, close, forward, inputs, publish, request, start_edge
+from tests.inference_helpers import app_stub, arrays_for, close, forward, inputs, publish, request, start_edge
 
 SERVING: int = health_pb2.HealthCheckResponse.SERVING
 
@@ -143,3 +145,43 @@ async def test_agent_health_port_serves_while_it_runs(coordinator: Coordinator, 
     finally:
         stop.set()
         await runner
+
+
+async def test_agents_send_cloud_inference_to_the_replicas_when_told(
+    certs_dir: Path, tmp_path: Path, replica_proc: list[subprocess.Popen[bytes]]
+) -> None:
+    """`--inference-cloud`: cloud requests go to the replicas' address, not the coordinator's.
+    This coordinator serves no `mlp`, so only a replica can answer one in the cloud."""
+    coordinator = Coordinator(CloudConfig(listen="127.0.0.1:0", certs=certs_dir, state=tmp_path / "state",
+                                          serving=ServingConfig(models=("cnn",))))
+    await coordinator.start()
+    stop = asyncio.Event()
+    runners: list[asyncio.Task[None]] = []
+    try:
+        cloud = f"localhost:{coordinator.port}"
+        v1 = arrays_for("mlp", seed=1)
+        await publish(cloud, certs_dir, "mlp", v1)
+        proc, ports = start_replica(cloud, certs_dir, tmp_path)
+        replica_proc.append(proc)
+        await wait_for(serving(ports["health_port"]))
+        x = inputs(3)
+        for inference_cloud, expected in ((f"localhost:{ports['port']}", True), (None, False)):
+            app = await start_edge(coordinator.port, certs_dir, ("mlp=cloud",), inference_cloud=inference_cloud)
+            runners.append(asyncio.create_task(app.run(stop)))
+            channel, stub = app_stub(app, certs_dir)
+            async with channel:
+                async with asyncio.timeout(30):
+                    await app.agent.welcomed.wait()
+                try:
+                    response = await stub.Infer(request("mlp", x), timeout=10)
+                    in_cloud = response.placement == pb.PLACEMENT_CLOUD
+                except grpc.aio.AioRpcError:  # the coordinator's NOT_FOUND, passed on
+                    in_cloud = False
+                assert in_cloud == expected, inference_cloud
+                if expected:
+                    assert response.version == 1
+                    close(response, forward("mlp", v1, x))
+    finally:
+        stop.set()
+        await asyncio.gather(*runners)
+        await coordinator.stop()

@@ -19,7 +19,7 @@ from cloud.registry import Registry
 from cloud.service import AdminService, CoordinatorService
 from cloud.serving import ModelServer, ServingConfig
 from cloud.store import Store, VersionRow
-from tandem import grpcserver, inference, lifecycle, metrics, tls, zoo
+from tandem import grpcserver, inference, lifecycle, metrics, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ class CloudConfig:
     heartbeat_interval: float = 5.0
     grace: float = 10.0
     serving: ServingConfig = ServingConfig()
-    models: tuple[str, ...] = ()  # what the Inference service serves; empty: every zoo model
     placement: ControllerConfig | None = None  # None: no placement controller
     prometheus_url: str | None = None  # the controller's source; None reads /metrics and heartbeats directly
     limits: LimitsConfig = LimitsConfig()  # per agent: streams open at once, requests and request bytes per second
@@ -65,11 +64,7 @@ class Coordinator:
         self.serving = ModelServer(self.models, cfg.serving)
         source: Source = PrometheusSource(cfg.prometheus_url) if cfg.prometheus_url else DirectSource(heartbeats(self.registry))
         self.placement = PlacementController(source, self.registry, self.store, cfg.placement or ControllerConfig())
-        served = set(cfg.models or zoo.model_names())
-        unknown = sorted(served - set(zoo.model_names()))
-        if unknown:
-            raise ValueError(f"unknown models {unknown}; the zoo has {zoo.model_names()}")
-        self.models.add_listener(lambda row: self.serving.published(row) if row.model in served else None)
+        self.models.add_listener(self.serving.published)
         self.models.add_listener(self._announce)
 
         self.limits = AgentLimits(cfg.limits)
@@ -85,7 +80,7 @@ class Coordinator:
         self.health = await grpcserver.add_standard_services(self.server, SERVICES)
         self.port = self.server.add_secure_port(cfg.listen, tls.server_credentials(cfg.certs))
         self.health_server, self.health_port = await grpcserver.start_health_only(cfg.health, self.health)
-        await self.serving.start(sorted(served))  # newest versions loaded before serving
+        await self.serving.start(self.serving.served)  # newest versions loaded before serving
         resumed = self.jobs.resume()  # before serving: uploads find their round's runner
         if resumed:
             log.info("resumed jobs %s", resumed)

@@ -20,7 +20,7 @@ from typing import Protocol
 from cloud.store import VersionRow, read_tensors
 from tandem import codec, metrics, staged, zoo
 from tandem.batching import Batcher, keep_profiled
-from tandem.errors import InvalidArgument, TandemError
+from tandem.errors import InvalidArgument, NotFound, TandemError
 from tandem.inference import decode_input, model_info
 from tandem.staged import StagedModel
 from tandem.v1 import inference_pb2 as pb
@@ -36,6 +36,7 @@ class ServingConfig:
     max_queue_rows: int = 8192  # rows waiting, all models together; more is RESOURCE_EXHAUSTED
     max_request_rows: int = 1024  # rows in one request
     kept_versions: int = 4  # older versions kept loaded per model, besides the newest
+    models: tuple[str, ...] = ()  # the models served; empty: every zoo model
 
 
 class Versions(Protocol):
@@ -62,6 +63,10 @@ class ModelServer:
         self.config = config
         self.device = staged.resolve_device(config.device)
         self._models = models
+        self.served = sorted(config.models or zoo.model_names())
+        unknown = sorted(set(self.served) - set(zoo.model_names()))
+        if unknown:
+            raise ValueError(f"unknown models {unknown}; the zoo has {zoo.model_names()}")
         self._newest: dict[str, StagedModel] = {}
         self._older: collections.OrderedDict[tuple[str, int], StagedModel] = collections.OrderedDict()
         self._loading: dict[tuple[str, int], asyncio.Task[StagedModel]] = {}
@@ -82,7 +87,9 @@ class ModelServer:
         )
 
     def published(self, row: VersionRow) -> None:
-        """A new version exists: load it in the background, then swap it in."""
+        """A new version exists: load it in the background, then swap it in (if it is served)."""
+        if row.model not in self.served:
+            return
         task = asyncio.create_task(self._swap_in(row), name=f"swap-{row.model}-{row.version}")
         self._swaps.add(task)
         task.add_done_callback(self._swaps.discard)
@@ -127,6 +134,8 @@ class ModelServer:
 
     async def get(self, name: str, version: int) -> StagedModel:
         """The loaded model for (name, version); version 0 is the newest being served."""
+        if name not in self.served:
+            raise NotFound(f"this server does not serve {name!r}; it serves {self.served}")
         if version == 0:
             newest = self._newest.get(name)
             if newest is not None:

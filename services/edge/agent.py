@@ -5,6 +5,7 @@ and local training on data that never leaves the device.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -45,6 +46,7 @@ class AgentConfig:
     backoff_max: float = 15.0
     # Inference for local applications (served when `listen` is set).
     listen: str | None = None
+    inference_cloud: str | None = None  # where cloud and split requests go; None: the coordinator (`cloud`)
     placements: tuple[str, ...] = ()  # MODEL=MODE
     cloud_timeout: float = 1.0
     probe_interval: float = 2.0
@@ -111,12 +113,17 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a control stream open until `stop` is set, reconnecting with backoff."""
         credentials = tls.agent_credentials(self.config.certs, self.config.agent_id)
-        async with grpcserver.secure_channel(self.config.cloud, credentials) as channel:
+        async with contextlib.AsyncExitStack() as channels:
+            channel = await channels.enter_async_context(grpcserver.secure_channel(self.config.cloud, credentials))
             self._stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             prober: asyncio.Task[None] | None = None
             profiler: asyncio.Task[None] | None = None
             if self.router is not None:
-                self.router.cloud = inference_pb2_grpc.InferenceStub(channel)
+                inference = channel
+                if self.config.inference_cloud:  # the inference replicas' Service: their autoscaler absorbs the load
+                    inference = await channels.enter_async_context(
+                        grpcserver.secure_channel(self.config.inference_cloud, credentials))
+                self.router.cloud = inference_pb2_grpc.InferenceStub(inference)
                 prober = asyncio.create_task(self.link.run(), name="link-probe")
                 profiler = asyncio.create_task(keep_profiled(self.router.batcher, self.models.served, 5.0))
             backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cloud) or cascade:T[:CLOUD_MODEL] (the cloud answers when the edge's confidence is "
                         "below T); repeatable; models not named run at the edge. The cloud's placement "
                         "controller replaces these as it decides (`tandem placement pin` fixes one)")
+    p.add_argument("--inference-cloud", default=None, metavar="HOST:PORT",
+                   help="where cloud and split inference requests go, e.g. the inference replicas' Service "
+                        "(default: the coordinator at --cloud)")
     p.add_argument("--cloud-timeout", type=float, default=1.0,
                    help="seconds a cloud call may take when the request sets no deadline; then the edge answers")
     p.add_argument("--probe-interval", type=float, default=2.0,

@@ -167,6 +167,11 @@ async def run(work: Path, model: str = "mlp250m") -> dict[str, Any]:
     result: dict[str, Any] = json.loads(out.read_text())
     result["job_state"] = job["state"]
     result["cloud_start_job_peak"] = start_peak
+    for phase, measured in result["phases"].items():
+        peak = measured["peak"]
+        print(f"  memory: {phase}: {measured['seconds']:.1f} s, peak RSS / model size: agent "
+              f"{peak['agent'] / result['model_bytes']:.2f}, coordinator {peak['cloud'] / result['model_bytes']:.2f}",
+              flush=True)
     return result
 
 

@@ -97,13 +97,14 @@ def targets(runs: dict[str, Any]) -> dict[str, Any]:
                    f"{', '.join(TRIMMED)}, x100"},
     }
     ceiling = float(runs["honest_only/fedavg"]["final_accuracy"])
+    floor = round(100 * (honest - ceiling), 2)  # accuracies are float32 fractions: compare rounded points
     out["poisoning_ceiling_drop_points"] = {
-        "measured": round(100 * (honest - ceiling), 2), "goal": 2.0, "op": "<=", "met": honest - ceiling <= 0.02,
+        "measured": floor, "goal": 2.0, "op": "<=", "met": floor <= 2.0,
         "how": "all-honest FedAvg minus FedAvg over the honest agents alone on the same shares, x100: the drop a "
                "perfect defence would show"}
     out["poisoning_best_defence_below_ceiling_points"] = {
-        "measured": round(best[0] - 100 * (honest - ceiling), 2), "goal": 2.0, "op": "<=",
-        "met": best[0] - 100 * (honest - ceiling) <= 2.0, "aggregator": best[1],
+        "measured": round(best[0] - floor, 2), "goal": 2.0, "op": "<=",
+        "met": round(best[0] - floor, 2) <= 2.0, "aggregator": best[1],
         "how": f"FedAvg over the honest agents alone minus the worst run under attack of {best[1]}, x100"}
     for name, drop in worst.items():
         out[f"poisoning_worst_{name}_drop_points"] = {

@@ -40,7 +40,7 @@ async def run_cloud(args: argparse.Namespace) -> int:
     config = CloudConfig(
         listen=args.listen, certs=args.certs, state=args.state, metrics=args.metrics, health=args.health,
         heartbeat_interval=args.heartbeat, grace=args.grace,
-        serving=_serving_config(args), models=tuple(m for m in args.models.split(",") if m),
+        serving=_serving_config(args),
         placement=placement, prometheus_url=args.prometheus_url,
         limits=LimitsConfig(max_streams=args.agent_max_streams, requests_per_second=args.agent_requests_per_second,
                             request_burst=max(1, int(2 * args.agent_requests_per_second)),
@@ -68,7 +68,8 @@ async def run_edge(args: argparse.Namespace) -> int:
     lifecycle.tune_for_serving(args.torch_threads or max(1, args.threads))
     config = AgentConfig(
         cloud=args.cloud, certs=args.certs, agent_id=args.id, data=args.data, metrics=args.metrics, health=args.health,
-        listen=args.listen, placements=tuple(args.placement), cloud_timeout=args.cloud_timeout,
+        listen=args.listen, inference_cloud=args.inference_cloud, placements=tuple(args.placement),
+        cloud_timeout=args.cloud_timeout,
         probe_interval=args.probe_interval, device=args.device, max_batch=args.max_batch,
         max_delay=args.max_delay_ms / 1000, max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
     )
@@ -110,6 +111,7 @@ def _serving_config(args: argparse.Namespace) -> ServingConfig:
     return ServingConfig(
         device=args.device, max_batch=args.max_batch, max_delay=args.max_delay_ms / 1000,
         max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
+        models=tuple(m for m in args.models.split(",") if m),
     )
 
 
