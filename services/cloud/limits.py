@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from tandem import tls
 from tandem.certs import ROLE_AGENT
 from tandem.errors import Malformed, ResourceExhausted, TandemError, drain
+from tandem.interceptors import rewrap
 
 
 @dataclass(frozen=True)
@@ -171,15 +172,7 @@ class AgentLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc shi
 
             return limited
 
-        serialize = {"request_deserializer": handler.request_deserializer,
-                     "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **serialize)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **serialize)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **serialize)
-        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **serialize)
+        return rewrap(handler, unary_response, stream_response)
 
 
 class _Metered:

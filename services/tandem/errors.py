@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from tandem.codec import CodecError
 from tandem.compression import CompressionError
+from tandem.interceptors import rewrap
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,4 @@ class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
 
             return checked
 
-        serialize = {"request_deserializer": _lenient(handler.request_deserializer),
-                     "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **serialize)
-        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **serialize)
+        return rewrap(handler, unary, streaming, _lenient(handler.request_deserializer))

@@ -14,6 +14,8 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from tandem.interceptors import rewrap
+
 # ---- every server: gRPC -----------------------------------------------------
 
 RPC_HANDLED = Counter(
@@ -234,14 +236,4 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
 
             return wrapped
 
-        serialize = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **serialize)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **serialize)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **serialize)
-        return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **serialize)
+        return rewrap(handler, unary_response, stream_response)
