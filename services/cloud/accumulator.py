@@ -47,7 +47,8 @@ class Accumulator:
         if agent in self.folded:
             return
         for name in self._specs:
-            total = self.total(name)
+            # The first update needs no read: the file is all zeros (and sparse) until then.
+            total = self.total(name) if self.folded else np.zeros(self._specs[name].shape, np.float32)
             compression.accumulate(total, name, components, codec, num_examples)
             pwrite_array(self._fd, total, self._offsets[name])
         self.weight += num_examples

@@ -353,9 +353,13 @@ def _sparse(name: str, parts: Mapping[str, np.ndarray], n: int, codec: Codec) ->
 def accumulate(
     total: np.ndarray, name: str, components: Mapping[str, np.ndarray], codec: Codec, weight: float
 ) -> None:
-    """total += weight * decode(...), without a dense temporary for top-k encodings."""
+    """total += weight * decode(...), without a dense temporary for top-k encodings
+    (dense ones are scaled in place: decode always returns a fresh array)."""
     if codec.kind != "topk":
-        total += np.float32(weight) * decode(name, components, total.shape, codec)
+        dense = decode(name, components, total.shape, codec)
+        if weight != 1:
+            dense *= np.float32(weight)
+        total += dense
         return
     idx, vals = _sparse(name, _checked(name, components, total.shape, codec), total.size, codec)
     flat = total.reshape(-1)  # a view: `total` is C-contiguous
