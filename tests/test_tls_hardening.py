@@ -26,9 +26,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from safetensors import SafetensorError
 
 from cloud.app import CloudConfig, Coordinator
+from edge.agent import AgentConfig
+from edge.app import EdgeApp
 from cloud.store import read_tensors
 from cloud.tensorfile import TensorFile
-from tandem import certs, data, grpcserver, inference, revocation, tls
+from tandem import certs, data, grpcserver, inference, metrics, revocation, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tests.helpers import ControlStream, admin_channel, agent_channel, target
@@ -420,3 +422,33 @@ def test_data_directory_refuses_pickled_arrays(tmp_path: Path) -> None:
     with np.load(npz_dir / "part.npz", allow_pickle=True) as npz:
         npz["x"]
     assert marker.exists()
+
+
+async def test_a_revoked_agent_says_so_and_stops_hurrying(
+    own_coordinator: Coordinator, deployment: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused for its certificate, an agent logs why at ERROR and waits its longest
+    backoff between tries instead of hammering the coordinator."""
+    app = EdgeApp(AgentConfig(cloud=target(own_coordinator.port), certs=deployment, agent_id="agent-1",
+                              data="digits:0/4", backoff_initial=0.05, backoff_max=30.0))
+    await app.start()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(app.run(stop))
+    try:
+        async with asyncio.timeout(30):
+            await app.agent.welcomed.wait()
+        before = metrics.EDGE_RECONNECTS._value.get()
+        certs.revoke(deployment, "agent-1")
+
+        def refused() -> bool:
+            return any(r.levelname == "ERROR" and "refuses this agent's certificate (UNAUTHENTICATED)" in r.message
+                       for r in caplog.records)
+
+        async with asyncio.timeout(20):  # the open stream ends at its next heartbeat
+            while not refused():
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # a jittered 0.05 s backoff would have retried several times by now
+        assert metrics.EDGE_RECONNECTS._value.get() - before == 1
+    finally:
+        stop.set()
+        await runner

@@ -64,6 +64,10 @@ class HeldModel:
     arrays: dict[str, np.ndarray]
 
 
+# How a coordinator that will not talk to this certificate ends the control stream.
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
 class Backoff:
     """Full-jitter exponential backoff: a random wait in [0, min(cap, base * 2**n))."""
 
@@ -135,10 +139,16 @@ class Agent:
                 if not session.done():
                     session.cancel()
                     break
-                if session.result():
+                welcomed, code = session.result()
+                if welcomed:
                     backoff.reset()
-                delay = backoff.next_delay()
-                log.info("control stream closed; reconnecting in %.1f s", delay)
+                if code in REFUSED:  # revoked, or a certificate of the wrong role: no use hurrying
+                    delay = backoff.cap
+                    log.error("the coordinator refuses this agent's certificate (%s); trying again every %.0f s, "
+                              "serving local requests meanwhile", code.name, delay)
+                else:
+                    delay = backoff.next_delay()
+                    log.info("control stream closed; reconnecting in %.1f s", delay)
                 metrics.EDGE_RECONNECTS.inc()
                 try:
                     async with asyncio.timeout(delay):
@@ -151,8 +161,8 @@ class Agent:
                 if background is not None:
                     background.cancel()
 
-    async def _session(self) -> bool:
-        """One control stream; returns whether the coordinator welcomed us."""
+    async def _session(self) -> tuple[bool, grpc.StatusCode]:
+        """One control stream; returns whether the coordinator welcomed us, and how it ended."""
         outgoing: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
         outgoing.put_nowait(pb.AgentMessage(hello=pb.Hello(
             agent_version=__version__, num_examples=len(self.dataset), device="cpu",
@@ -199,7 +209,7 @@ class Agent:
             if heartbeat is not None:
                 heartbeat.cancel()
             call.cancel()
-        return welcomed
+        return welcomed, code
 
     async def _heartbeats(self, outgoing: asyncio.Queue[pb.AgentMessage], interval: float) -> None:
         """A heartbeat every `interval`, and at once when a new link measurement is in."""
