@@ -12,6 +12,7 @@ import re
 import shutil
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -452,3 +453,38 @@ async def test_a_revoked_agent_says_so_and_stops_hurrying(
     finally:
         stop.set()
         await runner
+
+
+async def test_an_agent_follows_a_ca_rotation_at_its_next_reconnect(deployment: Path, tmp_path: Path) -> None:
+    """The coordinator restarts with a certificate from a new CA; the agent, whose CA
+    bundle on disk now holds both, reconnects without a restart of its own."""
+    config = CloudConfig(listen="127.0.0.1:0", certs=deployment, state=tmp_path / "state", grace=0.5)
+    first = Coordinator(config)
+    await first.start()
+    app = EdgeApp(AgentConfig(cloud=target(first.port), certs=deployment, agent_id="agent-1", data="digits:0/4",
+                              backoff_initial=0.05, backoff_max=0.5))
+    await app.start()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(app.run(stop))
+    second: Coordinator | None = None
+    try:
+        async with asyncio.timeout(30):
+            await app.agent.welcomed.wait()
+        new = tmp_path / "new"
+        certs.init_deployment(new, [])
+        _replace(deployment / "ca.pem", (deployment / "ca.pem").read_bytes() + (new / "ca.pem").read_bytes())
+        _replace(deployment / "cloud.pem", (new / "cloud.pem").read_bytes())
+        _replace(deployment / "cloud.key", (new / "cloud.key").read_bytes())
+        await first.stop()
+        async with asyncio.timeout(10):
+            while app.agent.welcomed.is_set():  # its stream with the old coordinator is over
+                await asyncio.sleep(0.05)
+        second = Coordinator(replace(config, listen=f"127.0.0.1:{first.port}"))
+        await second.start()  # presents the new CA's certificate: the agent's first channel cannot verify it
+        async with asyncio.timeout(30):
+            while not app.agent.welcomed.is_set():
+                await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await runner
+        await (second or first).stop()

@@ -5,7 +5,6 @@ and local training on data that never leaves the device.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -18,11 +17,12 @@ import grpc
 import numpy as np
 
 from edge import transfer
+from edge.channels import CloudChannels
 from tandem import placement
 from edge.link import LinkMonitor
 from edge.models import EdgeModels, Held
 from edge.router import EdgeRouter, RouterConfig
-from tandem import __version__, codec, compression, data, grpcserver, metrics, staged, tls, training, zoo
+from tandem import __version__, codec, compression, data, metrics, staged, training, zoo
 from tandem.batching import Batcher, keep_profiled
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc, inference_pb2_grpc
@@ -116,21 +116,16 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a control stream open until `stop` is set, reconnecting with backoff."""
-        credentials = tls.agent_credentials(self.config.certs, self.config.agent_id)
-        async with contextlib.AsyncExitStack() as channels:
-            channel = await channels.enter_async_context(grpcserver.secure_channel(self.config.cloud, credentials))
-            self._stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-            prober: asyncio.Task[None] | None = None
-            profiler: asyncio.Task[None] | None = None
-            if self.router is not None:
-                inference = channel
-                if self.config.inference_cloud:  # the inference replicas' Service: their autoscaler absorbs the load
-                    inference = await channels.enter_async_context(
-                        grpcserver.secure_channel(self.config.inference_cloud, credentials))
-                self.router.cloud = inference_pb2_grpc.InferenceStub(inference)
-                prober = asyncio.create_task(self.link.run(), name="link-probe")
-                profiler = asyncio.create_task(keep_profiled(self.router.batcher, self.models.served, 5.0))
-            backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
+        channels = CloudChannels(self.config.certs, self.config.agent_id, self.config.cloud, self.config.inference_cloud)
+        await channels.open()
+        self._use(channels)
+        prober: asyncio.Task[None] | None = None
+        profiler: asyncio.Task[None] | None = None
+        if self.router is not None:
+            prober = asyncio.create_task(self.link.run(), name="link-probe")
+            profiler = asyncio.create_task(keep_profiled(self.router.batcher, self.models.served, 5.0))
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max)
+        try:
             while not stop.is_set():
                 session = asyncio.create_task(self._session())
                 stopper = asyncio.create_task(stop.wait())
@@ -155,11 +150,21 @@ class Agent:
                         await stop.wait()
                 except TimeoutError:
                     pass
+                if await channels.refresh():
+                    self._use(channels)
+        finally:
             for task in self._training.values():
                 task.cancel()
             for background in (prober, profiler):
                 if background is not None:
                     background.cancel()
+            await channels.close()
+
+    def _use(self, channels: CloudChannels) -> None:
+        assert channels.coordinator is not None and channels.inference is not None
+        self._stub = coordinator_pb2_grpc.CoordinatorStub(channels.coordinator)
+        if self.router is not None:
+            self.router.cloud = inference_pb2_grpc.InferenceStub(channels.inference)
 
     async def _session(self) -> tuple[bool, grpc.StatusCode]:
         """One control stream; returns whether the coordinator welcomed us, and how it ended."""
