@@ -426,3 +426,42 @@ def test_a_spool_refuses_tensors_out_of_order_or_interleaved(tmp_path: Path) -> 
         spool.finish()
     spool.discard()
     assert not (tmp_path / "u.part").exists()
+
+
+def test_a_chunk_whose_write_failed_can_be_sent_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that fills mid-chunk: half the bytes written, then ENOSPC. Nothing of that chunk
+    counts, so the same chunk sent again (a resume) lands where it belongs."""
+    import errno
+    import os
+
+    from cloud import spool as spool_module
+    from cloud.spool import Spool
+
+    arrays = _update_arrays()
+    chunks = list(codec.iter_chunks(arrays, chunk_bytes=1000))
+    spool = Spool(tmp_path / "u.part", _spool_specs(arrays))
+    real = os.pwrite
+    failing = {"armed": True}
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        if failing["armed"] and len(data) > 1:
+            failing["armed"] = False
+            real(fd, data[: len(data) // 2], offset)
+            return len(data) // 2
+        if not failing["armed"] and failing.get("raised") is None:
+            failing["raised"] = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    spool.add(chunks[0])
+    monkeypatch.setattr(spool_module.os, "pwrite", pwrite)
+    with pytest.raises(OSError):
+        spool.add(chunks[1])
+    monkeypatch.setattr(spool_module.os, "pwrite", real)
+    for chunk in chunks[1:]:
+        spool.add(chunk)
+    spool.finish()
+    loaded = read_tensors(tmp_path / "u.part")
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(loaded[name], array)
+    assert spool.content_sha256() == codec.state_sha256(arrays)

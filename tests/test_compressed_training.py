@@ -17,7 +17,7 @@ from cloud.app import Coordinator
 from edge.agent import Agent, AgentConfig
 from edge.transfer import Download
 from tandem import codec, compression
-from tandem.v1 import admin_pb2, coordinator_pb2_grpc
+from tandem.v1 import admin_pb2, coordinator_pb2_grpc, tensor_pb2
 from tandem.v1 import coordinator_pb2 as pb
 from tests.helpers import SPECS, ControlStream, agent_channel, delta, download, get_job, header_for, start_job, upload
 
@@ -145,21 +145,12 @@ async def test_upload_resumes_from_the_last_received_chunk(coordinator: Coordina
         header = header_for(task, content_sha256=codec.state_sha256(components))
         async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-            sent = asyncio.Event()
-
-            async def half() -> AsyncIterator[pb.UpdateChunk]:
-                yield pb.UpdateChunk(header=header)
-                for chunk in chunks[:3]:
-                    yield pb.UpdateChunk(tensor=chunk)
-                sent.set()
-                await asyncio.sleep(3600)  # the link "breaks" here
-
-            call = stub.UploadUpdate(half())
-            await sent.wait()
-            await asyncio.sleep(0.3)  # let the server read what was sent
-            call.cancel()
+            await _break_after(stub, header, chunks, 3)
             held = await _progress(stub, header)
             assert 0 < held <= 3
+            parts = list((coordinator.store.directory / "updates").rglob("*.part"))
+            assert len(parts) == 1  # what arrived waits on disk, not in memory
+
 
             resumed = pb.UpdateHeader()
             resumed.CopyFrom(header)
@@ -167,11 +158,55 @@ async def test_upload_resumes_from_the_last_received_chunk(coordinator: Coordina
             receipt = await upload(stub, [pb.UpdateChunk(header=resumed),
                                           *(pb.UpdateChunk(tensor=c) for c in chunks[held:])])
         assert receipt.agent_id == "agent-0" and not receipt.duplicate
-        assert receipt.bytes_received > sum(len(c.data) for c in chunks)  # counts both attempts
+        assert receipt.bytes_received > sum(len(c.data) for c in chunks)  # counts every attempt
+        assert not list((coordinator.store.directory / "updates").rglob("*.part"))
         job = await get_job(coordinator.port, certs_dir, task.job_id)
         assert list(job.rounds[0].agents if job.rounds else job.open_round.accepted_agents) == ["agent-0"]
     finally:
         await stream.close()
+
+
+async def test_a_resume_that_cannot_be_honoured_starts_over(coordinator: Coordinator, certs_dir: Path) -> None:
+    stream = ControlStream(coordinator.port, certs_dir, "agent-0")
+    await stream.open()
+    try:
+        task = await _task(coordinator, certs_dir, stream)
+        components = compression.ErrorFeedback(compression.parse_codec("none")).compress(delta(0.01))[0]
+        chunks = list(codec.iter_chunks(components))
+        header = header_for(task, content_sha256=codec.state_sha256(components))
+        async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            await _break_after(stub, header, chunks, 2)
+            held = await _progress(stub, header)
+            wrong = pb.UpdateHeader()
+            wrong.CopyFrom(header)
+            wrong.skip_chunks = held + 1  # more than the coordinator holds
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await upload(stub, [pb.UpdateChunk(header=wrong), *(pb.UpdateChunk(tensor=c) for c in chunks[held + 1:])])
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "start over" in (err.value.details() or "")
+            assert not list((coordinator.store.directory / "updates").rglob("*.part"))  # the partial is forgotten
+            receipt = await upload(stub, [pb.UpdateChunk(header=header), *(pb.UpdateChunk(tensor=c) for c in chunks)])
+        assert receipt.agent_id == "agent-0" and not receipt.duplicate
+    finally:
+        await stream.close()
+
+
+async def _break_after(stub: coordinator_pb2_grpc.CoordinatorStub, header: pb.UpdateHeader,
+                       chunks: list[tensor_pb2.TensorChunk], n: int) -> None:
+    """Send the header and `n` chunks, then break the call, as a lost link does."""
+    sent = asyncio.Event()
+
+    async def part() -> AsyncIterator[pb.UpdateChunk]:
+        yield pb.UpdateChunk(header=header)
+        for chunk in chunks[:n]:
+            yield pb.UpdateChunk(tensor=chunk)
+        sent.set()
+        await asyncio.sleep(3600)  # the link "breaks" here
+
+    call = stub.UploadUpdate(part())
+    await sent.wait()
+    await asyncio.sleep(0.3)  # let the server read what was sent
+    call.cancel()
 
 
 async def _progress(stub: coordinator_pb2_grpc.CoordinatorStub, header: pb.UpdateHeader) -> int:

@@ -59,8 +59,9 @@ class Partial:
 class UpdateIntake:
     def __init__(self, store: Store, jobs: JobManager, models: ModelRepository) -> None:
         self._store = store
-        for leftover in (store.directory / "updates").glob("*/*/*.part"):
-            leftover.unlink()  # uploads broken by a crash: their agents send them again
+        updates = store.directory / "updates"
+        for leftover in [*updates.glob("*/*/*.part"), *updates.glob("*/*.sum")]:
+            leftover.unlink()  # uploads broken by a crash (their agents send them again), and scratch sums
         self._jobs = jobs
         self._models = models
         # One upload at a time per (job, round, agent), so a re-send racing the
@@ -228,6 +229,7 @@ class UpdateIntake:
     def _resume(
         self, key: UploadKey, header: pb.UpdateHeader, specs: dict[str, codec.TensorSpec], update_codec: compression.Codec
     ) -> Partial:
+        self._prune()
         partial = self._partials.pop(key, None)
         wire = pb.UpdateChunk(header=header).ByteSize()
         if header.skip_chunks == 0:
@@ -255,16 +257,21 @@ class UpdateIntake:
                 or runner.round.number != key[1] or not runner.round.accepting:
             partial.spool.discard()
             return
-        now = time.monotonic()
-        for old, kept in list(self._partials.items()):
-            job = self._jobs.running(old[0])
-            if now - kept.since > PARTIAL_TTL_SECONDS or job is None or job.round is None or job.round.number != old[1]:
-                del self._partials[old]
-                kept.spool.discard()
-        partial.since = now
+        self._prune()
+        partial.since = time.monotonic()
         self._partials[key] = partial
         while sum(p.spool.bytes_received for p in self._partials.values()) > PARTIAL_BUDGET_BYTES:
             self._partials.pop(next(iter(self._partials))).spool.discard()
+
+
+    def _prune(self) -> None:
+        """Forget kept partial uploads whose round is over or that waited too long."""
+        now = time.monotonic()
+        for key, kept in list(self._partials.items()):
+            job = self._jobs.running(key[0])
+            if now - kept.since > PARTIAL_TTL_SECONDS or job is None or job.round is None or job.round.number != key[1]:
+                del self._partials[key]
+                kept.spool.discard()
 
 
 # Weighted by its example count, an update folded into the float32 running sum must

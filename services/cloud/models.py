@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class ModelRepository:
 
         try:
             size, sha = await asyncio.to_thread(write_tensor_pieces, path, base.specs, pieces)
-        except BaseException:
+        except Exception:  # not on cancellation: the worker thread may still be writing the file
             self._release(model, version)
             raise
         return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
@@ -101,9 +102,8 @@ class ModelRepository:
         if header.steps:
             raise InvalidArgument("publish a whole model, not delta steps")
         specs = self.specs(header.model)
-        version = self._reserve(header.model)
-        path = self._store.model_path(header.model, version)
-        spool = Spool(path.with_suffix(".part"), specs)
+        folder = self._store.model_path(header.model, 1).parent
+        spool = Spool(folder / f"publish-{uuid.uuid4().hex[:12]}.part", specs)
         try:
             async for message in chunks:
                 if not message.HasField("tensor"):
@@ -114,10 +114,10 @@ class ModelRepository:
             sha = spool.content_sha256()
             if sha != header.sha256:
                 raise InvalidArgument(f"the tensors hash to {sha}, not to the header's sha256 {header.sha256!r}")
+            # Numbered once complete, so that a round closing meanwhile does not end up newer.
+            version = self._reserve(header.model)
+            path = self._store.model_path(header.model, version)
             await asyncio.to_thread(spool.move, path)
-        except BaseException:
-            self._release(header.model, version)
-            raise
         finally:
             spool.discard()
         row = VersionRow(header.model, version, sha, str(path), "", 0, time.time(), path.stat().st_size)

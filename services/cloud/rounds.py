@@ -101,7 +101,8 @@ class JobRunner:
         finally:
             self._registry.remove_listener(self._on_connect)
             if self.round is not None:
-                self.round.accumulator.close()  # rebuilt from the updates' files on the next start
+                async with self.round.fold_lock:  # an accepted update may be folding in right now
+                    self.round.accumulator.close()  # rebuilt from the updates' files on the next start
             self.round = None
 
     async def _restore_state(self) -> None:
@@ -123,7 +124,11 @@ class JobRunner:
         row = self._store.get_round(self.job_id, number)
         updates = self._store.list_updates(self.job_id, number)
         accumulator = Accumulator(self._models.specs(self.spec.model), self._store.sum_path(self.job_id, number))
-        await asyncio.to_thread(self._refold, accumulator, updates)
+        try:
+            await asyncio.to_thread(self._refold, accumulator, updates)
+        except BaseException:
+            accumulator.close()
+            raise
         submitted = {u.agent for u in updates}
         previous = set(json.loads(row["selected"])) if row else set()
         # Open for uploads at once: after a restart, agents selected before it may

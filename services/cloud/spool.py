@@ -42,11 +42,14 @@ class Spool(codec.ChunkAssembler):
         self._digest.update(codec.tensor_header(name, spec.dtype, spec.shape))
 
     def _write(self, name: str, offset: int, data: bytes) -> None:
-        view = memoryview(data)
+        # Nothing counts until the whole chunk is written: after a failed write (a full
+        # disk), the same chunk sent again lands in the same place.
+        view, at = memoryview(data), self._end
         while view:
-            written = os.pwrite(self._fd, view, self._end)
-            self._end += written
+            written = os.pwrite(self._fd, view, at)
+            at += written
             view = view[written:]
+        self._end = at
         self._digest.update(data)
 
     def content_sha256(self) -> str:

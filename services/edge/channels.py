@@ -32,12 +32,13 @@ class CloudChannels:
         return digest.hexdigest()
 
     async def open(self) -> None:
-        self._files = self._fingerprint()
+        files = self._fingerprint()
         credentials = tls.agent_credentials(self._certs_dir, self._agent_id)
         self.coordinator = grpcserver.secure_channel(self._cloud, credentials)
         self.inference = self.coordinator
         if self._inference_cloud:
             self.inference = grpcserver.secure_channel(self._inference_cloud, credentials)
+        self._files = files  # only once made: files that could not be used are tried again
 
     async def refresh(self) -> bool:
         """Make the channels again if the certificate files changed; whether they were."""

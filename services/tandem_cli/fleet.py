@@ -44,6 +44,11 @@ class Fleet:
         return f"digits:{index}/{self.partitions}"
 
     def start_agent(self, name: str, index: int) -> None:
+        """Start (or restart) agent `name`. A process of that name still running is
+        stopped first: two restarts due at once must not leave one untracked."""
+        running = self.procs.get(name)
+        if running is not None and running.poll() is None:
+            procs.stop(running)
         attack, log = self.agents[name], self.work / f"{name}.log"
         if attack:
             with open(log, "ab") as out:
