@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ import grpc
 import numpy as np
 
 from edge import transfer
-from edge.channels import CloudChannels
+from edge.channels import REFUSED, Backoff, CloudChannels
 from tandem import placement
 from edge.link import LinkMonitor
 from edge.models import EdgeModels, Held
@@ -62,24 +61,6 @@ class HeldModel:
     version: int
     sha256: str
     arrays: dict[str, np.ndarray]
-
-
-# How a coordinator that will not talk to this certificate ends the control stream.
-REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-
-
-class Backoff:
-    """Full-jitter exponential backoff: a random wait in [0, min(cap, base * 2**n))."""
-
-    def __init__(self, initial: float, cap: float) -> None:
-        self.initial, self.cap, self.failures = initial, cap, 0
-
-    def reset(self) -> None:
-        self.failures = 0
-
-    def next_delay(self) -> float:
-        self.failures += 1
-        return random.uniform(0, min(self.cap, self.initial * 2 ** min(self.failures, 32)))
 
 
 class Agent:

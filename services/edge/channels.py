@@ -1,12 +1,13 @@
-"""An agent's channels to the cloud, made from its certificate files and made again
-when they change: a rotated CA bundle or a renewed certificate is picked up at the
-next reconnect, without a restart. (A channel's credentials are fixed when it is
-made; while a connection is up the files are not looked at.)"""
+"""How an agent reaches the cloud: channels made from its certificate files and made
+again when they change (a rotated CA bundle or a renewed certificate is picked up at
+the next reconnect, without a restart; while a connection is up the files are not
+looked at), and the backoff between reconnects."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import random
 from pathlib import Path
 
 import grpc
@@ -14,6 +15,23 @@ import grpc
 from tandem import certs, grpcserver, tls
 
 log = logging.getLogger(__name__)
+
+# How a coordinator that will not talk to this certificate ends the control stream.
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+class Backoff:
+    """Full-jitter exponential backoff: a random wait in [0, min(cap, base * 2**n))."""
+
+    def __init__(self, initial: float, cap: float) -> None:
+        self.initial, self.cap, self.failures = initial, cap, 0
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return random.uniform(0, min(self.cap, self.initial * 2 ** min(self.failures, 32)))
 
 
 class CloudChannels:
