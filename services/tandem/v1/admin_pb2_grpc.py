@@ -131,8 +131,9 @@ class AdminServicer:
     def PublishModel(self, request_iterator, context):
         """Publish a model trained elsewhere (centrally in the cloud, say) as the next
         version of a zoo model: a ModelHeader naming the model and the sha256 of its
-        tensors, then the whole model as TensorChunks. Its tensors must be exactly the
-        zoo model's, finite, and hash to the sha256 given.
+        tensors, then the whole model as TensorChunks (tensors in sorted name order,
+        each whole before the next). Its tensors must be exactly the zoo model's,
+        finite, and hash to the sha256 given.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

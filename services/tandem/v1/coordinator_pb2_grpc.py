@@ -77,7 +77,8 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadUpdate(self, request_iterator, context):
-        """A model update: one UpdateHeader, then the delta as TensorChunks.
+        """A model update: one UpdateHeader, then the delta as TensorChunks, tensors in
+        sorted name order, each whole (its chunks in offset order) before the next.
         Idempotent per (job, round, agent): a byte-identical re-send is a duplicate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
