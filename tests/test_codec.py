@@ -333,7 +333,8 @@ def test_streamed_safetensors_files_read_back_with_the_library(tmp_path: Path) -
         "q": np.arange(-3, 2, dtype=np.int8), "empty": np.zeros((0, 3), np.float32),
         "scalar": np.array(3.0, np.float32), "h": np.ones(3, np.float16), "t": np.arange(6, dtype=np.float32)[::2],
     }
-    size = write_tensors(tmp_path / "x.safetensors", arrays)
+    size, sha = write_tensors(tmp_path / "x.safetensors", arrays)
+    assert sha == codec.state_sha256(arrays)
     assert size == (tmp_path / "x.safetensors").stat().st_size
     back = load_file(str(tmp_path / "x.safetensors"))
     assert set(back) == set(arrays)

@@ -140,9 +140,7 @@ async def test_upload_resumes_from_the_last_received_chunk(coordinator: Coordina
     await stream.open()
     try:
         task = await _task(coordinator, certs_dir, stream)
-        components = compression.ErrorFeedback(compression.parse_codec("none")).compress(delta(0.01))[0]
-        chunks = list(codec.iter_chunks(components))
-        header = header_for(task, content_sha256=codec.state_sha256(components))
+        header, chunks = _dense_update(task)
         async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             await _break_after(stub, header, chunks, 3)
@@ -150,7 +148,6 @@ async def test_upload_resumes_from_the_last_received_chunk(coordinator: Coordina
             assert 0 < held <= 3
             parts = list((coordinator.store.directory / "updates").rglob("*.part"))
             assert len(parts) == 1  # what arrived waits on disk, not in memory
-
 
             resumed = pb.UpdateHeader()
             resumed.CopyFrom(header)
@@ -171,9 +168,7 @@ async def test_a_resume_that_cannot_be_honoured_starts_over(coordinator: Coordin
     await stream.open()
     try:
         task = await _task(coordinator, certs_dir, stream)
-        components = compression.ErrorFeedback(compression.parse_codec("none")).compress(delta(0.01))[0]
-        chunks = list(codec.iter_chunks(components))
-        header = header_for(task, content_sha256=codec.state_sha256(components))
+        header, chunks = _dense_update(task)
         async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             await _break_after(stub, header, chunks, 2)
@@ -189,6 +184,12 @@ async def test_a_resume_that_cannot_be_honoured_starts_over(coordinator: Coordin
         assert receipt.agent_id == "agent-0" and not receipt.duplicate
     finally:
         await stream.close()
+
+
+def _dense_update(task: pb.TrainTask) -> tuple[pb.UpdateHeader, list[tensor_pb2.TensorChunk]]:
+    """An update for `task` with codec none: its header (content hash set) and its chunks."""
+    components = compression.ErrorFeedback(compression.parse_codec("none")).compress(delta(0.01))[0]
+    return header_for(task, content_sha256=codec.state_sha256(components)), list(codec.iter_chunks(components))
 
 
 async def _break_after(stub: coordinator_pb2_grpc.CoordinatorStub, header: pb.UpdateHeader,

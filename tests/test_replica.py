@@ -64,15 +64,22 @@ def serving(port: int) -> Callable[[], Awaitable[bool]]:
     return check
 
 
+async def serving_replica(cloud: str, certs_dir: Path, tmp: Path, started: list[subprocess.Popen[bytes]],
+                          v1: dict[str, np.ndarray]) -> dict[str, int]:
+    """Publish `v1` of mlp, start a replica following `cloud`, and wait until it serves."""
+    await publish(cloud, certs_dir, "mlp", v1)
+    proc, ports = start_replica(cloud, certs_dir, tmp)
+    started.append(proc)
+    await wait_for(serving(ports["health_port"]))
+    return ports
+
+
 async def test_replica_serves_the_newest_version_and_swaps(
     coordinator: Coordinator, certs_dir: Path, tmp_path: Path, replica_proc: list[subprocess.Popen[bytes]]
 ) -> None:
     cloud = f"localhost:{coordinator.port}"
     v1 = arrays_for("mlp", seed=1)
-    await publish(cloud, certs_dir, "mlp", v1)
-    proc, ports = start_replica(cloud, certs_dir, tmp_path)
-    replica_proc.append(proc)
-    await wait_for(serving(ports["health_port"]))
+    ports = await serving_replica(cloud, certs_dir, tmp_path, replica_proc, v1)
 
     x = inputs(5)
     async with grpcserver.secure_channel(f"localhost:{ports['port']}", tls.app_credentials(certs_dir, APP)) as ch:
@@ -158,12 +165,8 @@ async def test_agents_send_cloud_inference_to_the_replicas_when_told(
     stop = asyncio.Event()
     runners: list[asyncio.Task[None]] = []
     try:
-        cloud = f"localhost:{coordinator.port}"
         v1 = arrays_for("mlp", seed=1)
-        await publish(cloud, certs_dir, "mlp", v1)
-        proc, ports = start_replica(cloud, certs_dir, tmp_path)
-        replica_proc.append(proc)
-        await wait_for(serving(ports["health_port"]))
+        ports = await serving_replica(f"localhost:{coordinator.port}", certs_dir, tmp_path, replica_proc, v1)
         x = inputs(3)
         for inference_cloud, expected in ((f"localhost:{ports['port']}", True), (None, False)):
             app = await start_edge(coordinator.port, certs_dir, ("mlp=cloud",), inference_cloud=inference_cloud)

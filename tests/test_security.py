@@ -93,6 +93,10 @@ async def test_health_on_tls_and_on_the_plaintext_probe_port(coordinator: Coordi
     async with admin_channel(coordinator.port, certs_dir) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # Watch writes with context.write rather than yielding: every interceptor passes it through.
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert (await anext(aiter(watch))).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
     async with grpc.aio.insecure_channel(target(coordinator.health_port)) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="tandem.v1.Coordinator")

@@ -11,6 +11,7 @@ certificate: the default rate leaves room for that).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from google.protobuf.message import Message
 from tandem import tls
 from tandem.certs import ROLE_AGENT
 from tandem.errors import Malformed, ResourceExhausted, TandemError, drain
-from tandem.interceptors import rewrap
+from tandem.interceptors import guarded
 
 
 @dataclass(frozen=True)
@@ -147,32 +148,16 @@ class AgentLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc shi
                 await context.abort(exc.code, str(exc))
             return peer, (_Metered(request, self, peer) if client_stream and peer is not None else request)
 
-        def leave(peer: Peer | None) -> None:
-            if streaming and peer is not None:
-                peer.streams -= 1
+        @contextlib.asynccontextmanager
+        async def limited(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            peer, request = await enter(request, context)
+            try:
+                yield request
+            finally:
+                if streaming and peer is not None:
+                    peer.streams -= 1
 
-        def unary_response(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                peer, request = await enter(request, context)
-                try:
-                    return await behavior(request, context)
-                finally:
-                    leave(peer)
-
-            return limited
-
-        def stream_response(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-            async def limited(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                peer, request = await enter(request, context)
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                finally:
-                    leave(peer)
-
-            return limited
-
-        return rewrap(handler, unary_response, stream_response)
+        return guarded(handler, limited)
 
 
 class _Metered:

@@ -13,7 +13,7 @@ import numpy as np
 from cloud.spool import Spool
 from cloud.store import Store, VersionRow, write_tensor_pieces, write_tensors
 from cloud.tensorfile import TensorFile
-from tandem import codec, deltas, metrics, zoo
+from tandem import codec, deltas, metrics, training, zoo
 from tandem.errors import InvalidArgument, NotFound
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import tensor_pb2
@@ -39,9 +39,7 @@ class ModelRepository:
         if model not in self._specs:
             if model not in zoo.model_names():
                 raise NotFound(f"unknown model {model!r}; the zoo has {zoo.model_names()}")
-            # As training.state_arrays makes them: every tensor float32.
-            self._specs[model] = {name: codec.TensorSpec(name, np.dtype(np.float32), shape)
-                                  for name, shape in zoo.state_shapes(model).items()}
+            self._specs[model] = training.state_specs(model)
         return self._specs[model]
 
     def initial_arrays(self, model: str, seed: int) -> dict[str, np.ndarray]:
@@ -58,8 +56,7 @@ class ModelRepository:
         between rounds."""
         version = self._reserve(model)
         path = self._store.model_path(model, version)
-        size = await asyncio.to_thread(write_tensors, path, arrays)
-        sha = await asyncio.to_thread(codec.state_sha256, arrays)
+        size, sha = await asyncio.to_thread(write_tensors, path, arrays)
         return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
 
     async def write_changed(

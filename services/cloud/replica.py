@@ -16,15 +16,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from cloud.serving import ModelServer, ServingConfig
+from cloud.serving import ModelServer, ServingConfig, served_models
 from cloud.store import VersionRow, read_tensors, write_tensors
 from edge.transfer import Download  # the client side of a model download, as agents do it
-from tandem import codec, grpcserver, inference, metrics, tls, training, zoo
+from tandem import codec, grpcserver, inference, metrics, tls, training
 from tandem.errors import InvalidArgument, NotFound
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2_grpc
 
@@ -95,14 +95,14 @@ class ModelMirror:
         )
         path = self._cache / v.model / f"{v.version:08d}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        size = await asyncio.to_thread(write_tensors, path, arrays)
+        size, _ = await asyncio.to_thread(write_tensors, path, arrays)
         log.info("mirrored %s v%d (%d bytes)", v.model, v.version, size)
         return VersionRow(v.model, v.version, v.sha256, str(path), v.job_id or None, v.round or None,
                           time.time(), size)
 
     def _specs_of(self, model: str) -> dict[str, codec.TensorSpec]:
         if model not in self._specs:
-            self._specs[model] = codec.specs_of(training.state_arrays(zoo.build_model(model)))
+            self._specs[model] = training.state_specs(model)
         return self._specs[model]
 
     def _add(self, row: VersionRow) -> None:
@@ -120,18 +120,15 @@ class ReplicaConfig:
     certs: Path
     listen: str
     cache: Path
-    models: tuple[str, ...] = field(default_factory=lambda: tuple(zoo.model_names()))
     health: str | None = None
     metrics: str | None = None
     poll_interval: float = 2.0
-    serving: ServingConfig = ServingConfig()
+    serving: ServingConfig = ServingConfig()  # its `models` are the ones mirrored and served
 
 
 class Replica:
     def __init__(self, config: ReplicaConfig) -> None:
-        unknown = sorted(set(config.models) - set(zoo.model_names()))
-        if unknown:
-            raise ValueError(f"unknown models {unknown}; the zoo has {zoo.model_names()}")
+        self.models = served_models(config.serving)
         self.config = config
         self.port = 0
         self.health_port = 0
@@ -139,7 +136,7 @@ class Replica:
 
     async def start(self) -> None:
         cfg = self.config
-        self.mirror = ModelMirror(cfg.cache, list(cfg.models))
+        self.mirror = ModelMirror(cfg.cache, self.models)
         self.serving = ModelServer(self.mirror, cfg.serving)
         self.mirror.add_listener(self.serving.published)
         self.channel = grpcserver.secure_channel(cfg.cloud, tls.replica_credentials(cfg.certs))
@@ -163,10 +160,10 @@ class Replica:
                 await self.mirror.sync(admin, coordinator)
                 if not serving:
                     await self.serving.start([])  # profiling of the loaded models
-                    await _until_loaded(self.serving, self.mirror, self.config.models)
+                    await _until_loaded(self.serving, self.mirror, self.models)
                     await grpcserver.set_serving(self.health, SERVICES, True)
                     serving = True
-                    log.info("replica serving %s", {m: r.version for m in self.config.models
+                    log.info("replica serving %s", {m: r.version for m in self.models
                                                     if (r := self.mirror.newest(m)) is not None})
             except grpc.aio.AioRpcError as exc:
                 log.warning("cannot reach the coordinator (%s: %s); serving what is held",
@@ -184,7 +181,7 @@ class Replica:
             await self.health_server.stop(0)
 
 
-async def _until_loaded(server: ModelServer, mirror: ModelMirror, models: tuple[str, ...]) -> None:
+async def _until_loaded(server: ModelServer, mirror: ModelMirror, models: list[str]) -> None:
     """Every model the mirror holds is loaded (the swaps it triggered have finished)."""
     for name in models:
         row = mirror.newest(name)

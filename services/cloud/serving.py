@@ -39,6 +39,15 @@ class ServingConfig:
     models: tuple[str, ...] = ()  # the models served; empty: every zoo model
 
 
+def served_models(config: ServingConfig) -> list[str]:
+    """The models a server with `config` serves, checked against the zoo."""
+    served = sorted(config.models or zoo.model_names())
+    unknown = sorted(set(served) - set(zoo.model_names()))
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; the zoo has {zoo.model_names()}")
+    return served
+
+
 class Versions(Protocol):
     """Where the served versions are recorded: the coordinator's repository, or a replica's mirror."""
 
@@ -63,10 +72,7 @@ class ModelServer:
         self.config = config
         self.device = staged.resolve_device(config.device)
         self._models = models
-        self.served = sorted(config.models or zoo.model_names())
-        unknown = sorted(set(self.served) - set(zoo.model_names()))
-        if unknown:
-            raise ValueError(f"unknown models {unknown}; the zoo has {zoo.model_names()}")
+        self.served = served_models(config)
         self._newest: dict[str, StagedModel] = {}
         self._older: collections.OrderedDict[tuple[str, int], StagedModel] = collections.OrderedDict()
         self._loading: dict[tuple[str, int], asyncio.Task[StagedModel]] = {}

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.store import safetensors_header, sync_directory
+from cloud.store import safetensors_header
 from cloud.tensorfile import TensorFile
 from tandem import codec
+from tandem.files import replace_durably
 
 
 class Spool(codec.ChunkAssembler):
@@ -73,8 +74,7 @@ class Spool(codec.ChunkAssembler):
 
     def move(self, path: Path) -> None:
         """Give the finished file its final name, durably."""
-        os.replace(self.path, path)
-        sync_directory(path.parent)
+        replace_durably(self.path, path)
         self.path = path
         self._moved = True
 

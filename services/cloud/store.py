@@ -23,6 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from tandem.codec import TensorSpec, tensor_header
+from tandem.files import replace_durably
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -112,15 +113,6 @@ def safetensors_header(specs: Mapping[str, TensorSpec], size: int = 0) -> bytes:
     return len(header).to_bytes(8, "little") + header
 
 
-def sync_directory(path: Path) -> None:
-    """Make a rename or a new file in `path` durable."""
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_tensor_pieces(path: Path, specs: Mapping[str, TensorSpec], pieces: Pieces) -> tuple[int, str]:
     """Write a safetensors file atomically and durably from each tensor's pieces (C-order
     slices, produced as they are written); returns its size and the tensors' content
@@ -156,16 +148,16 @@ def write_tensor_pieces(path: Path, specs: Mapping[str, TensorSpec], pieces: Pie
         raise
     finally:
         os.close(fd)
-    os.replace(tmp, path)
-    sync_directory(path.parent)
+    replace_durably(tmp, path)
     return size, digest.hexdigest()
 
 
-def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> int:
-    """Write named arrays as a safetensors file, atomically and durably; returns its size."""
+def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> tuple[int, str]:
+    """Write named arrays as a safetensors file, atomically and durably; returns its size
+    and the arrays' content hash (tandem.codec.state_sha256), computed on the way."""
     arrays = {name: a if a.flags.c_contiguous else a.copy(order="C") for name, a in arrays.items()}
     specs = {name: TensorSpec(name, a.dtype, tuple(a.shape)) for name, a in arrays.items()}
-    return write_tensor_pieces(path, specs, lambda name: [arrays[name]])[0]
+    return write_tensor_pieces(path, specs, lambda name: [arrays[name]])
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:

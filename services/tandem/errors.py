@@ -10,8 +10,8 @@ before any servicer runs, so `MalformedRequests` (a server interceptor) answers 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from tandem.codec import CodecError
 from tandem.compression import CompressionError
-from tandem.interceptors import rewrap
+from tandem.interceptors import guarded
 
 log = logging.getLogger(__name__)
 
@@ -201,27 +201,10 @@ class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         if handler is None or handler.request_streaming:
             return handler
 
-        async def refuse(request: Malformed, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, clip(f"malformed message: {request.error}"))
+        @contextlib.asynccontextmanager
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, clip(f"malformed message: {request.error}"))
+            yield request
 
-        def unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, Malformed):
-                    await refuse(request, context)
-                return await behavior(request, context)
-
-            return checked
-
-        def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            if not inspect.isasyncgenfunction(behavior):  # writes with context.write (grpc's Health.Watch)
-                return unary(behavior)
-
-            async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                if isinstance(request, Malformed):
-                    await refuse(request, context)
-                async for response in behavior(request, context):
-                    yield response
-
-            return checked
-
-        return rewrap(handler, unary, streaming, _lenient(handler.request_deserializer))
+        return guarded(handler, checked, _lenient(handler.request_deserializer))

@@ -1,25 +1,44 @@
-"""What every server interceptor here does: hand back the method handler it was given
-with the behaviour wrapped, whichever of gRPC's four kinds of handler it is."""
+"""What every server interceptor here does: run each call of a method inside a guard,
+whichever of gRPC's four kinds of handler the method has."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import inspect
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
 
-Unary = Callable[..., Awaitable[Any]]  # answers once (unary-unary, stream-unary)
-Streaming = Callable[..., AsyncIterator[Any]]  # streams its answers (unary-stream, stream-stream)
+# Entered around one call with its request and context; what it yields is the request the
+# method gets (the same one, or a wrapper of it). An exception it raises ends the call.
+Guard = Callable[[Any, grpc.aio.ServicerContext], AbstractAsyncContextManager[Any]]
 
 
-def rewrap(
-    handler: grpc.RpcMethodHandler,
-    unary: Callable[[Unary], Unary],
-    streaming: Callable[[Streaming], Streaming],
-    request_deserializer: Callable[[bytes], Any] | None = None,
+def guarded(
+    handler: grpc.RpcMethodHandler, guard: Guard, request_deserializer: Callable[[bytes], Any] | None = None
 ) -> grpc.RpcMethodHandler:
-    """`handler` with its behaviour wrapped by `unary` or by `streaming`, by how it answers;
-    `request_deserializer` replaces the handler's own when given."""
+    """`handler` with every call run inside `guard`; `request_deserializer` replaces the
+    handler's own when given."""
+
+    def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with guard(request, context) as request:
+                return await behavior(request, context)
+
+        return call
+
+    def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):  # it writes with context.write (grpc's Health.Watch)
+            return unary(behavior)
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with guard(request, context) as request:
+                async for response in behavior(request, context):
+                    yield response
+
+        return call
+
     serialize = {"request_deserializer": request_deserializer or handler.request_deserializer,
                  "response_serializer": handler.response_serializer}
     if handler.unary_unary:

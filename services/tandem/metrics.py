@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from tandem.interceptors import rewrap
+from tandem.interceptors import guarded
 
 # ---- every server: gRPC -----------------------------------------------------
 
@@ -221,19 +221,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
             return handler
         service, method = _split(handler_call_details.method)
 
-        def unary_response(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with _observed(service, method, context):
-                    return await behavior(request, context)
+        @contextlib.asynccontextmanager
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            with _observed(service, method, context):
+                yield request
 
-            return wrapped
-
-        def stream_response(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with _observed(service, method, context):
-                    async for response in behavior(request, context):
-                        yield response
-
-            return wrapped
-
-        return rewrap(handler, unary_response, stream_response)
+        return guarded(handler, observed)

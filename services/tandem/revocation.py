@@ -26,6 +26,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from tandem.files import replace_durably
+
 log = logging.getLogger(__name__)
 
 FILE_NAME = "revoked.txt"
@@ -107,12 +109,7 @@ def add(directory: Path, entries: Iterable[str]) -> bool:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_durably(tmp, path)
     return True
 
 

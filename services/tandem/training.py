@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tandem import codec, zoo
 from tandem.data import Dataset
 
 
@@ -90,6 +91,12 @@ def evaluate(model: nn.Module, data: Dataset) -> tuple[float, float]:
         loss = F.cross_entropy(logits, y)
         accuracy = (logits.argmax(dim=1) == y).float().mean()
     return float(accuracy), float(loss)
+
+
+def state_specs(name: str) -> dict[str, codec.TensorSpec]:
+    """The specs of what `state_arrays` makes of zoo model `name` (every tensor float32),
+    without building the model (`zoo.state_shapes`)."""
+    return {key: codec.TensorSpec(key, np.dtype(np.float32), shape) for key, shape in zoo.state_shapes(name).items()}
 
 
 def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:

@@ -9,6 +9,8 @@ import random
 import time
 from typing import Any
 
+from tandem_cli.relay import pipe
+
 FAULTS = ("reset", "stall", "drop")
 
 
@@ -82,18 +84,11 @@ class FaultRelay:
             writer.transport.abort()
             return
         self._writers.update((writer, upstream_writer))
-        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer),
-                             return_exceptions=True)
+        await asyncio.gather(pipe(reader, upstream_writer, self._unstalled),
+                             pipe(upstream_reader, writer, self._unstalled), return_exceptions=True)
         self._writers.difference_update((writer, upstream_writer))
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(1 << 16):
-                await self._flowing.wait()
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
+    async def _unstalled(self, data: bytes) -> None:
+        """While a stall lasts, no byte moves."""
+        await self._flowing.wait()
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 
 class Relay:
@@ -43,16 +44,27 @@ class Relay:
                 w.close()
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool) -> None:
-        try:
-            while data := await reader.read(1 << 16):
-                if up:
-                    self.up += len(data)
-                else:
-                    self.down += len(data)
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
+        async def count(data: bytes) -> None:
+            if up:
+                self.up += len(data)
+            else:
+                self.down += len(data)
+
+        await pipe(reader, writer, count)
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+               each: Callable[[bytes], Awaitable[object]] | None = None) -> None:
+    """Copy `reader` to `writer` until either side ends, then close `writer`; `each(data)`
+    is awaited before each piece is passed on."""
+    try:
+        while data := await reader.read(1 << 16):
+            if each is not None:
+                await each(data)
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            writer.close()

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from edge import transfer
-from tandem import certs, codec, grpcserver, tls, zoo
+from tandem import certs, grpcserver, tls, training
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli import procs
@@ -74,8 +74,7 @@ class Phases:
 
 async def agent(target: str, certs_dir: Path, model: str, cloud_pid: int) -> dict[str, Any]:
     """The agent side: one task, answered while every transfer is measured."""
-    specs = {name: codec.TensorSpec(name, np.dtype(np.float32), shape)
-             for name, shape in zoo.state_shapes(model).items()}
+    specs = training.state_specs(model)
     outgoing: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
     outgoing.put_nowait(pb.AgentMessage(hello=pb.Hello(num_examples=100, device="cpu")))
     incoming: asyncio.Queue[pb.CoordinatorMessage] = asyncio.Queue()

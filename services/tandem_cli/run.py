@@ -85,11 +85,10 @@ async def run_edge(args: argparse.Namespace) -> int:
 
 async def run_serve(args: argparse.Namespace) -> int:
     from cloud.replica import Replica, ReplicaConfig
-    from tandem import lifecycle, zoo
+    from tandem import lifecycle
 
-    models = tuple(m for m in args.models.split(",") if m) if args.models else tuple(zoo.model_names())
     config = ReplicaConfig(
-        cloud=args.cloud, certs=args.certs, listen=args.listen, cache=args.cache, models=models,
+        cloud=args.cloud, certs=args.certs, listen=args.listen, cache=args.cache,
         health=args.health, metrics=args.metrics, poll_interval=args.poll_interval,
         serving=_serving_config(args),
     )
