@@ -15,11 +15,12 @@ import pytest_asyncio
 
 from cloud.app import Coordinator
 from edge.agent import Agent, AgentConfig
-from edge.transfer import Download
 from tandem import codec, compression
+from tandem.transfer import Download
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc, tensor_pb2
 from tandem.v1 import coordinator_pb2 as pb
 from tests.helpers import SPECS, ControlStream, agent_channel, delta, download, get_job, header_for, start_job, upload
+
 
 @pytest_asyncio.fixture
 async def agents(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[list[Agent]]:
@@ -82,7 +83,7 @@ async def test_downlink_deltas_reproduce_every_published_version(
     async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
         header, published = await download(coordinator_pb2_grpc.CoordinatorStub(channel), "mlp", last.version)
     for daemon in agents:
-        await _run_until(lambda: daemon.held["mlp"].version >= last.version - 1)
+        await _run_until(lambda daemon=daemon: daemon.held["mlp"].version >= last.version - 1)
     held = agents[0].held["mlp"]
     _, previous = await _fetch(coordinator.port, certs_dir, held.version)
     assert held.sha256 == codec.state_sha256(previous)

@@ -23,9 +23,9 @@ import grpc
 
 from cloud.serving import ModelServer, ServingConfig, served_models
 from cloud.store import VersionRow, read_tensors, write_tensors
-from edge.transfer import Download  # the client side of a model download, as agents do it
 from tandem import codec, grpcserver, inference, metrics, tls, training
 from tandem.errors import InvalidArgument, NotFound
+from tandem.transfer import Download  # the client side of a model download, as agents do it
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,11 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from edge import transfer
 from edge.channels import REFUSED, Backoff, CloudChannels
-from tandem import placement
 from edge.link import LinkMonitor
 from edge.models import EdgeModels, Held
 from edge.router import EdgeRouter, RouterConfig
-from tandem import __version__, codec, compression, data, metrics, staged, training, zoo
+from tandem import __version__, codec, compression, data, metrics, placement, staged, training, transfer, zoo
 from tandem.batching import Batcher, keep_profiled
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc, inference_pb2_grpc

@@ -3,7 +3,7 @@ new 1 GB version down again, with the peak RSS of each side measured by the kern
 
 The coordinator is a real `tandem cloud` process. The agent side is a process of its
 own (this module's `__main__`) that does with the model what an agent does on the
-wire, through the agent's own transfer code (`edge.transfer`): it holds a control
+wire, through the agent's own transfer code (`tandem.transfer`): it holds a control
 stream, answers its task by downloading the base version, sends a dense update of
 the model's size (codec `none`) and downloads the version the round published.
 Training is left out: it needs the model, its gradients and the optimiser's state
@@ -30,8 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from edge import transfer
-from tandem import certs, grpcserver, tls, training
+from tandem import certs, grpcserver, tls, training, transfer
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli import procs
