@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CERTS  ?= .certs
 AGENTS ?= edge-1,edge-2,edge-3,edge-4
 
-.PHONY: install protos certs run test typecheck bench-fl bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
+.PHONY: install protos certs run test lint typecheck bench-fl bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
 
 install: $(STAMP)
 
@@ -32,7 +32,11 @@ run: $(STAMP) certs
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy -p tandem -p cloud -p edge -p tandem_cli
 
-test: typecheck
+# Lint rules (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, bugbear, import order, naming.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check services tests
+
+test: lint typecheck
 	$(PY) -m pytest -q
 
 # Federated training per codec with real processes (not part of `make test`).

@@ -13,7 +13,6 @@ from tandem import codec, grpcserver, tls, training, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 
-
 SPECS = codec.specs_of(training.state_arrays(zoo.build_model("mlp")))
 
 
@@ -115,7 +114,9 @@ async def upload_code(stub: coordinator_pb2_grpc.CoordinatorStub, messages: Iter
     return grpc.StatusCode.OK
 
 
-async def download(stub: coordinator_pb2_grpc.CoordinatorStub, model: str, version: int) -> tuple[pb.ModelHeader, dict[str, np.ndarray]]:
+async def download(
+    stub: coordinator_pb2_grpc.CoordinatorStub, model: str, version: int
+) -> tuple[pb.ModelHeader, dict[str, np.ndarray]]:
     header: pb.ModelHeader | None = None
     assembler: codec.ChunkAssembler | None = None
     async for message in stub.DownloadModel(pb.ModelRequest(model=model, version=version), timeout=30):

@@ -13,11 +13,9 @@ from prometheus_client import REGISTRY
 
 from edge.agent import AgentConfig
 from edge.app import EdgeApp
-
 from tandem import codec, grpcserver, tls, training, zoo
-from tandem.v1 import admin_pb2, admin_pb2_grpc
+from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
-from tandem.v1 import inference_pb2_grpc
 from tandem_cli.admin import publish_messages
 from tests.conftest import APP
 

@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import pytest
 
-from tandem.placement import Placement, parse, parse_all
 from tandem import staged, training, zoo
 from tandem.batching import Batcher
 from tandem.errors import InvalidArgument, ResourceExhausted
+from tandem.placement import Placement, parse, parse_all
 
 
 class Recorder:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from tandem import compression
-
 from tandem.compression import (
     INT8_BLOCK,
     Codec,

@@ -91,7 +91,7 @@ def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve() -> None:
         args = main_container["args"]
         # The args are the real CLI's: they parse, with the ConfigMap's values put in.
         env = {**config, "NODE_NAME": "edge-node-1"}
-        build_parser().parse_args([re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args])
+        build_parser().parse_args([re.sub(r"\$\((\w+)\)", lambda m, env=env: env[m.group(1)], a) for a in args])
         ports = {p["name"]: p["containerPort"] for p in main_container["ports"]}
         health = port_of(flag(args, "health"))
         assert ports["health"] == health

@@ -11,7 +11,16 @@ from edge.app import EdgeApp
 from tandem.v1 import inference_pb2 as pb
 from tests.cluster import Cluster
 from tests.inference_helpers import (
-    app_stub, arrays_for, close, fallbacks, forward, inputs, publish, request, start_edge, wait_for,
+    app_stub,
+    arrays_for,
+    close,
+    fallbacks,
+    forward,
+    inputs,
+    publish,
+    request,
+    start_edge,
+    wait_for,
 )
 
 MODELS = {"mlp": "split:1", "mlp-small": "edge", "mlp-heavy": "cloud"}

@@ -13,7 +13,6 @@ import sqlite3
 import time
 from collections.abc import Callable
 
-
 from tandem.v1 import admin_pb2
 from tests.cluster import Cluster  # the `cluster` fixture is in conftest.py
 

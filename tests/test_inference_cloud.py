@@ -11,20 +11,21 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
-
 from prometheus_client import REGISTRY, generate_latest
 
 from cloud.app import CloudConfig, Coordinator
 from cloud.serving import ServingConfig
 from tandem import codec
-from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
+from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc, tensor_pb2
 from tandem.v1 import inference_pb2 as pb
-from tandem.v1 import tensor_pb2
 from tests.helpers import admin_channel, agent_channel
 from tests.inference_helpers import arrays_for, forward, inputs, publish_messages, request
 
+Served = tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]
+
+
 @pytest_asyncio.fixture
-async def served(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]]:
+async def served(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[Served]:
     """The coordinator with mlp v1 published, and an agent's Inference stub."""
     arrays = arrays_for("mlp", seed=1)
     await coordinator.models.publish("mlp", arrays)
@@ -32,7 +33,7 @@ async def served(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[tup
         yield inference_pb2_grpc.InferenceStub(channel), arrays
 
 
-async def test_cloud_output_matches_a_direct_forward_pass(served: tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]) -> None:
+async def test_cloud_output_matches_a_direct_forward_pass(served: Served) -> None:
     stub, arrays = served
     x = inputs(5)
     response = await stub.Infer(request("mlp", x, request_id="r1"))
@@ -41,7 +42,7 @@ async def test_cloud_output_matches_a_direct_forward_pass(served: tuple[inferenc
     np.testing.assert_allclose(codec.from_proto(response.output), forward("mlp", arrays, x), rtol=1e-5, atol=1e-6)
 
 
-async def test_every_split_point_matches_a_direct_forward_pass(served: tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]) -> None:
+async def test_every_split_point_matches_a_direct_forward_pass(served: Served) -> None:
     stub, arrays = served
     x = inputs(3)
     expected = forward("mlp", arrays, x)
@@ -64,7 +65,7 @@ async def test_concurrent_callers_each_get_their_own_rows(
     assert coordinator.serving.batcher.batches - batches_before < len(xs), "no two requests shared a batch"
 
 
-async def test_bad_inputs_get_precise_codes(served: tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]) -> None:
+async def test_bad_inputs_get_precise_codes(served: Served) -> None:
     stub, _ = served
     bad_length = tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1, 64], data=b"\0" * 12)
     nan = inputs(2)
@@ -99,7 +100,7 @@ async def test_bad_inputs_get_precise_codes(served: tuple[inference_pb2_grpc.Inf
     assert 'model="nope"' not in exposition and 'model="unknown"' in exposition
 
 
-async def test_stream_reports_errors_in_order_and_stays_open(served: tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]) -> None:
+async def test_stream_reports_errors_in_order_and_stays_open(served: Served) -> None:
     stub, arrays = served
     good = [inputs(2) for _ in range(4)]
     requests = [
@@ -119,7 +120,7 @@ async def test_stream_reports_errors_in_order_and_stays_open(served: tuple[infer
         np.testing.assert_allclose(codec.from_proto(response.output), forward("mlp", arrays, x), rtol=1e-5, atol=1e-6)
 
 
-async def test_model_info_reports_stages_sizes_and_measured_times(served: tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]) -> None:
+async def test_model_info_reports_stages_sizes_and_measured_times(served: Served) -> None:
     stub, _ = served
     await stub.Infer(request("mlp", inputs(4)))
     info = await stub.GetModelInfo(pb.ModelInfoRequest(model="mlp"))

@@ -15,12 +15,20 @@ import pytest_asyncio
 
 from cloud.app import Coordinator
 from edge.app import EdgeApp
-from tandem.placement import parse
 from tandem import grpcserver, tls
+from tandem.placement import parse
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 from tests.inference_helpers import (
-    app_stub, arrays_for, close, fallbacks, forward, inputs, request, start_edge, wait_for,
+    app_stub,
+    arrays_for,
+    close,
+    fallbacks,
+    forward,
+    inputs,
+    request,
+    start_edge,
+    wait_for,
 )
 
 

@@ -18,10 +18,18 @@ import pytest_asyncio
 
 from cloud.app import CloudConfig, Coordinator
 from cloud.limits import LimitsConfig, TokenBucket
-from tandem.v1 import coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
+from tandem.v1 import coordinator_pb2_grpc
 from tests.helpers import (
-    ControlStream, agent_channel, delta, get_job, header_for, start_job, update_messages, upload, upload_code,
+    ControlStream,
+    agent_channel,
+    delta,
+    get_job,
+    header_for,
+    start_job,
+    update_messages,
+    upload,
+    upload_code,
 )
 
 Start = Callable[..., Awaitable[Coordinator]]

@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -82,7 +83,7 @@ async def test_strong_slow_edge_runs_deep_and_weak_fast_edge_offloads(tmp_path: 
                     while not (decided.get("strong") == "edge" and decided.get("weak") in ("cloud", "split:1")):
                         try:
                             await stub.Infer(request("cnn", frame), timeout=5)
-                        except Exception:
+                        except grpc.aio.AioRpcError:
                             pass  # the model may not be fetched yet
                         decided = await placements(target, certs_dir)
                         await asyncio.sleep(0.25)

@@ -9,7 +9,14 @@ from dataclasses import replace
 from cloud.observations import agent_view
 from cloud.placement import split_text
 from cloud.placement_policy import (
-    AgentView, CascadeOption, Decision, ModelProfile, Observations, PolicyConfig, costs, decide,
+    AgentView,
+    CascadeOption,
+    Decision,
+    ModelProfile,
+    Observations,
+    PolicyConfig,
+    costs,
+    decide,
 )
 from edge.link import THROUGHPUT_EVERY, THROUGHPUT_PROBE_BYTES, LinkMonitor
 from tandem import staged

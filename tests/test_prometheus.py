@@ -14,6 +14,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -93,7 +94,7 @@ async def test_prometheus_and_direct_sources_agree(tmp_path: Path) -> None:
                 while True:
                     try:
                         await stub.Infer(request("cnn", frame), timeout=5)
-                    except Exception:
+                    except grpc.aio.AioRpcError:
                         pass  # not serving cnn yet
                     await asyncio.sleep(0.25)
 

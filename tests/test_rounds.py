@@ -23,6 +23,7 @@ from tests.helpers import (
     upload_code,
 )
 
+
 async def send(port: int, certs_dir: Path, agent: str, task: pb.TrainTask, value: float) -> pb.UpdateReceipt:
     async with agent_channel(port, certs_dir, agent) as channel:
         return await upload(coordinator_pb2_grpc.CoordinatorStub(channel), update_messages(header_for(task), delta(value)))

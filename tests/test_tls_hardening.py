@@ -27,10 +27,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from safetensors import SafetensorError
 
 from cloud.app import CloudConfig, Coordinator
-from edge.agent import AgentConfig
-from edge.app import EdgeApp
 from cloud.store import read_tensors
 from cloud.tensorfile import TensorFile
+from edge.agent import AgentConfig
+from edge.app import EdgeApp
 from tandem import certs, data, grpcserver, inference, metrics, revocation, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
@@ -282,7 +282,7 @@ def _forged(certs_dir: Path, valid_from_days: float = -1, valid_days: float = 2,
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-0")])
-    start = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=valid_from_days)
+    start = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=valid_from_days)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -15,22 +15,22 @@ import pytest_asyncio
 
 from cloud.app import Coordinator
 from tandem import codec
-from tandem.v1 import coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
-from tandem.v1 import tensor_pb2
+from tandem.v1 import coordinator_pb2_grpc, tensor_pb2
 from tests.helpers import (
     ControlStream,
     admin_channel,
-    delta,
-    header_for,
     agent_channel,
+    delta,
     download,
     get_job,
+    header_for,
     start_job,
     update_messages,
     upload,
     upload_code,
 )
+
 
 @pytest_asyncio.fixture
 async def round_one(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[tuple[str, pb.TrainTask]]:

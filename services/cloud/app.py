@@ -7,11 +7,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from cloud.intake import UpdateIntake
-from cloud.limits import AgentLimits, LimitsConfig
 from cloud.jobs import JobManager
+from cloud.limits import AgentLimits, LimitsConfig
 from cloud.models import ModelRepository
 from cloud.observations import DirectSource, PrometheusSource, Source, heartbeats
 from cloud.placement import ControllerConfig, PlacementController

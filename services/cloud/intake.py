@@ -29,7 +29,13 @@ from cloud.store import Store, UpdateRow
 from cloud.tensorfile import TensorFile
 from tandem import codec, compression, deltas, metrics
 from tandem.errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, TandemError, drain,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TandemError,
+    drain,
 )
 from tandem.v1 import coordinator_pb2 as pb
 

@@ -6,7 +6,6 @@ import json
 import sqlite3
 import uuid
 
-
 from cloud import privacy
 from cloud.models import ModelRepository
 from cloud.registry import Registry

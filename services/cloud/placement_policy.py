@@ -118,7 +118,7 @@ def costs(
     profile: ModelProfile, agent: AgentView, edge: tuple[float, ...], queue_wait: float, alpha: float
 ) -> tuple[float, ...]:
     """J(k) for k = 0..L for one agent and one model."""
-    L = profile.num_stages
+    L = profile.num_stages  # noqa: N806 - the L of J(k) in the docs
     result = []
     for k in range(L + 1):
         j = sum(edge[:k])

@@ -24,7 +24,6 @@ from tandem.tls import require_role
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 
-
 HELLO_TIMEOUT_SECONDS = 30.0
 MAX_PROBE_BYTES = 1 << 20
 MAX_MEASUREMENTS = 256  # link, and per served model its stage times and request rate

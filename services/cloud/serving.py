@@ -13,8 +13,8 @@ import asyncio
 import collections
 import functools
 import logging
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from cloud.store import VersionRow, read_tensors

@@ -87,7 +87,7 @@ class EdgeModels:
                 self._served[name] = _Served(model, arrays)
                 metrics.MODEL_VERSION.labels(name).set(version)
                 log.info("serving %s v%d at the edge", name, version)
-        except Exception as exc:  # the next announcement, request or reconnect tries again
+        except Exception as exc:  # noqa: BLE001 - the next announcement, request or reconnect tries again
             log.warning("could not fetch %s for serving: %s", name, exc)
 
     async def get(self, name: str, version: int) -> StagedModel:

@@ -15,11 +15,11 @@ import numpy as np
 
 from edge.link import LinkMonitor
 from edge.models import EdgeModels
-from tandem.placement import EDGE, Placement
 from tandem import codec, metrics
 from tandem.batching import Batcher
-from tandem.inference import decode_input, model_info
 from tandem.errors import InvalidArgument
+from tandem.inference import decode_input, model_info
+from tandem.placement import EDGE, Placement
 from tandem.staged import StagedModel
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc

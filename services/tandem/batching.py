@@ -119,7 +119,7 @@ class Batcher:
             x = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
             try:
                 out = await loop.run_in_executor(self._executor, lane.run, x)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - each waiting request gets the error
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)

@@ -130,7 +130,7 @@ def _check_days(days: int) -> None:
 
 def _new_ca(days: int) -> _Issuer:
     key = _new_key()
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     subject = _name("Tandem deployment CA")
     cert = (
         x509.CertificateBuilder()
@@ -172,7 +172,7 @@ def _issue(
     """A leaf certificate carrying `identity` as a SAN URI, for the extended key usages given."""
     usages = [usage] if isinstance(usage, x509.ObjectIdentifier) else list(usage)
     key = _new_key()
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     # Never outlive the CA: a chain with an expired CA fails anyway, and confusingly.
     not_after = min(now + datetime.timedelta(days=days), issuer.cert.not_valid_after_utc)
     ca_ski = issuer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value

@@ -366,7 +366,9 @@ def accumulate(
     flat[idx] += np.float32(weight) * vals
 
 
-def sparse(name: str, components: Mapping[str, np.ndarray], shape: tuple[int, ...], codec: Codec) -> tuple[np.ndarray, np.ndarray]:
+def sparse(
+    name: str, components: Mapping[str, np.ndarray], shape: tuple[int, ...], codec: Codec
+) -> tuple[np.ndarray, np.ndarray]:
     """A top-k encoding as (ascending flat indices, float32 values), checked as decode does."""
     if codec.kind != "topk":
         raise ValueError(f"codec {codec} is not sparse")

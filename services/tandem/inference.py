@@ -109,12 +109,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         return response
 
     @grpc_errors
-    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:  # noqa: N802 - gRPC method name
         tls.peer_identity(context)
         return await self._answer(request, context.time_remaining())
 
     @grpc_stream_errors
-    async def InferStream(
+    async def InferStream(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.InferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.InferResponse]:
         tls.peer_identity(context)
@@ -151,6 +151,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             )
 
     @grpc_errors
-    async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:  # noqa: N802 - gRPC method name
         tls.peer_identity(context)
         return await self._backend.model_info(request)

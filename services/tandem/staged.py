@@ -41,7 +41,7 @@ def _stage_name(module: nn.Module) -> str:
     return "+".join(type(c).__name__ for c in children) if children else type(module).__name__
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def describe(name: str) -> tuple[tuple[int, ...], tuple[Stage, ...]]:
     """The input shape and the stages of zoo model `name`, found by a dry run."""
     entry = zoo.get_entry(name)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.nn import functional as F  # noqa: N812 - torch's own idiom
 
 from tandem import codec, zoo
 from tandem.data import Dataset

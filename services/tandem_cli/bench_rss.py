@@ -47,7 +47,7 @@ async def _agent(target: str, certs_dir: Path, name: str, components: dict[str, 
             header = pb.UpdateHeader(job_id=task.job_id, round=task.round, base_version=task.base_version,
                                      num_examples=100, codec=task.codec, local_loss=1.0, content_sha256=content)
 
-            async def upload() -> AsyncIterator[pb.UpdateChunk]:
+            async def upload(header: pb.UpdateHeader = header) -> AsyncIterator[pb.UpdateChunk]:
                 yield pb.UpdateChunk(header=header)
                 for chunk in chunks:
                     yield pb.UpdateChunk(tensor=chunk)

@@ -9,6 +9,7 @@ from typing import Any
 from tandem.v1 import admin_pb2
 from tandem_cli.admin import admin_channel, admin_stub, job_dict, round_line, wait_job
 
+
 def _print_job(job: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(job, indent=2))

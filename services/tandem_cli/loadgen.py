@@ -230,7 +230,7 @@ async def wait_answering(
                 return
             except grpc.aio.AioRpcError as exc:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} does not answer {model}: {exc.code().name} {exc.details()}")
+                    raise RuntimeError(f"{name} does not answer {model}: {exc.code().name} {exc.details()}") from None
                 await asyncio.sleep(0.2)
 
 

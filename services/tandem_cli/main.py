@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-update-bytes", type=int, default=0, help="largest update accepted (0: 256 MiB)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end, with a progress bar on a terminal")
     group = p.add_argument_group("defences against hostile agents, and privacy")
-    group.add_argument("--aggregator", default="mean", choices=["mean", "median", "trimmed_mean", "mean_around_median", "krum", "multi_krum"],
+    group.add_argument("--aggregator", default="mean",
+                       choices=["mean", "median", "trimmed_mean", "mean_around_median", "krum", "multi_krum"],
                        help="how updates are combined (mean: FedAvg weighted by examples; the others weigh agents "
                             "alike and run at the round's close)")
     group.add_argument("--trim-fraction", type=float, default=0.0, help="trimmed_mean: fraction cut from each end")

@@ -18,9 +18,8 @@ import grpc
 import numpy as np
 
 from tandem import certs, codec, grpcserver, tls, training, zoo
-from tandem.v1 import admin_pb2
+from tandem.v1 import admin_pb2, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as ipb
-from tandem.v1 import inference_pb2_grpc
 from tandem_cli import procs
 from tandem_cli.admin import admin_channel, admin_stub, publish_messages, wait_connected, wait_job
 from tandem_cli.faults import FaultRelay

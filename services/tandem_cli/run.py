@@ -17,8 +17,8 @@ async def run_cloud(args: argparse.Namespace) -> int:
     from cloud.limits import LimitsConfig
     from cloud.placement import ControllerConfig
     from cloud.placement_policy import CascadeOption, PolicyConfig
-    from tandem import placement as placement_mod
     from tandem import lifecycle
+    from tandem import placement as placement_mod
 
     alphas = {}
     for item in args.alpha_model:
