@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cloud.robust import Defence, aggregate, capped_weights, clip_scales, dense_from, krum_choice, mean_around_median
+from cloud.aggregation.krum import krum_choice
+from cloud.aggregation.median import capped_weights, mean_around_median
+from cloud.robust import Defence, aggregate, clip_scales, dense_from
 
 RNG = np.random.default_rng(7)
 NAMES = ["w", "b"]

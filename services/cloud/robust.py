@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud.aggregation.krum import krum_choice
+from cloud.aggregation.median import capped_weights, mean_around_median
 from cloud.store import UpdateRow
 from cloud.tensorfile import TensorFile
 from tandem import compression
@@ -133,50 +135,6 @@ def clip_scales(update_norms: np.ndarray, bound: float) -> np.ndarray:
     """Per update, the factor that brings its norm down to `bound` (1 where it is within)."""
     scales: np.ndarray = np.minimum(1.0, bound / np.maximum(update_norms, 1e-30)).astype(np.float32)
     return scales
-
-
-def capped_weights(weights: Sequence[float]) -> np.ndarray:
-    """Example counts capped at the round's median count. With fewer than half the agents
-    hostile the median lies between honest counts, so a hostile agent claiming any count
-    weighs at most what the median agent does. All zero (no counts): every agent alike."""
-    w = np.maximum(np.asarray(weights, np.float64), 0.0)
-    if w.size == 0:
-        return w
-    capped: np.ndarray = np.minimum(w, np.median(w))
-    return capped if capped.sum() > 0 else np.ones_like(w)
-
-
-def mean_around_median(stack: np.ndarray, cut: int, weights: np.ndarray) -> np.ndarray:
-    """Per coordinate, the `weights`-weighted mean of the n - cut values nearest the
-    coordinate-wise median of `stack` ([n, ...]): a trimmed mean whose cut of `cut`
-    values is split between the two ends so that what is kept sits around the median."""
-    n = stack.shape[0]
-    distance = np.abs(stack - np.median(stack, axis=0))
-    nearest = np.argsort(distance, axis=0, kind="stable")[: n - cut]  # [n - cut, ...] update indices
-    del distance
-    total = np.zeros(stack.shape[1:], np.float64)
-    mixed = np.zeros(stack.shape[1:], np.float64)
-    plain = np.zeros(stack.shape[1:], np.float64)
-    for rows in nearest:  # one kept rank at a time: n x one tensor of memory, not more
-        value = np.take_along_axis(stack, rows[None], axis=0)[0]
-        w = weights[rows]
-        mixed += w * value
-        total += w
-        plain += value
-    # Where every kept agent claimed no examples, they count alike.
-    return np.where(total > 0, mixed / np.maximum(total, 1e-300), plain / len(nearest)).astype(np.float32)
-
-
-def krum_choice(distances: np.ndarray, f: int, m: int) -> list[int]:
-    """Multi-Krum (Blanchard et al., 2017): score each update by the summed squared
-    distance to its n - f - 2 nearest others; the m best-scored are averaged."""
-    n = distances.shape[0]
-    k = max(1, n - f - 2)
-    scores = []
-    for i in range(n):
-        others = np.delete(distances[i], i)
-        scores.append(float(np.sort(others)[:k].sum()))
-    return sorted(np.argsort(scores, kind="stable")[:m].tolist())
 
 
 def _stack(dense: Dense, rows: Sequence[int], name: str, scales: np.ndarray) -> np.ndarray:
