@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cloud.aggregation import Defence
 from cloud.aggregation.krum import krum_choice
 from cloud.aggregation.median import capped_weights, mean_around_median
-from cloud.robust import Defence, aggregate, clip_scales, dense_from
+from cloud.robust import aggregate, clip_scales, dense_from
 
 RNG = np.random.default_rng(7)
 NAMES = ["w", "b"]

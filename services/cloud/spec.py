@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cloud.robust import Defence
+from cloud.aggregation import Defence
 from cloud.strategies import STRATEGIES
 from tandem import compression, zoo
 from tandem.errors import InvalidArgument, NotFound
