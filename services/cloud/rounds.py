@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud import autocodec, evaluation, privacy, robust
+from cloud import autocodec, evaluation, privacy, robust, strategies
 from cloud.accumulator import Accumulator
 from cloud.models import ModelRepository
 from cloud.registry import Registry, Session
 from cloud.spec import AUTO, JobSpec
 from cloud.store import Store, UpdateRow, VersionRow, read_tensors, write_tensors
-from cloud.strategies import ServerOptimizer
 from cloud.tensorfile import TensorFile
 from tandem import compression, deltas, metrics
 from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -64,7 +63,7 @@ class JobRunner:
         self._updated = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.round: OpenRound | None = None
-        self._optimizer = ServerOptimizer(spec.strategy, spec.effective_server_lr)
+        self._optimizer = strategies.get(spec.strategy)(spec.effective_server_lr)
         self._downlink = compression.parse_codec(spec.effective_downlink)
 
     def start(self) -> None:

@@ -6,8 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cloud import strategies
 from cloud.aggregation import Defence
-from cloud.strategies import STRATEGIES
 from tandem import compression, zoo
 from tandem.errors import InvalidArgument, NotFound
 from tandem.v1 import admin_pb2
@@ -66,15 +66,8 @@ class JobSpec:
 
     @property
     def effective_server_lr(self) -> float:
-        """The server step size. Sparse (top-k) updates default to 2: FedAvg divides each
-        coordinate by every client's weight although only a few clients sent it, which
-        shrinks the step; measured on the reference workload (bench/README.md), 2 brings
-        topk:0.01 back to dense accuracy."""
-        if self.server_lr:
-            return self.server_lr
-        if self.strategy in ("fedadam", "fedyogi"):
-            return 0.01
-        return 2.0 if self.codec.startswith("topk") else 1.0
+        """The server step size: the job's, or its strategy's default for its codec."""
+        return self.server_lr or strategies.get(self.strategy).default_lr(self.codec)
 
     @property
     def effective_downlink(self) -> str:
@@ -106,9 +99,10 @@ class JobSpec:
                 except ValueError as exc:
                     raise InvalidArgument(f"{name}: {exc}") from None
         _check(self.downlink_codec != AUTO, "downlink_codec cannot be auto")
-        _check(self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; known: {list(STRATEGIES)}")
+        _check(self.strategy in strategies.names(),
+               f"unknown strategy {self.strategy!r}; known: {strategies.names()}")
         _check(math.isfinite(self.mu) and 0 <= self.mu <= 100, f"mu must be in [0, 100], got {self.mu}")
-        _check(self.mu == 0 or self.strategy == "fedprox", "mu is FedProx's parameter: use strategy fedprox")
+        _check(self.mu == 0 or strategies.get(self.strategy).proximal, "mu is FedProx's parameter: use strategy fedprox")
         _check(math.isfinite(self.server_lr) and 0 <= self.server_lr <= 100,
                f"server_lr must be in [0, 100], got {self.server_lr}")
         _check(math.isfinite(self.target_upload_seconds) and self.target_upload_seconds > 0,
