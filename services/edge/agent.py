@@ -19,7 +19,19 @@ from edge.channels import REFUSED, Backoff, CloudChannels
 from edge.link import LinkMonitor
 from edge.models import EdgeModels, Held
 from edge.router import EdgeRouter, RouterConfig
-from tandem import __version__, codec, compression, data, metrics, placement, staged, training, transfer, zoo
+from tandem import (
+    __version__,
+    codec,
+    compression,
+    data,
+    measurements,
+    metrics,
+    placement,
+    staged,
+    training,
+    transfer,
+    zoo,
+)
 from tandem.batching import Batcher, keep_profiled
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc, inference_pb2_grpc
@@ -75,7 +87,7 @@ class Agent:
         self._feedback: dict[str, compression.ErrorFeedback] = {}  # job -> error-feedback residual
         self._downloads: dict[tuple[str, int], transfer.Download] = {}
         self._uploads: dict[tuple[str, int], tuple[transfer.Upload, dict[str, np.ndarray]]] = {}
-        self._measurements: dict[str, float] = {"examples": float(len(self.dataset))}
+        self._measurements: dict[str, float] = {measurements.EXAMPLES: float(len(self.dataset))}
         self._measured = asyncio.Event()  # a link measurement the coordinator has not heard yet
         self.router = self._router() if config.listen else None
 
@@ -332,7 +344,7 @@ class Agent:
                                                      download.specs)
             raise
         del self._downloads[key]
-        self._measure("downlink_bytes_per_second", transfer.throughput(download.wire, download.seconds))
+        self._measure(measurements.DOWNLINK_BYTES_PER_SECOND, transfer.throughput(download.wire, download.seconds))
         return self._hold(task, arrays)
 
     def _hold(self, task: pb.TrainTask, arrays: dict[str, np.ndarray]) -> HeldModel:
@@ -361,7 +373,7 @@ class Agent:
         upload, after = pending
         receipt = await upload.run(self._stub, timeout=120)
         feedback.residual = after
-        self._measure("uplink_bytes_per_second", transfer.throughput(upload.wire, upload.seconds))
+        self._measure(measurements.UPLINK_BYTES_PER_SECOND, transfer.throughput(upload.wire, upload.seconds))
         return receipt
 
     def _measure(self, name: str, value: float | None) -> None:
@@ -388,6 +400,6 @@ class Agent:
         seconds = time.perf_counter() - start
         metrics.EDGE_TRAIN_SECONDS.observe(seconds)
         metrics.EDGE_LOCAL_LOSS.set(loss)
-        self._measurements["train_seconds"] = seconds
+        self._measurements[measurements.TRAIN_SECONDS] = seconds
         return delta, loss, seconds
 
