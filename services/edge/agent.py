@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -17,7 +17,7 @@ import numpy as np
 
 from edge.channels import REFUSED, Backoff, CloudChannels
 from edge.link import LinkMonitor
-from edge.models import EdgeModels, Held
+from edge.models import EdgeModels
 from edge.router import EdgeRouter, RouterConfig
 from tandem import (
     __version__,
@@ -66,11 +66,8 @@ class AgentConfig:
     max_request_rows: int = 1024
 
 
-@dataclass
-class HeldModel:
-    version: int
-    sha256: str
-    arrays: dict[str, np.ndarray]
+# The former name of transfer.HeldVersion; tandem_cli.hostile still imports it.
+HeldModel = transfer.HeldVersion
 
 
 class Agent:
@@ -78,7 +75,7 @@ class Agent:
         self.config = config
         self.dataset = data.load_data(config.data)
         self.client_index = data.partition_index(config.data)
-        self.held: dict[str, HeldModel] = {}
+        self.held: dict[str, transfer.HeldVersion] = {}
         self.welcomed = asyncio.Event()
         self._tasks: dict[tuple[str, int], pb.TrainTask] = {}  # newest message for each (job, round)
         self._done: set[tuple[str, int]] = set()
@@ -244,7 +241,9 @@ class Agent:
         if self.router is not None:
             self.models.announce(notice.model, notice.version, notice.sha256)
 
-    async def _fetch_for_serving(self, model: str, version: int, sha: str, held: Held | None) -> dict[str, np.ndarray]:
+    async def _fetch_for_serving(
+        self, model: str, version: int, sha: str, held: transfer.HeldVersion | None
+    ) -> Mapping[str, np.ndarray]:
         """A version to serve: the one held for training if it is that one, else downloaded."""
         trained = self.held.get(model)
         if trained is not None and trained.version == version and trained.sha256 == sha:
@@ -318,7 +317,7 @@ class Agent:
                 await asyncio.sleep(delay)
                 await self.welcomed.wait()
 
-    async def _ensure_model(self, task: pb.TrainTask) -> HeldModel:
+    async def _ensure_model(self, task: pb.TrainTask) -> transfer.HeldVersion:
         held = self.held.get(task.model)
         if held is not None and held.version == task.base_version and held.sha256 == task.base_sha256:
             return held
@@ -332,7 +331,7 @@ class Agent:
         download = self._downloads.get(key)
         if download is None:
             specs = codec.specs_of(training.state_arrays(zoo.build_model(task.model)))
-            have = (held.version, held.arrays) if held is not None and held.version < task.base_version else None
+            have = held if held is not None and held.version < task.base_version else None
             download = self._downloads[key] = transfer.Download(
                 task.model, task.base_version, task.base_sha256, specs, have
             )
@@ -347,8 +346,8 @@ class Agent:
         self._measure(measurements.DOWNLINK_BYTES_PER_SECOND, transfer.throughput(download.wire, download.seconds))
         return self._hold(task, arrays)
 
-    def _hold(self, task: pb.TrainTask, arrays: dict[str, np.ndarray]) -> HeldModel:
-        held = HeldModel(task.base_version, task.base_sha256, arrays)
+    def _hold(self, task: pb.TrainTask, arrays: dict[str, np.ndarray]) -> transfer.HeldVersion:
+        held = transfer.HeldVersion(task.base_version, task.base_sha256, arrays)
         self.held[task.model] = held
         metrics.MODEL_VERSION.labels(task.model).set(task.base_version)
         return held
@@ -384,7 +383,7 @@ class Agent:
         self._measurements[name] = value if previous is None else 0.5 * previous + 0.5 * value
         self._measured.set()
 
-    async def _train(self, task: pb.TrainTask, base: HeldModel) -> tuple[dict[str, np.ndarray], float, float]:
+    async def _train(self, task: pb.TrainTask, base: transfer.HeldVersion) -> tuple[dict[str, np.ndarray], float, float]:
         def work() -> tuple[dict[str, np.ndarray], float]:
             net = zoo.build_model(task.model)
             training.load_state_arrays(net, base.arrays)
