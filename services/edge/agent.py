@@ -248,7 +248,7 @@ class Agent:
         trained = self.held.get(model)
         if trained is not None and trained.version == version and trained.sha256 == sha:
             return trained.arrays
-        specs = codec.specs_of(training.state_arrays(zoo.build_model(model)))
+        specs = training.state_specs(model)
         # A failure is retried at the next request, ModelNotice or reconnect (EdgeModels).
         return await transfer.Download(model, version, sha, specs, held).run(self._stub, timeout=120)
 
@@ -330,7 +330,7 @@ class Agent:
         key = (task.model, task.base_version)
         download = self._downloads.get(key)
         if download is None:
-            specs = codec.specs_of(training.state_arrays(zoo.build_model(task.model)))
+            specs = training.state_specs(task.model)
             have = held if held is not None and held.version < task.base_version else None
             download = self._downloads[key] = transfer.Download(
                 task.model, task.base_version, task.base_sha256, specs, have
