@@ -55,6 +55,9 @@ HeldModel = transfer.HeldVersion
 
 
 class Agent:
+    """One edge agent: its control stream and heartbeats, its training tasks, and (with
+    `listen`) the local inference the router serves."""
+
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.dataset = data.load_data(config.data)
