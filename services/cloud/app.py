@@ -7,6 +7,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health
+
 from cloud.intake import UpdateIntake
 from cloud.jobs import JobManager
 from cloud.limits import AgentLimits, LimitsConfig
@@ -45,28 +48,23 @@ class CloudConfig:
 
 
 class Coordinator:
-    def __init__(self, config: CloudConfig) -> None:
-        self.config = config
-        self.port = 0
-        self.health_port = 0
-        self.metrics_port = 0
+    """The coordinator's parts, built and wired here; `start` brings them up in order."""
 
-    async def start(self) -> None:
-        cfg = self.config
+    def __init__(self, config: CloudConfig) -> None:
+        self.config = cfg = config
         lifecycle.tune_allocator()
         self.store = Store(cfg.state)
         self.registry = Registry()
         self.models = ModelRepository(self.store)
         self.jobs = JobManager(self.store, self.registry, self.models)
-        intake = UpdateIntake(self.store, self.jobs, self.models)
         self.serving = ModelServer(self.models, cfg.serving)
         source: Source = PrometheusSource(cfg.prometheus_url) if cfg.prometheus_url else DirectSource(heartbeats(self.registry))
         self.placement = PlacementController(source, self.registry, self.store, cfg.placement or ControllerConfig())
         self.models.add_listener(self.serving.published)
         self.models.add_listener(self._announce)
-
         self.limits = AgentLimits(cfg.limits)
         self.server = grpcserver.create_server([metrics.MetricsInterceptor(), self.limits])
+        intake = UpdateIntake(self.store, self.jobs, self.models)
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
             CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, cfg.heartbeat_interval),
             self.server,
@@ -75,6 +73,16 @@ class Coordinator:
             AdminService(self.store, self.registry, self.models, self.jobs, self.placement), self.server
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.serving), self.server)
+        # Bound and started by `start`:
+        self.port = 0
+        self.health_port = 0
+        self.metrics_port = 0
+        self.health: health.aio.HealthServicer | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self._controller: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
         self.health = await grpcserver.add_standard_services(self.server, SERVICES)
         self.port = self.server.add_secure_port(cfg.listen, tls.server_credentials(cfg.certs))
         self.health_server, self.health_port = await grpcserver.start_health_only(cfg.health, self.health)
@@ -97,7 +105,8 @@ class Coordinator:
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING first, end control streams, let uploads finish, then close."""
-        await self.health.enter_graceful_shutdown()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
         self.registry.close_all("coordinator shutting down")
         await self.server.stop(self.config.grace)
         await self.jobs.shutdown()

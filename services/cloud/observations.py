@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloud.placement_policy import AgentView, ModelProfile, Observations
 from cloud.registry import Registry
+from tandem import measurements as names
 from tandem import staged
 
 
@@ -56,34 +57,29 @@ def profiles(cloud_seconds: Mapping[str, Mapping[int, float]]) -> dict[str, Mode
 
 
 def agent_view(measurements: Mapping[str, float], connected: bool = True) -> AgentView:
-    """An agent from the measurement names its heartbeats use (see edge.router.measurements)."""
+    """An agent from the measurements its heartbeats carry (names: tandem.measurements)."""
     edge: dict[str, dict[int, float]] = defaultdict(dict)
     rates: dict[str, float] = {}
     below: dict[str, dict[float, float]] = defaultdict(dict)
     for name, value in measurements.items():
-        kind, _, rest = name.partition(":")
-        if kind == "stage_seconds":
-            model, _, index = rest.rpartition(":")
-            if index.isdigit():
-                edge[model][int(index)] = value
-        elif kind == "examples_per_second":
-            rates[rest] = value
-        elif kind == "confidence_below":
-            model, _, level = rest.rpartition(":")
-            try:
-                below[model][float(level)] = value
-            except ValueError:
-                pass
+        key = names.parse(name)
+        if isinstance(key, names.StageSeconds):
+            edge[key.model][key.stage] = value
+        elif isinstance(key, names.ExamplesPerSecond):
+            rates[key.model] = value
+        elif isinstance(key, names.ConfidenceBelow):
+            below[key.model][key.level] = value
     edge_seconds = {}
     for model, by_stage in edge.items():
         seconds = tuple(by_stage[i] for i in sorted(by_stage))
         if sorted(by_stage) == list(range(1, len(by_stage) + 1)) and all(v > 0 for v in seconds):
             edge_seconds[model] = seconds
     # Inference requests measure the link; training uploads do too, less often.
-    up = measurements.get("link_up_bytes_per_second", measurements.get("uplink_bytes_per_second", 0.0))
+    up = measurements.get(names.LINK_UP_BYTES_PER_SECOND, measurements.get(names.UPLINK_BYTES_PER_SECOND, 0.0))
     return AgentView(
-        rtt=measurements.get("rtt_seconds", 0.0), up_bytes_per_second=up,
-        reachable=connected and measurements.get("link_up", 1.0) > 0, edge_seconds=edge_seconds, request_rate=rates,
+        rtt=measurements.get(names.RTT_SECONDS, 0.0), up_bytes_per_second=up,
+        reachable=connected and measurements.get(names.LINK_UP, 1.0) > 0, edge_seconds=edge_seconds,
+        request_rate=rates,
         confidence_below=dict(below),
     )
 
@@ -174,15 +170,21 @@ class PrometheusSource:
         for labels, value in r["cloud_stage"]:
             cloud[labels["model"]][int(labels["stage"])] = value
         measurements: dict[str, dict[str, float]] = defaultdict(dict)
+        # The agents' series, under the names their heartbeats would give them.
         for labels, value in r["edge_stage"]:
-            measurements[labels["agent"]][f"stage_seconds:{labels['model']}:{labels['stage']}"] = value
-        for name, key in (("rtt", "rtt_seconds"), ("up", "link_up_bytes_per_second"), ("link_up", "link_up")):
+            measurements[labels["agent"]][names.StageSeconds(labels["model"], int(labels["stage"])).key] = value
+        for name, key in (("rtt", names.RTT_SECONDS), ("up", names.LINK_UP_BYTES_PER_SECOND),
+                          ("link_up", names.LINK_UP)):
             for labels, value in r[name]:
                 measurements[labels["agent"]][key] = value
         for labels, value in r["below"]:
-            measurements[labels["agent"]][f"confidence_below:{labels['model']}:{labels['threshold']}"] = value
+            try:
+                level = float(labels["threshold"])
+            except ValueError:
+                continue  # what agent_view would skip
+            measurements[labels["agent"]][names.ConfidenceBelow(labels["model"], level).key] = value
         for labels, value in r["rate"]:
-            measurements[labels["agent"]][f"examples_per_second:{labels['model']}"] = value
+            measurements[labels["agent"]][names.ExamplesPerSecond(labels["model"]).key] = value
         agents = {agent: agent_view(m) for agent, m in measurements.items()}
         queue_wait = r["queue_wait"][0][1] if r["queue_wait"] else 0.0
         busy = r["busy"][0][1] if r["busy"] else 0.0

@@ -25,7 +25,7 @@ from cloud.serving import ModelServer, ServingConfig, served_models
 from cloud.store import VersionRow, read_tensors, write_tensors
 from tandem import codec, grpcserver, inference, metrics, tls, training
 from tandem.errors import InvalidArgument, NotFound
-from tandem.transfer import Download  # the client side of a model download, as agents do it
+from tandem.transfer import Download, HeldVersion  # the client side of a model download, as agents do it
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ class ModelMirror:
     async def _fetch(
         self, stub: coordinator_pb2_grpc.CoordinatorStub, v: admin_pb2.ModelVersion, current: VersionRow | None
     ) -> VersionRow:
-        held = (current.version, await asyncio.to_thread(read_tensors, Path(current.path))) if current else None
+        held = (HeldVersion(current.version, current.sha256, await asyncio.to_thread(read_tensors, Path(current.path)))
+                if current else None)
         arrays = await Download(v.model, v.version, v.sha256, self._specs_of(v.model), held).run(
             stub, timeout=DOWNLOAD_TIMEOUT
         )

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import grpc
+from grpc_health.v1 import health
 
 from edge.agent import Agent, AgentConfig
 from tandem import grpcserver, inference, metrics, tls
@@ -19,15 +20,17 @@ GRACE_SECONDS = 3.0
 class EdgeApp:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self.agent = Agent(config)
+        # Bound and started by `start`:
         self.inference_port = 0
         self.metrics_port = 0
         self.health_port = 0
-        self.server: grpc.aio.Server | None = None
+        self.health: health.aio.HealthServicer | None = None
+        self.server: grpc.aio.Server | None = None  # Inference for local applications, with --listen
         self.health_server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
         cfg = self.config
-        self.agent = Agent(cfg)
         if cfg.metrics:
             _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
         # Health: SERVING while the agent runs; the Inference service only when it is served.
@@ -48,7 +51,8 @@ class EdgeApp:
     async def run(self, stop: asyncio.Event) -> None:
         """The control stream until `stop`; then drain local requests and close."""
         await self.agent.run(stop)
-        await self.health.enter_graceful_shutdown()
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(GRACE_SECONDS)
         if self.health_server is not None:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from tandem import metrics
+from tandem import measurements, metrics
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class LinkMonitor:
             self._rtts.append(seconds)
             self.rtt = min(self._rtts)
             metrics.EDGE_LINK_RTT.set(self.rtt)
-            self._report("rtt_seconds", self.rtt)
+            self._report(measurements.RTT_SECONDS, self.rtt)
             return
         # The time beyond one round trip went to moving the bytes.
         self._last_throughput = self._last_measured
@@ -98,7 +98,7 @@ class LinkMonitor:
     def _set_throughput(self, direction: str, value: float) -> None:
         self.bytes_per_second[direction] = value
         metrics.EDGE_LINK_BYTES_PER_SECOND.labels(direction).set(value)
-        self._report(f"link_{direction}_bytes_per_second", value)
+        self._report(measurements.link_bytes_per_second(direction), value)
 
     def failure(self, code: grpc.StatusCode) -> None:
         """A call failed; if for a link reason, stop trying the cloud for a while."""

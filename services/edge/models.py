@@ -18,18 +18,18 @@ import numpy as np
 from tandem import metrics
 from tandem.errors import NotFound, Unavailable
 from tandem.staged import StagedModel
+from tandem.transfer import HeldVersion
 
 log = logging.getLogger(__name__)
 
-Held = tuple[int, Mapping[str, np.ndarray]]
 # (model, version, sha256, the version held to patch, if any) -> the version's tensors
-Fetch = Callable[[str, int, str, Held | None], Awaitable[dict[str, np.ndarray]]]
+Fetch = Callable[[str, int, str, HeldVersion | None], Awaitable[Mapping[str, np.ndarray]]]
 
 
 @dataclass
 class _Served:
     model: StagedModel
-    arrays: Mapping[str, np.ndarray]
+    held: HeldVersion  # its tensors, for patching with the next version's deltas
 
 
 def _ready(name: str, version: int, sha: str, arrays: Mapping[str, np.ndarray], device: str) -> StagedModel:
@@ -81,10 +81,9 @@ class EdgeModels:
                 served = self._served.get(name)
                 if served is not None and served.model.version >= version:
                     return
-                held = (served.model.version, served.arrays) if served is not None else None
-                arrays = await self._fetch(name, version, sha, held)
+                arrays = await self._fetch(name, version, sha, served.held if served is not None else None)
                 model = await asyncio.to_thread(_ready, name, version, sha, arrays, self._device)
-                self._served[name] = _Served(model, arrays)
+                self._served[name] = _Served(model, HeldVersion(version, sha, arrays))
                 metrics.MODEL_VERSION.labels(name).set(version)
                 log.info("serving %s v%d at the edge", name, version)
         except Exception as exc:  # noqa: BLE001 - the next announcement, request or reconnect tries again

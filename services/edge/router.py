@@ -19,6 +19,7 @@ from tandem import codec, metrics
 from tandem.batching import Batcher
 from tandem.errors import InvalidArgument
 from tandem.inference import decode_input, model_info
+from tandem.measurements import LINK_UP, ConfidenceBelow, ExamplesPerSecond, StageSeconds
 from tandem.placement import EDGE, Placement
 from tandem.staged import StagedModel
 from tandem.v1 import inference_pb2 as pb
@@ -73,19 +74,19 @@ class EdgeRouter:
         """What the placement controller needs from this agent, for its heartbeat: each
         served model's per-stage seconds per example and examples per second, and the link."""
         now = time.monotonic()
-        values: dict[str, float] = {"link_up": 1.0 if self.link.available() else 0.0}
+        values: dict[str, float] = {LINK_UP: 1.0 if self.link.available() else 0.0}
         for model in self.models.served():
             for index, seconds in enumerate(model.seconds_per_example(), start=1):
-                values[f"stage_seconds:{model.model}:{index}"] = seconds
+                values[StageSeconds(model.model, index).key] = seconds
             rows = self._examples.get(model.model, 0)
             then, before = self._rates.get(model.model, (now, rows))
             if now > then:
-                values[f"examples_per_second:{model.model}"] = (rows - before) / (now - then)
+                values[ExamplesPerSecond(model.model).key] = (rows - before) / (now - then)
             self._rates[model.model] = (now, rows)
             counts = self._confidence.pop(model.model, None)
             if counts is not None and counts[0] > 0:
                 for level, below in zip(CONFIDENCE_GRID, counts[1:]):
-                    values[f"confidence_below:{model.model}:{level:g}"] = float(below / counts[0])
+                    values[ConfidenceBelow(model.model, level).key] = float(below / counts[0])
                     metrics.EDGE_CONFIDENCE_BELOW.labels(model.model, f"{level:g}").set(float(below / counts[0]))
         return values
 

@@ -17,8 +17,8 @@ import numpy as np
 from tandem.v1 import tensor_pb2
 
 # 1 MiB chunks: well under gRPC's default 4 MiB message limit, large enough that the
-# per-message overhead is negligible (MACHINE-FACTS: streaming 1 MiB chunks is the
-# fast path).
+# per-message overhead is negligible (docs/machine-facts.md: streaming 1 MiB chunks is
+# the fast path).
 CHUNK_BYTES = 1 << 20
 
 _TO_NUMPY: dict[tensor_pb2.DType, np.dtype] = {

@@ -31,7 +31,7 @@ class Dataset:
 
 @functools.cache
 def digits_split() -> tuple[Dataset, Dataset]:
-    """The reference workload's (train, test) split of scikit-learn's digits (DESIGN.md)."""
+    """The reference workload's (train, test) split of scikit-learn's digits (docs/design.md)."""
     # Lazy: scikit-learn costs a second to import and only this function needs it.
     from sklearn.datasets import load_digits  # type: ignore[import-untyped, unused-ignore]
     from sklearn.model_selection import train_test_split  # type: ignore[import-untyped, unused-ignore]

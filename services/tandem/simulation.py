@@ -1,4 +1,4 @@
-"""The reference workload (DESIGN.md) as a sequential in-process FedAvg simulation.
+"""The reference workload (docs/design.md) as a sequential in-process FedAvg simulation.
 
 This is the yardstick a networked run with dense updates must match: same data
 partition, same initial weights, same shuffle seeds, same float32 aggregation order.

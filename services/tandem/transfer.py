@@ -27,6 +27,16 @@ def count_call(method: str, code: grpc.StatusCode) -> None:
     metrics.RPC_CLIENT_HANDLED.labels(method, code.name).inc()
 
 
+@dataclass(frozen=True)
+class HeldVersion:
+    """A model version held in memory: what a download patches with deltas, what an
+    agent trains from and serves, what a replica mirrors."""
+
+    version: int
+    sha256: str
+    arrays: Mapping[str, np.ndarray]
+
+
 @dataclass
 class Download:
     """One model version on its way down: a whole model, or the deltas from `held`.
@@ -39,7 +49,7 @@ class Download:
     version: int
     sha256: str
     specs: Mapping[str, codec.TensorSpec]
-    held: tuple[int, Mapping[str, np.ndarray]] | None = None
+    held: HeldVersion | None = None
     header: pb.ModelHeader | None = None
     assembler: codec.ChunkAssembler | None = None
     chunks: int = 0
@@ -48,7 +58,7 @@ class Download:
 
     async def run(self, stub: coordinator_pb2_grpc.CoordinatorStub, timeout: float) -> dict[str, np.ndarray]:
         request = pb.ModelRequest(model=self.model, version=self.version, skip_chunks=self.chunks,
-                                  have_version=self.held[0] if self.held else 0)
+                                  have_version=self.held.version if self.held else 0)
         start = time.perf_counter()
         try:
             async for message in stub.DownloadModel(request, timeout=timeout):
@@ -86,7 +96,7 @@ class Download:
             self.assembler = codec.ChunkAssembler(self.specs)
             return
         expected: dict[str, codec.TensorSpec] = {}
-        at = self.held[0] if self.held else -1
+        at = self.held.version if self.held else -1
         for step in header.steps:
             if step.from_version != at:
                 raise ModelMismatch(f"delta step from v{step.from_version} where v{at} is held")
@@ -101,7 +111,7 @@ class Download:
         if not self.header.steps:
             return received
         assert self.held is not None
-        arrays = {name: np.array(a, dtype=np.float32, copy=True) for name, a in self.held[1].items()}
+        arrays = {name: np.array(a, dtype=np.float32, copy=True) for name, a in self.held.arrays.items()}
         for step in self.header.steps:
             step_codec = compression.parse_codec(step.codec)
             prefix = f"{step.to_version}/"

@@ -28,7 +28,7 @@ class ZooEntry:
 def _mlp() -> nn.Sequential:
     # Layers are created in the same order as the flat reference
     # Sequential(Linear, ReLU, Linear, ReLU, Linear), so after the same seed the
-    # weights are identical to DESIGN.md's reference model.
+    # weights are identical to the reference model (docs/design.md).
     return nn.Sequential(
         nn.Sequential(nn.Linear(64, 512), nn.ReLU()),
         nn.Sequential(nn.Linear(512, 512), nn.ReLU()),
