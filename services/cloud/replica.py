@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health
 
 from cloud.serving import ModelServer, ServingConfig, served_models
 from cloud.store import VersionRow, read_tensors, write_tensors
@@ -130,19 +131,23 @@ class ReplicaConfig:
 class Replica:
     def __init__(self, config: ReplicaConfig) -> None:
         self.models = served_models(config.serving)
-        self.config = config
-        self.port = 0
-        self.health_port = 0
-        self.metrics_port = 0
-
-    async def start(self) -> None:
-        cfg = self.config
+        self.config = cfg = config
         self.mirror = ModelMirror(cfg.cache, self.models)
         self.serving = ModelServer(self.mirror, cfg.serving)
         self.mirror.add_listener(self.serving.published)
-        self.channel = grpcserver.secure_channel(cfg.cloud, tls.replica_credentials(cfg.certs))
         self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
         inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.serving), self.server)
+        # Bound and opened by `start`:
+        self.port = 0
+        self.health_port = 0
+        self.metrics_port = 0
+        self.channel: grpc.aio.Channel | None = None
+        self.health: health.aio.HealthServicer | None = None
+        self.health_server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.channel = grpcserver.secure_channel(cfg.cloud, tls.replica_credentials(cfg.certs))
         self.health = await grpcserver.add_standard_services(self.server, SERVICES)
         self.port = self.server.add_secure_port(cfg.listen, tls.replica_server_credentials(cfg.certs))
         self.health_server, self.health_port = await grpcserver.start_health_only(cfg.health, self.health)
@@ -153,6 +158,7 @@ class Replica:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Mirror until `stop`; SERVING from the first complete pass on. Then drain and close."""
+        assert self.channel is not None and self.health is not None, "start() first"
         admin = admin_pb2_grpc.AdminStub(self.channel)
         coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         serving = False
