@@ -22,7 +22,8 @@ from pathlib import Path
 import grpc
 
 from cloud.serving import ModelServer, ServingConfig, served_models
-from cloud.store import VersionRow, read_tensors, write_tensors
+from cloud.store import VersionRow
+from cloud.tensorfile import read_tensors, write_tensors
 from tandem import codec, grpcserver, inference, metrics, tls, training
 from tandem.errors import InvalidArgument, NotFound
 from tandem.transfer import Download  # the client side of a model download, as agents do it

@@ -25,9 +25,9 @@ from cloud.accumulator import Accumulator
 from cloud.models import ModelRepository
 from cloud.registry import Registry, Session
 from cloud.spec import AUTO, JobSpec
-from cloud.store import Store, UpdateRow, VersionRow, read_tensors, write_tensors
+from cloud.store import Store, UpdateRow, VersionRow
 from cloud.strategies import ServerOptimizer
-from cloud.tensorfile import TensorFile
+from cloud.tensorfile import TensorFile, read_tensors, write_tensors
 from tandem import compression, deltas, metrics
 from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tandem.timestamps import timestamp
