@@ -13,8 +13,13 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cloud.spec import JobSpec
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -46,6 +51,80 @@ CREATE TABLE IF NOT EXISTS pins (
 """
 
 
+class JobState(StrEnum):
+    """A job's state; the values are what the store holds and what logs and messages say."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class RoundState(StrEnum):
+    """A round's state: open while it takes updates, closed once its version is published."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job; `spec` gives its settings."""
+
+    job_id: str
+    spec_json: str  # the `spec` column: JobSpec.to_dict() as JSON
+    state: JobState
+    current_round: int  # the round running now; rounds + 1 once completed
+    version: int  # the model version the current round trains from
+    message: str
+    created: float
+
+    @property
+    def spec(self) -> JobSpec:
+        """The job's settings, parsed from the stored JSON."""
+        # Imported here: cloud.spec imports cloud.robust, which imports UpdateRow from this module.
+        from cloud.spec import JobSpec
+
+        return JobSpec.from_dict(json.loads(self.spec_json))
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One round of a job, open or closed, with its counters and (once closed) its results."""
+
+    job_id: str
+    round: int
+    state: RoundState
+    attempt: int
+    base_version: int
+    selected: tuple[str, ...]
+    opened: float
+    deadline: float
+    rejected: int
+    bytes_up: int
+    bytes_down: int
+    # Set when the round closes.
+    accuracy: float | None
+    loss: float | None
+    local_loss: float | None
+    seconds: float | None
+    version: int | None
+    sha256: str | None
+    closed: float | None
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    """An agent as of its last hello; `last_seen` is written when its control stream ends."""
+
+    agent: str
+    first_seen: float
+    last_seen: float
+    connects: int
+    num_examples: int
+    device: str
+
+
 @dataclass(frozen=True)
 class VersionRow:
     model: str
@@ -72,6 +151,17 @@ class UpdateRow:
     path: str | None
     bytes: int
     codec: str
+
+
+def _job(row: sqlite3.Row) -> JobRow:
+    fields = dict(row)
+    fields["spec_json"] = fields.pop("spec")
+    return JobRow(**{**fields, "state": JobState(fields["state"])})
+
+
+def _round(row: sqlite3.Row) -> RoundRow:
+    fields = dict(row)
+    return RoundRow(**{**fields, "state": RoundState(fields["state"]), "selected": tuple(json.loads(fields["selected"]))})
 
 
 def _version_values(row: VersionRow) -> tuple[object, ...]:
@@ -157,30 +247,33 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs VALUES (?,?,?,?,?,?,?)",
-                (job_id, json.dumps(dict(spec)), "running", 1, version, "", time.time()),
+                (job_id, json.dumps(dict(spec)), JobState.RUNNING.value, 1, version, "", time.time()),
             )
 
-    def get_job(self, job_id: str) -> sqlite3.Row | None:
-        return self._one("SELECT * FROM jobs WHERE job_id = ?", job_id)
+    def get_job(self, job_id: str) -> JobRow | None:
+        row = self._one("SELECT * FROM jobs WHERE job_id = ?", job_id)
+        return _job(row) if row else None
 
-    def list_jobs(self, state: str | None = None) -> list[sqlite3.Row]:
+    def list_jobs(self, state: JobState | None = None) -> list[JobRow]:
         if state:
-            return list(self._db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY created", (state,)))
-        return list(self._db.execute("SELECT * FROM jobs ORDER BY created"))
+            rows = self._db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY created", (state.value,))
+        else:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created")
+        return [_job(r) for r in rows]
 
-    def set_job_state(self, job_id: str, state: str, message: str = "") -> None:
+    def set_job_state(self, job_id: str, state: JobState, message: str = "") -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state = ?, message = ? WHERE job_id = ?", (state, message, job_id))
+            db.execute("UPDATE jobs SET state = ?, message = ? WHERE job_id = ?", (state.value, message, job_id))
 
     # ---- rounds -----------------------------------------------------------
 
-    def get_round(self, job_id: str, round_: int) -> sqlite3.Row | None:
-        return self._one("SELECT * FROM rounds WHERE job_id = ? AND round = ?", job_id, round_)
+    def get_round(self, job_id: str, round_: int) -> RoundRow | None:
+        row = self._one("SELECT * FROM rounds WHERE job_id = ? AND round = ?", job_id, round_)
+        return _round(row) if row else None
 
-    def closed_rounds(self, job_id: str) -> list[sqlite3.Row]:
-        return list(
-            self._db.execute("SELECT * FROM rounds WHERE job_id = ? AND state = 'closed' ORDER BY round", (job_id,))
-        )
+    def closed_rounds(self, job_id: str) -> list[RoundRow]:
+        rows = self._db.execute("SELECT * FROM rounds WHERE job_id = ? AND state = 'closed' ORDER BY round", (job_id,))
+        return [_round(r) for r in rows]
 
     def open_round(
         self, job_id: str, round_: int, attempt: int, base_version: int, selected: list[str], deadline: float
@@ -225,7 +318,7 @@ class Store:
             )
             db.execute(
                 "UPDATE jobs SET current_round = ?, version = ?, state = ? WHERE job_id = ?",
-                (round_ + 1, version.version, "completed" if final else "running", job_id),
+                (round_ + 1, version.version, (JobState.COMPLETED if final else JobState.RUNNING).value, job_id),
             )
 
     # ---- updates ----------------------------------------------------------
@@ -280,8 +373,8 @@ class Store:
         row = self._one("SELECT num_examples FROM agents WHERE agent = ?", agent)
         return int(row["num_examples"]) if row else 0
 
-    def list_agents(self) -> list[sqlite3.Row]:
-        return list(self._db.execute("SELECT * FROM agents ORDER BY agent"))
+    def list_agents(self) -> list[AgentRow]:
+        return [AgentRow(**dict(r)) for r in self._db.execute("SELECT * FROM agents ORDER BY agent")]
 
     def pins(self) -> dict[tuple[str, str], str]:
         """Placements an operator fixed: (agent, model) -> placement."""
