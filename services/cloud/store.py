@@ -10,45 +10,21 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from cloud.migrations import MIGRATIONS, Migration, migrate, schema_version
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
     from cloud.spec import JobSpec
 
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS versions (
-    model TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL, path TEXT NOT NULL,
-    job_id TEXT, round INTEGER, created REAL NOT NULL, bytes INTEGER NOT NULL,
-    delta_path TEXT, delta_from INTEGER, delta_codec TEXT, delta_bytes INTEGER,
-    PRIMARY KEY (model, version));
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, current_round INTEGER NOT NULL,
-    version INTEGER NOT NULL, message TEXT NOT NULL DEFAULT '', created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS rounds (
-    job_id TEXT NOT NULL, round INTEGER NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL,
-    base_version INTEGER NOT NULL, selected TEXT NOT NULL, opened REAL NOT NULL, deadline REAL NOT NULL,
-    rejected INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
-    bytes_down INTEGER NOT NULL DEFAULT 0, accuracy REAL, loss REAL, local_loss REAL, seconds REAL,
-    version INTEGER, sha256 TEXT, closed REAL,
-    PRIMARY KEY (job_id, round));
-CREATE TABLE IF NOT EXISTS updates (
-    job_id TEXT NOT NULL, round INTEGER NOT NULL, agent TEXT NOT NULL, digest TEXT NOT NULL,
-    num_examples INTEGER NOT NULL, local_loss REAL NOT NULL, path TEXT, bytes INTEGER NOT NULL,
-    received REAL NOT NULL, codec TEXT NOT NULL,
-    PRIMARY KEY (job_id, round, agent));
-CREATE TABLE IF NOT EXISTS agents (
-    agent TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
-    connects INTEGER NOT NULL, num_examples INTEGER NOT NULL, device TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS pins (
-    agent TEXT NOT NULL, model TEXT NOT NULL, placement TEXT NOT NULL, created REAL NOT NULL,
-    PRIMARY KEY (agent, model));
-"""
+R = TypeVar("R", bound="DataclassInstance")
 
 
 class JobState(StrEnum):
@@ -153,15 +129,18 @@ class UpdateRow:
     codec: str
 
 
+def _record(cls: type[R], row: sqlite3.Row, **parsed: object) -> R:
+    """A `cls` from the columns named like its fields, `parsed` replacing some. Only
+    those columns: one that a later migration adds is read by the code that knows it."""
+    return cls(**{f.name: parsed[f.name] if f.name in parsed else row[f.name] for f in fields(cls)})
+
+
 def _job(row: sqlite3.Row) -> JobRow:
-    fields = dict(row)
-    fields["spec_json"] = fields.pop("spec")
-    return JobRow(**{**fields, "state": JobState(fields["state"])})
+    return _record(JobRow, row, spec_json=row["spec"], state=JobState(row["state"]))
 
 
 def _round(row: sqlite3.Row) -> RoundRow:
-    fields = dict(row)
-    return RoundRow(**{**fields, "state": RoundState(fields["state"]), "selected": tuple(json.loads(fields["selected"]))})
+    return _record(RoundRow, row, state=RoundState(row["state"]), selected=tuple(json.loads(row["selected"])))
 
 
 def _version_values(row: VersionRow) -> tuple[object, ...]:
@@ -172,14 +151,26 @@ def _version_values(row: VersionRow) -> tuple[object, ...]:
 class Store:
     """The coordinator's records. Called from the event loop; every call is short."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+        """Open (or create) the records in `directory`, migrated to the newest schema;
+        migrations.SchemaError if a newer tandem wrote them."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(directory / "tandem.db", isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        path = directory / "tandem.db"
+        self._db = sqlite3.connect(path, isolation_level=None)
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            migrate(self._db, str(path), migrations)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        """The records' schema version: len(migrations) once open."""
+        return schema_version(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -232,14 +223,14 @@ class Store:
             row = self._one("SELECT * FROM versions WHERE model = ? ORDER BY version DESC LIMIT 1", model)
         else:
             row = self._one("SELECT * FROM versions WHERE model = ? AND version = ?", model, version)
-        return VersionRow(**dict(row)) if row else None
+        return _record(VersionRow, row) if row else None
 
     def list_versions(self, model: str = "") -> list[VersionRow]:
         args: tuple[str, ...]
         sql, args = "SELECT * FROM versions", ()
         if model:
             sql, args = sql + " WHERE model = ?", (model,)
-        return [VersionRow(**dict(r)) for r in self._db.execute(sql + " ORDER BY model, version", args)]
+        return [_record(VersionRow, r) for r in self._db.execute(sql + " ORDER BY model, version", args)]
 
     # ---- jobs -------------------------------------------------------------
 
@@ -339,14 +330,14 @@ class Store:
             "SELECT agent, digest, num_examples, local_loss, path, bytes, codec FROM updates"
             " WHERE job_id = ? AND round = ? AND agent = ?", job_id, round_, agent,
         )
-        return UpdateRow(**dict(row)) if row else None
+        return _record(UpdateRow, row) if row else None
 
     def list_updates(self, job_id: str, round_: int) -> list[UpdateRow]:
         rows = self._db.execute(
             "SELECT agent, digest, num_examples, local_loss, path, bytes, codec FROM updates"
             " WHERE job_id = ? AND round = ? ORDER BY agent", (job_id, round_),
         )
-        return [UpdateRow(**dict(r)) for r in rows]
+        return [_record(UpdateRow, r) for r in rows]
 
     def forget_update_files(self, job_id: str, round_: int) -> None:
         with self._tx() as db:
@@ -374,7 +365,7 @@ class Store:
         return int(row["num_examples"]) if row else 0
 
     def list_agents(self) -> list[AgentRow]:
-        return [AgentRow(**dict(r)) for r in self._db.execute("SELECT * FROM agents ORDER BY agent")]
+        return [_record(AgentRow, r) for r in self._db.execute("SELECT * FROM agents ORDER BY agent")]
 
     def pins(self) -> dict[tuple[str, str], str]:
         """Placements an operator fixed: (agent, model) -> placement."""
