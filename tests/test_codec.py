@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud.store import read_tensors
+from cloud.tensorfile import read_tensors
 from tandem import codec
 from tandem.v1 import tensor_pb2
 
@@ -325,7 +325,7 @@ def test_variable_length_spec_accepts_up_to_its_bound() -> None:
 def test_streamed_safetensors_files_read_back_with_the_library(tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
-    from cloud.store import write_tensors
+    from cloud.tensorfile import write_tensors
 
     arrays = {
         "w": np.random.default_rng(0).random((3, 5), dtype=np.float32), "b": np.arange(7, dtype=np.int64),
@@ -343,8 +343,7 @@ def test_streamed_safetensors_files_read_back_with_the_library(tmp_path: Path) -
 
 
 def test_tensor_file_reads_the_same_chunks_and_adds_in_slices(tmp_path: Path) -> None:
-    from cloud.store import write_tensors
-    from cloud.tensorfile import TensorFile
+    from cloud.tensorfile import TensorFile, write_tensors
 
     rng = np.random.default_rng(3)
     arrays = {"b": rng.random(7, dtype=np.float32), "a.w": rng.random((300, 500), dtype=np.float32),

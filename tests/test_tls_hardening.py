@@ -27,8 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from safetensors import SafetensorError
 
 from cloud.app import CloudConfig, Coordinator
-from cloud.store import read_tensors
-from cloud.tensorfile import TensorFile
+from cloud.tensorfile import TensorFile, read_tensors
 from edge.agent import AgentConfig
 from edge.app import EdgeApp
 from tandem import certs, data, grpcserver, inference, metrics, revocation, tls

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -142,7 +141,7 @@ class UpdateIntake:
             update_codec = compression.parse_codec(header.codec)
         except ValueError as exc:
             raise InvalidArgument(str(exc), reason="malformed") from None
-        spec = JobSpec.from_dict(json.loads(job["spec"]))
+        spec = job.spec
         specs = self._models.specs(spec.model)
         return await self._assemble(key, header, messages, spec, specs, update_codec, existing, runner)
 

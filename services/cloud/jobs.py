@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sqlite3
 import uuid
 
 from cloud import privacy
@@ -11,16 +9,16 @@ from cloud.models import ModelRepository
 from cloud.registry import Registry
 from cloud.rounds import JobRunner
 from cloud.spec import JobSpec
-from cloud.store import Store
+from cloud.store import JobRow, JobState, RoundState, Store
 from tandem.errors import FailedPrecondition, InvalidArgument, NotFound
 from tandem.timestamps import timestamp
 from tandem.v1 import admin_pb2
 
 _STATES = {
-    "running": admin_pb2.JOB_STATE_RUNNING,
-    "completed": admin_pb2.JOB_STATE_COMPLETED,
-    "stopped": admin_pb2.JOB_STATE_STOPPED,
-    "failed": admin_pb2.JOB_STATE_FAILED,
+    JobState.RUNNING: admin_pb2.JOB_STATE_RUNNING,
+    JobState.COMPLETED: admin_pb2.JOB_STATE_COMPLETED,
+    JobState.STOPPED: admin_pb2.JOB_STATE_STOPPED,
+    JobState.FAILED: admin_pb2.JOB_STATE_FAILED,
 }
 
 
@@ -33,8 +31,8 @@ class JobManager:
 
     def resume(self) -> list[str]:
         """Start a runner for every job the store says is running; returns their ids."""
-        for row in self._store.list_jobs("running"):
-            self._launch(row["job_id"], JobSpec.from_dict(json.loads(row["spec"])))
+        for row in self._store.list_jobs(JobState.RUNNING):
+            self._launch(row.job_id, row.spec)
         return sorted(self._runners)
 
     async def start_job(self, spec: JobSpec) -> str:
@@ -52,13 +50,13 @@ class JobManager:
 
     async def stop_job(self, job_id: str) -> None:
         row = self._job_row(job_id)
-        if row["state"] != "running":
-            raise FailedPrecondition(f"job {job_id} is {row['state']}, not running")
+        if row.state != JobState.RUNNING:
+            raise FailedPrecondition(f"job {job_id} is {row.state}, not running")
         runner = self._runners.pop(job_id, None)
         if runner is not None:
             await runner.stop()
-        if self._job_row(job_id)["state"] == "running":  # it may have completed meanwhile
-            self._store.set_job_state(job_id, "stopped", "stopped by an admin")
+        if self._job_row(job_id).state == JobState.RUNNING:  # it may have completed meanwhile
+            self._store.set_job_state(job_id, JobState.STOPPED, "stopped by an admin")
 
     async def shutdown(self) -> None:
         """Stop every runner; their jobs stay `running` in the store and resume on restart."""
@@ -72,8 +70,8 @@ class JobManager:
             raise InvalidArgument("job_id is required")
         row = self._job_row(job_id)
         runner = self._runners.get(job_id)
-        if row["state"] != "running" or runner is None or runner.done:
-            raise FailedPrecondition(f"job {job_id} is {row['state']}; it accepts no updates")
+        if row.state != JobState.RUNNING or runner is None or runner.done:
+            raise FailedPrecondition(f"job {job_id} is {row.state}; it accepts no updates")
         return runner
 
     def running(self, job_id: str) -> JobRunner | None:
@@ -81,7 +79,7 @@ class JobManager:
         runner = self._runners.get(job_id)
         return runner if runner is not None and not runner.done else None
 
-    def _job_row(self, job_id: str) -> sqlite3.Row:
+    def _job_row(self, job_id: str) -> JobRow:
         row = self._store.get_job(job_id)
         if row is None:
             raise NotFound(f"no job {job_id!r}")
@@ -105,38 +103,38 @@ class JobManager:
 
     def describe(self, job_id: str) -> admin_pb2.Job:
         row = self._job_row(job_id)
-        spec = JobSpec.from_dict(json.loads(row["spec"]))
+        spec = row.spec
         job = admin_pb2.Job(
-            job_id=job_id, spec=spec.to_proto(), state=_STATES[row["state"]], current_round=row["current_round"],
-            version=row["version"], message=row["message"], created=timestamp(row["created"]),
+            job_id=job_id, spec=spec.to_proto(), state=_STATES[row.state], current_round=row.current_round,
+            version=row.version, message=row.message, created=timestamp(row.created),
         )
         for r in self._store.closed_rounds(job_id):
-            updates = self._store.list_updates(job_id, r["round"])
-            published = self._store.get_version(spec.model, r["version"])
+            updates = self._store.list_updates(job_id, r.round)
+            published = self._store.get_version(spec.model, r.version) if r.version is not None else None
             job.rounds.append(
                 admin_pb2.RoundResult(
-                    round=r["round"], accuracy=r["accuracy"] or 0.0, loss=r["loss"] or 0.0,
-                    local_loss=r["local_loss"] or 0.0, seconds=r["seconds"] or 0.0, bytes_up=r["bytes_up"],
-                    bytes_down=r["bytes_down"], accepted=len(updates), rejected=r["rejected"],
-                    version=r["version"], sha256=r["sha256"], attempts=r["attempt"],
+                    round=r.round, accuracy=r.accuracy or 0.0, loss=r.loss or 0.0,
+                    local_loss=r.local_loss or 0.0, seconds=r.seconds or 0.0, bytes_up=r.bytes_up,
+                    bytes_down=r.bytes_down, accepted=len(updates), rejected=r.rejected,
+                    version=r.version, sha256=r.sha256, attempts=r.attempt,
                     agents=[u.agent for u in updates], codecs={u.agent: u.codec for u in updates},
                     delta_bytes=(published.delta_bytes or 0) if published else 0,
-                    epsilon=privacy.epsilon(spec.dp_noise_multiplier, r["round"], spec.dp_delta),
+                    epsilon=privacy.epsilon(spec.dp_noise_multiplier, r.round, spec.dp_delta),
                 )
             )
-        if row["state"] == "running":
-            current = self._store.get_round(job_id, row["current_round"])
-            if current is not None and current["state"] == "open":
-                accepted = self._store.list_updates(job_id, current["round"])
+        if row.state == JobState.RUNNING:
+            current = self._store.get_round(job_id, row.current_round)
+            if current is not None and current.state == RoundState.OPEN:
+                accepted = self._store.list_updates(job_id, current.round)
                 job.open_round.CopyFrom(
                     admin_pb2.OpenRound(
-                        round=current["round"], attempt=current["attempt"], base_version=current["base_version"],
-                        selected=json.loads(current["selected"]), accepted_agents=[u.agent for u in accepted],
-                        rejected=current["rejected"], deadline=timestamp(current["deadline"]),
+                        round=current.round, attempt=current.attempt, base_version=current.base_version,
+                        selected=current.selected, accepted_agents=[u.agent for u in accepted],
+                        rejected=current.rejected, deadline=timestamp(current.deadline),
                     )
                 )
         return job
 
     def list_jobs(self) -> list[admin_pb2.Job]:
-        return [self.describe(row["job_id"]) for row in self._store.list_jobs()]
+        return [self.describe(row.job_id) for row in self._store.list_jobs()]
 

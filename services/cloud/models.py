@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from cloud.spool import Spool
-from cloud.store import Store, VersionRow, write_tensor_pieces, write_tensors
-from cloud.tensorfile import TensorFile
+from cloud.store import Store, VersionRow
+from cloud.tensorfile import TensorFile, write_tensor_pieces, write_tensors
 from tandem import codec, deltas, metrics, training, zoo
 from tandem.errors import InvalidArgument, NotFound
 from tandem.v1 import coordinator_pb2 as pb

@@ -23,7 +23,8 @@ import grpc
 from grpc_health.v1 import health
 
 from cloud.serving import ModelServer, ServingConfig, served_models
-from cloud.store import VersionRow, read_tensors, write_tensors
+from cloud.store import VersionRow
+from cloud.tensorfile import read_tensors, write_tensors
 from tandem import codec, grpcserver, inference, metrics, tls, training
 from tandem.errors import InvalidArgument, NotFound
 from tandem.transfer import Download, HeldVersion  # the client side of a model download, as agents do it

@@ -8,7 +8,6 @@ coordinator continues the same round with every acknowledged update.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -25,8 +24,8 @@ from cloud.accumulator import Accumulator
 from cloud.models import ModelRepository
 from cloud.registry import Registry, Session
 from cloud.spec import AUTO, JobSpec
-from cloud.store import Store, UpdateRow, VersionRow, read_tensors, write_tensors
-from cloud.tensorfile import TensorFile
+from cloud.store import JobState, Store, UpdateRow, VersionRow
+from cloud.tensorfile import TensorFile, read_tensors, write_tensors
 from tandem import compression, deltas, metrics
 from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tandem.timestamps import timestamp
@@ -89,14 +88,14 @@ class JobRunner:
             while True:
                 job = self._store.get_job(self.job_id)
                 assert job is not None
-                if job["current_round"] > self.spec.rounds or job["state"] != "running":
+                if job.current_round > self.spec.rounds or job.state != JobState.RUNNING:
                     return
-                await self._run_round(job["current_round"], job["version"])
+                await self._run_round(job.current_round, job.version)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("job %s failed", self.job_id)
-            self._store.set_job_state(self.job_id, "failed", f"{type(exc).__name__}: {exc}")
+            self._store.set_job_state(self.job_id, JobState.FAILED, f"{type(exc).__name__}: {exc}")
         finally:
             self._registry.remove_listener(self._on_connect)
             if self.round is not None:
@@ -108,7 +107,7 @@ class JobRunner:
         """Server optimiser moments as of the last closed round."""
         job = self._store.get_job(self.job_id)
         if job is not None and self._optimizer.stateful:
-            state = await asyncio.to_thread(self._job_state, job["current_round"] - 1, "opt/")
+            state = await asyncio.to_thread(self._job_state, job.current_round - 1, "opt/")
             self._optimizer.load_state(state)
 
     def _job_state(self, round_: int, prefix: str) -> dict[str, np.ndarray]:
@@ -129,11 +128,11 @@ class JobRunner:
             accumulator.close()
             raise
         submitted = {u.agent for u in updates}
-        previous = set(json.loads(row["selected"])) if row else set()
+        previous = set(row.selected) if row else set()
         # Open for uploads at once: after a restart, agents selected before it may
         # deliver while this round still waits for enough agents to reconnect.
         rnd = self.round = OpenRound(
-            number, base, row["attempt"] if row else 0, time.time() + self.spec.deadline,
+            number, base, row.attempt if row else 0, time.time() + self.spec.deadline,
             sorted(previous | submitted), accumulator, submitted, codecs={u.agent: u.codec for u in updates},
         )
         while True:
@@ -239,7 +238,7 @@ class JobRunner:
         rnd = self.round
         if rnd is None or header.round != rnd.number:
             current = self._store.get_job(self.job_id)
-            at = current["current_round"] if current else -1
+            at = current.current_round if current else -1
             if rnd is None and header.round == at:
                 raise Unavailable(f"round {at} of job {self.job_id} is opening; try again")
             raise FailedPrecondition(f"round {header.round} of job {self.job_id} is not open (current round: {at})")
@@ -313,7 +312,7 @@ class JobRunner:
         self._store.forget_update_files(self.job_id, rnd.number)
         closed = self._store.get_round(self.job_id, rnd.number)
         metrics.ROUNDS.labels("closed").inc()
-        metrics.ROUND_SECONDS.observe(closed["seconds"] if closed else 0.0)
+        metrics.ROUND_SECONDS.observe((closed.seconds or 0.0) if closed else 0.0)
         if accuracy is not None:
             metrics.ROUND_ACCURACY.labels(self.job_id).set(accuracy)
         log.info(

@@ -174,11 +174,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         require_role(context, ROLE_ADMIN)
         response = admin_pb2.ListAgentsResponse()
         for row in self._store.list_agents():
-            session = self._registry.get(row["agent"])
-            last_seen = session.last_seen if session is not None else row["last_seen"]
+            session = self._registry.get(row.agent)
+            last_seen = session.last_seen if session is not None else row.last_seen
             info = admin_pb2.AgentInfo(
-                agent_id=row["agent"], connected=session is not None, last_seen=timestamp(last_seen),
-                num_examples=row["num_examples"], device=row["device"], connects=row["connects"],
+                agent_id=row.agent, connected=session is not None, last_seen=timestamp(last_seen),
+                num_examples=row.num_examples, device=row.device, connects=row.connects,
             )
             if session is not None:
                 info.connected_since.CopyFrom(timestamp(session.connected_since))

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from cloud.store import VersionRow, read_tensors
+from cloud.store import VersionRow
+from cloud.tensorfile import read_tensors
 from tandem import codec, metrics, staged, zoo
 from tandem.batching import Batcher, keep_profiled
 from tandem.errors import InvalidArgument, NotFound, TandemError

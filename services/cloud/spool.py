@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.store import safetensors_header
-from cloud.tensorfile import TensorFile
+from cloud.tensorfile import TensorFile, safetensors_header
 from tandem import codec
 from tandem.files import replace_durably
 

@@ -1,58 +1,104 @@
-"""Durable coordinator state: SQLite for records, safetensors files for tensors.
+"""Durable coordinator state: SQLite records (tensor files: `cloud.tensorfile`).
 
 Every write that acknowledges something to a peer is committed (WAL, synchronous
 FULL) before the acknowledgement goes out, so a SIGKILL loses nothing that was
-acknowledged. Tensor files are written to a temporary name, fsynced and renamed.
+acknowledged.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sqlite3
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-from safetensors.numpy import load_file
+from cloud.migrations import MIGRATIONS, Migration, migrate, schema_version
 
-from tandem.codec import TensorSpec, tensor_header
-from tandem.files import replace_durably
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS versions (
-    model TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL, path TEXT NOT NULL,
-    job_id TEXT, round INTEGER, created REAL NOT NULL, bytes INTEGER NOT NULL,
-    delta_path TEXT, delta_from INTEGER, delta_codec TEXT, delta_bytes INTEGER,
-    PRIMARY KEY (model, version));
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, current_round INTEGER NOT NULL,
-    version INTEGER NOT NULL, message TEXT NOT NULL DEFAULT '', created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS rounds (
-    job_id TEXT NOT NULL, round INTEGER NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL,
-    base_version INTEGER NOT NULL, selected TEXT NOT NULL, opened REAL NOT NULL, deadline REAL NOT NULL,
-    rejected INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
-    bytes_down INTEGER NOT NULL DEFAULT 0, accuracy REAL, loss REAL, local_loss REAL, seconds REAL,
-    version INTEGER, sha256 TEXT, closed REAL,
-    PRIMARY KEY (job_id, round));
-CREATE TABLE IF NOT EXISTS updates (
-    job_id TEXT NOT NULL, round INTEGER NOT NULL, agent TEXT NOT NULL, digest TEXT NOT NULL,
-    num_examples INTEGER NOT NULL, local_loss REAL NOT NULL, path TEXT, bytes INTEGER NOT NULL,
-    received REAL NOT NULL, codec TEXT NOT NULL,
-    PRIMARY KEY (job_id, round, agent));
-CREATE TABLE IF NOT EXISTS agents (
-    agent TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
-    connects INTEGER NOT NULL, num_examples INTEGER NOT NULL, device TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS pins (
-    agent TEXT NOT NULL, model TEXT NOT NULL, placement TEXT NOT NULL, created REAL NOT NULL,
-    PRIMARY KEY (agent, model));
-"""
+    from cloud.spec import JobSpec
+
+R = TypeVar("R", bound="DataclassInstance")
+
+
+class JobState(StrEnum):
+    """A job's state; the values are what the store holds and what logs and messages say."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class RoundState(StrEnum):
+    """A round's state: open while it takes updates, closed once its version is published."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job; `spec` gives its settings."""
+
+    job_id: str
+    spec_json: str  # the `spec` column: JobSpec.to_dict() as JSON
+    state: JobState
+    current_round: int  # the round running now; rounds + 1 once completed
+    version: int  # the model version the current round trains from
+    message: str
+    created: float
+
+    @property
+    def spec(self) -> JobSpec:
+        """The job's settings, parsed from the stored JSON."""
+        # Imported here: cloud.spec imports cloud.robust, which imports UpdateRow from this module.
+        from cloud.spec import JobSpec
+
+        return JobSpec.from_dict(json.loads(self.spec_json))
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One round of a job, open or closed, with its counters and (once closed) its results."""
+
+    job_id: str
+    round: int
+    state: RoundState
+    attempt: int
+    base_version: int
+    selected: tuple[str, ...]
+    opened: float
+    deadline: float
+    rejected: int
+    bytes_up: int
+    bytes_down: int
+    # Set when the round closes.
+    accuracy: float | None
+    loss: float | None
+    local_loss: float | None
+    seconds: float | None
+    version: int | None
+    sha256: str | None
+    closed: float | None
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    """An agent as of its last hello; `last_seen` is written when its control stream ends."""
+
+    agent: str
+    first_seen: float
+    last_seen: float
+    connects: int
+    num_examples: int
+    device: str
 
 
 @dataclass(frozen=True)
@@ -83,99 +129,48 @@ class UpdateRow:
     codec: str
 
 
+def _record(cls: type[R], row: sqlite3.Row, **parsed: object) -> R:
+    """A `cls` from the columns named like its fields, `parsed` replacing some. Only
+    those columns: one that a later migration adds is read by the code that knows it."""
+    return cls(**{f.name: parsed[f.name] if f.name in parsed else row[f.name] for f in fields(cls)})
+
+
+def _job(row: sqlite3.Row) -> JobRow:
+    return _record(JobRow, row, spec_json=row["spec"], state=JobState(row["state"]))
+
+
+def _round(row: sqlite3.Row) -> RoundRow:
+    return _record(RoundRow, row, state=RoundState(row["state"]), selected=tuple(json.loads(row["selected"])))
+
+
 def _version_values(row: VersionRow) -> tuple[object, ...]:
     return (row.model, row.version, row.sha256, row.path, row.job_id, row.round, row.created, row.bytes,
             row.delta_path, row.delta_from, row.delta_codec, row.delta_bytes)
 
 
-_SAFETENSORS_DTYPES = {"<f4": "F32", "<f2": "F16", "|i1": "I8", "|u1": "U8", "<i4": "I32", "<i8": "I64"}
-
-Pieces = Callable[[str], Iterable[np.ndarray]]
-
-
-def safetensors_header(specs: Mapping[str, TensorSpec], size: int = 0) -> bytes:
-    """A safetensors file's first bytes for `specs`, their data laid out in sorted name
-    order. `size` pads the result to that many bytes (trailing spaces, which the format
-    allows), so that a header can be rewritten in space reserved for a larger one."""
-    entries: dict[str, object] = {}
-    offset = 0
-    for name in sorted(specs):
-        spec = specs[name]
-        entries[name] = {"dtype": _SAFETENSORS_DTYPES[spec.dtype.str], "shape": list(spec.shape),
-                         "data_offsets": [offset, offset + spec.nbytes]}
-        offset += spec.nbytes
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
-    if size:
-        if len(header) + 8 > size:
-            raise ValueError(f"a header of {len(header) + 8} bytes does not fit in {size}")
-        header += b" " * (size - 8 - len(header))
-    return len(header).to_bytes(8, "little") + header
-
-
-def write_tensor_pieces(path: Path, specs: Mapping[str, TensorSpec], pieces: Pieces) -> tuple[int, str]:
-    """Write a safetensors file atomically and durably from each tensor's pieces (C-order
-    slices, produced as they are written); returns its size and the tensors' content
-    hash (tandem.codec.state_sha256), computed on the way.
-
-    Nothing model-sized is built: the safetensors library's `save` would first make the
-    whole file one bytes object. What we write is read back with the library
-    (`read_tensors`), and a test holds the two equal.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # writers never share one
-    digest = hashlib.sha256()
-    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    size = 0
-    try:
-        with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
-            size += out.write(safetensors_header(specs))
-            for name in sorted(specs):
-                spec = specs[name]
-                digest.update(tensor_header(name, spec.dtype, spec.shape))
-                written = 0
-                for piece in pieces(name):
-                    data = np.ascontiguousarray(piece, dtype=spec.dtype).reshape(-1).view(np.uint8).data
-                    out.write(data)
-                    digest.update(data)
-                    written += len(data)
-                if written != spec.nbytes:
-                    raise ValueError(f"tensor {name!r}: {written} bytes written, its shape needs {spec.nbytes}")
-                size += written
-        os.fsync(fd)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(fd)
-    replace_durably(tmp, path)
-    return size, digest.hexdigest()
-
-
-def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> tuple[int, str]:
-    """Write named arrays as a safetensors file, atomically and durably; returns its size
-    and the arrays' content hash (tandem.codec.state_sha256), computed on the way."""
-    arrays = {name: a if a.flags.c_contiguous else a.copy(order="C") for name, a in arrays.items()}
-    specs = {name: TensorSpec(name, a.dtype, tuple(a.shape)) for name, a in arrays.items()}
-    return write_tensor_pieces(path, specs, lambda name: [arrays[name]])
-
-
-def read_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Tensors from a safetensors file: no pickle is ever involved."""
-    return load_file(str(path))
-
-
 class Store:
     """The coordinator's records. Called from the event loop; every call is short."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+        """Open (or create) the records in `directory`, migrated to the newest schema;
+        migrations.SchemaError if a newer tandem wrote them."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(directory / "tandem.db", isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        path = directory / "tandem.db"
+        self._db = sqlite3.connect(path, isolation_level=None)
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            migrate(self._db, str(path), migrations)
+        except BaseException:
+            self._db.close()
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        """The records' schema version: len(migrations) once open."""
+        return schema_version(self._db)
 
     def close(self) -> None:
         self._db.close()
@@ -228,14 +223,14 @@ class Store:
             row = self._one("SELECT * FROM versions WHERE model = ? ORDER BY version DESC LIMIT 1", model)
         else:
             row = self._one("SELECT * FROM versions WHERE model = ? AND version = ?", model, version)
-        return VersionRow(**dict(row)) if row else None
+        return _record(VersionRow, row) if row else None
 
     def list_versions(self, model: str = "") -> list[VersionRow]:
         args: tuple[str, ...]
         sql, args = "SELECT * FROM versions", ()
         if model:
             sql, args = sql + " WHERE model = ?", (model,)
-        return [VersionRow(**dict(r)) for r in self._db.execute(sql + " ORDER BY model, version", args)]
+        return [_record(VersionRow, r) for r in self._db.execute(sql + " ORDER BY model, version", args)]
 
     # ---- jobs -------------------------------------------------------------
 
@@ -243,30 +238,33 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs VALUES (?,?,?,?,?,?,?)",
-                (job_id, json.dumps(dict(spec)), "running", 1, version, "", time.time()),
+                (job_id, json.dumps(dict(spec)), JobState.RUNNING.value, 1, version, "", time.time()),
             )
 
-    def get_job(self, job_id: str) -> sqlite3.Row | None:
-        return self._one("SELECT * FROM jobs WHERE job_id = ?", job_id)
+    def get_job(self, job_id: str) -> JobRow | None:
+        row = self._one("SELECT * FROM jobs WHERE job_id = ?", job_id)
+        return _job(row) if row else None
 
-    def list_jobs(self, state: str | None = None) -> list[sqlite3.Row]:
+    def list_jobs(self, state: JobState | None = None) -> list[JobRow]:
         if state:
-            return list(self._db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY created", (state,)))
-        return list(self._db.execute("SELECT * FROM jobs ORDER BY created"))
+            rows = self._db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY created", (state.value,))
+        else:
+            rows = self._db.execute("SELECT * FROM jobs ORDER BY created")
+        return [_job(r) for r in rows]
 
-    def set_job_state(self, job_id: str, state: str, message: str = "") -> None:
+    def set_job_state(self, job_id: str, state: JobState, message: str = "") -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET state = ?, message = ? WHERE job_id = ?", (state, message, job_id))
+            db.execute("UPDATE jobs SET state = ?, message = ? WHERE job_id = ?", (state.value, message, job_id))
 
     # ---- rounds -----------------------------------------------------------
 
-    def get_round(self, job_id: str, round_: int) -> sqlite3.Row | None:
-        return self._one("SELECT * FROM rounds WHERE job_id = ? AND round = ?", job_id, round_)
+    def get_round(self, job_id: str, round_: int) -> RoundRow | None:
+        row = self._one("SELECT * FROM rounds WHERE job_id = ? AND round = ?", job_id, round_)
+        return _round(row) if row else None
 
-    def closed_rounds(self, job_id: str) -> list[sqlite3.Row]:
-        return list(
-            self._db.execute("SELECT * FROM rounds WHERE job_id = ? AND state = 'closed' ORDER BY round", (job_id,))
-        )
+    def closed_rounds(self, job_id: str) -> list[RoundRow]:
+        rows = self._db.execute("SELECT * FROM rounds WHERE job_id = ? AND state = 'closed' ORDER BY round", (job_id,))
+        return [_round(r) for r in rows]
 
     def open_round(
         self, job_id: str, round_: int, attempt: int, base_version: int, selected: list[str], deadline: float
@@ -311,7 +309,7 @@ class Store:
             )
             db.execute(
                 "UPDATE jobs SET current_round = ?, version = ?, state = ? WHERE job_id = ?",
-                (round_ + 1, version.version, "completed" if final else "running", job_id),
+                (round_ + 1, version.version, (JobState.COMPLETED if final else JobState.RUNNING).value, job_id),
             )
 
     # ---- updates ----------------------------------------------------------
@@ -332,14 +330,14 @@ class Store:
             "SELECT agent, digest, num_examples, local_loss, path, bytes, codec FROM updates"
             " WHERE job_id = ? AND round = ? AND agent = ?", job_id, round_, agent,
         )
-        return UpdateRow(**dict(row)) if row else None
+        return _record(UpdateRow, row) if row else None
 
     def list_updates(self, job_id: str, round_: int) -> list[UpdateRow]:
         rows = self._db.execute(
             "SELECT agent, digest, num_examples, local_loss, path, bytes, codec FROM updates"
             " WHERE job_id = ? AND round = ? ORDER BY agent", (job_id, round_),
         )
-        return [UpdateRow(**dict(r)) for r in rows]
+        return [_record(UpdateRow, r) for r in rows]
 
     def forget_update_files(self, job_id: str, round_: int) -> None:
         with self._tx() as db:
@@ -366,8 +364,8 @@ class Store:
         row = self._one("SELECT num_examples FROM agents WHERE agent = ?", agent)
         return int(row["num_examples"]) if row else 0
 
-    def list_agents(self) -> list[sqlite3.Row]:
-        return list(self._db.execute("SELECT * FROM agents ORDER BY agent"))
+    def list_agents(self) -> list[AgentRow]:
+        return [_record(AgentRow, r) for r in self._db.execute("SELECT * FROM agents ORDER BY agent")]
 
     def pins(self) -> dict[tuple[str, str], str]:
         """Placements an operator fixed: (agent, model) -> placement."""

@@ -1,18 +1,24 @@
-"""Reading safetensors files piece by piece with pread: never loaded whole, never
-mapped, so serving a model costs the coordinator a chunk of memory, not a model."""
+"""Safetensors files: written atomically and durably, hashed on the way; read piece by
+piece with pread, never loaded whole, never mapped, so serving a model costs the
+coordinator a chunk of memory, not a model."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from tandem import codec
+from tandem.codec import TensorSpec, tensor_header
+from tandem.files import replace_durably
 from tandem.v1 import tensor_pb2
 
 _DTYPES = {"F32": "<f4", "F16": "<f2", "I8": "i1", "U8": "u1", "I32": "<i4", "I64": "<i8"}
@@ -39,6 +45,83 @@ def pwrite_array(fd: int, array: np.ndarray, offset: int) -> None:
         view = view[n:]
 
 
+_SAFETENSORS_DTYPES = {"<f4": "F32", "<f2": "F16", "|i1": "I8", "|u1": "U8", "<i4": "I32", "<i8": "I64"}
+
+Pieces = Callable[[str], Iterable[np.ndarray]]
+
+
+def safetensors_header(specs: Mapping[str, TensorSpec], size: int = 0) -> bytes:
+    """A safetensors file's first bytes for `specs`, their data laid out in sorted name
+    order. `size` pads the result to that many bytes (trailing spaces, which the format
+    allows), so that a header can be rewritten in space reserved for a larger one."""
+    entries: dict[str, object] = {}
+    offset = 0
+    for name in sorted(specs):
+        spec = specs[name]
+        entries[name] = {"dtype": _SAFETENSORS_DTYPES[spec.dtype.str], "shape": list(spec.shape),
+                         "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
+    if size:
+        if len(header) + 8 > size:
+            raise ValueError(f"a header of {len(header) + 8} bytes does not fit in {size}")
+        header += b" " * (size - 8 - len(header))
+    return len(header).to_bytes(8, "little") + header
+
+
+def write_tensor_pieces(path: Path, specs: Mapping[str, TensorSpec], pieces: Pieces) -> tuple[int, str]:
+    """Write a safetensors file atomically and durably from each tensor's pieces (C-order
+    slices, produced as they are written); returns its size and the tensors' content
+    hash (tandem.codec.state_sha256), computed on the way.
+
+    Nothing model-sized is built: the safetensors library's `save` would first make the
+    whole file one bytes object. What we write is read back with the library
+    (`read_tensors`), and a test holds the two equal.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # writers never share one
+    digest = hashlib.sha256()
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    size = 0
+    try:
+        with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
+            size += out.write(safetensors_header(specs))
+            for name in sorted(specs):
+                spec = specs[name]
+                digest.update(tensor_header(name, spec.dtype, spec.shape))
+                written = 0
+                for piece in pieces(name):
+                    data = np.ascontiguousarray(piece, dtype=spec.dtype).reshape(-1).view(np.uint8).data
+                    out.write(data)
+                    digest.update(data)
+                    written += len(data)
+                if written != spec.nbytes:
+                    raise ValueError(f"tensor {name!r}: {written} bytes written, its shape needs {spec.nbytes}")
+                size += written
+        os.fsync(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    replace_durably(tmp, path)
+    return size, digest.hexdigest()
+
+
+def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> tuple[int, str]:
+    """Write named arrays as a safetensors file, atomically and durably; returns its size
+    and the arrays' content hash (tandem.codec.state_sha256), computed on the way."""
+    arrays = {name: a if a.flags.c_contiguous else a.copy(order="C") for name, a in arrays.items()}
+    specs = {name: TensorSpec(name, a.dtype, tuple(a.shape)) for name, a in arrays.items()}
+    return write_tensor_pieces(path, specs, lambda name: [arrays[name]])
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Tensors from a safetensors file: no pickle is ever involved."""
+    return load_file(str(path))
+
+
 @dataclass(frozen=True)
 class _Entry:
     spec: codec.TensorSpec
@@ -47,7 +130,7 @@ class _Entry:
 
 
 class TensorFile:
-    """The tensors of one safetensors file (as written by `cloud.store.write_tensors`)."""
+    """The tensors of one safetensors file (as written by `write_tensors`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

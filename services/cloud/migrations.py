@@ -1,0 +1,95 @@
+"""The coordinator database's schema, as an ordered list of migrations.
+
+`MIGRATIONS[i]` takes a database from schema version i to i + 1; the version lives
+in SQLite's `PRAGMA user_version`. A fresh state directory runs them all, an older
+one the ones it lacks, each in a transaction of its own, so a crash mid-upgrade
+leaves the last complete version. Changing the schema is appending a function here
+(and its test in tests/test_store.py); nothing else counts versions.
+
+A migration uses `db.execute` only: `executescript` commits the open transaction
+first, and `migrate` refuses a migration that ends it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+class SchemaError(ValueError):
+    """A database this code cannot use: written by a newer tandem. A ValueError, so
+    `tandem cloud` exits with its message on one line."""
+
+
+def _v1_tables(db: sqlite3.Connection) -> None:
+    """Version 1, the schema before versioning existed. IF NOT EXISTS: a state
+    directory written then (user_version 0, tables present) passes unchanged."""
+    for statement in (
+        """CREATE TABLE IF NOT EXISTS versions (
+            model TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL, path TEXT NOT NULL,
+            job_id TEXT, round INTEGER, created REAL NOT NULL, bytes INTEGER NOT NULL,
+            delta_path TEXT, delta_from INTEGER, delta_codec TEXT, delta_bytes INTEGER,
+            PRIMARY KEY (model, version))""",
+        """CREATE TABLE IF NOT EXISTS jobs (
+            job_id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, current_round INTEGER NOT NULL,
+            version INTEGER NOT NULL, message TEXT NOT NULL DEFAULT '', created REAL NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS rounds (
+            job_id TEXT NOT NULL, round INTEGER NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL,
+            base_version INTEGER NOT NULL, selected TEXT NOT NULL, opened REAL NOT NULL, deadline REAL NOT NULL,
+            rejected INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
+            bytes_down INTEGER NOT NULL DEFAULT 0, accuracy REAL, loss REAL, local_loss REAL, seconds REAL,
+            version INTEGER, sha256 TEXT, closed REAL,
+            PRIMARY KEY (job_id, round))""",
+        """CREATE TABLE IF NOT EXISTS updates (
+            job_id TEXT NOT NULL, round INTEGER NOT NULL, agent TEXT NOT NULL, digest TEXT NOT NULL,
+            num_examples INTEGER NOT NULL, local_loss REAL NOT NULL, path TEXT, bytes INTEGER NOT NULL,
+            received REAL NOT NULL, codec TEXT NOT NULL,
+            PRIMARY KEY (job_id, round, agent))""",
+        """CREATE TABLE IF NOT EXISTS agents (
+            agent TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+            connects INTEGER NOT NULL, num_examples INTEGER NOT NULL, device TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS pins (
+            agent TEXT NOT NULL, model TEXT NOT NULL, placement TEXT NOT NULL, created REAL NOT NULL,
+            PRIMARY KEY (agent, model))""",
+    ):
+        db.execute(statement)
+
+
+MIGRATIONS: list[Migration] = [_v1_tables]
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    """The schema version `db` is at (0: empty, or written before versioning)."""
+    version: int = db.execute("PRAGMA user_version").fetchone()[0]
+    return version
+
+
+def migrate(db: sqlite3.Connection, path: str, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+    """Bring `db` (an autocommit connection) to version len(migrations); SchemaError
+    if it is newer. `path` names the database in that error."""
+    newest = len(migrations)
+    found = schema_version(db)
+    while found < newest:
+        # The version is read again under the write lock: another process opening the
+        # same directory may have migrated it meanwhile.
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            found = schema_version(db)
+            if found < newest:
+                migrations[found](db)
+                if not db.in_transaction:
+                    raise RuntimeError(f"migration {found} -> {found + 1} ended its transaction (executescript?)")
+                found += 1
+                db.execute(f"PRAGMA user_version = {found}")  # a pragma takes no parameters
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    if found > newest:
+        raise SchemaError(
+            f"{path}: schema version {found} was written by a newer tandem (this one knows up to {newest}); "
+            "upgrade tandem to use this state directory"
+        )
