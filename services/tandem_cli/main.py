@@ -13,13 +13,11 @@ from collections.abc import Sequence
 
 import grpc
 
-from tandem_cli.commands import agents, bench, certs, cloud, demo, edge, gpu_check, job, models, placement, serve, status
+from tandem_cli.commands import agents, certs, cloud, demo, edge, job, models, placement, serve, status
 from tandem_cli.options import Command, Handler, env
 
 # In the order `tandem --help` and the README's reference list them.
-COMMANDS: tuple[Command, ...] = (
-    certs, cloud, edge, serve, job, placement, status, agents, models, bench, demo, gpu_check,
-)
+COMMANDS: tuple[Command, ...] = (certs, cloud, edge, serve, job, placement, status, agents, models, demo)
 
 
 def command_parser(prog: str, description: str, commands: Sequence[Command]) -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`bench fl|auto|infer`: benchmarks of the running system that write JSON results."""
+"""`python -m tandem_lab bench fl|auto|infer`: benchmarks of the running system that write JSON results."""
 
 from __future__ import annotations
 
@@ -53,18 +53,18 @@ def register(subparsers: Subparsers) -> None:
 
 # The benchmarks import torch and the servers: only when one runs, not for --help.
 def _fl(args: argparse.Namespace) -> int:
-    from tandem_cli.bench import run_bench_fl
+    from tandem_lab.bench import run_bench_fl
 
     return asyncio.run(run_bench_fl(args))
 
 
 def _auto(args: argparse.Namespace) -> int:
-    from tandem_cli.bench_auto import run_bench_auto
+    from tandem_lab.bench_auto import run_bench_auto
 
     return asyncio.run(run_bench_auto(args))
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from tandem_cli.bench_infer import run_bench_infer
+    from tandem_lab.bench_infer import run_bench_infer
 
     return asyncio.run(run_bench_infer(args))

@@ -1,4 +1,4 @@
-"""`gpu-check`: cloud inference batching and split paths on cuda, checked against CPU."""
+"""`python -m tandem_lab gpu-check`: cloud inference batching and split paths on cuda, checked against CPU."""
 
 from __future__ import annotations
 
@@ -16,6 +16,6 @@ def register(subparsers: Subparsers) -> None:
 
 
 def _gpu_check(args: argparse.Namespace) -> int:
-    from tandem_cli.gpu_check import run_gpu_check  # torch, only when it runs
+    from tandem_lab.gpu_check import run_gpu_check  # torch, only when it runs
 
     return run_gpu_check(args)
