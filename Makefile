@@ -30,7 +30,7 @@ run: $(STAMP) certs
 
 # Strict typing of everything but the generated code.
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy -p tandem -p cloud -p edge -p tandem_cli
+	$(VENV)/bin/mypy -p tandem -p cloud -p edge -p tandem_cli -p tandem_lab
 
 # Lint rules (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, bugbear, import order, naming.
 lint: $(STAMP)
@@ -41,35 +41,35 @@ test: lint typecheck
 
 # Federated training per codec with real processes (not part of `make test`).
 bench-fl: $(STAMP)
-	$(TANDEM) bench fl --clients 8 --rounds 20 --codec none,topk:0.01+int8 --rss-agents 64 \
+	$(PY) -m tandem_lab bench fl --clients 8 --rounds 20 --codec none,topk:0.01+int8 --rss-agents 64 \
 		--out bench/results/fl.json
 
 # Codec auto with two agents behind a bandwidth-shaped link (needs root for ip netns).
 bench-auto: $(STAMP)
-	$(TANDEM) bench auto --rounds 6 --rate 1mbit --target 1.0 --out bench/results/auto.json
+	$(PY) -m tandem_lab bench auto --rounds 6 --rate 1mbit --target 1.0 --out bench/results/auto.json
 
 # Inference serving under load against an echo server and in-process forward passes,
 # hot swaps, and edge placements and a cascade through an agent (~5 minutes).
 bench-infer: $(STAMP)
-	$(TANDEM) bench infer --seconds 10 --swap-seconds 30 --out bench/results/infer.json
+	$(PY) -m tandem_lab bench infer --seconds 10 --swap-seconds 30 --out bench/results/infer.json
 
 # Adaptive placement against every static placement on a weak edge whose shaped link follows
 # a trace; then four agents (needs root for ip netns, tc and cgroups; about 24 minutes).
 bench-placement: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
-	$(PY) -m tandem_cli.bench_placement --phase-seconds 30 --agents 1,4 --out bench/results/placement.json
+	$(PY) -m tandem_lab.bench_placement --phase-seconds 30 --agents 1,4 --out bench/results/placement.json
 
 # Poisoning, churn, coordinator crashes, link faults, 500 agents, a 1 GB model, fuzzing: docs/reliability.md.
 reliability: $(STAMP)
-	$(PY) -m tandem_cli.reliability --out bench/results/reliability.json
+	$(PY) -m tandem_lab.reliability --out bench/results/reliability.json
 
 # Hostile messages against every RPC of an in-process coordinator and edge agent (~70 s).
 fuzz: $(STAMP)
-	$(PY) -m tandem_cli.fuzz --cases 10000 --out bench/results/fuzz.json
+	$(PY) -m tandem_lab.fuzz --cases 10000 --out bench/results/fuzz.json
 
 # Cloud inference on cuda against CPU (relative error < 1e-4); skips without a GPU.
 gpu-check: $(STAMP)
-	$(TANDEM) gpu-check --out bench/results/gpu.json
+	$(PY) -m tandem_lab gpu-check --out bench/results/gpu.json
 
 clean:
 	rm -rf $(VENV) $(CERTS) .state .pytest_cache

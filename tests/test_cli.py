@@ -1,4 +1,5 @@
-"""The `tandem` command: help for every subcommand, and `certs` end to end through main()."""
+"""The `tandem` command: help for every subcommand, and `certs` end to end through main();
+and the lab's (`python -m tandem_lab`), which holds the benchmarks and the GPU check."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tandem_cli.main import build_parser, main
+from tandem_lab import main as lab
 
 
 def _subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -25,6 +27,7 @@ def _subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) 
 
 
 SUBCOMMANDS = _subcommands(build_parser())
+LAB_SUBCOMMANDS = _subcommands(lab.build_parser())
 
 
 def _mode(path: Path) -> int:
@@ -53,6 +56,29 @@ def test_help_exits_zero(path: tuple[str, ...], capsys: pytest.CaptureFixture[st
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: {' '.join(('tandem', *path))}")
+
+
+def test_lab_help_as_a_module() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem_lab", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m tandem_lab")
+    for command in ("bench", "gpu-check"):
+        assert command in result.stdout
+
+
+def test_benchmarks_are_lab_commands_not_tandem_commands() -> None:
+    assert {("bench", "fl"), ("bench", "auto"), ("bench", "infer"), ("gpu-check",)} <= set(LAB_SUBCOMMANDS)
+    assert not {path[0] for path in SUBCOMMANDS} & {"bench", "gpu-check"}
+
+
+@pytest.mark.parametrize("path", [(), *LAB_SUBCOMMANDS], ids=lambda p: " ".join(p) or "lab")
+def test_lab_help_exits_zero(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        lab.main([*path, "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {' '.join(('python -m tandem_lab', *path))}")
 
 
 def test_missing_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,8 +1,8 @@
 """Hostile messages against every RPC of a real coordinator and of an edge agent's
 Inference server: none is answered INTERNAL or UNKNOWN, none hangs, no server logs an
-error, and every server still answers afterwards. `tandem_cli.fuzz` builds the cases
+error, and every server still answers afterwards. `tandem_lab.fuzz` builds the cases
 (hypothesis, from the message descriptors, plus byte mutations of valid messages);
-`python -m tandem_cli.fuzz --cases 10000` is the long run."""
+`python -m tandem_lab.fuzz --cases 10000` is the long run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cloud.app import Coordinator
-from tandem_cli import fuzz
+from tandem_lab import fuzz
 from tests.inference_helpers import start_edge, wait_for
 
 EXAMPLES = 16  # per RPC: about 340 cases in all

@@ -227,7 +227,7 @@ async def test_publish_model_checks_everything_and_swaps_it_in(
 
 async def test_gpu_check_logic_runs_on_cpu(tmp_path: Path) -> None:
     """`make gpu-check` is run on the rare GPU machine: keep its logic exercised here on CPU."""
-    from tandem_cli.gpu_check import check
+    from tandem_lab.gpu_check import check
 
     results = await check("cpu", tmp_path)
     assert results["device"] == "cpu" and results["passed"], results

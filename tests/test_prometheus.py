@@ -23,7 +23,7 @@ from cloud.placement_policy import Observations, PolicyConfig, decide
 from tandem import certs, grpcserver, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from tandem_cli import procs
-from tandem_cli.netem import CpuLimit
+from tandem_lab.netem import CpuLimit
 from tests.inference_helpers import arrays_for, publish, request
 
 ROOT = Path(__file__).resolve().parents[1]

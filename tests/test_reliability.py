@@ -1,4 +1,4 @@
-"""The reliability scenarios at the small size (`python -m tandem_cli.reliability --quick`).
+"""The reliability scenarios at the small size (`python -m tandem_lab.reliability --quick`).
 
 Real coordinators and agent processes on loopback; the full-size figures are in
 docs/reliability.md. The assertions are the issue's, but for poisoning: at this size
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem_cli.reliability import QUICK, run_scenario
+from tandem_lab.reliability import QUICK, run_scenario
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -1,10 +1,13 @@
-"""Admin client helpers: a channel with the admin certificate and JSON views of jobs."""
+"""Admin client helpers: a channel with the admin certificate, and JSON views of jobs,
+agents, models and placements."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,21 @@ def admin_channel(cloud: str, certs: Path) -> grpc.aio.Channel:
 
 def admin_stub(channel: grpc.aio.Channel) -> admin_pb2_grpc.AdminStub:
     return admin_pb2_grpc.AdminStub(channel)
+
+
+def admin_command(
+    call: Callable[[argparse.Namespace, admin_pb2_grpc.AdminStub], Awaitable[int]],
+) -> Callable[[argparse.Namespace], int]:
+    """A command handler that runs `call` with an Admin stub, on a channel to --cloud as --certs's admin."""
+
+    def handler(args: argparse.Namespace) -> int:
+        async def with_channel() -> int:
+            async with admin_channel(args.cloud, args.certs) as channel:
+                return await call(args, admin_stub(channel))
+
+        return asyncio.run(with_channel())
+
+    return handler
 
 
 TERMINAL = {"completed", "stopped", "failed"}
@@ -131,3 +149,30 @@ def round_line(r: dict[str, Any]) -> str:
         f"down {r['bytes_down'] / 1e6:7.2f} MB  ({r['accepted']} updates)"
         + (f"  epsilon {r['epsilon']:.3f}" if r.get("epsilon") else "")
     )
+
+
+async def agent_rows(stub: admin_pb2_grpc.AdminStub) -> list[dict[str, Any]]:
+    agents = (await stub.ListAgents(admin_pb2.ListAgentsRequest())).agents
+    return [{"agent_id": a.agent_id, "connected": a.connected, "num_examples": a.num_examples,
+             "connects": a.connects, "measurements": dict(a.measurements)} for a in agents]
+
+
+def agent_line(row: dict[str, Any]) -> str:
+    return (f"{row['agent_id']:<20} {'connected' if row['connected'] else 'offline':<10} "
+            f"{row['num_examples']:>7} examples  {row['connects']} connects")
+
+
+async def model_rows(stub: admin_pb2_grpc.AdminStub, model: str = "") -> list[dict[str, Any]]:
+    versions = (await stub.ListModelVersions(admin_pb2.ListModelVersionsRequest(model=model))).versions
+    return [{"model": v.model, "version": v.version, "sha256": v.sha256, "job_id": v.job_id,
+             "round": v.round, "bytes": v.bytes} for v in versions]
+
+
+async def placement_rows(stub: admin_pb2_grpc.AdminStub, agent: str = "", model: str = "") -> list[dict[str, Any]]:
+    infos = (await stub.ListPlacements(admin_pb2.ListPlacementsRequest(agent=agent, model=model))).placements
+    return [placement_row(p) for p in infos]
+
+
+def placement_row(p: admin_pb2.PlacementInfo) -> dict[str, Any]:
+    return {"agent": p.agent, "model": p.model, "placement": p.placement, "pinned": p.pinned,
+            "predicted_seconds": list(p.predicted_seconds)}

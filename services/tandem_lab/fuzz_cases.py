@@ -1,6 +1,6 @@
 """The fuzzer's cases: hostile values for every protobuf field type, messages built
 from descriptors, one-field perturbations of valid messages, and byte-level mutations
-(`tandem_cli.fuzz` sends them)."""
+(`tandem_lab.fuzz` sends them)."""
 
 from __future__ import annotations
 

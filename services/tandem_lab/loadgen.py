@@ -1,4 +1,4 @@
-"""The load generator of `tandem bench infer`, run as its own process:
+"""The load generator of `python -m tandem_lab bench infer`, run as its own process:
 C concurrent clients (coroutines) over mutual TLS, each sending Infer requests back to
 back, a channel per `--clients-per-channel` of them.
 
@@ -182,11 +182,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def spawn(args: list[str], out: Path, log: Path) -> dict[str, Any]:
-    """Run `python -m tandem_cli.loadgen ARGS --out OUT` as a child process; its JSON."""
+    """Run `python -m tandem_lab.loadgen ARGS --out OUT` as a child process; its JSON."""
     out.unlink(missing_ok=True)
     with open(log, "ab") as sink:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tandem_cli.loadgen", *args, "--out", str(out),
+            sys.executable, "-m", "tandem_lab.loadgen", *args, "--out", str(out),
             stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=asyncio.subprocess.STDOUT,
         )
         code = await proc.wait()
@@ -235,7 +235,7 @@ async def wait_answering(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m tandem_cli.loadgen", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m tandem_lab.loadgen", description=__doc__)
     p.add_argument("--target", required=True, help="HOST:PORT of an Inference server")
     p.add_argument("--certs", type=Path, required=True)
     p.add_argument("--who", default="admin", help="client certificate: admin, agent:NAME or app:NAME")

@@ -5,7 +5,7 @@ uploads); only the update it sends is poisoned after honest local training:
 - `scale:F` sends F times the honest update (F = -10: a sign-flipping boost);
 - `noise:F` sends Gaussian noise whose L2 norm is F times the honest update's.
 
-    python -m tandem_cli.hostile --attack scale:-10 --cloud HOST:PORT --certs DIR --id NAME --data digits:0/8
+    python -m tandem_lab.hostile --attack scale:-10 --cloud HOST:PORT --certs DIR --id NAME --data digits:0/8
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tandem_cli.hostile", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tandem_lab.hostile", description=__doc__.splitlines()[0])
     parser.add_argument("--attack", required=True, help="scale:F or noise:F")
     parser.add_argument("--cloud", required=True)
     parser.add_argument("--certs", type=Path, required=True)

@@ -26,8 +26,8 @@ from typing import Any
 from tandem.v1 import admin_pb2
 from tandem_cli import procs
 from tandem_cli.admin import admin_channel, admin_stub, job_dict, wait_connected, wait_job
-from tandem_cli.fleet import Fleet, make_certs
-from tandem_cli.reliability_churn import acknowledged
+from tandem_lab.fleet import Fleet, make_certs
+from tandem_lab.reliability_churn import acknowledged
 
 
 async def _job(fleet: Fleet, spec: admin_pb2.JobSpec, agents: int) -> str:

@@ -1,4 +1,4 @@
-"""`python -m tandem_cli.bench_placement`: the adaptive placement controller against
+"""`python -m tandem_lab.bench_placement`: the adaptive placement controller against
 every static placement of the camera model (`cnn`), on a weak edge whose link follows
 a trace: 100 Mbit/s 5 ms, 2 Mbit/s 80 ms, 20 Mbit/s 30 ms, cut, 100 Mbit/s 5 ms.
 
@@ -35,8 +35,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem_cli import procs
-from tandem_cli.netem import CpuLimit, DelayRelay, ShapedLink, unavailable_reason
-from tandem_cli.relay import Relay
+from tandem_lab.netem import CpuLimit, DelayRelay, ShapedLink, unavailable_reason
+from tandem_lab.relay import Relay
 
 MODEL = "cnn"
 STATIC = ("edge", "split:4", "split:3", "split:2", "split:1", "cloud")
@@ -290,7 +290,7 @@ def _start_client(
 ) -> subprocess.Popen[bytes]:
     """The camera, inside the agent's namespace, talking to it on 127.0.0.1."""
     command = [
-        *edge.link.prefix(), sys.executable, "-m", "tandem_cli.bench_placement_client",
+        *edge.link.prefix(), sys.executable, "-m", "tandem_lab.bench_placement_client",
         "--port", str(agent_ports["inference_port"]), "--metrics-port", str(agent_ports["metrics_port"]),
         "--certs", str(certs_dir), "--rate", str(args.rate), "--deadline-ms", str(args.deadline_ms),
         "--out", str(edge.out),
@@ -356,7 +356,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tandem_cli.bench_placement", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tandem_lab.bench_placement", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--phase-seconds", type=float, default=30.0, help="length of each link phase but the cut")
     p.add_argument("--cut-seconds", type=float, default=10.0)
@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"bench placement needs shaped links: {reason}", file=sys.stderr)
         return 2
-    from tandem_cli import bench_placement_report as report
-    from tandem_cli.bench import machine
+    from tandem_lab import bench_placement_report as report
+    from tandem_lab.bench import machine
 
     if args.from_raw is not None:
         raw = json.loads(args.from_raw.read_text())
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".raw.json").write_text(json.dumps(raw))
-    command = " ".join(["python -m tandem_cli.bench_placement", *sys.argv[1:]])
+    command = " ".join(["python -m tandem_lab.bench_placement", *sys.argv[1:]])
     result = report.build(raw["runs"], args, raw.get("machine") or machine(), raw.get("command") or command)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -1,9 +1,9 @@
-"""`tandem bench infer`: inference serving under load, every target a ratio to a limit
+"""`python -m tandem_lab bench infer`: inference serving under load, every target a ratio to a limit
 measured in the same run.
 
 Servers run as processes on loopback with the deployment's mutual TLS; the load comes
-from a separate process (`tandem_cli.loadgen`). The limits: the gRPC ceiling is an
-echo server (`tandem_cli.echo`) under the same load; the compute ceiling is the
+from a separate process (`tandem_lab.loadgen`). The limits: the gRPC ceiling is an
+echo server (`tandem_lab.echo`) under the same load; the compute ceiling is the
 model's forward pass in this process, no gRPC, at the batch size the server formed.
 """
 
@@ -27,9 +27,10 @@ import numpy as np
 from tandem import certs, data, grpcserver, tls, training, zoo
 from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
-from tandem_cli import loadgen, procs
+from tandem_cli import procs
 from tandem_cli.admin import publish_messages
-from tandem_cli.bench import _target, machine
+from tandem_lab import loadgen
+from tandem_lab.bench import _target, machine
 
 AGENT, APP = "bench-edge", "bench-app"
 
@@ -105,7 +106,7 @@ class Bench:
         ], cloud=True)
 
     def start_echo(self) -> Server:
-        return self.start("echo", ["tandem_cli.echo", "--certs", str(self.certs),
+        return self.start("echo", ["tandem_lab.echo", "--certs", str(self.certs),
                                    "--ready-file", str(self.work / "echo.ready.json")], cloud=False)
 
     def start_agent(self, name: str, cloud: Server, placement: str) -> Server:
@@ -393,7 +394,7 @@ async def run_bench_infer(args: argparse.Namespace) -> int:
             for server in list(bench.servers):
                 bench.stop(server)
     result: dict[str, Any] = {
-        "name": "infer", "command": " ".join(["tandem", *sys.argv[1:]]), "machine": machine(),
+        "name": "infer", "command": " ".join(["python -m tandem_lab", *sys.argv[1:]]), "machine": machine(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         "accuracy": accuracy, "ceilings": measured["ceilings"], "edge": measured["edge"],

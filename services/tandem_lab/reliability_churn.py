@@ -18,7 +18,7 @@ from typing import Any
 
 from tandem.v1 import admin_pb2
 from tandem_cli.admin import admin_channel, admin_stub, job_dict
-from tandem_cli.fleet import Fleet, make_certs
+from tandem_lab.fleet import Fleet, make_certs
 
 ACKED = re.compile(r"job (\S+) round (\d+): trained .* update [0-9a-f]+ accepted")
 

@@ -12,6 +12,16 @@ from tandem import certs
 from tandem.v1 import admin_pb2
 from tandem_cli import procs
 from tandem_cli.admin import admin_channel, admin_stub, wait_job
+from tandem_cli.options import Subparsers
+
+
+def register(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser("demo", help="coordinator + agents on loopback, federated training of the reference workload")
+    p.add_argument("--certs", type=Path, default=Path(".certs"))
+    p.add_argument("--agents", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--min-accuracy", type=float, default=0.93, help="exit 1 below this final test accuracy")
+    p.set_defaults(func=lambda args: asyncio.run(run_demo(args)))
 
 
 def _ensure_certs(directory: Path, names: list[str]) -> None:

@@ -1,13 +1,13 @@
 """`make reliability`: the figures of trust under attack and failure, one target each.
 
-    python -m tandem_cli.reliability --out bench/results/reliability.json
-    python -m tandem_cli.reliability --only poison,crash --quick
+    python -m tandem_lab.reliability --out bench/results/reliability.json
+    python -m tandem_lab.reliability --only poison,crash --quick
 
 Every scenario runs real processes on loopback (see each module's docstring):
 poisoning (`reliability_poison`), agent churn (`reliability_churn`), coordinator
 crashes (`reliability_crash`), link faults (`reliability_links`), many agents on
 one coordinator (`reliability_load`), a 1 GB model moved both ways (`reliability_memory`),
-fuzzing (`tandem_cli.fuzz`). `--quick` is the size `make test` runs.
+fuzzing (`tandem_lab.fuzz`). `--quick` is the size `make test` runs.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tandem_cli.bench import machine
+from tandem_lab.bench import machine
 
-SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "fuzz")  # tandem_cli.reliability_NAME, and fuzz
+SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "fuzz")  # tandem_lab.reliability_NAME, and fuzz
 
 FULL: dict[str, dict[str, Any]] = {
     "poison": {"agents": 8, "hostile": 2, "rounds": 10},
@@ -49,9 +49,9 @@ QUICK: dict[str, dict[str, Any]] = {
 async def run_scenario(name: str, work: Path, sizes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The scenario's raw result and its targets: every scenario module has `run` and `targets`."""
     if name == "fuzz":
-        from tandem_cli import fuzz as module  # needs hypothesis, from the dev extra
+        from tandem_lab import fuzz as module  # needs hypothesis, from the dev extra
     else:
-        module = importlib.import_module(f"tandem_cli.reliability_{name}")
+        module = importlib.import_module(f"tandem_lab.reliability_{name}")
     result: dict[str, Any] = await module.run(work, **sizes)
     return result, module.targets(result)
 
@@ -71,7 +71,7 @@ async def run(only: list[str], quick: bool, work: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tandem_cli.reliability", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tandem_lab.reliability", description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated: {', '.join(SCENARIOS)}")
     parser.add_argument("--quick", action="store_true", help="the small sizes `make test` runs")
     parser.add_argument("--work", type=Path, default=None, help="keep certificates, state and logs here")

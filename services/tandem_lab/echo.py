@@ -1,8 +1,8 @@
-"""The gRPC ceiling of `tandem bench infer`: the Inference API served over the
+"""The gRPC ceiling of `python -m tandem_lab bench infer`: the Inference API served over the
 deployment's mutual TLS by a backend that does no work, answering each request with
 its own input tensor.
 
-Run it as its own process: `python -m tandem_cli.echo --certs DIR --ready-file F`.
+Run it as its own process: `python -m tandem_lab.echo --certs DIR --ready-file F`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ async def serve(certs_dir: Path, listen: str, ready_file: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tandem_cli.echo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tandem_lab.echo", description=__doc__)
     parser.add_argument("--certs", type=Path, required=True, help="deployment certificates (serves cloud.pem)")
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (default %(default)s)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write the bound port here as JSON")

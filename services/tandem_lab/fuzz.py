@@ -7,7 +7,7 @@ valid messages; streaming RPCs get sequences. Everything is sent as raw bytes, s
 malformed wire data reaches the server too, mostly with the role allowed to call
 (so validation, not only authorisation, is exercised) and sometimes with a wrong one.
 A case fails when it ends INTERNAL or UNKNOWN, or hangs past its timeout; the server
-must still answer afterwards. `python -m tandem_cli.fuzz --cases N --out FILE` runs
+must still answer afterwards. `python -m tandem_lab.fuzz --cases N --out FILE` runs
 N cases against an in-process coordinator and edge agent and writes the tallies.
 """
 
@@ -40,7 +40,7 @@ from tandem import certs, codec, grpcserver, tls, training, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli.admin import publish_messages
-from tandem_cli.fuzz_cases import MODEL, Context, Seeds, message_strategy, mutated, serialize, spliced
+from tandem_lab.fuzz_cases import MODEL, Context, Seeds, message_strategy, mutated, serialize, spliced
 
 AGENTS = [f"agent-{i}" for i in range(6)]
 APP = "app-0"
@@ -427,15 +427,15 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tandem_cli.bench import machine
+    from tandem_lab.bench import machine
 
-    parser = argparse.ArgumentParser(prog="python -m tandem_cli.fuzz", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tandem_lab.fuzz", description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10_000, help="cases in all, spread evenly over the RPCs")
     parser.add_argument("--out", type=Path, default=Path("bench/results/fuzz.json"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tandem-fuzz-") as tmp:
         result = asyncio.run(run(Path(tmp), args.cases))
-    command = "python -m tandem_cli.fuzz " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m tandem_lab.fuzz " + " ".join(sys.argv[1:] if argv is None else argv)
     report = {"name": "fuzz", "command": command,
               "machine": machine(), **result, "targets": targets(result)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

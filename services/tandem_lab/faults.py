@@ -9,7 +9,7 @@ import random
 import time
 from typing import Any
 
-from tandem_cli.relay import pipe
+from tandem_lab.relay import pipe
 
 FAULTS = ("reset", "stall", "drop")
 

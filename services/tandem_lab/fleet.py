@@ -53,7 +53,7 @@ class Fleet:
         if attack:
             with open(log, "ab") as out:
                 self.procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "tandem_cli.hostile", "--attack", attack, "--cloud", self.target,
+                    [sys.executable, "-m", "tandem_lab.hostile", "--attack", attack, "--cloud", self.target,
                      "--certs", str(self.certs_dir), "--id", name, "--data", self.data(index)],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 )

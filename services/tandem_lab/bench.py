@@ -1,4 +1,4 @@
-"""`tandem bench fl`: the reference workload with real processes over mTLS on
+"""`python -m tandem_lab bench fl`: the reference workload with real processes over mTLS on
 loopback, per codec, with bytes counted at the gRPC message level (job status) and
 on the wire (a byte-counting TCP relay between the agents and the coordinator)."""
 
@@ -23,7 +23,7 @@ from tandem.v1 import admin_pb2, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli import procs
 from tandem_cli.admin import admin_channel, admin_stub, wait_connected, wait_job
-from tandem_cli.relay import Relay
+from tandem_lab.relay import Relay
 
 
 def machine() -> dict[str, Any]:
@@ -175,12 +175,12 @@ async def run_bench_fl(args: argparse.Namespace) -> int:
             runs[update_codec] = await run_codec(work, certs_dir, args.clients, args.rounds, update_codec, extra)
     summary = {c: summarise(r, args.clients, full) for c, r in runs.items()}
     result: dict[str, Any] = {
-        "name": "fl", "command": " ".join(["tandem", *sys.argv[1:]]), "machine": machine(),
+        "name": "fl", "command": " ".join(["python -m tandem_lab", *sys.argv[1:]]), "machine": machine(),
         "config": {"clients": args.clients, "rounds": args.rounds, "model": "mlp", "model_bytes": full},
         "summary": summary, "runs": runs, "targets": targets(summary, args.clients, full),
     }
     if args.rss_agents:
-        from tandem_cli.bench_rss import run_rss
+        from tandem_lab.bench_rss import run_rss
 
         rss = await run_rss(args.rss_agents, "mlp10m")
         result["rss"] = rss

@@ -1,4 +1,4 @@
-"""`tandem bench auto`: codec auto against fixed codecs, with some agents behind a
+"""`python -m tandem_lab bench auto`: codec auto against fixed codecs, with some agents behind a
 bandwidth-shaped link.
 
 Two agents run in a network namespace joined to the host by a veth pair whose
@@ -22,8 +22,8 @@ from tandem import certs
 from tandem.v1 import admin_pb2
 from tandem_cli import procs
 from tandem_cli.admin import admin_channel, admin_stub, wait_connected, wait_job
-from tandem_cli.bench import machine
-from tandem_cli.netem import ShapedLink
+from tandem_lab.bench import machine
+from tandem_lab.netem import ShapedLink
 
 LINK = ShapedLink(0)
 
@@ -90,7 +90,7 @@ async def run_bench_auto(args: argparse.Namespace) -> int:
             "codecs_last_round": run["rounds"][-1]["codecs"],
             "bytes_up_per_round": statistics.mean(r["bytes_up"] for r in later),
         }
-    result: dict[str, Any] = {"name": "auto", "command": " ".join(["tandem", *sys.argv[1:]]), "machine": machine(),
+    result: dict[str, Any] = {"name": "auto", "command": " ".join(["python -m tandem_lab", *sys.argv[1:]]), "machine": machine(),
               "config": {"rate": args.rate, "rounds": args.rounds, "target_upload_seconds": args.target},
               "summary": summary, "runs": runs, "targets": {}}
     if "auto" in summary and "none" in summary:

@@ -22,7 +22,7 @@ from tandem.v1 import admin_pb2, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as ipb
 from tandem_cli import procs
 from tandem_cli.admin import admin_channel, admin_stub, publish_messages, wait_connected, wait_job
-from tandem_cli.faults import FaultRelay
+from tandem_lab.faults import FaultRelay
 
 APP = "camera"
 

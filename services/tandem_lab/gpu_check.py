@@ -1,4 +1,4 @@
-"""`tandem gpu-check`: the cloud inference server's batching and split paths on
+"""`python -m tandem_lab gpu-check`: the cloud inference server's batching and split paths on
 `cuda`, checked against a CPU forward pass (relative error under 1e-4 in float32),
 with forward-pass throughput on both. Skips, saying so, where torch sees no GPU.
 
@@ -26,7 +26,7 @@ from tandem.staged import StagedModel
 from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
 from tandem_cli.admin import publish_messages
-from tandem_cli.bench import machine
+from tandem_lab.bench import machine
 
 MODELS = ("mlp", "mlp-heavy")
 TOLERANCE = 1e-4

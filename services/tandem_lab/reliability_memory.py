@@ -143,7 +143,7 @@ async def run(work: Path, model: str = "mlp250m") -> dict[str, Any]:
     try:
         with open(work / "agent.log", "ab") as log:
             side = subprocess.Popen(
-                [sys.executable, "-m", "tandem_cli.reliability_memory", "--cloud", target, "--certs", str(certs_dir),
+                [sys.executable, "-m", "tandem_lab.reliability_memory", "--cloud", target, "--certs", str(certs_dir),
                  "--model", model, "--cloud-pid", str(cloud.pid), "--out", str(out)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:

@@ -1,7 +1,7 @@
 """Poisoning: honest agents and hostile ones on the reference workload, per aggregator.
 
 Every run is a real coordinator and real agent processes; the hostile agents train
-honestly and then send a poisoned update (`tandem_cli.hostile`). The all-honest
+honestly and then send a poisoned update (`tandem_lab.hostile`). The all-honest
 run (plain FedAvg, every agent honest) is the issue's yardstick. A second one is the
 best any defence can do: FedAvg over the honest agents alone, on the same data
 shares. With non-IID shares the hostile agents' data is lost to every defence, and
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.v1 import admin_pb2
-from tandem_cli.fleet import Fleet, make_certs
+from tandem_lab.fleet import Fleet, make_certs
 
 ATTACKS = ("scale:-10", "noise:100")
 

@@ -1,0 +1,98 @@
+"""`tandem certs init|add-agent|add-client|revoke`: the deployment's CA and certificates."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from tandem import certs
+from tandem_cli.options import Subparsers
+
+
+def register(subparsers: Subparsers) -> None:
+    p_certs = subparsers.add_parser("certs", help="make the deployment's CA and certificates")
+    certs_sub = p_certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    p = certs_sub.add_parser("init", help="create a CA, the cloud's server certificate, the admin's and agents'")
+    p.add_argument("--dir", type=Path, required=True, help="directory to write (must not hold a CA yet)")
+    p.add_argument("--agents", default="", help="comma-separated agent names")
+    p.add_argument("--hosts", default="", help="extra server names or IPs for the cloud certificate, comma-separated")
+    p.add_argument("--days", type=int, default=365, help="validity of the leaf certificates")
+    p.add_argument("--k8s", default=None, metavar="NAMESPACE",
+                   help="also name the Kubernetes services of deploy/k8s in NAMESPACE in the server certificates, "
+                        "and write their Secrets to DIR/k8s/secrets.yaml (agents are named after edge nodes)")
+    p.set_defaults(func=_init)
+    p = certs_sub.add_parser("add-agent", help="issue a certificate for one more agent")
+    p.add_argument("name", help="the agent's name: its identity everywhere")
+    p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
+    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--hosts", default="", help="names or IPs local applications reach the agent by, comma-separated")
+    p.set_defaults(func=_add_agent)
+    p = certs_sub.add_parser("add-client", help="issue a certificate for a local application that calls Inference")
+    p.add_argument("name", help="the application's name")
+    p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
+    p.add_argument("--days", type=int, default=365)
+    p.set_defaults(func=_add_client)
+
+    p = certs_sub.add_parser("revoke", help="deny an agent's or application's certificate on every server, "
+                                            "without a restart")
+    p.add_argument("name", help="the agent's or application's name")
+    p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
+    p.add_argument("--role", choices=certs.REVOCABLE_ROLES, default=None,
+                   help="needed only when the name is both an agent and a client, or its certificate is gone")
+    p.set_defaults(func=_revoke)
+
+
+def _init(args: argparse.Namespace) -> int:
+    agents = [a for a in args.agents.split(",") if a]
+    hosts = [h for h in args.hosts.split(",") if h]
+    if args.k8s:
+        from tandem import k8s_secrets
+
+        hosts += k8s_secrets.service_hosts(args.k8s)
+    certs.init_deployment(args.dir, agents, hosts, days=args.days)
+    print(f"wrote CA, cloud, admin, inference and {len(agents)} agent certificates to {args.dir}")
+    if args.k8s:
+        path = _write_k8s_secrets(args.dir, args.k8s, agents)
+        print(f"wrote Kubernetes Secrets for namespace {args.k8s} to {path} (kubectl apply -f {path})")
+    return 0
+
+
+def _add_agent(args: argparse.Namespace) -> int:
+    hosts = [h for h in args.hosts.split(",") if h]
+    cert, _ = certs.add_agent(args.dir, args.name, days=args.days, hosts=hosts)
+    print(f"wrote {cert}")
+    return 0
+
+
+def _add_client(args: argparse.Namespace) -> int:
+    cert, _ = certs.add_client(args.dir, args.name, days=args.days)
+    print(f"wrote {cert}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    identity = certs.revoke(args.dir, args.name, role=args.role)
+    print(f"revoked {identity}: servers reading {args.dir} refuse its next call within a second "
+          f"(copy {args.dir / 'revoked.txt'} to other servers' certificate directories)")
+    secrets_file = args.dir / "k8s" / "secrets.yaml"
+    if secrets_file.exists():
+        from tandem import k8s_secrets
+
+        _write_k8s_secrets(args.dir, *k8s_secrets.deployed(secrets_file))
+        print(f"rewrote {secrets_file} with the deny list: kubectl apply -f {secrets_file}")
+    return 0
+
+
+def _write_k8s_secrets(directory: Path, namespace: str, agents: list[str]) -> Path:
+    import yaml
+
+    from tandem import k8s_secrets
+
+    path = directory / "k8s" / "secrets.yaml"
+    path.parent.mkdir(exist_ok=True)
+    text = yaml.safe_dump_all(k8s_secrets.secrets(directory, namespace, agents), sort_keys=False)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds private keys
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    return path

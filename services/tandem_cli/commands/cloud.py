@@ -1,0 +1,93 @@
+"""`tandem cloud`: the coordinator, configured from its flags."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from tandem_cli.options import Subparsers, certs_default, serving_args, serving_config, write_ready
+
+
+def register(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser("cloud", help="run the coordinator")
+    p.add_argument("--listen", default="0.0.0.0:7443", help="gRPC address (mutual TLS), HOST:PORT")
+    p.add_argument("--certs", type=Path, default=certs_default(),
+                   help="deployment certificate directory (env TANDEM_CERTS)")
+    p.add_argument("--state", type=Path, required=True, help="state directory (SQLite and tensor files)")
+    p.add_argument("--metrics", default=None, help="Prometheus metrics address HOST:PORT")
+    p.add_argument("--health", default=None, help="plaintext gRPC health-only address HOST:PORT, for probes")
+    p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between agent heartbeats")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
+    p.add_argument("--models", default="",
+                   help="comma-separated models its Inference service serves (default: every zoo model)")
+    serving_args(p)
+    group = p.add_argument_group("placement controller")
+    group.add_argument("--placement-interval", type=float, default=1.0,
+                       help="seconds between placement decisions (0: no controller; agents keep their flags)")
+    group.add_argument("--prometheus-url", default=None,
+                       help="read the controller's inputs from this Prometheus server (default: straight from "
+                            "the cloud's /metrics and the agents' heartbeats)")
+    group.add_argument("--alpha", type=float, default=0.0,
+                       help="price of a byte sent between edge and cloud, in seconds (per deployment)")
+    group.add_argument("--alpha-model", action="append", default=[], metavar="MODEL=ALPHA",
+                       help="the price for one model; repeatable")
+    group.add_argument("--cascade", action="append", default=[], metavar="MODEL=T[:CLOUD_MODEL]",
+                       help="offer a cascade for MODEL as an option besides the split points; repeatable")
+    group.add_argument("--min-dwell", type=float, default=5.0, help="seconds a placement is kept at least")
+    group.add_argument("--min-gain", type=float, default=0.10,
+                       help="fraction of predicted latency a switch must save")
+    group = p.add_argument_group("limits per agent (beyond them calls get RESOURCE_EXHAUSTED; others are not slowed)")
+    group.add_argument("--agent-max-streams", type=int, default=32, help="streaming calls an agent has open at once")
+    group.add_argument("--agent-requests-per-second", type=float, default=5000.0,
+                       help="calls per second, sustained (bursts of twice as many)")
+    group.add_argument("--agent-bytes-per-second", type=float, default=float(256 << 20),
+                       help="request bytes per second, sustained (bursts of 1 GiB)")
+    p.set_defaults(func=lambda args: asyncio.run(run_cloud(args)))
+
+
+async def run_cloud(args: argparse.Namespace) -> int:
+    from cloud.app import CloudConfig, Coordinator
+    from cloud.limits import LimitsConfig
+    from cloud.placement import ControllerConfig
+    from cloud.placement_policy import CascadeOption, PolicyConfig
+    from tandem import lifecycle
+    from tandem import placement as placement_mod
+
+    alphas = {}
+    for item in args.alpha_model:
+        model, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--alpha-model {item!r} is not MODEL=ALPHA")
+        alphas[model] = float(value)
+    cascades = {}
+    for item in args.cascade:
+        model, sep, text = item.partition("=")
+        chosen = placement_mod.parse(model, f"cascade:{text}") if sep else None
+        if chosen is None or chosen.mode != "cascade":
+            raise ValueError(f"--cascade {item!r} is not MODEL=T[:CLOUD_MODEL]")
+        cascades[model] = CascadeOption(chosen.threshold, chosen.cloud_model)
+    policy = PolicyConfig(alpha=args.alpha, alpha_per_model=alphas, min_dwell=args.min_dwell, min_gain=args.min_gain,
+                          cascades=cascades)
+    placement = ControllerConfig(interval=args.placement_interval, policy=policy) if args.placement_interval > 0 else None
+
+    config = CloudConfig(
+        listen=args.listen, certs=args.certs, state=args.state, metrics=args.metrics, health=args.health,
+        heartbeat_interval=args.heartbeat, grace=args.grace,
+        serving=serving_config(args),
+        placement=placement, prometheus_url=args.prometheus_url,
+        limits=LimitsConfig(max_streams=args.agent_max_streams, requests_per_second=args.agent_requests_per_second,
+                            request_burst=max(1, int(2 * args.agent_requests_per_second)),
+                            bytes_per_second=args.agent_bytes_per_second),
+    )
+    lifecycle.tune_for_serving(args.torch_threads)
+    coordinator = Coordinator(config)
+    stop = lifecycle.stop_event()
+    await coordinator.start()
+    if args.ready_file:
+        write_ready(args.ready_file, {"port": coordinator.port, "metrics_port": coordinator.metrics_port,
+                                      "health_port": coordinator.health_port})
+    await stop.wait()
+    await coordinator.stop()
+    return 0

@@ -1,0 +1,63 @@
+"""`tandem edge`: an edge agent, configured from its flags."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from tandem_cli.options import Subparsers, client_args, serving_args, write_ready
+
+
+def register(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser("edge", help="run an edge agent")
+    client_args(p)
+    p.add_argument("--id", required=True, help="agent name; its certificate is CERTS/agents/ID.pem")
+    p.add_argument("--data", required=True,
+                   help="local data: digits:I/N (partition I of N, 0-based, of the reference workload) "
+                        "or a directory of .npz/.safetensors files with arrays x and y")
+    p.add_argument("--metrics", default=None, help="Prometheus metrics address HOST:PORT")
+    p.add_argument("--health", default=None, help="plaintext gRPC health-only address HOST:PORT, for probes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for local training")
+    p.add_argument("--listen", default=None,
+                   help="serve Inference (mutual TLS) to local applications at HOST:PORT")
+    p.add_argument("--placement", action="append", default=[], metavar="MODEL=MODE",
+                   help="where MODEL's requests run: edge, cloud, split:K (stages 1..K here, the rest in the "
+                        "cloud) or cascade:T[:CLOUD_MODEL] (the cloud answers when the edge's confidence is "
+                        "below T); repeatable; models not named run at the edge. The cloud's placement "
+                        "controller replaces these as it decides (`tandem placement pin` fixes one)")
+    p.add_argument("--inference-cloud", default=None, metavar="HOST:PORT",
+                   help="where cloud and split inference requests go, e.g. the inference replicas' Service "
+                        "(default: the coordinator at --cloud)")
+    p.add_argument("--cloud-timeout", type=float, default=1.0,
+                   help="seconds a cloud call may take when the request sets no deadline; then the edge answers")
+    p.add_argument("--probe-interval", type=float, default=2.0,
+                   help="seconds between link probes while no request measures the link")
+    p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
+    serving_args(p, device="cpu")
+    p.set_defaults(func=lambda args: asyncio.run(run_edge(args)))
+
+
+async def run_edge(args: argparse.Namespace) -> int:
+    from edge.agent import AgentConfig
+    from edge.app import EdgeApp
+    from tandem import lifecycle
+
+    # --threads (training, 1 by default, which keeps local training reproducible) unless
+    # --torch-threads says otherwise.
+    lifecycle.tune_for_serving(args.torch_threads or max(1, args.threads))
+    config = AgentConfig(
+        cloud=args.cloud, certs=args.certs, agent_id=args.id, data=args.data, metrics=args.metrics, health=args.health,
+        listen=args.listen, inference_cloud=args.inference_cloud, placements=tuple(args.placement),
+        cloud_timeout=args.cloud_timeout,
+        probe_interval=args.probe_interval, device=args.device, max_batch=args.max_batch,
+        max_delay=args.max_delay_ms / 1000, max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
+    )
+    app = EdgeApp(config)
+    stop = lifecycle.stop_event()
+    await app.start()
+    if args.ready_file:
+        write_ready(args.ready_file, {"inference_port": app.inference_port, "metrics_port": app.metrics_port,
+                                      "health_port": app.health_port})
+    await app.run(stop)
+    return 0

@@ -1,0 +1,50 @@
+"""`tandem status`: agents, jobs, the newest version of each model and the placements, on one screen."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from tandem.v1 import admin_pb2, admin_pb2_grpc
+from tandem_cli.admin import admin_command, agent_line, agent_rows, job_dict, model_rows, placement_rows
+from tandem_cli.options import Subparsers, client_args
+
+
+def register(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser("status", help="agents, jobs, models and placements on one screen")
+    client_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=admin_command(_status))
+
+
+async def _status(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
+    agents, models, placements = await agent_rows(stub), await model_rows(stub), await placement_rows(stub)
+    jobs = [job_dict(j) for j in (await stub.ListJobs(admin_pb2.ListJobsRequest())).jobs]
+    newest: dict[str, dict[str, Any]] = {}
+    for row in models:
+        if row["version"] > newest.get(row["model"], {"version": 0})["version"]:
+            newest[row["model"]] = row
+    if args.json:
+        print(json.dumps({"cloud": args.cloud, "agents": agents, "jobs": jobs,
+                          "models": sorted(newest.values(), key=lambda r: r["model"]),
+                          "placements": placements}, indent=2))
+        return 0
+    connected = sum(a["connected"] for a in agents)
+    print(f"Tandem at {args.cloud}")
+    print(f"agents: {connected} connected of {len(agents)}")
+    for row in agents:
+        print("  " + agent_line(row))
+    running = [j for j in jobs if j["state"] == "running"]
+    print(f"jobs: {len(running)} running of {len(jobs)}")
+    for j in jobs[-10:]:
+        accuracy = f"  accuracy {j['rounds'][-1]['accuracy']:.4f}" if j["rounds"] else ""
+        print(f"  {j['job_id']}  {j['state']:<10} {j['model']:<10} round {j['current_round']}/{j['spec']['rounds']}"
+              f"{accuracy}")
+    print(f"models: {len(newest)} published")
+    for row in sorted(newest.values(), key=lambda r: r["model"]):
+        print(f"  {row['model']:<10} v{row['version']:<5} {row['sha256'][:16]}")
+    print(f"placements: {len(placements)}")
+    for p in placements:
+        print(f"  {p['agent']:<20} {p['model']:<10} {p['placement']}{'  (pinned)' if p['pinned'] else ''}")
+    return 0

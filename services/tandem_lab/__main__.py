@@ -1,0 +1,5 @@
+import sys
+
+from tandem_lab.main import main
+
+sys.exit(main())
