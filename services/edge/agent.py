@@ -50,10 +50,6 @@ class AgentConfig:
     max_request_rows: int = 1024
 
 
-# The former name of transfer.HeldVersion; tandem_cli.hostile still imports it.
-HeldModel = transfer.HeldVersion
-
-
 class Agent:
     """One edge agent: its control stream and heartbeats, its training tasks, and (with
     `listen`) the local inference the router serves."""

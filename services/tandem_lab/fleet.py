@@ -29,16 +29,19 @@ class Fleet:
         self.partitions = partitions or len(agents)
         self.cloud_extra, self.listen = cloud_extra, listen
         work.mkdir(parents=True, exist_ok=True)
-        self.start_cloud()
+        self.cloud, self.ports, self.target = self._cloud()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         for index, name in enumerate(agents):
             self.start_agent(name, index)
 
     def start_cloud(self) -> None:
-        """Start (or, after it died, restart) the coordinator on the same state and address."""
-        self.cloud, self.ports = procs.start_cloud(self.certs_dir, self.work / "state", self.work / "cloud.log",
-                                                   listen=self.listen, extra=self.cloud_extra)
-        self.target = f"localhost:{self.ports['port']}"
+        """Restart the coordinator, after it died, on the same state and address."""
+        self.cloud, self.ports, self.target = self._cloud()
+
+    def _cloud(self) -> tuple[subprocess.Popen[bytes], dict[str, Any], str]:
+        cloud, ports = procs.start_cloud(self.certs_dir, self.work / "state", self.work / "cloud.log",
+                                         listen=self.listen, extra=self.cloud_extra)
+        return cloud, ports, f"localhost:{ports['port']}"
 
     def data(self, index: int) -> str:
         return f"digits:{index}/{self.partitions}"

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.agent import Agent, AgentConfig, HeldModel
+from edge.agent import Agent, AgentConfig
 from tandem import lifecycle
+from tandem.transfer import HeldVersion
 from tandem.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class HostileAgent(Agent):
         self.kind, self.factor = parse_attack(attack)
         self._rng = np.random.default_rng(seed)
 
-    async def _train(self, task: pb.TrainTask, base: HeldModel) -> tuple[dict[str, np.ndarray], float, float]:
+    async def _train(self, task: pb.TrainTask, base: HeldVersion) -> tuple[dict[str, np.ndarray], float, float]:
         delta, loss, seconds = await super()._train(task, base)
         log.info("job %s round %d: sending a poisoned update (%s x %g)", task.job_id, task.round, self.kind, self.factor)
         return poison(delta, self.kind, self.factor, self._rng), loss, seconds

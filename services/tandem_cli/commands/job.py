@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from cloud import aggregation, strategies  # the registered names are the choices
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tandem_cli.admin import admin_command, job_dict, round_line, wait_job
 from tandem_cli.options import Subparsers, client_args
@@ -30,7 +31,7 @@ def register(subparsers: Subparsers) -> None:
                         "agent and round from its measured link)")
     p.add_argument("--downlink-codec", default="", help="codec of new versions sent as deltas (default: from --codec)")
     p.add_argument("--target-upload-seconds", type=float, default=2.0, help="with --codec auto: upload time to meet")
-    p.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam", "fedyogi"])
+    p.add_argument("--strategy", default="fedavg", choices=strategies.names())
     p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight")
     p.add_argument("--server-lr", type=float, default=0.0, help="server step size (0: the strategy's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and agent selection")
@@ -38,7 +39,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the job to end, with a progress bar on a terminal")
     group = p.add_argument_group("defences against hostile agents, and privacy")
     group.add_argument("--aggregator", default="mean",
-                       choices=["mean", "median", "trimmed_mean", "mean_around_median", "krum", "multi_krum"],
+                       choices=aggregation.names(),
                        help="how updates are combined (mean: FedAvg weighted by examples; the others weigh agents "
                             "alike and run at the round's close)")
     group.add_argument("--trim-fraction", type=float, default=0.0, help="trimmed_mean: fraction cut from each end")
