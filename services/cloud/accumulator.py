@@ -21,6 +21,9 @@ from tandem.compression import Codec
 
 
 class Accumulator:
+    """sum(n_i * delta_i) over the updates folded in, and sum(n_i). Which agents those
+    were is the round's to know (`cloud.open_round`), not the sum's."""
+
     def __init__(self, specs: Mapping[str, wire.TensorSpec], path: Path) -> None:
         self._specs = {name: specs[name] for name in sorted(specs)}
         self._offsets: dict[str, int] = {}
@@ -33,7 +36,6 @@ class Accumulator:
         self._fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
         os.ftruncate(self._fd, end)  # zeros, without writing them
         self.weight = 0
-        self.folded: set[str] = set()
 
     def total(self, name: str) -> np.ndarray:
         """sum(n_i * delta_i) of one tensor."""
@@ -41,18 +43,15 @@ class Accumulator:
         pread_array(self._fd, out, self._offsets[name])
         return out
 
-    def fold(self, agent: str, num_examples: int, components: Mapping[str, np.ndarray], codec: Codec) -> None:
+    def fold(self, num_examples: int, components: Mapping[str, np.ndarray], codec: Codec) -> None:
         """Add num_examples * delta, one tensor at a time. `components` may read each
         tensor's encoding when it is looked up (`TensorFile.arrays`)."""
-        if agent in self.folded:
-            return
         for name in self._specs:
             # The first update needs no read: the file is all zeros (and sparse) until then.
-            total = self.total(name) if self.folded else np.zeros(self._specs[name].shape, np.float32)
+            total = self.total(name) if self.weight else np.zeros(self._specs[name].shape, np.float32)
             compression.accumulate(total, name, components, codec, num_examples)
             pwrite_array(self._fd, total, self._offsets[name])
         self.weight += num_examples
-        self.folded.add(agent)
 
     def mean(self) -> Mapping[str, np.ndarray]:
         """sum(n_i * delta_i) / sum(n_i), the FedAvg delta: each tensor is read and

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from cloud.jobs import JobManager
 from cloud.models import ModelRepository
-from cloud.rounds import JobRunner, OpenRound
+from cloud.rounds import JobRunner
 from cloud.spec import JobSpec
 from cloud.spool import Spool
 from cloud.store import Store, UpdateRow
@@ -213,23 +213,12 @@ class UpdateIntake:
                             header.codec)
             # Once the record is committed the update must be folded in and counted,
             # even if this call is cancelled meanwhile: shield the three together.
-            await asyncio.shield(self._commit(runner, rnd, header, row, partial.wire, TensorFile(path), update_codec))
+            await asyncio.shield(rnd.commit(row, partial.wire, TensorFile(path).arrays(), update_codec))
         except TandemError:
             path.unlink(missing_ok=True)
             raise
         metrics.UPDATES_ACCEPTED.inc()
         return receipt
-
-    async def _commit(
-        self, runner: JobRunner, rnd: OpenRound, header: pb.UpdateHeader, row: UpdateRow, wire: int,
-        file: TensorFile, update_codec: compression.Codec,
-    ) -> None:
-        async with rnd.fold_lock:
-            if not rnd.accepting:
-                raise FailedPrecondition(f"round {header.round} closed while the update arrived", reason="stale")
-            self._store.add_update(header.job_id, header.round, row, wire)
-            await asyncio.to_thread(rnd.accumulator.fold, row.agent, header.num_examples, file.arrays(), update_codec)
-            runner.accepted(rnd, row.agent, header.codec)
 
     def _resume(
         self, key: UploadKey, header: pb.UpdateHeader, specs: dict[str, codec.TensorSpec], update_codec: compression.Codec
@@ -257,9 +246,8 @@ class UpdateIntake:
 
     def _keep(self, key: UploadKey, partial: Partial) -> None:
         """Hold a broken upload for a resume: only for an open round, within a byte budget."""
-        runner = self._jobs.running(key[0])
-        if not partial.content_sha256 or partial.chunks == 0 or runner is None or runner.round is None \
-                or runner.round.number != key[1] or not runner.round.accepting:
+        rnd = self._jobs.open_round(key[0], key[1])
+        if not partial.content_sha256 or partial.chunks == 0 or rnd is None or not rnd.accepting:
             partial.spool.discard()
             return
         self._prune()
@@ -268,13 +256,11 @@ class UpdateIntake:
         while sum(p.spool.bytes_received for p in self._partials.values()) > PARTIAL_BUDGET_BYTES:
             self._partials.pop(next(iter(self._partials))).spool.discard()
 
-
     def _prune(self) -> None:
         """Forget kept partial uploads whose round is over or that waited too long."""
         now = time.monotonic()
         for key, kept in list(self._partials.items()):
-            job = self._jobs.running(key[0])
-            if now - kept.since > PARTIAL_TTL_SECONDS or job is None or job.round is None or job.round.number != key[1]:
+            if now - kept.since > PARTIAL_TTL_SECONDS or self._jobs.open_round(key[0], key[1]) is None:
                 del self._partials[key]
                 kept.spool.discard()
 

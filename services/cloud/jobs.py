@@ -6,6 +6,7 @@ import uuid
 
 from cloud import privacy
 from cloud.models import ModelRepository
+from cloud.open_round import OpenRound
 from cloud.registry import Registry
 from cloud.rounds import JobRunner
 from cloud.spec import JobSpec
@@ -79,6 +80,11 @@ class JobManager:
         runner = self._runners.get(job_id)
         return runner if runner is not None and not runner.done else None
 
+    def open_round(self, job_id: str, number: int) -> OpenRound | None:
+        """Round `number` of the job if it is open here (accepting updates or closing)."""
+        runner = self.running(job_id)
+        return runner.open_round(number) if runner is not None else None
+
     def _job_row(self, job_id: str) -> JobRow:
         row = self._store.get_job(job_id)
         if row is None:
@@ -90,13 +96,13 @@ class JobManager:
     def count_download(self, model: str, version: int, nbytes: int) -> None:
         """Attribute a model download to the open round that trains from that version."""
         for runner in self._runners.values():
-            rnd = runner.round
+            rnd = runner.open_round()
             if rnd is not None and runner.spec.model == model and rnd.base.version == version:
                 self._store.add_round_bytes(runner.job_id, rnd.number, down=nbytes)
 
     def count_rejection(self, job_id: str, round_: int, nbytes: int) -> None:
-        runner = self._runners.get(job_id)
-        if runner is not None and runner.round is not None and runner.round.number == round_:
+        """Attribute a rejected upload's bytes to its round, if that round is open."""
+        if self.open_round(job_id, round_) is not None:
             self._store.add_round_bytes(job_id, round_, up=nbytes, rejected=1)
 
     # ---- views -------------------------------------------------------------

@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,10 @@ import numpy as np
 from cloud import autocodec, evaluation, privacy, robust, strategies
 from cloud.accumulator import Accumulator
 from cloud.models import ModelRepository
+from cloud.open_round import OpenRound
 from cloud.registry import Registry, Session
 from cloud.spec import AUTO, JobSpec
-from cloud.store import JobState, Store, UpdateRow, VersionRow
+from cloud.store import JobState, Store, UpdateRow
 from cloud.tensorfile import TensorFile, read_tensors, write_tensors
 from tandem import compression, deltas, metrics
 from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -32,22 +33,6 @@ from tandem.timestamps import timestamp
 from tandem.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class OpenRound:
-    number: int
-    base: VersionRow
-    attempt: int
-    deadline: float
-    selected: list[str]
-    accumulator: Accumulator
-    submitted: set[str] = field(default_factory=set)
-    codecs: dict[str, str] = field(default_factory=dict)  # agent -> codec of its task
-    accepting: bool = True
-    # Held while an accepted update is folded in, and by the close, so that the
-    # close sees every acknowledged update in the sum.
-    fold_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class JobRunner:
@@ -59,9 +44,8 @@ class JobRunner:
         self._store = store
         self._registry = registry
         self._models = models
-        self._updated = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.round: OpenRound | None = None
+        self._round: OpenRound | None = None
         self._optimizer = strategies.get(spec.strategy)(spec.effective_server_lr)
         self._downlink = compression.parse_codec(spec.effective_downlink)
 
@@ -82,6 +66,12 @@ class JobRunner:
     def done(self) -> bool:
         return self._task is not None and self._task.done()
 
+    def open_round(self, number: int | None = None) -> OpenRound | None:
+        """The round this runner has open (accepting updates or closing), if it is round
+        `number` (any round when None): the one answer to "is round N open"."""
+        rnd = self._round
+        return rnd if rnd is not None and (number is None or rnd.number == number) else None
+
     async def _run(self) -> None:
         try:
             await self._restore_state()
@@ -98,10 +88,9 @@ class JobRunner:
             self._store.set_job_state(self.job_id, JobState.FAILED, f"{type(exc).__name__}: {exc}")
         finally:
             self._registry.remove_listener(self._on_connect)
-            if self.round is not None:
-                async with self.round.fold_lock:  # an accepted update may be folding in right now
-                    self.round.accumulator.close()  # rebuilt from the updates' files on the next start
-            self.round = None
+            if self._round is not None:
+                await self._round.release()
+            self._round = None
 
     async def _restore_state(self) -> None:
         """Server optimiser moments as of the last closed round."""
@@ -122,30 +111,29 @@ class JobRunner:
         row = self._store.get_round(self.job_id, number)
         updates = self._store.list_updates(self.job_id, number)
         accumulator = Accumulator(self._models.specs(self.spec.model), self._store.sum_path(self.job_id, number))
-        try:
-            await asyncio.to_thread(self._refold, accumulator, updates)
-        except BaseException:
-            accumulator.close()
-            raise
-        submitted = {u.agent for u in updates}
         previous = set(row.selected) if row else set()
+        rnd = OpenRound(
+            self.job_id, number, base, row.attempt if row else 0, sorted(previous | {u.agent for u in updates}),
+            time.time() + self.spec.deadline, accumulator, self._store,
+            None if self.spec.codec == AUTO else self.spec.codec,
+        )
+        try:
+            await rnd.restore(updates)
+        except BaseException:
+            await rnd.release()
+            raise
         # Open for uploads at once: after a restart, agents selected before it may
         # deliver while this round still waits for enough agents to reconnect.
-        rnd = self.round = OpenRound(
-            number, base, row.attempt if row else 0, time.time() + self.spec.deadline,
-            sorted(previous | submitted), accumulator, submitted, codecs={u.agent: u.codec for u in updates},
-        )
+        self._round = rnd
         while True:
-            rnd.attempt += 1
-            await self._wait_for_agents(rnd.submitted)
-            rnd.selected = self._select(number, rnd.attempt, rnd.submitted)
-            rnd.deadline = time.time() + self.spec.deadline
-            self._store.open_round(self.job_id, number, rnd.attempt, base.version, rnd.selected, rnd.deadline)
-            log.info("job %s round %d attempt %d: selected %s", self.job_id, number, rnd.attempt, rnd.selected)
+            attempt = rnd.next_attempt()
+            await self._wait_for_agents(rnd)
+            rnd.select(self._select(number, attempt, rnd.submitted), time.time() + self.spec.deadline)
+            log.info("job %s round %d attempt %d: selected %s", self.job_id, number, attempt, rnd.selected)
             for agent in rnd.selected:
                 if agent not in rnd.submitted:
                     self._registry.send(agent, self._task_message(rnd, agent))
-            await self._wait_for_updates(rnd)
+            await rnd.wait()
             if len(rnd.submitted) >= self.spec.min_clients:
                 await self._close(rnd)
                 return
@@ -155,18 +143,12 @@ class JobRunner:
                 self.job_id, number, len(rnd.submitted), self.spec.min_clients,
             )
 
-    def _refold(self, accumulator: Accumulator, updates: list[UpdateRow]) -> None:
-        """Fold in updates accepted before a restart (their files are the durable copy)."""
-        for update in updates:
-            if update.agent not in accumulator.folded and update.path is not None:
-                accumulator.fold(update.agent, update.num_examples, TensorFile(Path(update.path)).arrays(),
-                                 compression.parse_codec(update.codec))
-
-    async def _wait_for_agents(self, submitted: set[str]) -> None:
-        while len(set(self._registry.connected()) | submitted) < self.spec.min_clients:
+    async def _wait_for_agents(self, rnd: OpenRound) -> None:
+        """Until enough agents are connected or have delivered (uploads arrive meanwhile)."""
+        while len(set(self._registry.connected()) | rnd.submitted) < self.spec.min_clients:
             await self._registry.wait_changed(timeout=1.0)
 
-    def _select(self, number: int, attempt: int, submitted: set[str]) -> list[str]:
+    def _select(self, number: int, attempt: int, submitted: frozenset[str]) -> list[str]:
         """Agents that already answered stay in; the rest are drawn from those connected."""
         candidates = [a for a in self._registry.connected() if a not in submitted]
         room = len(candidates)
@@ -176,33 +158,13 @@ class JobRunner:
         chosen = candidates if room >= len(candidates) else rng.sample(candidates, room)
         return sorted(submitted | set(chosen))
 
-    async def _wait_for_updates(self, rnd: OpenRound) -> None:
-        while True:
-            self._updated.clear()
-            if set(rnd.selected) <= rnd.submitted:
-                return
-            remaining = rnd.deadline - time.time()
-            if remaining <= 0:
-                return
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._updated.wait()
-            except TimeoutError:
-                return
-
     def _on_connect(self, session: Session) -> None:
         """A (re)connecting agent joins the open round if it has not answered yet."""
-        rnd = self.round
-        if rnd is None or not rnd.accepting or session.agent_id in rnd.submitted:
-            return
-        if session.agent_id not in rnd.selected:
-            if self.spec.clients_per_round and len(rnd.selected) >= self.spec.clients_per_round:
-                return
-            rnd.selected = sorted([*rnd.selected, session.agent_id])
-            self._store.set_selected(self.job_id, rnd.number, rnd.selected)
-        session.send(self._task_message(rnd, session.agent_id))
+        rnd = self._round
+        if rnd is not None and rnd.join(session.agent_id, self.spec.clients_per_round):
+            session.send(self._task_message(rnd, session.agent_id))
 
-    def codec_for(self, rnd: OpenRound, agent: str) -> str:
+    def _codec_for(self, agent: str) -> str:
         """The job's codec, or with `auto` one chosen from the agent's measured link."""
         if self.spec.codec != AUTO:
             return self.spec.codec
@@ -214,12 +176,11 @@ class JobRunner:
         return choice
 
     def _task_message(self, rnd: OpenRound, agent: str) -> pb.CoordinatorMessage:
-        if agent not in rnd.codecs:  # chosen once per round: a re-sent task keeps it, so uploads can resume
-            rnd.codecs[agent] = self.codec_for(rnd, agent)
         message = pb.CoordinatorMessage(
             task=pb.TrainTask(
                 job_id=self.job_id, round=rnd.number, model=self.spec.model, base_version=rnd.base.version,
-                base_sha256=rnd.base.sha256, codec=rnd.codecs[agent], deadline=timestamp(rnd.deadline),
+                base_sha256=rnd.base.sha256, codec=rnd.task_codec(agent, self._codec_for),
+                deadline=timestamp(rnd.deadline),
                 max_update_bytes=self.spec.max_update_bytes,
                 training=pb.TrainingConfig(
                     epochs=self.spec.epochs, batch_size=self.spec.batch_size, learning_rate=self.spec.learning_rate,
@@ -235,42 +196,24 @@ class JobRunner:
 
     def check_update(self, agent: str, header: pb.UpdateHeader) -> OpenRound:
         """The open round an update from `agent` may join, or the precise reason why not."""
-        rnd = self.round
-        if rnd is None or header.round != rnd.number:
+        rnd = self.open_round(header.round)
+        if rnd is None:
             current = self._store.get_job(self.job_id)
             at = current.current_round if current else -1
-            if rnd is None and header.round == at:
+            if self.open_round() is None and header.round == at:
                 raise Unavailable(f"round {at} of job {self.job_id} is opening; try again")
             raise FailedPrecondition(f"round {header.round} of job {self.job_id} is not open (current round: {at})")
-        if not rnd.accepting:
-            raise FailedPrecondition(f"round {rnd.number} of job {self.job_id} is closing")
-        if agent not in rnd.selected:
-            raise FailedPrecondition(f"agent {agent!r} is not selected for round {rnd.number} of job {self.job_id}")
-        if header.base_version != rnd.base.version:
-            raise FailedPrecondition(
-                f"update is based on version {header.base_version}; round {rnd.number} trains from version "
-                f"{rnd.base.version}"
-            )
-        expected_codec = rnd.codecs.get(agent, None if self.spec.codec == AUTO else self.spec.codec)
-        if expected_codec is not None and header.codec != expected_codec:
-            raise InvalidArgument(f"codec {header.codec!r} where the task asked for {expected_codec!r}")
+        rnd.admit(agent, header.base_version, header.codec)
         if not 0 < header.num_examples <= 1 << 40:
             raise InvalidArgument(f"num_examples must be positive, got {header.num_examples}")
         if not math.isfinite(header.local_loss):
             raise InvalidArgument("local_loss is not finite")
         return rnd
 
-    def accepted(self, rnd: OpenRound, agent: str, codec: str) -> None:
-        """Called with rnd.fold_lock held, once the update is durable and folded in."""
-        rnd.submitted.add(agent)
-        rnd.codecs[agent] = codec
-        self._updated.set()
-
     # ---- closing -------------------------------------------------------------
 
     async def _close(self, rnd: OpenRound) -> None:
-        async with rnd.fold_lock:
-            rnd.accepting = False
+        await rnd.close()
         updates = self._store.list_updates(self.job_id, rnd.number)
         _, base = self._models.file(self.spec.model, rnd.base.version)
         previous_state = self._store.job_state_path(self.job_id, rnd.number - 1)
@@ -278,13 +221,13 @@ class JobRunner:
         residual: dict[str, np.ndarray] = {}
         mean: Mapping[str, np.ndarray]
         if self.spec.defence.streams:
-            mean = rnd.accumulator.mean()
+            mean = rnd.mean()
         else:
             mean = await asyncio.to_thread(self._defended_mean, rnd.number, updates)
         change_of, delta, delta_bytes = await asyncio.to_thread(self._next_change, mean, previous, residual)
         version = await self._models.write_changed(self.spec.model, base, change_of, self.job_id, rnd.number)
         del change_of, mean
-        rnd.accumulator.close()
+        await rnd.release()
         accuracy = loss = None
         if self.spec.eval:
             new = await asyncio.to_thread(read_tensors, Path(version.path))
@@ -307,7 +250,7 @@ class JobRunner:
         # Only the newest job state is ever read again (a restart resumes from it).
         self._store.job_state_path(self.job_id, rnd.number - 1).unlink(missing_ok=True)
         self._models.published(version)
-        self.round = None
+        self._round = None
         await asyncio.to_thread(_remove_files, [u.path for u in updates])
         self._store.forget_update_files(self.job_id, rnd.number)
         closed = self._store.get_round(self.job_id, rnd.number)
