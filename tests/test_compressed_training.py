@@ -19,7 +19,7 @@ from tandem import codec, compression
 from tandem.transfer import Download
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc, tensor_pb2
 from tandem.v1 import coordinator_pb2 as pb
-from tests.helpers import SPECS, ControlStream, agent_channel, delta, download, get_job, header_for, start_job, upload
+from tests.support.clients import SPECS, ControlStream, agent_channel, delta, download, get_job, header_for, start_job, upload
 
 
 @pytest_asyncio.fixture

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client import REGISTRY
 
 import tandem.metrics  # noqa: F401  (defines every metric in the default registry)
-from tests.cluster import Cluster  # the `cluster` fixture is in conftest.py
+from tests.support.cluster import Cluster  # the `cluster` fixture is in conftest.py
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "deploy/prometheus/prometheus.yml"

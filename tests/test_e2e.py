@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.simulation import simulate_fedavg
-from tests.cluster import Cluster  # the `cluster` fixture is in conftest.py
+from tests.support.cluster import Cluster  # the `cluster` fixture is in conftest.py
 
 ROUND_KEYS = {"round", "accuracy", "loss", "local_loss", "seconds", "bytes_up", "bytes_down", "accepted",
               "rejected", "version", "sha256"}

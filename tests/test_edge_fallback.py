@@ -9,8 +9,8 @@ from pathlib import Path
 
 from edge.app import EdgeApp
 from tandem.v1 import inference_pb2 as pb
-from tests.cluster import Cluster
-from tests.inference_helpers import (
+from tests.support.cluster import Cluster
+from tests.support.inference import (
     app_stub,
     arrays_for,
     close,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from tandem.v1 import admin_pb2
-from tests.cluster import Cluster  # the `cluster` fixture is in conftest.py
+from tests.support.cluster import Cluster  # the `cluster` fixture is in conftest.py
 
 
 def spec(rounds: int, min_clients: int, deadline: float) -> admin_pb2.StartJobRequest:

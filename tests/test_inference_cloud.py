@@ -18,8 +18,8 @@ from cloud.serving import ServingConfig
 from tandem import codec
 from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc, tensor_pb2
 from tandem.v1 import inference_pb2 as pb
-from tests.helpers import admin_channel, agent_channel
-from tests.inference_helpers import arrays_for, forward, inputs, publish_messages, request
+from tests.support.clients import admin_channel, agent_channel
+from tests.support.inference import arrays_for, forward, inputs, publish_messages, request
 
 Served = tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]
 

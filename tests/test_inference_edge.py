@@ -19,7 +19,7 @@ from tandem import grpcserver, tls
 from tandem.placement import parse
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
-from tests.inference_helpers import (
+from tests.support.inference import (
     app_stub,
     arrays_for,
     close,

@@ -20,7 +20,7 @@ from cloud.app import CloudConfig, Coordinator
 from cloud.limits import LimitsConfig, TokenBucket
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc
-from tests.helpers import (
+from tests.support.clients import (
     ControlStream,
     agent_channel,
     delta,

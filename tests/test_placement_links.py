@@ -21,7 +21,7 @@ from tandem import certs, grpcserver, tls
 from tandem.v1 import admin_pb2, inference_pb2_grpc
 from tandem_cli import procs
 from tandem_lab.netem import CpuLimit, DelayRelay, ShapedLink, unavailable_reason
-from tests.inference_helpers import arrays_for, publish, request
+from tests.support.inference import arrays_for, publish, request
 
 REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"shaped links: {REASON}")

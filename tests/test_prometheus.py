@@ -24,7 +24,7 @@ from tandem import certs, grpcserver, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from tandem_cli import procs
 from tandem_lab.netem import CpuLimit
-from tests.inference_helpers import arrays_for, publish, request
+from tests.support.inference import arrays_for, publish, request
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")

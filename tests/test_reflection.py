@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from cloud.app import Coordinator
 from tandem import certs
-from tests.inference_helpers import arrays_for
+from tests.support.inference import arrays_for
 
 EXPECTED = {"tandem.v1.Coordinator", "tandem.v1.Admin", "tandem.v1.Inference", "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection"}

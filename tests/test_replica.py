@@ -20,7 +20,7 @@ from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
 from tandem_cli import procs
 from tests.conftest import APP
-from tests.inference_helpers import app_stub, arrays_for, close, forward, inputs, publish, request, start_edge
+from tests.support.inference import app_stub, arrays_for, close, forward, inputs, publish, request, start_edge
 
 SERVING: int = health_pb2.HealthCheckResponse.SERVING
 

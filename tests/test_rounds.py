@@ -10,7 +10,7 @@ import grpc
 from cloud.app import CloudConfig, Coordinator
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
-from tests.helpers import (
+from tests.support.clients import (
     ControlStream,
     admin_channel,
     agent_channel,

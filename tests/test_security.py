@@ -13,7 +13,7 @@ from cloud.app import Coordinator
 from tandem import grpcserver
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
-from tests.helpers import admin_channel, agent_channel, download, target
+from tests.support.clients import admin_channel, agent_channel, download, target
 
 
 async def _list_agents_code(channel: grpc.aio.Channel) -> grpc.StatusCode:

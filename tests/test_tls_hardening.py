@@ -33,7 +33,7 @@ from edge.app import EdgeApp
 from tandem import certs, data, grpcserver, inference, metrics, revocation, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
-from tests.helpers import ControlStream, admin_channel, agent_channel, target
+from tests.support.clients import ControlStream, admin_channel, agent_channel, target
 
 OK, UNAVAILABLE, UNAUTHENTICATED = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED
 

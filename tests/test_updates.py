@@ -17,7 +17,7 @@ from cloud.app import Coordinator
 from tandem import codec
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc, tensor_pb2
-from tests.helpers import (
+from tests.support.clients import (
     ControlStream,
     admin_channel,
     agent_channel,

@@ -11,7 +11,7 @@ from typing import Any
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tandem_cli import procs
 from tandem_cli.procs import free_port
-from tests.helpers import admin_channel
+from tests.support.clients import admin_channel
 
 
 class Cluster:
