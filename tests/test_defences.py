@@ -11,8 +11,7 @@ from prometheus_client import REGISTRY
 
 from cloud.app import Coordinator
 from tandem.v1 import coordinator_pb2_grpc
-from tests.support.clients import agent_channel, download, start_job
-from tests.test_rounds import send, streams, wait_rounds
+from tests.support.clients import agent_channel, download, send, start_job, streams, wait_rounds
 
 AGENTS = [f"agent-{i}" for i in range(5)]
 

@@ -20,8 +20,8 @@ from tests.support.inference import (
     publish,
     request,
     start_edge,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 MODELS = {"mlp": "split:1", "mlp-small": "edge", "mlp-heavy": "cloud"}
 

@@ -7,11 +7,9 @@ freezes a real process, it changes nothing in the code under test.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
 
 from tandem.v1 import admin_pb2
 from tests.support.cluster import Cluster  # the `cluster` fixture is in conftest.py
@@ -23,24 +21,15 @@ def spec(rounds: int, min_clients: int, deadline: float) -> admin_pb2.StartJobRe
     ))
 
 
-async def wait_for(
-    cluster: Cluster, job_id: str, check: Callable[[admin_pb2.Job], bool], timeout: float = 60
-) -> admin_pb2.Job:
-    async with asyncio.timeout(timeout):
-        while True:
-            job = await cluster.job(job_id)
-            if check(job):
-                return job
-            await asyncio.sleep(0.1)
-
-
 async def test_coordinator_killed_mid_round_loses_nothing(cluster: Cluster) -> None:
     cluster.start_cloud()
     cluster.start_agents(3)
     await cluster.wait_connected(3)
     cluster.signal_agent("agent-2", signal.SIGSTOP)  # agent-2 will answer only after the crash
     job_id = (await cluster.admin("StartJob", spec(rounds=3, min_clients=3, deadline=120))).job_id
-    await wait_for(cluster, job_id, lambda j: list(j.open_round.accepted_agents) == ["agent-0", "agent-1"])
+    await cluster.wait_job(
+        job_id, lambda j: list(j.open_round.accepted_agents) == ["agent-0", "agent-1"], timeout=60, interval=0.1
+    )
 
     assert cluster.cloud is not None
     cluster.cloud.kill()
@@ -72,7 +61,7 @@ async def test_round_closes_on_quorum_at_its_deadline_when_agents_die(cluster: C
         cluster.signal_agent(name, signal.SIGSTOP)
     deadline = 6.0
     job_id = (await cluster.admin("StartJob", spec(rounds=2, min_clients=3, deadline=deadline))).job_id
-    await wait_for(cluster, job_id, lambda j: len(j.open_round.selected) == 5)
+    await cluster.wait_job(job_id, lambda j: len(j.open_round.selected) == 5, timeout=60, interval=0.1)
     for name in ("agent-3", "agent-4"):
         cluster.signal_agent(name, signal.SIGKILL)
 

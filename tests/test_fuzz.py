@@ -14,7 +14,8 @@ import pytest
 
 from cloud.app import Coordinator
 from tandem_lab import fuzz
-from tests.support.inference import start_edge, wait_for
+from tests.support.inference import start_edge
+from tests.support.waiting import wait_for
 
 EXAMPLES = 16  # per RPC: about 340 cases in all
 

@@ -28,8 +28,8 @@ from tests.support.inference import (
     inputs,
     request,
     start_edge,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 
 @pytest_asyncio.fixture

@@ -19,7 +19,8 @@ from cloud.store import Store
 from edge.app import EdgeApp
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tests.support.clients import admin_channel, agent_channel
-from tests.support.inference import arrays_for, start_edge, wait_for
+from tests.support.inference import arrays_for, start_edge
+from tests.support.waiting import wait_for
 
 
 @pytest_asyncio.fixture

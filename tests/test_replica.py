@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -19,8 +18,9 @@ from tandem import grpcserver, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
 from tandem_cli import procs
-from tests.conftest import APP
+from tests.support.deployment import APP
 from tests.support.inference import app_stub, arrays_for, close, forward, inputs, publish, request, start_edge
+from tests.support.waiting import wait_for
 
 SERVING: int = health_pb2.HealthCheckResponse.SERVING
 
@@ -50,13 +50,6 @@ async def health(port: int) -> int:
         return int(reply.status)
 
 
-async def wait_for(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.2)
-
-
 def serving(port: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return await health(port) == SERVING
@@ -70,7 +63,7 @@ async def serving_replica(cloud: str, certs_dir: Path, tmp: Path, started: list[
     await publish(cloud, certs_dir, "mlp", v1)
     proc, ports = start_replica(cloud, certs_dir, tmp)
     started.append(proc)
-    await wait_for(serving(ports["health_port"]))
+    await wait_for(serving(ports["health_port"]), timeout=60, interval=0.2, message="the replica to serve")
     return ports
 
 
@@ -96,7 +89,7 @@ async def test_replica_serves_the_newest_version_and_swaps(
         async def swapped() -> bool:
             return bool((await stub.Infer(request("mlp", x), timeout=10)).version == 2)
 
-        await wait_for(swapped, timeout=30)
+        await wait_for(swapped, timeout=30, interval=0.2, message="the replica to answer with version 2")
         close(await stub.Infer(request("mlp", x), timeout=10), forward("mlp", v2, x))
         pinned = await stub.Infer(request("mlp", x, version=1), timeout=10)  # kept while it was the newest
         close(pinned, forward("mlp", v1, x))
@@ -119,7 +112,7 @@ async def test_replica_is_not_serving_until_the_coordinator_answers(
     await coordinator.start()
     try:
         await publish(f"localhost:{port}", certs_dir, "mlp", arrays_for("mlp", seed=3))
-        await wait_for(serving(ports["health_port"]))
+        await wait_for(serving(ports["health_port"]), timeout=60, interval=0.2, message="the replica to serve")
     finally:
         await coordinator.stop()
 

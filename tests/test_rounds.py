@@ -9,40 +9,18 @@ import grpc
 
 from cloud.app import CloudConfig, Coordinator
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
-from tandem.v1 import coordinator_pb2 as pb
 from tests.support.clients import (
-    ControlStream,
     admin_channel,
     agent_channel,
     delta,
-    get_job,
     header_for,
+    send,
     start_job,
+    streams,
     update_messages,
-    upload,
     upload_code,
+    wait_rounds,
 )
-
-
-async def send(port: int, certs_dir: Path, agent: str, task: pb.TrainTask, value: float) -> pb.UpdateReceipt:
-    async with agent_channel(port, certs_dir, agent) as channel:
-        return await upload(coordinator_pb2_grpc.CoordinatorStub(channel), update_messages(header_for(task), delta(value)))
-
-
-async def wait_rounds(port: int, certs_dir: Path, job_id: str, count: int) -> admin_pb2.Job:
-    async with asyncio.timeout(30):
-        while True:
-            job = await get_job(port, certs_dir, job_id)
-            if len(job.rounds) >= count:
-                return job
-            await asyncio.sleep(0.05)
-
-
-async def streams(port: int, certs_dir: Path, names: list[str]) -> list[ControlStream]:
-    opened = [ControlStream(port, certs_dir, name) for name in names]
-    for stream in opened:
-        await stream.open()
-    return opened
 
 
 async def test_round_missing_quorum_is_retried(coordinator: Coordinator, certs_dir: Path) -> None:

@@ -16,8 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cloud.app import CloudConfig, Coordinator
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc
-from tests.support.clients import agent_channel, delta, header_for, start_job, update_messages
-from tests.test_rounds import streams, wait_rounds
+from tests.support.clients import agent_channel, delta, header_for, start_job, streams, update_messages, wait_rounds
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -12,6 +12,7 @@ import numpy as np
 from tandem import codec, grpcserver, tls, training, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
+from tests.support.waiting import wait_for
 
 SPECS = codec.specs_of(training.state_arrays(zoo.build_model("mlp")))
 
@@ -143,3 +144,26 @@ async def get_job(port: int, certs_dir: Path, job_id: str) -> admin_pb2.Job:
     async with admin_channel(port, certs_dir) as channel:
         job: admin_pb2.Job = await admin_pb2_grpc.AdminStub(channel).GetJob(admin_pb2.GetJobRequest(job_id=job_id))
         return job
+
+
+async def wait_rounds(port: int, certs_dir: Path, job_id: str, count: int) -> admin_pb2.Job:
+    """The job once `count` of its rounds have closed."""
+    async def closed() -> admin_pb2.Job | None:
+        job = await get_job(port, certs_dir, job_id)
+        return job if len(job.rounds) >= count else None
+
+    return await wait_for(closed, timeout=30, interval=0.05, message=f"{count} rounds of job {job_id} to close")
+
+
+async def streams(port: int, certs_dir: Path, names: list[str]) -> list[ControlStream]:
+    """Open a control stream for each agent in `names`, in order."""
+    opened = [ControlStream(port, certs_dir, name) for name in names]
+    for stream in opened:
+        await stream.open()
+    return opened
+
+
+async def send(port: int, certs_dir: Path, agent: str, task: pb.TrainTask, value: float) -> pb.UpdateReceipt:
+    """Upload `agent`'s answer to `task`: every weight moved by `value`."""
+    async with agent_channel(port, certs_dir, agent) as channel:
+        return await upload(coordinator_pb2_grpc.CoordinatorStub(channel), update_messages(header_for(task), delta(value)))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tandem_cli import procs
 from tandem_cli.procs import free_port
 from tests.support.clients import admin_channel
+from tests.support.waiting import wait_for
 
 
 class Cluster:
@@ -59,24 +60,28 @@ class Cluster:
             return await getattr(admin_pb2_grpc.AdminStub(channel), method)(request, timeout=10)
 
     async def wait_connected(self, count: int, timeout: float = 90) -> None:
-        async with asyncio.timeout(timeout):
-            while True:
-                agents = (await self.admin("ListAgents", admin_pb2.ListAgentsRequest())).agents
-                if sum(a.connected for a in agents) >= count:
-                    return
-                await asyncio.sleep(0.2)
+        """Return once `count` agents hold a control stream to the coordinator."""
+        async def connected() -> bool:
+            agents = (await self.admin("ListAgents", admin_pb2.ListAgentsRequest())).agents
+            return sum(a.connected for a in agents) >= count
+
+        await wait_for(connected, timeout=timeout, interval=0.2, message=f"{count} agents to connect")
 
     async def job(self, job_id: str) -> admin_pb2.Job:
         job: admin_pb2.Job = await self.admin("GetJob", admin_pb2.GetJobRequest(job_id=job_id))
         return job
 
-    async def wait_job(self, job_id: str, timeout: float = 120) -> admin_pb2.Job:
-        async with asyncio.timeout(timeout):
-            while True:
-                job = await self.job(job_id)
-                if job.state != admin_pb2.JOB_STATE_RUNNING:
-                    return job
-                await asyncio.sleep(0.2)
+    async def wait_job(
+        self, job_id: str, until: Callable[[admin_pb2.Job], bool] | None = None, timeout: float = 120, interval: float = 0.2
+    ) -> admin_pb2.Job:
+        """The job once `until` holds for it (by default: once it no longer runs)."""
+        done = until or (lambda job: job.state != admin_pb2.JOB_STATE_RUNNING)
+
+        async def finished() -> admin_pb2.Job | None:
+            job = await self.job(job_id)
+            return job if done(job) else None
+
+        return await wait_for(finished, timeout=timeout, interval=interval, message=f"job {job_id} to reach the awaited state")
 
     def logs(self) -> str:
         parts = []

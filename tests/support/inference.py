@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,7 +15,7 @@ from tandem import codec, grpcserver, tls, training, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
 from tandem_cli.admin import publish_messages
-from tests.conftest import APP
+from tests.support.deployment import APP
 
 RNG = np.random.default_rng(0)
 
@@ -62,12 +60,6 @@ async def publish(target: str, certs_dir: Path, model: str, arrays: dict[str, np
 
 def fallbacks(model: str, reason: str) -> float:
     return REGISTRY.get_sample_value("tandem_edge_inference_fallbacks_total", {"model": model, "reason": reason}) or 0.0
-
-
-async def wait_for(condition: Callable[[], object], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 async def start_edge(cloud_port: int, certs_dir: Path, placements: tuple[str, ...], **extra: object) -> EdgeApp:
