@@ -34,6 +34,7 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.process
 def test_top_level_help_as_a_module() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tandem_cli", "--help"], capture_output=True, text=True, timeout=60, check=False
@@ -58,6 +59,7 @@ def test_help_exits_zero(path: tuple[str, ...], capsys: pytest.CaptureFixture[st
     assert out.startswith(f"usage: {' '.join(('tandem', *path))}")
 
 
+@pytest.mark.process
 def test_lab_help_as_a_module() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tandem_lab", "--help"], capture_output=True, text=True, timeout=60, check=False

@@ -21,6 +21,9 @@ from tandem.v1 import admin_pb2, coordinator_pb2_grpc, tensor_pb2
 from tandem.v1 import coordinator_pb2 as pb
 from tests.support.clients import SPECS, ControlStream, agent_channel, delta, download, get_job, header_for, start_job, upload
 
+# real federated training, one job per codec and strategy: 2-6 s each, ~40 s in all
+pytestmark = pytest.mark.slow
+
 
 @pytest_asyncio.fixture
 async def agents(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[list[Agent]]:

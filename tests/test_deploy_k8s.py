@@ -57,6 +57,7 @@ def port_of(address: str | None) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+@pytest.mark.process  # kubectl kustomize
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_and_validates_strictly(overlay: str) -> None:
@@ -72,6 +73,7 @@ def test_overlay_renders_and_validates_strictly(overlay: str) -> None:
             assert obj["metadata"]["namespace"] == "tandem", obj["metadata"]["name"]
 
 
+@pytest.mark.process  # kubectl kustomize
 @needs_kubectl
 def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve() -> None:
     objs = render("base")
@@ -106,6 +108,7 @@ def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve() -> None:
         assert mounts[config["TANDEM_CERTS"]] in volumes
 
 
+@pytest.mark.process  # kubectl kustomize
 @needs_kubectl
 def test_services_policies_and_scaling_point_at_real_pods() -> None:
     objs = render("base")
@@ -141,6 +144,7 @@ def test_services_policies_and_scaling_point_at_real_pods() -> None:
         {"app.kubernetes.io/name": "prometheus"}]
 
 
+@pytest.mark.process  # kubectl kustomize
 @needs_kubectl
 def test_overlays_change_what_they_say() -> None:
     dev = render("overlays/dev")

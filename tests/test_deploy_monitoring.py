@@ -75,6 +75,7 @@ def dashboard_queries() -> dict[str, str]:
     return queries
 
 
+@pytest.mark.process
 @needs_promtool
 def test_config_and_rules_pass_promtool() -> None:
     config = promtool("check", "config", str(CONFIG))
@@ -112,6 +113,7 @@ def test_dashboard_has_the_panels() -> None:
     assert len(ids) == len(set(ids))
 
 
+@pytest.mark.process
 @needs_promtool
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
     """Each query, with Grafana's variables filled in, as a recording rule promtool parses."""
@@ -154,6 +156,7 @@ def scrape(port: int) -> str:
     return text
 
 
+@pytest.mark.process
 @needs_promtool
 async def test_live_metrics_pass_promtool_lint(cluster: Cluster) -> None:
     cluster.start_cloud()

@@ -17,6 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tandem.simulation import simulate_fedavg
 from tests.support.cluster import Cluster  # the `cluster` fixture is in conftest.py
 
+# a coordinator and three agent processes through the command line: ~30 s
+pytestmark = [pytest.mark.slow, pytest.mark.process]
+
 ROUND_KEYS = {"round", "accuracy", "loss", "local_loss", "seconds", "bytes_up", "bytes_down", "accepted",
               "rejected", "version", "sha256"}
 

@@ -7,6 +7,8 @@ import asyncio
 import collections
 from pathlib import Path
 
+import pytest
+
 from edge.app import EdgeApp
 from tandem.v1 import inference_pb2 as pb
 from tests.support.cluster import Cluster
@@ -22,6 +24,9 @@ from tests.support.inference import (
     start_edge,
 )
 from tests.support.waiting import wait_for
+
+# a coordinator process killed and restarted under load: ~10 s
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 MODELS = {"mlp": "split:1", "mlp-small": "edge", "mlp-heavy": "cloud"}
 

@@ -11,8 +11,13 @@ import signal
 import sqlite3
 import time
 
+import pytest
+
 from tandem.v1 import admin_pb2
 from tests.support.cluster import Cluster  # the `cluster` fixture is in conftest.py
+
+# real coordinator and agent processes, killed and restarted: 15-20 s a test
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 
 def spec(rounds: int, min_clients: int, deadline: float) -> admin_pb2.StartJobRequest:

@@ -17,6 +17,9 @@ from tandem_lab import fuzz
 from tests.support.inference import start_edge
 from tests.support.waiting import wait_for
 
+# hundreds of hostile cases per server (~8 s in all); `make fuzz` is the long run
+pytestmark = pytest.mark.slow
+
 EXAMPLES = 16  # per RPC: about 340 cases in all
 
 

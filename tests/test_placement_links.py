@@ -24,7 +24,10 @@ from tandem_lab.netem import CpuLimit, DelayRelay, ShapedLink, unavailable_reaso
 from tests.support.inference import arrays_for, publish, request
 
 REASON = unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"shaped links: {REASON}")
+# a coordinator and two agent processes behind shaped links (tandem_cli.procs): ~40 s
+pytestmark = [
+    pytest.mark.skipif(REASON is not None, reason=f"shaped links: {REASON}"), pytest.mark.slow, pytest.mark.process,
+]
 
 
 @pytest.fixture

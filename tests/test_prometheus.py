@@ -27,7 +27,11 @@ from tandem_lab.netem import CpuLimit
 from tests.support.inference import arrays_for, publish, request
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed")
+# Prometheus, a coordinator and two agents as processes, and 8 s of settling under load
+pytestmark = [
+    pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed"),
+    pytest.mark.slow, pytest.mark.process,
+]
 
 
 def start_prometheus(work: Path, cloud_metrics: int, agents: dict[str, int]) -> tuple[subprocess.Popen[bytes], str]:

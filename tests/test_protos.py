@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
 
 import tandem.v1
@@ -25,6 +26,7 @@ def _generated_files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.glob("*_pb2*.py*"))}
 
 
+@pytest.mark.process  # python -m grpc_tools.protoc
 def test_committed_code_matches_the_protos(tmp_path: Path) -> None:
     sources = sorted(str(p.relative_to(ROOT)) for p in (PROTOS / PACKAGE).glob("*.proto"))
     assert sources, f"no .proto files under {PROTOS / PACKAGE}"

@@ -13,7 +13,8 @@ import pytest
 
 from tandem_lab.reliability import QUICK, run_scenario
 
-pytestmark = pytest.mark.timeout(600)
+# every scenario runs a fleet of agent processes (tandem_lab.fleet): minutes in all
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow, pytest.mark.process]
 
 
 async def test_poisoning_damages_fedavg_but_not_the_robust_aggregators(tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ async def serving_replica(cloud: str, certs_dir: Path, tmp: Path, started: list[
     return ports
 
 
+@pytest.mark.process
 async def test_replica_serves_the_newest_version_and_swaps(
     coordinator: Coordinator, certs_dir: Path, tmp_path: Path, replica_proc: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -99,6 +100,7 @@ async def test_replica_serves_the_newest_version_and_swaps(
         assert "does not serve 'cnn'" in (err.value.details() or "")
 
 
+@pytest.mark.process
 async def test_replica_is_not_serving_until_the_coordinator_answers(
     certs_dir: Path, tmp_path: Path, replica_proc: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -147,6 +149,7 @@ async def test_agent_health_port_serves_while_it_runs(coordinator: Coordinator, 
         await runner
 
 
+@pytest.mark.process
 async def test_agents_send_cloud_inference_to_the_replicas_when_told(
     certs_dir: Path, tmp_path: Path, replica_proc: list[subprocess.Popen[bytes]]
 ) -> None:

@@ -217,6 +217,7 @@ def test_a_database_from_a_newer_tandem_is_refused(tmp_path: Path) -> None:
     assert _user_version(tmp_path) == len(MIGRATIONS) + 1  # untouched
 
 
+@pytest.mark.process
 def test_tandem_cloud_refuses_a_newer_database_in_one_line(tmp_path: Path) -> None:
     state = tmp_path / "state"
     Store(state).close()

@@ -338,6 +338,7 @@ async def test_real_certificates_of_the_wrong_kind_are_refused(
 _WEAK = {"NULL", "RC4", "EXP", "EXPORT", "ANON", "ADH", "AECDH", "DES", "3DES", "DES40", "CBC3", "MD5"}
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("sslscan") is None, reason="sslscan not installed (apt-get install sslscan; .ci/run does)")
 async def test_sslscan_finds_only_modern_protocols_and_ciphers(coordinator: Coordinator, certs_dir: Path) -> None:
     # With a client certificate: the server asks for one, and without it sslscan lists
@@ -424,6 +425,7 @@ def test_data_directory_refuses_pickled_arrays(tmp_path: Path) -> None:
     assert marker.exists()
 
 
+@pytest.mark.slow  # waits for the open stream's next heartbeat, then a second more: ~11 s
 async def test_a_revoked_agent_says_so_and_stops_hurrying(
     own_coordinator: Coordinator, deployment: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
