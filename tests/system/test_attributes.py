@@ -7,7 +7,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-SERVICES = Path(__file__).resolve().parents[1] / "services"
+SERVICES = Path(__file__).resolve().parents[2] / "services"
 
 # Classes that still set attributes later, to be brought in line (then removed here).
 PENDING: set[str] = set()

@@ -17,7 +17,7 @@ from cryptography import x509
 
 from tandem_cli.main import build_parser, main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ["base", "overlays/dev", "overlays/gpu", "overlays/prometheus-operator"]
 OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # CRDs: no schema in kubernetes-validate

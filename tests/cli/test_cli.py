@@ -154,6 +154,6 @@ def test_readme_configuration_reference_matches_the_parser(monkeypatch: pytest.M
 
     for var in docs.ENVIRONMENT:  # defaults come from the environment; the README shows the built-in ones
         monkeypatch.delenv(var, raising=False)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert docs.splice(readme) == readme, "run `python -m tandem_cli.docs README.md`"
     assert "| `--placement` MODEL=MODE |" in readme and "#### `tandem serve`" in readme

@@ -26,7 +26,7 @@ from tandem_cli import procs
 from tandem_lab.netem import CpuLimit
 from tests.support.inference import arrays_for, publish, request
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Prometheus, a coordinator and two agents as processes, and 8 s of settling under load
 pytestmark = [
     pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed"),

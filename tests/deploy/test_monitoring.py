@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 import tandem.metrics  # noqa: F401  (defines every metric in the default registry)
 from tests.support.cluster import Cluster  # the `cluster` fixture is in conftest.py
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
 RULES = ROOT / "deploy/prometheus/rules/tandem.rules.yml"
 RULE_TESTS = ROOT / "deploy/prometheus/rules/tandem.rules.test.yml"

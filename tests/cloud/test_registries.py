@@ -15,7 +15,7 @@ from cloud.robust import aggregate, dense_from
 from cloud.spec import JobSpec
 from tandem.errors import InvalidArgument
 
-ADMIN_PROTO = Path(__file__).resolve().parents[1] / "protos" / "tandem" / "v1" / "admin.proto"
+ADMIN_PROTO = Path(__file__).resolve().parents[2] / "protos" / "tandem" / "v1" / "admin.proto"
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-SERVICES = Path(__file__).resolve().parents[1] / "services"
+SERVICES = Path(__file__).resolve().parents[2] / "services"
 
 # package -> top-level packages it must never import
 FORBIDDEN: dict[str, frozenset[str]] = {

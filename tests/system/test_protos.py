@@ -15,7 +15,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor
 
 import tandem.v1
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ROOT / "protos"
 PACKAGE = Path("tandem") / "v1"
 COMMITTED = ROOT / "services" / PACKAGE
