@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CERTS  ?= .certs
 AGENTS ?= edge-1,edge-2,edge-3,edge-4
 
-.PHONY: install protos certs run test lint typecheck bench-fl bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
+.PHONY: install protos certs run test test-quick lint typecheck bench-fl bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ lint: $(STAMP)
 
 test: lint typecheck
 	$(PY) -m pytest -q
+
+# The tests that neither take long nor start processes (pyproject.toml [tool.pytest.ini_options] markers).
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not process"
 
 # Federated training per codec with real processes (not part of `make test`).
 bench-fl: $(STAMP)

@@ -10,10 +10,8 @@ import pytest_asyncio
 
 from cloud.app import CloudConfig, Coordinator
 from tandem import certs
-from tests.cluster import Cluster
-
-AGENTS = [f"agent-{i}" for i in range(6)]
-APP = "app-0"  # a local application calling an edge agent's Inference
+from tests.support.cluster import Cluster
+from tests.support.deployment import AGENTS, APP
 
 
 @pytest.fixture(scope="session")

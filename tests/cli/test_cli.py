@@ -1,0 +1,159 @@
+"""The `tandem` command: help for every subcommand, and `certs` end to end through main();
+and the lab's (`python -m tandem_lab`), which holds the benchmarks and the GPU check."""
+
+from __future__ import annotations
+
+import argparse
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tandem_cli.main import build_parser, main
+from tandem_lab import main as lab
+
+
+def _subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path in the parser tree, e.g. ("certs", "init"), found from the parser itself."""
+    paths: list[tuple[str, ...]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths.append((*prefix, name))
+                paths.extend(_subcommands(sub, (*prefix, name)))
+    return paths
+
+
+SUBCOMMANDS = _subcommands(build_parser())
+LAB_SUBCOMMANDS = _subcommands(lab.build_parser())
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.process
+def test_top_level_help_as_a_module() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem_cli", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: tandem")
+    for command in ("certs", "cloud", "edge", "job", "agents", "models", "demo"):
+        assert command in result.stdout
+
+
+def test_subcommand_tree_is_complete() -> None:
+    assert {("certs", "init"), ("certs", "add-agent"), ("cloud",), ("edge",), ("job", "start"), ("job", "wait"),
+            ("job", "list"), ("agents",), ("models",), ("demo",), ("status",), ("serve",)} <= set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("path", [(), *SUBCOMMANDS], ids=lambda p: " ".join(p) or "tandem")
+def test_help_exits_zero(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*path, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {' '.join(('tandem', *path))}")
+
+
+@pytest.mark.process
+def test_lab_help_as_a_module() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem_lab", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m tandem_lab")
+    for command in ("bench", "gpu-check"):
+        assert command in result.stdout
+
+
+def test_benchmarks_are_lab_commands_not_tandem_commands() -> None:
+    assert {("bench", "fl"), ("bench", "auto"), ("bench", "infer"), ("gpu-check",)} <= set(LAB_SUBCOMMANDS)
+    assert not {path[0] for path in SUBCOMMANDS} & {"bench", "gpu-check"}
+
+
+@pytest.mark.parametrize("path", [(), *LAB_SUBCOMMANDS], ids=lambda p: " ".join(p) or "lab")
+def test_lab_help_exits_zero(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        lab.main([*path, "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {' '.join(('python -m tandem_lab', *path))}")
+
+
+def test_missing_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert "usage: tandem" in capsys.readouterr().err
+
+
+def test_certs_init_and_add_agent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "certs"
+    assert main(["certs", "init", "--dir", str(d), "--agents", "a,b"]) == 0
+    assert "2 agent certificates" in capsys.readouterr().out
+    for stem in ("ca", "cloud", "admin", "agents/a", "agents/b"):
+        assert _mode(d / f"{stem}.pem") == 0o644, stem
+        assert _mode(d / f"{stem}.key") == 0o600, stem
+    ca = (d / "ca.pem").read_bytes(), (d / "ca.key").read_bytes()
+
+    # A second init refuses and leaves the deployment alone.
+    assert main(["certs", "init", "--dir", str(d), "--agents", "x"]) == 2
+    captured = capsys.readouterr()
+    assert "already exists" in captured.err and "ca.pem" in captured.err
+    assert captured.out == ""
+    assert ((d / "ca.pem").read_bytes(), (d / "ca.key").read_bytes()) == ca
+    assert not (d / "agents" / "x.pem").exists()
+
+    assert main(["certs", "add-agent", "c", "--dir", str(d)]) == 0
+    assert str(d / "agents" / "c.pem") in capsys.readouterr().out
+    assert _mode(d / "agents" / "c.key") == 0o600
+    assert _mode(d / "agents" / "c.pem") == 0o644
+
+    assert main(["certs", "add-agent", "c", "--dir", str(d)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+BAD_NAMES = ["Bad", "a/b", "_lead", "a b", "x" * 64]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("certs")
+    assert main(["certs", "init", "--dir", str(d), "--agents", "ok"]) == 0
+    return d
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_agent_name_in_init_exits_2(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "certs"
+    assert main(["certs", "init", "--dir", str(d), "--agents", f"ok,{name}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid name") and repr(name) in err
+    assert not (d / "ca.pem").exists()  # names are checked before anything is written
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_agent_name_in_add_agent_exits_2(name: str, deployment: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = sorted((deployment / "agents").iterdir())
+    assert main(["certs", "add-agent", name, "--dir", str(deployment)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid name") and repr(name) in err
+    assert sorted((deployment / "agents").iterdir()) == before
+
+
+def test_add_agent_without_a_deployment_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["certs", "add-agent", "c", "--dir", str(tmp_path)]) == 2
+    assert "tandem certs init" in capsys.readouterr().err
+
+
+def test_readme_configuration_reference_matches_the_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tandem_cli import docs
+
+    for var in docs.ENVIRONMENT:  # defaults come from the environment; the README shows the built-in ones
+        monkeypatch.delenv(var, raising=False)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert docs.splice(readme) == readme, "run `python -m tandem_cli.docs README.md`"
+    assert "| `--placement` MODEL=MODE |" in readme and "#### `tandem serve`" in readme

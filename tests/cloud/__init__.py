@@ -1,0 +1,1 @@
+"""The coordinator (services/cloud/): rounds, update intake, limits, defences, store, inference serving, replicas, placement."""

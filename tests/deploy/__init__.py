@@ -1,0 +1,1 @@
+"""What deploy/ ships: Kubernetes manifests, the Dockerfile, Prometheus configuration, rules and dashboards."""

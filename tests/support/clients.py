@@ -1,0 +1,169 @@
+"""Test-side clients: a minimal agent control stream and raw upload helpers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from tandem import codec, grpcserver, tls, training, zoo
+from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
+from tandem.v1 import coordinator_pb2 as pb
+from tests.support.waiting import wait_for
+
+SPECS = codec.specs_of(training.state_arrays(zoo.build_model("mlp")))
+
+
+def delta(value: float) -> dict[str, np.ndarray]:
+    """A made-up update for the reference model: every weight moves by `value`."""
+    return {name: np.full(spec.shape, value, dtype=np.float32) for name, spec in SPECS.items()}
+
+
+def header_for(task: pb.TrainTask, **overrides: object) -> pb.UpdateHeader:
+    """The header of an update that answers `task`, with fields to change for a test."""
+    fields: dict[str, object] = dict(job_id=task.job_id, round=task.round, base_version=task.base_version,
+                                     num_examples=100, codec=task.codec, local_loss=0.5)
+    fields.update(overrides)
+    return pb.UpdateHeader(**fields)  # type: ignore[arg-type]
+
+
+def target(port: int) -> str:
+    return f"localhost:{port}"
+
+
+def agent_channel(port: int, certs_dir: Path, name: str) -> grpc.aio.Channel:
+    return grpcserver.secure_channel(target(port), tls.agent_credentials(certs_dir, name))
+
+
+def admin_channel(port: int, certs_dir: Path) -> grpc.aio.Channel:
+    return grpcserver.secure_channel(target(port), tls.admin_credentials(certs_dir))
+
+
+class ControlStream:
+    """An agent's control stream, driven by the test: says hello, collects messages."""
+
+    def __init__(self, port: int, certs_dir: Path, name: str) -> None:
+        self.name = name
+        self.channel = agent_channel(port, certs_dir, name)
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.messages: asyncio.Queue[pb.CoordinatorMessage] = asyncio.Queue()
+        self._outgoing: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def open(self, num_examples: int = 1000) -> pb.Welcome:
+        self._outgoing.put_nowait(pb.AgentMessage(hello=pb.Hello(num_examples=num_examples, device="cpu")))
+
+        async def requests() -> AsyncIterator[pb.AgentMessage]:
+            while (message := await self._outgoing.get()) is not None:
+                yield message
+
+        self.call = self.stub.Connect(requests())
+        self._reader = asyncio.create_task(self._read())
+        welcome = await self.next("welcome")
+        return welcome.welcome
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.call:
+                self.messages.put_nowait(message)
+        except grpc.aio.AioRpcError:
+            pass
+
+    async def next(self, kind: str, timeout: float = 10.0) -> pb.CoordinatorMessage:
+        """The next message of `kind`, skipping others."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.messages.get()
+                if message.WhichOneof("kind") == kind:
+                    return message
+
+    async def close(self) -> None:
+        self._outgoing.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
+        await self.channel.close()
+
+
+def update_messages(
+    header: pb.UpdateHeader, arrays: Mapping[str, np.ndarray]
+) -> list[pb.UpdateChunk]:
+    """An upload of dense float32 tensors (codec "none": each tensor as a 1-D component)."""
+    flat = {name: np.asarray(a).reshape(-1) for name, a in arrays.items()}
+    return [pb.UpdateChunk(header=header), *(pb.UpdateChunk(tensor=c) for c in codec.iter_chunks(flat))]
+
+
+async def upload(
+    stub: coordinator_pb2_grpc.CoordinatorStub, messages: Iterable[pb.UpdateChunk]
+) -> pb.UpdateReceipt:
+    async def stream() -> AsyncIterator[pb.UpdateChunk]:
+        for message in messages:
+            yield message
+
+    receipt: pb.UpdateReceipt = await stub.UploadUpdate(stream(), timeout=30)
+    return receipt
+
+
+async def upload_code(stub: coordinator_pb2_grpc.CoordinatorStub, messages: Iterable[pb.UpdateChunk]) -> grpc.StatusCode:
+    """The status code an upload ends with (OK when accepted)."""
+    try:
+        await upload(stub, messages)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def download(
+    stub: coordinator_pb2_grpc.CoordinatorStub, model: str, version: int
+) -> tuple[pb.ModelHeader, dict[str, np.ndarray]]:
+    header: pb.ModelHeader | None = None
+    assembler: codec.ChunkAssembler | None = None
+    async for message in stub.DownloadModel(pb.ModelRequest(model=model, version=version), timeout=30):
+        if message.HasField("header"):
+            header = message.header
+            assembler = codec.ChunkAssembler(
+                {t.name: codec.spec_from_proto(t, 1 << 30) for t in header.tensors}
+            )
+        else:
+            assert assembler is not None
+            assembler.add(message.tensor)
+    assert header is not None and assembler is not None
+    return header, assembler.result()
+
+
+async def start_job(port: int, certs_dir: Path, **spec: object) -> admin_pb2.Job:
+    async with admin_channel(port, certs_dir) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        job: admin_pb2.Job = await stub.StartJob(admin_pb2.StartJobRequest(spec=admin_pb2.JobSpec(**spec)))  # type: ignore[arg-type]
+        return job
+
+
+async def get_job(port: int, certs_dir: Path, job_id: str) -> admin_pb2.Job:
+    async with admin_channel(port, certs_dir) as channel:
+        job: admin_pb2.Job = await admin_pb2_grpc.AdminStub(channel).GetJob(admin_pb2.GetJobRequest(job_id=job_id))
+        return job
+
+
+async def wait_rounds(port: int, certs_dir: Path, job_id: str, count: int) -> admin_pb2.Job:
+    """The job once `count` of its rounds have closed."""
+    async def closed() -> admin_pb2.Job | None:
+        job = await get_job(port, certs_dir, job_id)
+        return job if len(job.rounds) >= count else None
+
+    return await wait_for(closed, timeout=30, interval=0.05, message=f"{count} rounds of job {job_id} to close")
+
+
+async def streams(port: int, certs_dir: Path, names: list[str]) -> list[ControlStream]:
+    """Open a control stream for each agent in `names`, in order."""
+    opened = [ControlStream(port, certs_dir, name) for name in names]
+    for stream in opened:
+        await stream.open()
+    return opened
+
+
+async def send(port: int, certs_dir: Path, agent: str, task: pb.TrainTask, value: float) -> pb.UpdateReceipt:
+    """Upload `agent`'s answer to `task`: every weight moved by `value`."""
+    async with agent_channel(port, certs_dir, agent) as channel:
+        return await upload(coordinator_pb2_grpc.CoordinatorStub(channel), update_messages(header_for(task), delta(value)))
