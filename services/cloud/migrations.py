@@ -4,7 +4,7 @@
 in SQLite's `PRAGMA user_version`. A fresh state directory runs them all, an older
 one the ones it lacks, each in a transaction of its own, so a crash mid-upgrade
 leaves the last complete version. Changing the schema is appending a function here
-(and its test in tests/test_store.py); nothing else counts versions.
+(and its test in tests/cloud/test_store.py); nothing else counts versions.
 
 A migration uses `db.execute` only: `executescript` commits the open transaction
 first, and `migrate` refuses a migration that ends it.

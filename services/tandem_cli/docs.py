@@ -2,7 +2,7 @@
 
     python -m tandem_cli.docs README.md    # rewrite the section between the markers
 
-tests/test_cli.py fails when the README and the parser disagree.
+tests/cli/test_cli.py fails when the README and the parser disagree.
 """
 
 from __future__ import annotations
