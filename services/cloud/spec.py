@@ -136,13 +136,14 @@ class JobSpec:
     def from_proto(cls, msg: admin_pb2.JobSpec) -> JobSpec:
         """The flat wire form, validated. Zero fields take the defaults (proto3 cannot
         tell unset from zero)."""
-        training, transport, strategy, defence = LocalTraining(), Transport(), ServerStrategy(), Defence()
+        defaults = cls(model="", rounds=0, min_clients=0)
+        training, transport, strategy, defence = defaults.training, defaults.transport, defaults.strategy, defaults.defence
         return cls(
             model=msg.model,
             rounds=msg.rounds,
             min_clients=msg.min_clients,
             clients_per_round=msg.clients_per_round,
-            deadline=msg.round_deadline_seconds or cls.deadline,
+            deadline=msg.round_deadline_seconds or defaults.deadline,
             eval=msg.eval,
             seed=msg.seed,
             training=LocalTraining(
