@@ -157,9 +157,9 @@ class UpdateIntake:
                 partial.wire += message.ByteSize()
                 if not message.HasField("tensor"):
                     raise InvalidArgument("an upload has exactly one header, first", reason="malformed")
-                if spool.bytes_received + len(message.tensor.data) > spec.max_update_bytes:
+                if spool.bytes_received + len(message.tensor.data) > spec.transport.max_update_bytes:
                     raise ResourceExhausted(
-                        f"update exceeds the job's limit of {spec.max_update_bytes} bytes", reason="too_large"
+                        f"update exceeds the job's limit of {spec.transport.max_update_bytes} bytes", reason="too_large"
                     )
                 spool.add(message.tensor)
                 partial.chunks += 1

@@ -125,7 +125,7 @@ class JobManager:
                     version=r.version, sha256=r.sha256, attempts=r.attempt,
                     agents=[u.agent for u in updates], codecs={u.agent: u.codec for u in updates},
                     delta_bytes=(published.delta_bytes or 0) if published else 0,
-                    epsilon=privacy.epsilon(spec.dp_noise_multiplier, r.round, spec.dp_delta),
+                    epsilon=privacy.epsilon(spec.defence.dp_noise_multiplier, r.round, spec.defence.dp_delta),
                 )
             )
         if row.state == JobState.RUNNING:

@@ -12,6 +12,7 @@ first, and `migrate` refuses a migration that ends it.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Sequence
 
@@ -57,7 +58,41 @@ def _v1_tables(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
-MIGRATIONS: list[Migration] = [_v1_tables]
+# Where each flat job-spec key of version 1 went in version 2: (group, key in it), the
+# group None for the job itself. A literal copy: JobSpec will change again, this must not.
+_V2_SPEC_KEYS: dict[str, tuple[str | None, str]] = {
+    "model": (None, "model"), "rounds": (None, "rounds"), "min_clients": (None, "min_clients"),
+    "clients_per_round": (None, "clients_per_round"), "deadline": (None, "deadline"), "eval": (None, "eval"),
+    "seed": (None, "seed"),
+    "epochs": ("training", "epochs"), "batch_size": ("training", "batch_size"),
+    "learning_rate": ("training", "learning_rate"),
+    "strategy": ("strategy", "name"), "mu": ("strategy", "mu"), "server_lr": ("strategy", "server_lr"),
+    "codec": ("transport", "codec"), "downlink_codec": ("transport", "downlink_codec"),
+    "target_upload_seconds": ("transport", "target_upload_seconds"),
+    "max_update_bytes": ("transport", "max_update_bytes"),
+    "aggregator": ("defence", "aggregator"), "trim_fraction": ("defence", "trim_fraction"),
+    "hostile_agents": ("defence", "hostile"), "krum_selected": ("defence", "krum_selected"),
+    "clip_norm": ("defence", "clip_norm"), "clip_to_median": ("defence", "clip_to_median"),
+    "dp_noise_multiplier": ("defence", "dp_noise_multiplier"), "dp_delta": ("defence", "dp_delta"),
+}
+
+
+def _v2_grouped_specs(db: sqlite3.Connection) -> None:
+    """Version 2: a job's spec groups its settings (training, strategy, transport,
+    defence) instead of 25 flat keys. A key the flat spec lacks stays absent (its
+    default); one this mapping does not know stays at the top, so reading it fails
+    loudly rather than losing it."""
+    rows = db.execute("SELECT job_id, spec FROM jobs").fetchall()
+    for job_id, text in rows:
+        top: dict[str, object] = {}
+        groups: dict[str, dict[str, object]] = {"training": {}, "strategy": {}, "transport": {}, "defence": {}}
+        for key, value in json.loads(text).items():
+            group, name = _V2_SPEC_KEYS.get(key, (None, key))
+            (top if group is None else groups[group])[name] = value
+        db.execute("UPDATE jobs SET spec = ? WHERE job_id = ?", (json.dumps({**top, **groups}), job_id))
+
+
+MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs]
 
 
 def schema_version(db: sqlite3.Connection) -> int:

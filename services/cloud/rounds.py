@@ -46,8 +46,8 @@ class JobRunner:
         self._models = models
         self._task: asyncio.Task[None] | None = None
         self._round: OpenRound | None = None
-        self._optimizer = strategies.get(spec.strategy)(spec.effective_server_lr)
-        self._downlink = compression.parse_codec(spec.effective_downlink)
+        self._optimizer = strategies.get(spec.strategy.name)(spec.strategy.effective_server_lr(spec.transport.codec))
+        self._downlink = compression.parse_codec(spec.transport.effective_downlink)
 
     def start(self) -> None:
         self._registry.add_listener(self._on_connect)
@@ -115,7 +115,7 @@ class JobRunner:
         rnd = OpenRound(
             self.job_id, number, base, row.attempt if row else 0, sorted(previous | {u.agent for u in updates}),
             time.time() + self.spec.deadline, accumulator, self._store,
-            None if self.spec.codec == AUTO else self.spec.codec,
+            None if self.spec.transport.codec == AUTO else self.spec.transport.codec,
         )
         try:
             await rnd.restore(updates)
@@ -166,25 +166,26 @@ class JobRunner:
 
     def _codec_for(self, agent: str) -> str:
         """The job's codec, or with `auto` one chosen from the agent's measured link."""
-        if self.spec.codec != AUTO:
-            return self.spec.codec
+        if self.spec.transport.codec != AUTO:
+            return self.spec.transport.codec
         measured = self._registry.measurements(agent)
         throughput = measured.get("uplink_bytes_per_second") or measured.get("downlink_bytes_per_second")
         params = sum(spec.nbytes // 4 for spec in self._models.specs(self.spec.model).values())
-        choice = autocodec.choose(params, throughput, self.spec.target_upload_seconds)
+        choice = autocodec.choose(params, throughput, self.spec.transport.target_upload_seconds)
         metrics.AUTO_CODEC_BYTES_PER_PARAM.labels(agent).set(_bytes_per_param(choice))
         return choice
 
     def _task_message(self, rnd: OpenRound, agent: str) -> pb.CoordinatorMessage:
+        training = self.spec.training
         message = pb.CoordinatorMessage(
             task=pb.TrainTask(
                 job_id=self.job_id, round=rnd.number, model=self.spec.model, base_version=rnd.base.version,
                 base_sha256=rnd.base.sha256, codec=rnd.task_codec(agent, self._codec_for),
                 deadline=timestamp(rnd.deadline),
-                max_update_bytes=self.spec.max_update_bytes,
+                max_update_bytes=self.spec.transport.max_update_bytes,
                 training=pb.TrainingConfig(
-                    epochs=self.spec.epochs, batch_size=self.spec.batch_size, learning_rate=self.spec.learning_rate,
-                    mu=self.spec.mu,
+                    epochs=training.epochs, batch_size=training.batch_size, learning_rate=training.learning_rate,
+                    mu=self.spec.strategy.mu,
                 ),
             )
         )
@@ -273,8 +274,8 @@ class JobRunner:
             metrics.UPDATES_CLIPPED.inc(report.clipped)
         if self.spec.defence.private:
             metrics.DP_EPSILON.labels(self.job_id).set(
-                privacy.epsilon(self.spec.dp_noise_multiplier, number, self.spec.dp_delta))
-        log.info("job %s round %d: %s of %d updates%s%s", self.job_id, number, self.spec.aggregator, len(updates),
+                privacy.epsilon(self.spec.defence.dp_noise_multiplier, number, self.spec.defence.dp_delta))
+        log.info("job %s round %d: %s of %d updates%s%s", self.job_id, number, self.spec.defence.aggregator, len(updates),
                  f", {report.clipped} clipped to {report.clip_bound:.4g}" if self.spec.defence.clips else "",
                  f", averaged {[updates[i].agent for i in report.selected]}" if report.selected is not None else "")
         return mean

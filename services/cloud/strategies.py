@@ -6,7 +6,7 @@ pseudo-gradient for a server-side adaptive optimiser (Reddi et al., "Adaptive
 Federated Optimization", 2021), whose moments persist across rounds.
 
 A strategy is a class registered under the name a job gives (`--strategy`); a job's
-runner makes one instance, `get(spec.strategy)(lr)`, which holds the server state.
+runner makes one instance, `get(spec.strategy.name)(lr)`, which holds the server state.
 Adding one is one class: subclass `Strategy` (or `FedAvg`, `Adaptive`) and `@register` it.
 """
 

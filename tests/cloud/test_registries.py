@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from cloud import aggregation, strategies
+from cloud.aggregation import Defence
 from cloud.robust import aggregate, dense_from
-from cloud.spec import JobSpec
+from cloud.spec import JobSpec, ServerStrategy
 from tandem.errors import InvalidArgument
 
 ADMIN_PROTO = Path(__file__).resolve().parents[2] / "protos" / "tandem" / "v1" / "admin.proto"
@@ -39,7 +40,7 @@ def coordinate_max() -> Iterator[str]:
 
 
 def test_a_rule_registered_here_is_validated_and_aggregates(coordinate_max: str) -> None:
-    spec = JobSpec(model="mlp", rounds=1, min_clients=3, aggregator=coordinate_max).validate()
+    spec = JobSpec(model="mlp", rounds=1, min_clients=3, defence=Defence(coordinate_max)).validate()
     assert coordinate_max in aggregation.names()
     assert not spec.defence.streams  # the close reads every update and calls the rule
     updates = [{"w": np.array([1.0, 5.0], np.float32)}, {"w": np.array([3.0, -2.0], np.float32)},
@@ -48,13 +49,13 @@ def test_a_rule_registered_here_is_validated_and_aggregates(coordinate_max: str)
     assert out["w"].tolist() == [3.0, 5.0]
     assert report.selected is None
     with pytest.raises(InvalidArgument, match=r"the largest value is any hostile agent's choice \(1 declared\)"):
-        JobSpec(model="mlp", rounds=1, min_clients=3, aggregator=coordinate_max, hostile_agents=1).validate()
+        JobSpec(model="mlp", rounds=1, min_clients=3, defence=Defence(coordinate_max, hostile=1)).validate()
 
 
 def test_a_rule_taken_out_again_is_unknown() -> None:
     """The fixture unregisters its rule: whatever ran before, the name is free."""
     with pytest.raises(InvalidArgument, match=r"unknown aggregator 'coordinate_max'; known: \['mean', 'median', "):
-        JobSpec(model="mlp", rounds=1, min_clients=3, aggregator="coordinate_max").validate()
+        JobSpec(model="mlp", rounds=1, min_clients=3, defence=Defence("coordinate_max")).validate()
 
 
 @pytest.fixture
@@ -74,12 +75,13 @@ def half_step() -> Iterator[str]:
 
 
 def test_a_strategy_registered_here_is_validated_and_steps(half_step: str) -> None:
-    spec = JobSpec(model="mlp", rounds=1, min_clients=1, strategy=half_step).validate()
-    assert spec.effective_server_lr == 0.5
-    step = strategies.get(spec.strategy)(spec.effective_server_lr).step({"w": np.ones(2, np.float32)})
+    spec = JobSpec(model="mlp", rounds=1, min_clients=1, strategy=ServerStrategy(half_step)).validate()
+    lr = spec.strategy.effective_server_lr(spec.transport.codec)
+    assert lr == 0.5
+    step = strategies.get(spec.strategy.name)(lr).step({"w": np.ones(2, np.float32)})
     assert step["w"].tolist() == [0.5, 0.5]
     with pytest.raises(InvalidArgument, match="mu is FedProx's parameter"):
-        JobSpec(model="mlp", rounds=1, min_clients=1, strategy=half_step, mu=0.1).validate()
+        JobSpec(model="mlp", rounds=1, min_clients=1, strategy=ServerStrategy(half_step, mu=0.1)).validate()
 
 
 def test_a_name_is_registered_once() -> None:

@@ -3,6 +3,7 @@ refuses a database from a newer tandem. Plain SQLite in a temporary directory.""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from cloud.aggregation import Defence
 from cloud.migrations import MIGRATIONS, Migration, SchemaError
-from cloud.spec import JobSpec
+from cloud.spec import JobSpec, LocalTraining, ServerStrategy, Transport
 from cloud.store import AgentRow, JobRow, JobState, RoundRow, RoundState, Store, UpdateRow, VersionRow
 
 # The schema as the coordinator created it before it had a version (user_version 0),
@@ -47,7 +49,7 @@ CREATE TABLE IF NOT EXISTS pins (
     PRIMARY KEY (agent, model));
 """
 
-SPEC = JobSpec(model="mlp", rounds=2, min_clients=2, codec="int8")
+SPEC = JobSpec(model="mlp", rounds=2, min_clients=2, transport=Transport(codec="int8"))
 
 
 @contextmanager
@@ -147,6 +149,39 @@ def test_a_directory_written_before_versioning_is_version_1_and_reads_back(tmp_p
     assert current is not None and (current.state, current.selected) == (RoundState.OPEN, ("agent-0",))
     assert store.list_agents() == [AgentRow("agent-0", 1.0, 2.0, 3, 40, "cpu")]
     store.close()
+
+
+# A version-1 spec as the coordinator stored it: 25 flat keys, none at its default.
+FLAT_SPEC = {
+    "model": "mlp", "rounds": 7, "min_clients": 4, "clients_per_round": 5, "deadline": 90.0, "eval": "digits",
+    "epochs": 2, "batch_size": 16, "learning_rate": 0.05, "codec": "topk:0.1+int8", "seed": 11,
+    "max_update_bytes": 1 << 20, "strategy": "fedprox", "mu": 0.01, "server_lr": 0.5, "downlink_codec": "int8",
+    "target_upload_seconds": 3.0, "aggregator": "trimmed_mean", "trim_fraction": 0.25, "hostile_agents": 1,
+    "krum_selected": 0, "clip_norm": 2.0, "clip_to_median": False, "dp_noise_multiplier": 0.0, "dp_delta": 1e-6,
+}
+
+
+def test_migration_2_groups_a_flat_spec(tmp_path: Path) -> None:
+    with _raw(tmp_path) as db:
+        db.executescript(UNVERSIONED_SCHEMA)
+        db.execute("PRAGMA user_version = 1")
+        db.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?)",
+                   ("flat", json.dumps(FLAT_SPEC), "running", 2, 3, "", 1.0))
+
+    store = Store(tmp_path)
+    job = store.get_job("flat")
+    assert job is not None
+    assert job.spec == JobSpec(
+        model="mlp", rounds=7, min_clients=4, clients_per_round=5, deadline=90.0, eval="digits", seed=11,
+        training=LocalTraining(epochs=2, batch_size=16, learning_rate=0.05),
+        strategy=ServerStrategy(name="fedprox", mu=0.01, server_lr=0.5),
+        transport=Transport(codec="topk:0.1+int8", downlink_codec="int8", target_upload_seconds=3.0,
+                            max_update_bytes=1 << 20),
+        defence=Defence(aggregator="trimmed_mean", trim_fraction=0.25, hostile=1, clip_norm=2.0, dp_delta=1e-6),
+    ).validate()
+    assert json.loads(job.spec_json) == job.spec.to_dict()  # stored in the grouped form itself
+    store.close()
+    assert _user_version(tmp_path) == 2
 
 
 def test_added_migrations_run_once_in_order_and_keep_the_data(tmp_path: Path) -> None:
