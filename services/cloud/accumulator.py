@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud.tensorfile import pread_array, pwrite_array
-from tandem import codec as wire
-from tandem import compression
+from tandem import compression, wire
 from tandem.compression import Codec
 
 

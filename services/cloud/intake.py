@@ -26,7 +26,7 @@ from cloud.spec import JobSpec
 from cloud.spool import Spool
 from cloud.store import Store, UpdateRow
 from cloud.tensorfile import TensorFile
-from tandem import codec, compression, deltas, metrics
+from tandem import compression, deltas, metrics, wire
 from tandem.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -57,7 +57,7 @@ class Partial:
     content_sha256: str
     spool: Spool
     chunks: int
-    wire: int
+    wire_bytes: int
     since: float
 
 
@@ -104,14 +104,14 @@ class UpdateIntake:
             raise InvalidArgument("an upload starts with an UpdateHeader", reason="malformed")
         header = first.header
         key = (header.job_id, header.round, agent)
-        wire = first.ByteSize()
+        wire_bytes = first.ByteSize()
         try:
             async with self._lock(key):
                 receipt = await self._receive(key, header, messages)
-        except (TandemError, codec.CodecError, compression.CompressionError, DecodeError) as exc:
+        except (TandemError, wire.WireError, compression.CompressionError, DecodeError) as exc:
             reason = exc.reason if isinstance(exc, TandemError) else "malformed"
             metrics.UPDATES_REJECTED.labels(reason).inc()
-            self._jobs.count_rejection(header.job_id, header.round, wire)
+            self._jobs.count_rejection(header.job_id, header.round, wire_bytes)
             await drain(messages)
             raise
         metrics.BYTES_RECEIVED.labels("update").inc(receipt.bytes_received)
@@ -147,14 +147,14 @@ class UpdateIntake:
 
     async def _assemble(
         self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk], spec: JobSpec,
-        specs: dict[str, codec.TensorSpec], update_codec: compression.Codec, existing: UpdateRow | None,
+        specs: dict[str, wire.TensorSpec], update_codec: compression.Codec, existing: UpdateRow | None,
         runner: JobRunner | None,
     ) -> pb.UpdateReceipt:
         partial = self._resume(key, header, specs, update_codec)
         spool = partial.spool
         try:
             async for message in messages:
-                partial.wire += message.ByteSize()
+                partial.wire_bytes += message.ByteSize()
                 if not message.HasField("tensor"):
                     raise InvalidArgument("an upload has exactly one header, first", reason="malformed")
                 if spool.bytes_received + len(message.tensor.data) > spec.transport.max_update_bytes:
@@ -163,7 +163,7 @@ class UpdateIntake:
                     )
                 spool.add(message.tensor)
                 partial.chunks += 1
-        except (TandemError, codec.CodecError, compression.CompressionError, DecodeError):
+        except (TandemError, wire.WireError, compression.CompressionError, DecodeError):
             spool.discard()
             raise
         except BaseException:
@@ -173,14 +173,14 @@ class UpdateIntake:
         if spool.missing():
             # A cancelled client stream can also end as a plain end of stream.
             self._keep(key, partial)
-            raise codec.CodecError(f"update incomplete: missing or truncated tensors {spool.missing()}")
+            raise wire.WireError(f"update incomplete: missing or truncated tensors {spool.missing()}")
         try:
             return await self._accept(key, header, partial, specs, update_codec, existing, runner)
         finally:
             spool.discard()  # unless accepted, when the file has moved to its final name
 
     async def _accept(
-        self, key: UploadKey, header: pb.UpdateHeader, partial: Partial, specs: dict[str, codec.TensorSpec],
+        self, key: UploadKey, header: pb.UpdateHeader, partial: Partial, specs: dict[str, wire.TensorSpec],
         update_codec: compression.Codec, existing: UpdateRow | None, runner: JobRunner | None,
     ) -> pb.UpdateReceipt:
         """Check a complete upload, then record it, or answer a re-send as a duplicate."""
@@ -193,7 +193,7 @@ class UpdateIntake:
             await asyncio.to_thread(_validate, file.arrays(), specs, update_codec, header.num_examples)
         digest = update_digest(header, content)
         receipt = pb.UpdateReceipt(
-            job_id=header.job_id, round=header.round, agent_id=agent, digest=digest, bytes_received=partial.wire
+            job_id=header.job_id, round=header.round, agent_id=agent, digest=digest, bytes_received=partial.wire_bytes
         )
         if existing is not None:
             if existing.digest != digest:
@@ -213,7 +213,7 @@ class UpdateIntake:
                             header.codec)
             # Once the record is committed the update must be folded in and counted,
             # even if this call is cancelled meanwhile: shield the three together.
-            await asyncio.shield(rnd.commit(row, partial.wire, TensorFile(path).arrays(), update_codec))
+            await asyncio.shield(rnd.commit(row, partial.wire_bytes, TensorFile(path).arrays(), update_codec))
         except TandemError:
             path.unlink(missing_ok=True)
             raise
@@ -221,18 +221,18 @@ class UpdateIntake:
         return receipt
 
     def _resume(
-        self, key: UploadKey, header: pb.UpdateHeader, specs: dict[str, codec.TensorSpec], update_codec: compression.Codec
+        self, key: UploadKey, header: pb.UpdateHeader, specs: dict[str, wire.TensorSpec], update_codec: compression.Codec
     ) -> Partial:
         self._prune()
         partial = self._partials.pop(key, None)
-        wire = pb.UpdateChunk(header=header).ByteSize()
+        wire_bytes = pb.UpdateChunk(header=header).ByteSize()
         if header.skip_chunks == 0:
             if partial is not None:
                 partial.spool.discard()
             path = self._store.update_path(*key)
             spool = Spool(path.with_name(f"{path.stem}.{uuid.uuid4().hex[:8]}.part"),
                           deltas.expected(specs, update_codec))
-            return Partial(header.content_sha256, spool, 0, wire, time.monotonic())
+            return Partial(header.content_sha256, spool, 0, wire_bytes, time.monotonic())
         if partial is None or partial.content_sha256 != header.content_sha256 or partial.chunks != header.skip_chunks:
             have = partial.chunks if partial is not None else 0
             if partial is not None:
@@ -241,7 +241,7 @@ class UpdateIntake:
                 f"cannot resume at chunk {header.skip_chunks}: {have} chunks of this content are held; start over",
                 reason="resume",
             )
-        partial.wire += wire
+        partial.wire_bytes += wire_bytes
         return partial
 
     def _keep(self, key: UploadKey, partial: Partial) -> None:
@@ -272,7 +272,7 @@ FOLD_LIMIT = 1e30
 
 
 def _validate(
-    components: Mapping[str, np.ndarray], specs: Mapping[str, codec.TensorSpec], update_codec: compression.Codec,
+    components: Mapping[str, np.ndarray], specs: Mapping[str, wire.TensorSpec], update_codec: compression.Codec,
     num_examples: int,
 ) -> None:
     """Decode every tensor once, so that nothing malformed, non-finite or overflowing is acknowledged."""

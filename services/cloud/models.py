@@ -13,7 +13,7 @@ import numpy as np
 from cloud.spool import Spool
 from cloud.store import Store, VersionRow
 from cloud.tensorfile import TensorFile, write_tensor_pieces, write_tensors
-from tandem import codec, deltas, metrics, training, zoo
+from tandem import deltas, metrics, training, wire, zoo
 from tandem.errors import InvalidArgument, NotFound
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import tensor_pb2
@@ -26,7 +26,7 @@ class ModelRepository:
         self._store = store
         for leftover in (store.directory / "models").glob("*/*.part"):
             leftover.unlink()  # a publication broken by a crash
-        self._specs: dict[str, dict[str, codec.TensorSpec]] = {}
+        self._specs: dict[str, dict[str, wire.TensorSpec]] = {}
         self._reserved: dict[str, int] = {}
         self._listeners: list[Callable[[VersionRow], None]] = []
 
@@ -34,7 +34,7 @@ class ModelRepository:
         """Call `listener(row)` whenever a version is published (inference swaps it in)."""
         self._listeners.append(listener)
 
-    def specs(self, model: str) -> dict[str, codec.TensorSpec]:
+    def specs(self, model: str) -> dict[str, wire.TensorSpec]:
         """The tensors every version (and every update) of `model` must have."""
         if model not in self._specs:
             if model not in zoo.model_names():
@@ -187,7 +187,7 @@ class ModelRepository:
         header.total_chunks = sum(f.chunk_count() for _, f in files)
 
         def chunks() -> Iterator[tensor_pb2.TensorChunk]:
-            # Sorted by full name, as codec.iter_chunks orders a dict of all of them.
+            # Sorted by full name, as wire.iter_chunks orders a dict of all of them.
             for prefix, f in sorted(files, key=lambda pf: pf[0]):
                 yield from f.chunks(prefix)
 

@@ -25,7 +25,7 @@ from grpc_health.v1 import health
 from cloud.serving import ModelServer, ServingConfig, served_models
 from cloud.store import VersionRow
 from cloud.tensorfile import read_tensors, write_tensors
-from tandem import codec, grpcserver, inference, metrics, tls, training
+from tandem import grpcserver, inference, metrics, tls, training, wire
 from tandem.errors import InvalidArgument, NotFound
 from tandem.transfer import Download, HeldVersion  # the client side of a model download, as agents do it
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2_grpc
@@ -50,7 +50,7 @@ class ModelMirror:
         self._keep = keep
         self._held: dict[str, dict[int, VersionRow]] = {name: {} for name in models}
         self._listeners: list[Callable[[VersionRow], None]] = []
-        self._specs: dict[str, dict[str, codec.TensorSpec]] = {}
+        self._specs: dict[str, dict[str, wire.TensorSpec]] = {}
 
     def add_listener(self, listener: Callable[[VersionRow], None]) -> None:
         self._listeners.append(listener)
@@ -103,7 +103,7 @@ class ModelMirror:
         return VersionRow(v.model, v.version, v.sha256, str(path), v.job_id or None, v.round or None,
                           time.time(), size)
 
-    def _specs_of(self, model: str) -> dict[str, codec.TensorSpec]:
+    def _specs_of(self, model: str) -> dict[str, wire.TensorSpec]:
         if model not in self._specs:
             self._specs[model] = training.state_specs(model)
         return self._specs[model]

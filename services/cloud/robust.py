@@ -22,7 +22,7 @@ from cloud.aggregation import Defence, Round
 from cloud.store import UpdateRow
 from cloud.tensorfile import TensorFile
 from tandem import compression
-from tandem.codec import TensorSpec
+from tandem.wire import TensorSpec
 
 # One update's dense value of one tensor: (update index, tensor name) -> array.
 Dense = Callable[[int, str], np.ndarray]

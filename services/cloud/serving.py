@@ -19,7 +19,7 @@ from typing import Protocol
 
 from cloud.store import VersionRow
 from cloud.tensorfile import read_tensors
-from tandem import codec, metrics, staged, zoo
+from tandem import metrics, staged, wire, zoo
 from tandem.batching import Batcher, keep_profiled
 from tandem.errors import InvalidArgument, NotFound, TandemError
 from tandem.inference import decode_input, model_info
@@ -59,7 +59,7 @@ class Versions(Protocol):
 
 def _load(row: VersionRow, device: str) -> StagedModel:
     arrays = read_tensors(Path(row.path))
-    if codec.state_sha256(arrays) != row.sha256:
+    if wire.state_sha256(arrays) != row.sha256:
         raise RuntimeError(f"{row.path} does not match the sha256 recorded for {row.model} v{row.version}")
     model = StagedModel(row.model, row.version, row.sha256, arrays, device)
     model.profile(0, model.num_stages)  # warm up, and a first cost for every stage
@@ -176,7 +176,7 @@ class ModelServer:
         out = await self.batcher.submit((model.model, model.version, request.start_layer), x, run, model.model)
         return pb.InferResponse(
             request_id=request.request_id, model=model.model, version=model.version,
-            output=codec.to_proto(out), placement=pb.PLACEMENT_CLOUD,
+            output=wire.to_proto(out), placement=pb.PLACEMENT_CLOUD,
         )
 
     async def model_info(self, request: pb.ModelInfoRequest) -> pb.ModelInfo:

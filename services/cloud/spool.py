@@ -1,11 +1,11 @@
 """Uploads written to disk as they arrive.
 
 An update (or a published model) can be as large as the model, and many arrive at
-once. `Spool` checks every chunk as `codec.ChunkAssembler` does, but writes it
+once. `Spool` checks every chunk as `wire.ChunkAssembler` does, but writes it
 straight into a safetensors file and hashes it on the way, so receiving one costs
 the coordinator a chunk of memory, whatever its size. The file is laid out as the
 data arrives: tensors in sorted name order, each whole before the next (as
-`codec.iter_chunks` and `TensorFile.chunks` send them); the header's space is
+`wire.iter_chunks` and `TensorFile.chunks` send them); the header's space is
 reserved for the largest update the expected specs allow and written last.
 """
 
@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from cloud.tensorfile import TensorFile, safetensors_header
-from tandem import codec
+from tandem import wire
 from tandem.files import replace_durably
 
 
-class Spool(codec.ChunkAssembler):
+class Spool(wire.ChunkAssembler):
     """One upload on its way to `path`; `finish` makes it a complete, durable file."""
 
-    def __init__(self, path: Path, expected: Mapping[str, codec.TensorSpec]) -> None:
+    def __init__(self, path: Path, expected: Mapping[str, wire.TensorSpec]) -> None:
         super().__init__(expected, in_order=True)
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,8 +38,8 @@ class Spool(codec.ChunkAssembler):
         self._digest = hashlib.sha256()
         self._moved = False
 
-    def _begin(self, name: str, spec: codec.TensorSpec) -> None:
-        self._digest.update(codec.tensor_header(name, spec.dtype, spec.shape))
+    def _begin(self, name: str, spec: wire.TensorSpec) -> None:
+        self._digest.update(wire.tensor_header(name, spec.dtype, spec.shape))
 
     def _write(self, name: str, offset: int, data: bytes) -> None:
         # Nothing counts until the whole chunk is written: after a failed write (a full
@@ -53,14 +53,14 @@ class Spool(codec.ChunkAssembler):
         self._digest.update(data)
 
     def content_sha256(self) -> str:
-        """`codec.state_sha256` of everything received (the whole update once complete)."""
+        """`wire.state_sha256` of everything received (the whole update once complete)."""
         return self._digest.hexdigest()
 
     def finish(self) -> TensorFile:
-        """Write the header and make the file durable; CodecError if anything is missing."""
+        """Write the header and make the file durable; WireError if anything is missing."""
         missing = self.missing()
         if missing:
-            raise codec.CodecError(f"update incomplete: missing or truncated tensors {missing}")
+            raise wire.WireError(f"update incomplete: missing or truncated tensors {missing}")
         header = safetensors_header(self.declared, size=self._header_size)
         os.pwrite(self._fd, header, 0)
         os.fsync(self._fd)

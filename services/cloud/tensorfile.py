@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from tandem import codec
-from tandem.codec import TensorSpec, tensor_header
+from tandem import wire
 from tandem.files import replace_durably
 from tandem.v1 import tensor_pb2
+from tandem.wire import TensorSpec, tensor_header
 
 _DTYPES = {"F32": "<f4", "F16": "<f2", "I8": "i1", "U8": "u1", "I32": "<i4", "I64": "<i8"}
 MAX_HEADER_BYTES = 100 << 20
@@ -73,7 +73,7 @@ def safetensors_header(specs: Mapping[str, TensorSpec], size: int = 0) -> bytes:
 def write_tensor_pieces(path: Path, specs: Mapping[str, TensorSpec], pieces: Pieces) -> tuple[int, str]:
     """Write a safetensors file atomically and durably from each tensor's pieces (C-order
     slices, produced as they are written); returns its size and the tensors' content
-    hash (tandem.codec.state_sha256), computed on the way.
+    hash (tandem.wire.state_sha256), computed on the way.
 
     Nothing model-sized is built: the safetensors library's `save` would first make the
     whole file one bytes object. What we write is read back with the library
@@ -111,7 +111,7 @@ def write_tensor_pieces(path: Path, specs: Mapping[str, TensorSpec], pieces: Pie
 
 def write_tensors(path: Path, arrays: Mapping[str, np.ndarray]) -> tuple[int, str]:
     """Write named arrays as a safetensors file, atomically and durably; returns its size
-    and the arrays' content hash (tandem.codec.state_sha256), computed on the way."""
+    and the arrays' content hash (tandem.wire.state_sha256), computed on the way."""
     arrays = {name: a if a.flags.c_contiguous else a.copy(order="C") for name, a in arrays.items()}
     specs = {name: TensorSpec(name, a.dtype, tuple(a.shape)) for name, a in arrays.items()}
     return write_tensor_pieces(path, specs, lambda name: [arrays[name]])
@@ -124,7 +124,7 @@ def read_tensors(path: Path) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class _Entry:
-    spec: codec.TensorSpec
+    spec: wire.TensorSpec
     start: int  # absolute file offsets
     end: int
 
@@ -145,30 +145,30 @@ class TensorFile:
             if name == "__metadata__":
                 continue
             dtype = np.dtype(_DTYPES[meta["dtype"]])
-            spec = codec.TensorSpec(name, dtype, tuple(meta["shape"]))
+            spec = wire.TensorSpec(name, dtype, tuple(meta["shape"]))
             start, end = meta["data_offsets"]
             if end - start != spec.nbytes:
                 raise ValueError(f"{path}: tensor {name!r} has {end - start} bytes, its shape needs {spec.nbytes}")
             self._entries[name] = _Entry(spec, base + start, base + end)
 
     @property
-    def specs(self) -> dict[str, codec.TensorSpec]:
+    def specs(self) -> dict[str, wire.TensorSpec]:
         return {name: entry.spec for name, entry in self._entries.items()}
 
     @property
     def nbytes(self) -> int:
         return sum(e.spec.nbytes for e in self._entries.values())
 
-    def chunk_count(self, chunk_bytes: int = codec.CHUNK_BYTES) -> int:
+    def chunk_count(self, chunk_bytes: int = wire.CHUNK_BYTES) -> int:
         return sum(max(1, math.ceil(e.spec.nbytes / chunk_bytes)) for e in self._entries.values())
 
-    def chunks(self, prefix: str = "", chunk_bytes: int = codec.CHUNK_BYTES) -> Iterator[tensor_pb2.TensorChunk]:
-        """The same chunks `codec.iter_chunks` makes of these tensors, read as they go."""
+    def chunks(self, prefix: str = "", chunk_bytes: int = wire.CHUNK_BYTES) -> Iterator[tensor_pb2.TensorChunk]:
+        """The same chunks `wire.iter_chunks` makes of these tensors, read as they go."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
             for name in sorted(self._entries):
                 entry = self._entries[name]
-                dtype = codec.dtype_to_proto(entry.spec.dtype)
+                dtype = wire.dtype_to_proto(entry.spec.dtype)
                 offset = 0
                 while True:
                     length = min(chunk_bytes, entry.spec.nbytes - offset)

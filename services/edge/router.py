@@ -15,7 +15,7 @@ import numpy as np
 
 from edge.link import LinkMonitor
 from edge.models import EdgeModels
-from tandem import codec, metrics
+from tandem import metrics, wire
 from tandem.batching import Batcher
 from tandem.errors import InvalidArgument
 from tandem.inference import decode_input, model_info
@@ -116,7 +116,7 @@ class EdgeRouter:
             if answer is not None:
                 return pb.InferResponse(
                     request_id=request.request_id, model=model.model, version=answer[0],
-                    output=codec.to_proto(answer[1]), placement=pb.PLACEMENT_SPLIT if here > 0 else pb.PLACEMENT_CLOUD,
+                    output=wire.to_proto(answer[1]), placement=pb.PLACEMENT_SPLIT if here > 0 else pb.PLACEMENT_CLOUD,
                 )
             h = await self._local(model, h, here, last)
         if h.ndim == 2:  # class scores: how sure the edge is tells what a cascade would send up
@@ -158,7 +158,7 @@ class EdgeRouter:
         self, request: pb.InferRequest, model: StagedModel, out: np.ndarray, where: pb.Placement
     ) -> pb.InferResponse:
         return pb.InferResponse(request_id=request.request_id, model=model.model, version=model.version,
-                                output=codec.to_proto(out), placement=where)
+                                output=wire.to_proto(out), placement=where)
 
     async def _local(self, model: StagedModel, x: np.ndarray, start: int, end: int) -> np.ndarray:
         run = functools.partial(model.run, start_layer=start, end_layer=end)
@@ -181,7 +181,7 @@ class EdgeRouter:
                 metrics.EDGE_FALLBACKS.labels(model, "deadline").inc()
                 return None
         request = pb.InferRequest(request_id=request_id, model=cloud_model or model, version=version,
-                                  input=codec.to_proto(h), start_layer=start_layer,
+                                  input=wire.to_proto(h), start_layer=start_layer,
                                   deadline_ms=max(1, int(timeout * 1000)))
         begin = time.perf_counter()
         try:
@@ -196,8 +196,8 @@ class EdgeRouter:
         self.link.success(max(time.perf_counter() - begin - answer.server_seconds, 0.0), request.ByteSize(),
                           answer.ByteSize())
         try:
-            out = codec.from_proto(answer.output)
-        except codec.CodecError:
+            out = wire.from_proto(answer.output)
+        except wire.WireError:
             out = None
         if out is None or out.shape != expected or out.dtype != np.float32:
             metrics.EDGE_FALLBACKS.labels(model, "bad_response").inc()

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from edge.channels import Backoff
-from tandem import codec, compression, data, measurements, metrics, training, transfer, zoo
+from tandem import compression, data, measurements, metrics, training, transfer, wire, zoo
 from tandem.transfer import HeldVersion
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc
@@ -128,7 +128,7 @@ class Trainer:
         if task.HasField("base_seed"):
             # The job's initial model is a seeded zoo model: build it, no download needed.
             arrays = await asyncio.to_thread(lambda: training.state_arrays(zoo.build_model(task.model, task.base_seed)))
-            if codec.state_sha256(arrays) == task.base_sha256:
+            if wire.state_sha256(arrays) == task.base_sha256:
                 return self._hold(task, arrays)
             log.warning("the locally built initial %s differs from the cloud's; downloading it", task.model)
         key = (task.model, task.base_version)

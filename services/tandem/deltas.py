@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from tandem import codec as wire
+from tandem import wire
 from tandem.compression import Codec, component_limits, decode, encode, sparse
 
 

@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from tandem.codec import CodecError
 from tandem.compression import CompressionError
 from tandem.interceptors import guarded
+from tandem.wire import WireError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message for an exception."""
     if isinstance(exc, TandemError):
         return exc.code, clip(str(exc))
-    if isinstance(exc, (CodecError, CompressionError)):
+    if isinstance(exc, (WireError, CompressionError)):
         return grpc.StatusCode.INVALID_ARGUMENT, clip(str(exc))
     if isinstance(exc, DecodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {exc}"

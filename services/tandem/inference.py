@@ -18,7 +18,7 @@ from typing import Protocol
 import grpc
 import numpy as np
 
-from tandem import codec, grpcserver, metrics, tls
+from tandem import grpcserver, metrics, tls, wire
 from tandem.errors import InvalidArgument, grpc_errors, grpc_stream_errors, status_of
 from tandem.staged import StagedModel
 from tandem.v1 import inference_pb2 as pb
@@ -61,7 +61,7 @@ def decode_input(request: pb.InferRequest, max_rows: int) -> np.ndarray:
         raise InvalidArgument(f"input has {len(dims)} dimensions; at most {MAX_INPUT_DIMS} are accepted")
     if any(d < 0 for d in dims) or math.prod(d for d in dims if d) > grpcserver.MAX_MESSAGE_BYTES:
         raise InvalidArgument(f"input shape {dims} is negative or larger than any message")
-    x = codec.from_proto(request.input, max_bytes=grpcserver.MAX_MESSAGE_BYTES)
+    x = wire.from_proto(request.input, max_bytes=grpcserver.MAX_MESSAGE_BYTES)
     if x.ndim < 2:
         raise InvalidArgument(f"input must be a batch (at least 2 dimensions), got shape {list(x.shape)}")
     if x.shape[0] > max_rows:

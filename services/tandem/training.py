@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - torch's own idiom
 
-from tandem import codec, zoo
+from tandem import wire, zoo
 from tandem.data import Dataset
 
 
@@ -93,10 +93,10 @@ def evaluate(model: nn.Module, data: Dataset) -> tuple[float, float]:
     return float(accuracy), float(loss)
 
 
-def state_specs(name: str) -> dict[str, codec.TensorSpec]:
+def state_specs(name: str) -> dict[str, wire.TensorSpec]:
     """The specs of what `state_arrays` makes of zoo model `name` (every tensor float32),
     without building the model (`zoo.state_shapes`)."""
-    return {key: codec.TensorSpec(key, np.dtype(np.float32), shape) for key, shape in zoo.state_shapes(name).items()}
+    return {key: wire.TensorSpec(key, np.dtype(np.float32), shape) for key, shape in zoo.state_shapes(name).items()}
 
 
 def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from tandem import codec, compression, deltas, metrics
+from tandem import compression, deltas, metrics, wire
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc
 
@@ -48,10 +48,10 @@ class Download:
     model: str
     version: int
     sha256: str
-    specs: Mapping[str, codec.TensorSpec]
+    specs: Mapping[str, wire.TensorSpec]
     held: HeldVersion | None = None
     header: pb.ModelHeader | None = None
-    assembler: codec.ChunkAssembler | None = None
+    assembler: wire.ChunkAssembler | None = None
     chunks: int = 0
     wire: int = 0
     seconds: float = 0.0
@@ -80,7 +80,7 @@ class Download:
         assert self.assembler is not None and self.header is not None
         arrays = self._finish(self.assembler.result())
         self.assembler = None  # the arrays own the buffers now; a finished download holds nothing
-        if codec.state_sha256(arrays) != self.sha256:
+        if wire.state_sha256(arrays) != self.sha256:
             raise ModelMismatch(f"{self.model} v{self.version}: content hash does not match {self.sha256[:12]}")
         return arrays
 
@@ -93,9 +93,9 @@ class Download:
             return  # resuming: keep what arrived
         self.header = header
         if not header.steps:
-            self.assembler = codec.ChunkAssembler(self.specs)
+            self.assembler = wire.ChunkAssembler(self.specs)
             return
-        expected: dict[str, codec.TensorSpec] = {}
+        expected: dict[str, wire.TensorSpec] = {}
         at = self.held.version if self.held else -1
         for step in header.steps:
             if step.from_version != at:
@@ -104,7 +104,7 @@ class Download:
             expected.update(deltas.expected(self.specs, compression.parse_codec(step.codec), f"{step.to_version}/"))
         if at != self.version:
             raise ModelMismatch(f"delta steps end at v{at}, not v{self.version}")
-        self.assembler = codec.ChunkAssembler(expected)
+        self.assembler = wire.ChunkAssembler(expected)
 
     def _finish(self, received: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self.header is not None
@@ -134,7 +134,7 @@ class Upload:
     broken: bool = False
 
     def __post_init__(self) -> None:
-        self.header.content_sha256 = codec.state_sha256(self.components)
+        self.header.content_sha256 = wire.state_sha256(self.components)
 
     async def run(self, stub: coordinator_pb2_grpc.CoordinatorStub, timeout: float) -> pb.UpdateReceipt:
         skip = 0
@@ -146,7 +146,7 @@ class Upload:
 
         def messages() -> Iterator[pb.UpdateChunk]:
             yield pb.UpdateChunk(header=header)
-            for chunk in codec.iter_chunks(self.components, skip=skip):
+            for chunk in wire.iter_chunks(self.components, skip=skip):
                 yield pb.UpdateChunk(tensor=chunk)
 
         async def stream() -> AsyncIterator[pb.UpdateChunk]:

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from tandem import codec, grpcserver, tls
+from tandem import grpcserver, tls, wire
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tandem.v1 import coordinator_pb2 as cpb
 
@@ -29,8 +29,8 @@ STATE_NAMES = {
 
 def publish_messages(model: str, arrays: dict[str, np.ndarray], sha256: str | None = None) -> list[cpb.ModelChunk]:
     """An Admin.PublishModel upload: the header (its sha256 computed unless given), then the tensors."""
-    header = cpb.ModelHeader(model=model, sha256=codec.state_sha256(arrays) if sha256 is None else sha256)
-    return [cpb.ModelChunk(header=header), *(cpb.ModelChunk(tensor=c) for c in codec.iter_chunks(arrays))]
+    header = cpb.ModelHeader(model=model, sha256=wire.state_sha256(arrays) if sha256 is None else sha256)
+    return [cpb.ModelChunk(header=header), *(cpb.ModelChunk(tensor=c) for c in wire.iter_chunks(arrays))]
 
 
 def admin_channel(cloud: str, certs: Path) -> grpc.aio.Channel:

@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem import certs, codec, training, zoo
+from tandem import certs, training, wire, zoo
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli import procs
@@ -42,7 +42,7 @@ def machine() -> dict[str, Any]:
 
 
 def model_bytes(model: str) -> int:
-    return sum(spec.nbytes for spec in codec.specs_of(training.state_arrays(zoo.build_model(model))).values())
+    return sum(spec.nbytes for spec in wire.specs_of(training.state_arrays(zoo.build_model(model))).values())
 
 
 def _train_seconds(port: int) -> float:

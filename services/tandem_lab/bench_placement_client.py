@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem import codec, grpcserver, tls
+from tandem import grpcserver, tls, wire
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 
@@ -60,7 +60,7 @@ def scrape(port: int) -> dict[str, float]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     frame = np.random.default_rng(0).random((1, 3, 96, 96), dtype=np.float32)
-    request = pb.InferRequest(model="cnn", input=codec.to_proto(frame), deadline_ms=args.deadline_ms)
+    request = pb.InferRequest(model="cnn", input=wire.to_proto(frame), deadline_ms=args.deadline_ms)
     requests: list[list[Any]] = []
     samples: list[list[Any]] = []
     stop = asyncio.Event()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from tandem import certs, codec, compression, deltas, grpcserver, tls, training, zoo
+from tandem import certs, compression, deltas, grpcserver, tls, training, wire, zoo
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli import procs
@@ -35,8 +35,8 @@ async def _agent(target: str, certs_dir: Path, name: str, components: dict[str, 
         while True:
             yield await outgoing.get()
 
-    content = codec.state_sha256(components)
-    chunks = list(codec.iter_chunks(components))
+    content = wire.state_sha256(components)
+    chunks = list(wire.iter_chunks(components))
     async with grpcserver.secure_channel(target, tls.agent_credentials(certs_dir, name)) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         done = 0

@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from tandem import certs, codec, grpcserver, tls, training, zoo
+from tandem import certs, grpcserver, tls, training, wire, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli.admin import publish_messages
@@ -177,7 +177,7 @@ class Harness:
         admin = admin_pb2_grpc.AdminStub(self.channel("cloud", "admin"))
         for name in (MODEL, "mlp"):
             await admin.PublishModel(iter(publish_messages(name, _arrays(name, 1))), timeout=60)
-        x = codec.to_proto(np.zeros((2, 64), np.float32))
+        x = wire.to_proto(np.zeros((2, 64), np.float32))
         infer = inference_pb2.InferRequest(request_id="r", model=MODEL, input=x)
         other = inference_pb2.InferRequest(model="mlp", version=1, input=x, deadline_ms=50)
         hello = pb.AgentMessage(hello=pb.Hello(num_examples=100, device="cpu", models={MODEL: 1}))
@@ -211,9 +211,9 @@ class Harness:
         spec = admin_pb2.JobSpec(model=MODEL, rounds=1, min_clients=6, round_deadline_seconds=3600)
         self.victim = (await admin.StartJob(admin_pb2.StartJobRequest(spec=spec), timeout=60)).job_id
         flat = {name: np.full(a.size, 1e-3, np.float32) for name, a in _arrays(MODEL, 0).items()}
-        chunks = codec.iter_chunks(flat)
+        chunks = wire.iter_chunks(flat)
         header = pb.UpdateHeader(job_id=self.job_id, round=task.round, base_version=task.base_version, num_examples=100,
-                                 codec=task.codec, local_loss=0.5, content_sha256=codec.state_sha256(flat))
+                                 codec=task.codec, local_loss=0.5, content_sha256=wire.state_sha256(flat))
         self.seeds.update(
             UploadUpdate=[[pb.UpdateChunk(header=header), *(pb.UpdateChunk(tensor=c) for c in chunks)]],
             UploadStatus=[[header]], GetJob=[[admin_pb2.GetJobRequest(job_id=self.job_id)]],

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tandem import certs, codec, grpcserver, tls, training, zoo
+from tandem import certs, grpcserver, tls, training, wire, zoo
 from tandem.staged import StagedModel
 from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
@@ -69,17 +69,17 @@ async def check(device: str, work: Path) -> dict[str, Any]:
                 # Batching: 64 concurrent single-row requests, gathered into batches on the device.
                 xs = [rng.normal(size=(1, 64)).astype(np.float32) for _ in range(64)]
                 answers = await asyncio.gather(
-                    *(stub.Infer(pb.InferRequest(model=name, input=codec.to_proto(x))) for x in xs)
+                    *(stub.Infer(pb.InferRequest(model=name, input=wire.to_proto(x))) for x in xs)
                 )
-                got = np.concatenate([codec.from_proto(a.output) for a in answers])
+                got = np.concatenate([wire.from_proto(a.output) for a in answers])
                 errors["batched"] = relative_error(got, reference.run(np.concatenate(xs)))
                 # Split: the activation after every stage boundary, the rest on the device.
                 x = rng.normal(size=(32, 64)).astype(np.float32)
                 expected = reference.run(x)
                 for k in range(reference.num_stages):
                     h = reference.run(x, 0, k)
-                    answer = await stub.Infer(pb.InferRequest(model=name, input=codec.to_proto(h), start_layer=k))
-                    errors[f"start_layer_{k}"] = relative_error(codec.from_proto(answer.output), expected)
+                    answer = await stub.Infer(pb.InferRequest(model=name, input=wire.to_proto(h), start_layer=k))
+                    errors[f"start_layer_{k}"] = relative_error(wire.from_proto(answer.output), expected)
                 served = await server.serving.get(name, 0)
                 results["models"][name] = {
                     "relative_error": errors,

@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem import codec, grpcserver, tls
+from tandem import grpcserver, tls, wire
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 
@@ -110,14 +110,14 @@ async def dataset_client(
         i = order.popleft()
         started = time.perf_counter()
         try:
-            response = await stub.Infer(pb.InferRequest(model=model, input=codec.to_proto(x[i : i + 1])),
+            response = await stub.Infer(pb.InferRequest(model=model, input=wire.to_proto(x[i : i + 1])),
                                         timeout=RPC_TIMEOUT)
         except grpc.aio.AioRpcError as exc:
             tally.error(exc)
             continue
         tally.answered(response, started, time.perf_counter())
         placement = pb.Placement.Name(response.placement).removeprefix("PLACEMENT_").lower()
-        if int(np.argmax(codec.from_proto(response.output)[0])) == int(y[i]):
+        if int(np.argmax(wire.from_proto(response.output)[0])) == int(y[i]):
             tally.correct[placement] += 1
 
 
@@ -141,7 +141,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             rng = np.random.default_rng(0)
             requests = [
                 pb.InferRequest(request_id=f"c{i}", model=args.model,
-                                input=codec.to_proto(rng.normal(size=(args.rows, args.width)).astype(np.float32)))
+                                input=wire.to_proto(rng.normal(size=(args.rows, args.width)).astype(np.float32)))
                 for i in range(args.clients)
             ]
             now = time.perf_counter()
@@ -221,7 +221,7 @@ async def wait_answering(
 ) -> None:
     """Return once `target` answers an Infer for `model` (an agent fetches its models first)."""
     deadline = time.monotonic() + timeout
-    request = pb.InferRequest(model=model, input=codec.to_proto(np.zeros((1, 64), np.float32)))
+    request = pb.InferRequest(model=model, input=wire.to_proto(np.zeros((1, 64), np.float32)))
     async with grpcserver.secure_channel(target, creds) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         while True:

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from tandem import certs, codec, grpcserver, tls, training, zoo
+from tandem import certs, grpcserver, tls, training, wire, zoo
 from tandem.v1 import admin_pb2, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as ipb
 from tandem_cli import procs
@@ -31,7 +31,7 @@ async def _local_application(port: int, certs_dir: Path, rate: float, stop: asyn
     """Requests at `rate` per second with a 1 s deadline, each counted by outcome and placement."""
     outcomes: dict[str, int] = {}
     latencies: list[float] = []
-    x = codec.to_proto(np.zeros((1, 64), np.float32))
+    x = wire.to_proto(np.zeros((1, 64), np.float32))
     async with grpcserver.secure_channel(f"localhost:{port}", tls.app_credentials(certs_dir, APP)) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         while not stop.is_set():

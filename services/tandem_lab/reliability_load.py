@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import psutil
 
-from tandem import certs, codec, grpcserver, tls, training, zoo
+from tandem import certs, grpcserver, tls, training, wire, zoo
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli import procs
@@ -77,11 +77,11 @@ class LightAgent:
     async def _answer(self, stub: coordinator_pb2_grpc.CoordinatorStub, task: pb.TrainTask) -> None:
         header = pb.UpdateHeader(job_id=task.job_id, round=task.round, base_version=task.base_version,
                                  num_examples=100, codec=task.codec, local_loss=0.5,
-                                 content_sha256=codec.state_sha256(self.update))
+                                 content_sha256=wire.state_sha256(self.update))
 
         async def messages() -> AsyncIterator[pb.UpdateChunk]:
             yield pb.UpdateChunk(header=header)
-            for chunk in codec.iter_chunks(self.update):
+            for chunk in wire.iter_chunks(self.update):
                 yield pb.UpdateChunk(tensor=chunk)
 
         try:

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from cloud.app import CloudConfig, Coordinator
 from cloud.serving import ServingConfig
-from tandem import codec
+from tandem import wire
 from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc, tensor_pb2
 from tandem.v1 import inference_pb2 as pb
 from tests.support.clients import admin_channel, agent_channel
@@ -39,7 +39,7 @@ async def test_cloud_output_matches_a_direct_forward_pass(served: Served) -> Non
     response = await stub.Infer(request("mlp", x, request_id="r1"))
     assert (response.request_id, response.model, response.version) == ("r1", "mlp", 1)
     assert response.placement == pb.PLACEMENT_CLOUD
-    np.testing.assert_allclose(codec.from_proto(response.output), forward("mlp", arrays, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(wire.from_proto(response.output), forward("mlp", arrays, x), rtol=1e-5, atol=1e-6)
 
 
 async def test_every_split_point_matches_a_direct_forward_pass(served: Served) -> None:
@@ -49,7 +49,7 @@ async def test_every_split_point_matches_a_direct_forward_pass(served: Served) -
     for k in range(3):  # mlp has 3 stages; start_layer k sends the output of stage k
         activation = forward("mlp", arrays, x, 0, k)
         response = await stub.Infer(request("mlp", activation, start_layer=k))
-        np.testing.assert_allclose(codec.from_proto(response.output), expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(wire.from_proto(response.output), expected, rtol=1e-5, atol=1e-6)
 
 
 async def test_concurrent_callers_each_get_their_own_rows(
@@ -61,7 +61,7 @@ async def test_concurrent_callers_each_get_their_own_rows(
     responses = await asyncio.gather(*(stub.Infer(request("mlp", x, request_id=str(i))) for i, x in enumerate(xs)))
     for i, (x, response) in enumerate(zip(xs, responses)):
         assert response.request_id == str(i)
-        np.testing.assert_allclose(codec.from_proto(response.output), forward("mlp", arrays, x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(wire.from_proto(response.output), forward("mlp", arrays, x), rtol=1e-5, atol=1e-6)
     assert coordinator.serving.batcher.batches - batches_before < len(xs), "no two requests shared a batch"
 
 
@@ -86,7 +86,7 @@ async def test_bad_inputs_get_precise_codes(served: Served) -> None:
         (request("mlp", inputs(1025)), grpc.StatusCode.INVALID_ARGUMENT, "limit of 1024"),
         (pb.InferRequest(model="mlp", input=bad_length), grpc.StatusCode.INVALID_ARGUMENT, "needs 256"),
         (pb.InferRequest(model="mlp"), grpc.StatusCode.INVALID_ARGUMENT, "input tensor is required"),
-        (pb.InferRequest(input=codec.to_proto(inputs(1))), grpc.StatusCode.INVALID_ARGUMENT, "model name"),
+        (pb.InferRequest(input=wire.to_proto(inputs(1))), grpc.StatusCode.INVALID_ARGUMENT, "model name"),
         (request("mlp", inputs(1), version=-2), grpc.StatusCode.INVALID_ARGUMENT, "version"),
     ]
     for bad, code, words in cases:
@@ -117,7 +117,7 @@ async def test_stream_reports_errors_in_order_and_stays_open(served: Served) -> 
     ]
     assert "expected [batch, 64]" in responses[3].error_message
     for response, x in zip([responses[0], responses[2], responses[4]], good):
-        np.testing.assert_allclose(codec.from_proto(response.output), forward("mlp", arrays, x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(wire.from_proto(response.output), forward("mlp", arrays, x), rtol=1e-5, atol=1e-6)
 
 
 async def test_model_info_reports_stages_sizes_and_measured_times(served: Served) -> None:
@@ -146,7 +146,7 @@ async def test_hot_swap_under_load_fails_nothing_and_keeps_old_versions(
         while not stop.is_set():
             response = await stub.Infer(request("mlp", x))
             expected = forward("mlp", v1 if response.version == 1 else v2, x)
-            np.testing.assert_allclose(codec.from_proto(response.output), expected, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(wire.from_proto(response.output), expected, rtol=1e-5, atol=1e-6)
             seen.append(response.version)
 
     clients = [asyncio.create_task(client()) for _ in range(8)]
@@ -163,7 +163,7 @@ async def test_hot_swap_under_load_fails_nothing_and_keeps_old_versions(
     assert seen.index(2) > 0 and all(v == 2 for v in seen[seen.index(2) + 8:])
     old = await stub.Infer(request("mlp", x, version=1))
     assert old.version == 1
-    np.testing.assert_allclose(codec.from_proto(old.output), forward("mlp", v1, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(wire.from_proto(old.output), forward("mlp", v1, x), rtol=1e-5, atol=1e-6)
 
 
 async def test_overload_is_refused_not_queued(tmp_path: Path, certs_dir: Path) -> None:
@@ -218,7 +218,7 @@ async def test_publish_model_checks_everything_and_swaps_it_in(
         assert (version.model, version.version) == ("mlp-small", 1)
         stub = inference_pb2_grpc.InferenceStub(channel)  # an admin may call inference too
         response = await stub.Infer(request("mlp-small", x))
-        np.testing.assert_allclose(codec.from_proto(response.output), forward("mlp-small", arrays, x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(wire.from_proto(response.output), forward("mlp-small", arrays, x), rtol=1e-5, atol=1e-6)
     async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await admin_pb2_grpc.AdminStub(channel).PublishModel(iter(publish_messages("mlp-small", arrays)))

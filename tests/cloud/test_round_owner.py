@@ -20,11 +20,11 @@ from cloud.rounds import JobRunner
 from cloud.spec import JobSpec
 from cloud.store import JobState, RoundState, Store, UpdateRow, VersionRow
 from cloud.tensorfile import read_tensors, write_tensors
-from tandem import codec, compression
+from tandem import compression, wire
 from tandem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from tandem.v1 import coordinator_pb2 as pb
 
-SPECS = {"w": codec.TensorSpec("w", np.dtype(np.float32), (2, 3)), "b": codec.TensorSpec("b", np.dtype(np.float32), (3,))}
+SPECS = {"w": wire.TensorSpec("w", np.dtype(np.float32), (2, 3)), "b": wire.TensorSpec("b", np.dtype(np.float32), (3,))}
 NONE = compression.parse_codec("none")
 BASE = VersionRow("m", 4, "sha", "/nowhere", "job", 0, 0.0, 0)
 

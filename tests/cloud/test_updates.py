@@ -14,7 +14,7 @@ import numpy as np
 import pytest_asyncio
 
 from cloud.app import Coordinator
-from tandem import codec
+from tandem import wire
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc, tensor_pb2
 from tests.support.clients import (
@@ -58,7 +58,7 @@ async def test_each_invalid_update_gets_its_status_code(
     wrong_dtype = {**good, sorted(good)[0]: good[sorted(good)[0]].astype(np.float16)}
     missing = {k: v for k, v in good.items() if k != sorted(good)[0]}
     extra = {**good, "rogue.weight": np.zeros(4, np.float32)}
-    first_chunk = next(codec.iter_chunks({sorted(good)[0]: good[sorted(good)[0]]}))
+    first_chunk = next(wire.iter_chunks({sorted(good)[0]: good[sorted(good)[0]]}))
     overrun = [pb.UpdateChunk(header=header_for(task)), pb.UpdateChunk(tensor=first_chunk),
                pb.UpdateChunk(tensor=first_chunk)]
     huge = pb.UpdateChunk(tensor=tensor_pb2.TensorChunk(name=sorted(good)[0], data=b"\0" * (9 << 20)))
@@ -145,7 +145,7 @@ async def test_identity_idempotency_and_fedavg(
         # FedAvg weighted by examples: base + (100 a + 300 b) / 400, with the published hash.
         _, base = await download(s0, "mlp", task.base_version)
         header, new = await download(s0, "mlp", result.version)
-        assert header.sha256 == result.sha256 == codec.state_sha256(new)
+        assert header.sha256 == result.sha256 == wire.state_sha256(new)
         for name in base:
             np.testing.assert_allclose(new[name], base[name] + (100 * a[name] + 300 * b[name]) / 400, atol=1e-6)
 

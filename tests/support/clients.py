@@ -9,12 +9,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from tandem import codec, grpcserver, tls, training, zoo
+from tandem import grpcserver, tls, training, wire, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tests.support.waiting import wait_for
 
-SPECS = codec.specs_of(training.state_arrays(zoo.build_model("mlp")))
+SPECS = wire.specs_of(training.state_arrays(zoo.build_model("mlp")))
 
 
 def delta(value: float) -> dict[str, np.ndarray]:
@@ -92,7 +92,7 @@ def update_messages(
 ) -> list[pb.UpdateChunk]:
     """An upload of dense float32 tensors (codec "none": each tensor as a 1-D component)."""
     flat = {name: np.asarray(a).reshape(-1) for name, a in arrays.items()}
-    return [pb.UpdateChunk(header=header), *(pb.UpdateChunk(tensor=c) for c in codec.iter_chunks(flat))]
+    return [pb.UpdateChunk(header=header), *(pb.UpdateChunk(tensor=c) for c in wire.iter_chunks(flat))]
 
 
 async def upload(
@@ -119,12 +119,12 @@ async def download(
     stub: coordinator_pb2_grpc.CoordinatorStub, model: str, version: int
 ) -> tuple[pb.ModelHeader, dict[str, np.ndarray]]:
     header: pb.ModelHeader | None = None
-    assembler: codec.ChunkAssembler | None = None
+    assembler: wire.ChunkAssembler | None = None
     async for message in stub.DownloadModel(pb.ModelRequest(model=model, version=version), timeout=30):
         if message.HasField("header"):
             header = message.header
-            assembler = codec.ChunkAssembler(
-                {t.name: codec.spec_from_proto(t, 1 << 30) for t in header.tensors}
+            assembler = wire.ChunkAssembler(
+                {t.name: wire.spec_from_proto(t, 1 << 30) for t in header.tensors}
             )
         else:
             assert assembler is not None

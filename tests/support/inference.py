@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from edge.agent import AgentConfig
 from edge.app import EdgeApp
-from tandem import codec, grpcserver, tls, training, zoo
+from tandem import grpcserver, tls, training, wire, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
 from tandem_cli.admin import publish_messages
@@ -38,11 +38,11 @@ def forward(
 
 
 def close(actual: pb.InferResponse, expected: np.ndarray) -> None:
-    np.testing.assert_allclose(codec.from_proto(actual.output), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(wire.from_proto(actual.output), expected, rtol=1e-5, atol=1e-6)
 
 
 def request(model: str, x: np.ndarray, **fields: object) -> pb.InferRequest:
-    return pb.InferRequest(model=model, input=codec.to_proto(x), **fields)  # type: ignore[arg-type]
+    return pb.InferRequest(model=model, input=wire.to_proto(x), **fields)  # type: ignore[arg-type]
 
 
 def inputs(rows: int, width: int = 64) -> np.ndarray:

@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from cloud.app import Coordinator
 from edge.agent import Agent, AgentConfig
-from tandem import codec, compression
+from tandem import compression, wire
 from tandem.transfer import Download
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc, tensor_pb2
 from tandem.v1 import coordinator_pb2 as pb
@@ -89,10 +89,10 @@ async def test_downlink_deltas_reproduce_every_published_version(
         await _run_until(lambda daemon=daemon: daemon.held["mlp"].version >= last.version - 1)
     held = agents[0].held["mlp"]
     _, previous = await _fetch(coordinator.port, certs_dir, held.version)
-    assert held.sha256 == codec.state_sha256(previous)
+    assert held.sha256 == wire.state_sha256(previous)
     for name in held.arrays:
         assert np.array_equal(held.arrays[name], previous[name])
-    assert header.sha256 == last.sha256 == codec.state_sha256(published)
+    assert header.sha256 == last.sha256 == wire.state_sha256(published)
 
 
 async def _fetch(port: int, certs_dir: Path, version: int) -> tuple[pb.ModelHeader, dict[str, np.ndarray]]:
@@ -122,7 +122,7 @@ async def test_download_resumes_after_the_chunks_it_has(coordinator: Coordinator
                 broken.assembler.add(message.tensor)
             broken.chunks = 3
             arrays = await broken.run(stub, timeout=10)
-            assert codec.state_sha256(arrays) == task.base_sha256
+            assert wire.state_sha256(arrays) == task.base_sha256
             assert broken.wire < sum(m.ByteSize() for m in full) * 0.9
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 async for _ in stub.DownloadModel(pb.ModelRequest(model="mlp", version=task.base_version,
@@ -193,7 +193,7 @@ async def test_a_resume_that_cannot_be_honoured_starts_over(coordinator: Coordin
 def _dense_update(task: pb.TrainTask) -> tuple[pb.UpdateHeader, list[tensor_pb2.TensorChunk]]:
     """An update for `task` with codec none: its header (content hash set) and its chunks."""
     components = compression.ErrorFeedback(compression.parse_codec("none")).compress(delta(0.01))[0]
-    return header_for(task, content_sha256=codec.state_sha256(components)), list(codec.iter_chunks(components))
+    return header_for(task, content_sha256=wire.state_sha256(components)), list(wire.iter_chunks(components))
 
 
 async def _break_after(stub: coordinator_pb2_grpc.CoordinatorStub, header: pb.UpdateHeader,
@@ -251,7 +251,7 @@ async def test_hostile_sparse_encoding_is_invalid_argument(coordinator: Coordina
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             for components in (huge_index, nan_scale, truncated):
                 messages = [pb.UpdateChunk(header=header_for(task)),
-                            *(pb.UpdateChunk(tensor=c) for c in codec.iter_chunks(components))]
+                            *(pb.UpdateChunk(tensor=c) for c in wire.iter_chunks(components))]
                 with pytest.raises(grpc.aio.AioRpcError) as error:
                     await upload(stub, messages)
                 assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()

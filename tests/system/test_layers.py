@@ -68,7 +68,7 @@ def test_no_import_runs_the_wrong_way() -> None:
     [
         ("cloud.replica", "from edge.transfer import Download\n"),
         ("edge.agent", "import cloud.store\n"),
-        ("tandem.codec", "def f():\n    from tandem_cli import main\n"),
+        ("tandem.wire", "def f():\n    from tandem_cli import main\n"),
         ("tandem_cli.main", "from tandem_lab import bench\n"),
     ],
 )

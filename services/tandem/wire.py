@@ -32,7 +32,7 @@ _TO_NUMPY: dict[tensor_pb2.DType, np.dtype] = {
 _FROM_NUMPY: dict[np.dtype, tensor_pb2.DType] = {v: k for k, v in _TO_NUMPY.items()}
 
 
-class CodecError(ValueError):
+class WireError(ValueError):
     """Malformed tensor data from the wire; maps to INVALID_ARGUMENT."""
 
 
@@ -64,7 +64,7 @@ def dtype_to_proto(dtype: np.dtype) -> tensor_pb2.DType:
     try:
         return _FROM_NUMPY[np.dtype(dtype)]
     except KeyError:
-        raise CodecError(f"dtype {dtype} has no wire encoding") from None
+        raise WireError(f"dtype {dtype} has no wire encoding") from None
 
 
 def dtype_from_proto(value: tensor_pb2.DType) -> np.dtype:
@@ -72,7 +72,7 @@ def dtype_from_proto(value: tensor_pb2.DType) -> np.dtype:
         return _TO_NUMPY[value]
     except KeyError:
         name = tensor_pb2.DType.Name(value) if value in tensor_pb2.DType.values() else str(value)
-        raise CodecError(f"unsupported dtype {name}") from None
+        raise WireError(f"unsupported dtype {name}") from None
 
 
 def specs_of(arrays: Mapping[str, np.ndarray]) -> dict[str, TensorSpec]:
@@ -82,12 +82,12 @@ def specs_of(arrays: Mapping[str, np.ndarray]) -> dict[str, TensorSpec]:
 def spec_from_proto(msg: tensor_pb2.TensorSpec, limit_bytes: int) -> TensorSpec:
     """A spec sent by a peer, checked for sanity before anything is allocated for it."""
     if not msg.name:
-        raise CodecError("tensor spec without a name")
+        raise WireError("tensor spec without a name")
     if any(d < 0 for d in msg.shape):
-        raise CodecError(f"tensor {msg.name!r}: negative dimension in shape {list(msg.shape)}")
+        raise WireError(f"tensor {msg.name!r}: negative dimension in shape {list(msg.shape)}")
     spec = TensorSpec(msg.name, dtype_from_proto(msg.dtype), tuple(msg.shape))
     if spec.nbytes > limit_bytes:
-        raise CodecError(f"tensor {msg.name!r}: {spec.nbytes} bytes exceeds the limit of {limit_bytes}")
+        raise WireError(f"tensor {msg.name!r}: {spec.nbytes} bytes exceeds the limit of {limit_bytes}")
     return spec
 
 
@@ -116,16 +116,16 @@ def from_proto(msg: tensor_pb2.Tensor, max_bytes: int = 64 << 20) -> np.ndarray:
     """Decode a whole tensor, checking that its byte length matches dtype and shape."""
     dtype = dtype_from_proto(msg.dtype)
     if len(msg.shape) > MAX_DIMS:
-        raise CodecError(f"a tensor has at most {MAX_DIMS} dimensions, got {len(msg.shape)}")
+        raise WireError(f"a tensor has at most {MAX_DIMS} dimensions, got {len(msg.shape)}")
     if any(d < 0 for d in msg.shape):
-        raise CodecError(f"negative dimension in shape {list(msg.shape)}")
+        raise WireError(f"negative dimension in shape {list(msg.shape)}")
     if any(d > max_bytes for d in msg.shape):
-        raise CodecError(f"shape {list(msg.shape)[:8]} exceeds the limit of {max_bytes} bytes")
+        raise WireError(f"shape {list(msg.shape)[:8]} exceeds the limit of {max_bytes} bytes")
     expected = math.prod(msg.shape) * dtype.itemsize
     if expected > max_bytes:
-        raise CodecError(f"tensor of {expected} bytes exceeds the limit of {max_bytes}")
+        raise WireError(f"tensor of {expected} bytes exceeds the limit of {max_bytes}")
     if len(msg.data) != expected:
-        raise CodecError(f"tensor data is {len(msg.data)} bytes; shape {list(msg.shape)} of {dtype} needs {expected}")
+        raise WireError(f"tensor data is {len(msg.data)} bytes; shape {list(msg.shape)} of {dtype} needs {expected}")
     return np.frombuffer(msg.data, dtype=dtype).reshape(tuple(msg.shape))
 
 
@@ -185,34 +185,34 @@ class ChunkAssembler:
     def add(self, chunk: tensor_pb2.TensorChunk) -> None:
         spec = self._expected.get(chunk.name)
         if spec is None:
-            raise CodecError(f"unexpected tensor {chunk.name!r}")
+            raise WireError(f"unexpected tensor {chunk.name!r}")
         if chunk.name in self._done:
-            raise CodecError(f"tensor {chunk.name!r} sent twice")
+            raise WireError(f"tensor {chunk.name!r} sent twice")
         dtype = dtype_from_proto(chunk.dtype)
         if dtype != spec.dtype:
-            raise CodecError(f"tensor {chunk.name!r}: dtype {dtype} where {spec.dtype} is expected")
+            raise WireError(f"tensor {chunk.name!r}: dtype {dtype} where {spec.dtype} is expected")
         shape = tuple(chunk.shape)
         declared = self._declared.get(chunk.name)
         if declared is None:
             if not spec.accepts(shape):
                 bound = list(spec.shape) if spec.exact else f"at most {list(spec.shape)}"
-                raise CodecError(f"tensor {chunk.name!r}: shape {list(shape)} where {bound} is expected")
+                raise WireError(f"tensor {chunk.name!r}: shape {list(shape)} where {bound} is expected")
             if self._in_order and (self._current or any(name > chunk.name for name in self._declared)):
-                raise CodecError(f"tensor {chunk.name!r} out of order: tensors come in sorted name order, "
+                raise WireError(f"tensor {chunk.name!r} out of order: tensors come in sorted name order, "
                                  "each whole before the next")
             declared = self._declared[chunk.name] = TensorSpec(spec.name, spec.dtype, shape)
             self._received[chunk.name] = 0
             self._begin(chunk.name, declared)
             self._current = chunk.name
         elif shape != declared.shape:
-            raise CodecError(f"tensor {chunk.name!r}: shape changed from {list(declared.shape)} to {list(shape)}")
+            raise WireError(f"tensor {chunk.name!r}: shape changed from {list(declared.shape)} to {list(shape)}")
         received = self._received[chunk.name]
         if chunk.offset != received:
-            raise CodecError(f"tensor {chunk.name!r}: chunk at offset {chunk.offset}, expected {received}")
+            raise WireError(f"tensor {chunk.name!r}: chunk at offset {chunk.offset}, expected {received}")
         if received + len(chunk.data) > declared.nbytes:
-            raise CodecError(f"tensor {chunk.name!r}: data overruns its {declared.nbytes} bytes")
+            raise WireError(f"tensor {chunk.name!r}: data overruns its {declared.nbytes} bytes")
         if not chunk.data and declared.nbytes:
-            raise CodecError(f"tensor {chunk.name!r}: empty chunk")
+            raise WireError(f"tensor {chunk.name!r}: empty chunk")
         self._write(chunk.name, received, chunk.data)
         self._received[chunk.name] = received + len(chunk.data)
         self.bytes_received += len(chunk.data)
@@ -236,10 +236,10 @@ class ChunkAssembler:
         return dict(self._declared)
 
     def result(self) -> dict[str, np.ndarray]:
-        """The complete tensors; raises CodecError if any is missing or truncated."""
+        """The complete tensors; raises WireError if any is missing or truncated."""
         missing = self.missing()
         if missing:
-            raise CodecError(f"update incomplete: missing or truncated tensors {missing}")
+            raise WireError(f"update incomplete: missing or truncated tensors {missing}")
         # Views of the received buffers (writable, no copy).
         return {
             name: np.frombuffer(self._buffers[name], dtype=spec.dtype).reshape(spec.shape)
