@@ -5,6 +5,7 @@ refused below the reserve and taken again by themselves; a job start says why it
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sqlite3
 from collections.abc import AsyncIterator
@@ -204,3 +205,12 @@ async def test_a_round_that_could_not_close_for_space_closes_after_a_restart(
         finally:
             for s in (a, b):
                 await s.close()
+
+
+def test_the_reserve_flag_reads_sizes() -> None:
+    from tandem_cli.commands.cloud import parse_bytes
+
+    assert [parse_bytes(t) for t in ("256M", "2G", "1.5GiB", "4096", "0")] == [256 << 20, 2 << 30, 3 << 29, 4096, 0]
+    for bad in ("lots", "-1M", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_bytes(bad)
