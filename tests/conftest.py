@@ -10,6 +10,7 @@ import pytest_asyncio
 
 from cloud.app import CloudConfig, Coordinator
 from tandem import certs
+from tandem_lab import volume
 from tests.support.cluster import Cluster
 from tests.support.deployment import AGENTS, APP
 
@@ -62,3 +63,13 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path, certs_dir: Path) -> 
         report = getattr(request.node, "report_call", None)
         if report is None or report.failed:
             print(cluster.logs())
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Iterator[volume.SmallVolume]:
+    """A real 20 MB filesystem (tmpfs) to use as a state directory and fill with ballast."""
+    reason = volume.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with volume.SmallVolume(tmp_path / "state", 20 << 20) as mounted:
+        yield mounted

@@ -33,7 +33,16 @@ class Accumulator:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
-        os.ftruncate(self._fd, end)  # zeros, without writing them
+        try:
+            os.ftruncate(self._fd, end)  # zeros, without writing them
+            if end:
+                # Blocks taken now: a fold never meets a full disk half-way through an
+                # update (which would leave part of it in the sum); the round's opening does.
+                os.posix_fallocate(self._fd, 0, end)
+        except BaseException:
+            os.close(self._fd)
+            path.unlink(missing_ok=True)
+            raise
         self.weight = 0
 
     def total(self, name: str) -> np.ndarray:
@@ -46,7 +55,7 @@ class Accumulator:
         """Add num_examples * delta, one tensor at a time. `components` may read each
         tensor's encoding when it is looked up (`TensorFile.arrays`)."""
         for name in self._specs:
-            # The first update needs no read: the file is all zeros (and sparse) until then.
+            # The first update needs no read: the file is all zeros until then.
             total = self.total(name) if self.weight else np.zeros(self._specs[name].shape, np.float32)
             compression.accumulate(total, name, components, codec, num_examples)
             pwrite_array(self._fd, total, self._offsets[name])

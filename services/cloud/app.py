@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 
+from cloud.disk import DEFAULT_RESERVE_BYTES, HEALTH_NAME, DiskMonitor
 from cloud.intake import UpdateIntake
 from cloud.jobs import JobManager
 from cloud.limits import AgentLimits, LimitsConfig
@@ -45,6 +46,7 @@ class CloudConfig:
     placement: ControllerConfig | None = None  # None: no placement controller
     prometheus_url: str | None = None  # the controller's source; None reads /metrics and heartbeats directly
     limits: LimitsConfig = LimitsConfig()  # per agent: streams open at once, requests and request bytes per second
+    disk_reserve: int = DEFAULT_RESERVE_BYTES  # free bytes on the state volume below which uploads are refused
 
 
 class Coordinator:
@@ -64,7 +66,8 @@ class Coordinator:
         self.models.add_listener(self._announce)
         self.limits = AgentLimits(cfg.limits)
         self.server = grpcserver.create_server([metrics.MetricsInterceptor(), self.limits])
-        intake = UpdateIntake(self.store, self.jobs, self.models)
+        self.disk = DiskMonitor(cfg.state, cfg.disk_reserve)
+        intake = UpdateIntake(self.store, self.jobs, self.models, self.disk)
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
             CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, cfg.heartbeat_interval),
             self.server,
@@ -80,6 +83,7 @@ class Coordinator:
         self.health: health.aio.HealthServicer | None = None
         self.health_server: grpc.aio.Server | None = None
         self._controller: asyncio.Task[None] | None = None
+        self._disk_watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -95,7 +99,17 @@ class Coordinator:
             _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
         self._controller = asyncio.create_task(self.placement.run()) if cfg.placement else None
         await grpcserver.set_serving(self.health, SERVICES, True)
+        self._disk_watch = asyncio.create_task(self.disk.run(self._disk_health))
         log.info("coordinator listening on port %d", self.port)
+
+    async def _disk_health(self, low: bool) -> None:
+        """A full state volume shows in a health entry of its own, HEALTH_NAME. The server
+        ("") stays SERVING: Kubernetes' probes read it, and NOT_SERVING would take the
+        coordinator out of its Service (downloads, inference and control streams work on
+        a full disk) or restart it (which frees nothing). Metrics and an alert say it too."""
+        if self.health is not None:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING if low else health_pb2.HealthCheckResponse.SERVING
+            await self.health.set(HEALTH_NAME, status)
 
     def _announce(self, row: VersionRow) -> None:
         """Tell every connected agent of a new version (edges serving it fetch it)."""
@@ -112,6 +126,8 @@ class Coordinator:
         await self.jobs.shutdown()
         if self._controller is not None:
             self._controller.cancel()
+        if self._disk_watch is not None:
+            self._disk_watch.cancel()
         await self.serving.close()
         if self.health_server is not None:
             await self.health_server.stop(0)

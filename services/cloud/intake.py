@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from cloud.disk import DiskMonitor
 from cloud.jobs import JobManager
 from cloud.models import ModelRepository
 from cloud.rounds import JobRunner
@@ -62,8 +63,9 @@ class Partial:
 
 
 class UpdateIntake:
-    def __init__(self, store: Store, jobs: JobManager, models: ModelRepository) -> None:
+    def __init__(self, store: Store, jobs: JobManager, models: ModelRepository, disk: DiskMonitor | None = None) -> None:
         self._store = store
+        self._disk = disk  # below its reserve, uploads are refused (the space is for closing rounds)
         updates = store.directory / "updates"
         for leftover in [*updates.glob("*/*/*.part"), *updates.glob("*/*.sum")]:
             leftover.unlink()  # uploads broken by a crash (their agents send them again), and scratch sums
@@ -106,6 +108,8 @@ class UpdateIntake:
         key = (header.job_id, header.round, agent)
         wire_bytes = first.ByteSize()
         try:
+            if self._disk is not None:
+                self._disk.check()
             async with self._lock(key):
                 receipt = await self._receive(key, header, messages)
         except (TandemError, wire.WireError, compression.CompressionError, DecodeError) as exc:

@@ -122,6 +122,13 @@ class ModelRepository:
         self.published(row)
         return row
 
+    def discard(self, row: VersionRow) -> None:
+        """Delete a version that was written but never recorded (its round's close failed,
+        say for space) with its delta, and free its number for the retry."""
+        Path(row.path).unlink(missing_ok=True)
+        self._store.delta_path(row.model, row.version).unlink(missing_ok=True)
+        self._release(row.model, row.version)
+
     def _reserve(self, model: str) -> int:
         """The next version number, reserved at once (no await between read and write),
         so concurrent writers never share one."""

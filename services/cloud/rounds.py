@@ -19,16 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud import autocodec, evaluation, privacy, robust, strategies
+from cloud import autocodec, disk, evaluation, privacy, robust, strategies
 from cloud.accumulator import Accumulator
 from cloud.models import ModelRepository
 from cloud.open_round import OpenRound
 from cloud.registry import Registry, Session
 from cloud.spec import AUTO, JobSpec
-from cloud.store import JobState, Store, UpdateRow
+from cloud.store import JobState, Store, UpdateRow, VersionRow
 from cloud.tensorfile import TensorFile, read_tensors, write_tensors
 from tandem import compression, deltas, metrics
-from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable
+from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable, out_of_space
 from tandem.timestamps import timestamp
 from tandem.v1 import coordinator_pb2 as pb
 
@@ -46,6 +46,7 @@ class JobRunner:
         self._models = models
         self._task: asyncio.Task[None] | None = None
         self._round: OpenRound | None = None
+        self._unrecorded: VersionRow | None = None  # a version the close wrote but has not recorded yet
         self._optimizer = strategies.get(spec.strategy.name)(spec.strategy.effective_server_lr(spec.transport.codec))
         self._downlink = compression.parse_codec(spec.transport.effective_downlink)
 
@@ -75,12 +76,23 @@ class JobRunner:
     async def _run(self) -> None:
         try:
             await self._restore_state()
+            deferred = 0  # no-space failures of the current round in a row
             while True:
                 job = self._store.get_job(self.job_id)
                 assert job is not None
                 if job.current_round > self.spec.rounds or job.state != JobState.RUNNING:
                     return
-                await self._run_round(job.current_round, job.version)
+                try:
+                    await self._run_round(job.current_round, job.version, close_at_quorum=deferred > 0)
+                except Exception as exc:
+                    if not out_of_space(exc):
+                        raise
+                    deferred += 1
+                    await self._defer(job.current_round, exc, deferred)
+                    continue
+                if deferred:
+                    deferred = 0
+                    self._say("")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -91,6 +103,45 @@ class JobRunner:
             if self._round is not None:
                 await self._round.release()
             self._round = None
+
+    async def _defer(self, number: int, exc: Exception, times: int) -> None:
+        """A round that could not open or close for want of space stays open in the store,
+        with every acknowledged update; it is built again from them once space returns.
+
+        The in-memory round is dropped (its sum is rebuilt from the updates' files, as
+        after a restart), and the server optimiser goes back to the last closed round:
+        a close that failed half-way may have stepped it. Waits until the volume has
+        room for a close, or a backoff of up to a minute has passed (a quota can be full
+        while the volume is not)."""
+        metrics.ROUNDS_DEFERRED.inc()
+        log.warning("job %s round %d: the state volume is full (%s); the round stays open with its acknowledged "
+                    "updates and is retried once space returns", self.job_id, number, exc)
+        if self._round is not None:
+            await self._round.release()
+            self._round = None
+        if self._unrecorded is not None:  # written, never recorded: a retry writes it afresh under its number
+            await asyncio.to_thread(self._models.discard, self._unrecorded)
+            self._store.job_state_path(self.job_id, number).unlink(missing_ok=True)
+            self._unrecorded = None
+        self._say(f"round {number} waits for space on the state volume: {exc}")
+        await self._restore_state()
+        needed = 3 * sum(spec.nbytes for spec in self._models.specs(self.spec.model).values()) + (1 << 20)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + min(60.0, float(2 ** min(times, 6)))
+        await asyncio.sleep(0.5)
+        while loop.time() < until and disk.free_bytes(self._store.directory) < needed:
+            await asyncio.sleep(0.5)
+
+    def _say(self, message: str) -> None:
+        """Set the running job's message (what `tandem job status` shows), if the disk lets us."""
+        job = self._store.get_job(self.job_id)
+        if job is None or job.state != JobState.RUNNING or job.message == message:
+            return
+        try:
+            self._store.set_job_state(self.job_id, JobState.RUNNING, message)
+        except Exception as exc:  # noqa: BLE001 - only a message; the disk may be full
+            if not out_of_space(exc):
+                raise
 
     async def _restore_state(self) -> None:
         """Server optimiser moments as of the last closed round."""
@@ -106,7 +157,9 @@ class JobRunner:
             return {}
         return {k[len(prefix):]: v for k, v in read_tensors(path).items() if k.startswith(prefix)}
 
-    async def _run_round(self, number: int, base_version: int) -> None:
+    async def _run_round(self, number: int, base_version: int, close_at_quorum: bool = False) -> None:
+        """Run round `number` until it closes. With `close_at_quorum` (a retry after a close
+        failed for space) a round rebuilt with enough updates closes at once."""
         base = self._models.version(self.spec.model, base_version)
         row = self._store.get_round(self.job_id, number)
         updates = self._store.list_updates(self.job_id, number)
@@ -125,6 +178,9 @@ class JobRunner:
         # Open for uploads at once: after a restart, agents selected before it may
         # deliver while this round still waits for enough agents to reconnect.
         self._round = rnd
+        if close_at_quorum and len(rnd.submitted) >= self.spec.min_clients:
+            await self._close(rnd)
+            return
         while True:
             attempt = rnd.next_attempt()
             await self._wait_for_agents(rnd)
@@ -227,6 +283,7 @@ class JobRunner:
             mean = await asyncio.to_thread(self._defended_mean, rnd.number, updates)
         change_of, delta, delta_bytes = await asyncio.to_thread(self._next_change, mean, previous, residual)
         version = await self._models.write_changed(self.spec.model, base, change_of, self.job_id, rnd.number)
+        self._unrecorded = version  # until close_round commits: what `_defer` removes if the close fails
         del change_of, mean
         await rnd.release()
         accuracy = loss = None
@@ -248,6 +305,7 @@ class JobRunner:
         local_loss = sum(u.num_examples * u.local_loss for u in updates) / examples
         final = rnd.number >= self.spec.rounds
         self._store.close_round(self.job_id, rnd.number, version, accuracy, loss, local_loss, final)
+        self._unrecorded = None
         # Only the newest job state is ever read again (a restart resumes from it).
         self._store.job_state_path(self.job_id, rnd.number - 1).unlink(missing_ok=True)
         self._models.published(version)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -70,6 +72,33 @@ class Unavailable(TandemError):
     code, reason = grpc.StatusCode.UNAVAILABLE, "unavailable"
 
 
+# ---- a full disk (issue 14, item 3) -------------------------------------------
+
+_SQLITE_FULL = 13  # SQLite's primary result code for "database or disk is full"
+NO_SPACE_MESSAGE = ("no space left on the server's state volume, so the request was not carried out; "
+                    "an operator must free space or grow the volume, then try again")
+
+
+class NoSpace(ResourceExhausted):
+    """Refused because the server's disk is full or below its reserve."""
+
+    reason = "no_space"
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) says a disk or its quota is full:
+    ENOSPC, EDQUOT, or SQLite's SQLITE_FULL. Such a failure passes once space is freed,
+    so callers keep their state and retry instead of giving up."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", 0) & 0xFF == _SQLITE_FULL:
+            return True
+        seen = seen.__cause__
+    return False
+
+
 # Messages often quote what the peer sent. A status message travels in a trailer, which
 # gRPC percent-encodes (up to 3 bytes for each byte of UTF-8); a client refuses trailers
 # over 8 KiB some of the time and over 16 KiB always, and then sees RESOURCE_EXHAUSTED
@@ -94,6 +123,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, clip(str(exc))
     if isinstance(exc, DecodeError):
         return grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {exc}"
+    if out_of_space(exc):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, NO_SPACE_MESSAGE
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
@@ -131,6 +162,8 @@ async def _abort(context: grpc.aio.ServicerContext, request: Any, exc: BaseExcep
     code, message = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed", name, exc_info=exc)
+    elif out_of_space(exc):  # the operator's to fix: one line, no traceback
+        log.warning("%s failed: %s", name, exc)
     if hasattr(request, "__aiter__"):  # a client stream
         await drain(request, context)
     await context.abort(code, message)

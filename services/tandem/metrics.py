@@ -71,6 +71,23 @@ AUTO_CODEC_BYTES_PER_PARAM = Gauge(
 )
 BYTES_SENT = Counter("tandem_coordinator_sent_bytes_total", "Tensor bytes sent by the coordinator, by kind.", ["kind"])
 
+# ---- coordinator: a full state volume (issue 14, item 3: disk) ---------------
+
+STATE_FREE_BYTES = Gauge(
+    "tandem_coordinator_state_free_bytes", "Free bytes on the coordinator's state volume (SQLite and tensor files)."
+)
+STATE_RESERVE_BYTES = Gauge(
+    "tandem_coordinator_state_reserve_bytes", "Free space below which the coordinator refuses new uploads."
+)
+STATE_LOW_SPACE = Gauge(
+    "tandem_coordinator_state_low_space", "1 while the state volume's free space is below the reserve."
+)
+ROUNDS_DEFERRED = Counter(
+    "tandem_coordinator_rounds_deferred_no_space_total",
+    "Times a round could not open or close because the state volume was full; it stays open and is retried.",
+)
+UPDATES_REJECTED.labels("no_space")
+
 # ---- inference (cloud and edge alike) ---------------------------------------
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)

@@ -27,7 +27,8 @@ DASHBOARD = ROOT / "deploy/grafana/tandem.json"
 PANELS = {"Rounds and accuracy", "Bytes per round", "Inference latency by placement",
           "Placement decisions per agent", "Edge fallbacks", "Inference queue depth"}
 ALERTS = {"TandemCoordinatorDown", "TandemNoAgentConnected", "TandemRoundsFailingQuorum",
-          "TandemUpdatesRejectedSpike", "TandemInferenceLatencyHigh", "TandemEdgeFallbackRateHigh"}
+          "TandemUpdatesRejectedSpike", "TandemInferenceLatencyHigh", "TandemEdgeFallbackRateHigh",
+          "TandemStateVolumeLow", "TandemStateVolumeFillingUp"}
 # Sample names per family type, as prometheus_client exposes them.
 SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created")}
 

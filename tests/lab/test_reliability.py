@@ -57,3 +57,13 @@ async def test_a_1gb_model_moves_both_ways_within_1_5x_its_size_on_each_side(tmp
     # The coordinator never holds the model: receiving, folding and serving it cost a fraction.
     for phase in ("download", "upload", "close", "download_new"):
         assert run["phases"][phase]["peak"]["cloud"] < 0.75 * run["model_bytes"], phase
+
+
+async def test_a_job_survives_a_full_disk_and_completes_once_space_returns(tmp_path: Path) -> None:
+    run, targets = await run_scenario("disk", tmp_path, QUICK["disk"])
+    if "skipped" in run:
+        pytest.skip(run["skipped"])
+    assert run["closes_deferred"] >= 1  # the disk really was full when a round opened or closed
+    assert run["state_while_full"] == "running", run["message_while_full"]
+    assert targets["disk_job_survived_and_completed"]["met"]
+    assert targets["disk_acknowledged_updates_lost"]["met"], run["acknowledged_lost"]

@@ -44,7 +44,29 @@ def register(subparsers: Subparsers) -> None:
                        help="calls per second, sustained (bursts of twice as many)")
     group.add_argument("--agent-bytes-per-second", type=float, default=float(256 << 20),
                        help="request bytes per second, sustained (bursts of 1 GiB)")
+    group = p.add_argument_group("state volume")
+    group.add_argument("--disk-reserve", type=parse_bytes, default="256M", metavar="BYTES",
+                       help="free space on the state volume below which new uploads are refused with "
+                            "RESOURCE_EXHAUSTED, kept for closing rounds (suffixes K, M, G, T: powers of 1024); "
+                            "a few times the largest model")
     p.set_defaults(func=lambda args: asyncio.run(run_cloud(args)))
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """`256M` and the like as bytes (an argparse type)."""
+    number, unit = text.strip().upper().removesuffix("B").removesuffix("I"), ""
+    if number[-1:] in _UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 2G") from None
+    if not 0 <= value < 1 << 62:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 512M or 2G")
+    return int(value)
 
 
 async def run_cloud(args: argparse.Namespace) -> int:
@@ -80,6 +102,7 @@ async def run_cloud(args: argparse.Namespace) -> int:
         limits=LimitsConfig(max_streams=args.agent_max_streams, requests_per_second=args.agent_requests_per_second,
                             request_burst=max(1, int(2 * args.agent_requests_per_second)),
                             bytes_per_second=args.agent_bytes_per_second),
+        disk_reserve=args.disk_reserve,
     )
     lifecycle.tune_for_serving(args.torch_threads)
     coordinator = Coordinator(config)
