@@ -57,3 +57,14 @@ async def test_a_1gb_model_moves_both_ways_within_1_5x_its_size_on_each_side(tmp
     # The coordinator never holds the model: receiving, folding and serving it cost a fraction.
     for phase in ("download", "upload", "close", "download_new"):
         assert run["phases"][phase]["peak"]["cloud"] < 0.75 * run["model_bytes"], phase
+
+
+async def test_a_corrupt_file_never_reaches_a_client_nor_stops_the_coordinator(tmp_path: Path) -> None:
+    run, targets = await run_scenario("corrupt", tmp_path, QUICK["corrupt"])
+    assert len(run["verify_offline"]["bad"]) == 3  # `tandem models verify` saw the three damaged at rest
+    assert run["running_at_end"] and run["newest_served"] == "OK"
+    assert targets["corrupt_files_reaching_clients"]["met"], run["downloads"]
+    assert targets["corrupt_coordinator_stopped"]["met"]
+    assert targets["corrupt_good_versions_refused"]["met"], run["good_refused"]
+    assert {run["infer"][v] for v in ("v1", "v2", "v5")} == {"DATA_LOSS"}
+    assert run["quarantine_log_lines"] == 4  # each damaged file logged once
