@@ -178,7 +178,9 @@ class ModelServer:
         if name not in self.served:
             raise NotFound(f"this server does not serve {name!r}; it serves {self.served}")
         if version == 0:
-            newest = self._newest.get(name) or await self._load_newest(name)
+            newest = self._newest.get(name)
+            if newest is None:
+                newest = await self._load_newest(name)
             if newest is None:
                 self._models.version(name, 0)  # NotFound: no version at all
                 raise NotFound(f"model {name!r} has no version that is not corrupt")
