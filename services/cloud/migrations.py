@@ -92,7 +92,21 @@ def _v2_grouped_specs(db: sqlite3.Connection) -> None:
         db.execute("UPDATE jobs SET spec = ? WHERE job_id = ?", (json.dumps({**top, **groups}), job_id))
 
 
-MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs]
+def _v3_file_integrity(db: sqlite3.Connection) -> None:
+    """Version 3 (issue 14, item 4: corrupt files): a delta's content hash beside the
+    version it leads to, so that a delta is checked before it is served as the version
+    itself is (NULL for deltas written before: those are never served, the whole version
+    goes instead); and the quarantine, one row per file found not to match its hash
+    (`kind` model or delta), kept out of serving with the reason it was found bad."""
+    db.execute("ALTER TABLE versions ADD COLUMN delta_sha256 TEXT")
+    db.execute(
+        """CREATE TABLE quarantine (
+            model TEXT NOT NULL, version INTEGER NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL,
+            found REAL NOT NULL, PRIMARY KEY (model, version, kind))"""
+    )
+
+
+MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_file_integrity]
 
 
 def schema_version(db: sqlite3.Connection) -> int:

@@ -1,8 +1,11 @@
-"""Published model versions: files on disk, records in the store."""
+"""Published model versions: files on disk, records in the store. Every file is checked
+against its recorded hash before it is served (`cloud.integrity`); a corrupt one is
+quarantined, logged once, answered DATA_LOSS, and the rest keeps serving."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -10,14 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud.integrity import Verifier, corrupt_message
 from cloud.spool import Spool
-from cloud.store import Store, VersionRow
-from cloud.tensorfile import TensorFile, write_tensor_pieces, write_tensors
+from cloud.store import FileKind, Store, VersionRow
+from cloud.tensorfile import TensorFile, content_sha256, size_problem, write_tensor_pieces, write_tensors
 from tandem import deltas, metrics, training, wire, zoo
-from tandem.errors import InvalidArgument, NotFound
+from tandem.errors import DataLoss, InvalidArgument, NotFound
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import tensor_pb2
 
+log = logging.getLogger(__name__)
 
 class ModelRepository:
     """Reads and writes global model versions. Versions are numbered per model name."""
@@ -29,6 +34,38 @@ class ModelRepository:
         self._specs: dict[str, dict[str, wire.TensorSpec]] = {}
         self._reserved: dict[str, int] = {}
         self._listeners: list[Callable[[VersionRow], None]] = []
+        self._verifier = Verifier()
+        self._scan()
+
+    def _scan(self) -> None:
+        """Quarantine at once every version whose file is missing or not the size written
+        (a stat each, so a truncated newest version is never tried); what a stat cannot
+        see is found when the file is first served."""
+        served = self._store.list_versions()
+        for row in served:
+            problem = size_problem(Path(row.path), row.bytes)
+            if problem is not None:
+                self.quarantine(row, problem)
+        held_back = {(r.model, r.version) for r in self._store.list_versions(quarantined=True)}
+        held_back -= {(r.model, r.version) for r in served}
+        for name in {model for model, _ in held_back}:  # quarantined by an earlier run
+            metrics.VERSIONS_QUARANTINED.labels(name).inc(sum(1 for model, _ in held_back if model == name))
+
+    def quarantine(self, row: VersionRow, reason: str, kind: FileKind = FileKind.MODEL) -> None:
+        """Record `row`'s file (or its delta's) as corrupt: never served again. Logged
+        and counted once per file, however many requests find it."""
+        if not self._store.quarantine(row.model, row.version, kind, reason):
+            return
+        path = row.path if kind is FileKind.MODEL else row.delta_path
+        served = "the whole version is sent instead" if kind is FileKind.DELTA else "no longer served"
+        log.warning("quarantined %s v%d (%s file %s): %s; %s", row.model, row.version, kind, path, reason, served)
+        metrics.FILES_CORRUPT.labels(kind.value).inc()
+        if kind is FileKind.MODEL:
+            metrics.VERSIONS_QUARANTINED.labels(row.model).inc()
+
+    def corrupt(self, row: VersionRow, reason: str) -> None:
+        """A version's file did not load as recorded (inference found it): quarantine it."""
+        self.quarantine(row, reason)
 
     def add_listener(self, listener: Callable[[VersionRow], None]) -> None:
         """Call `listener(row)` whenever a version is published (inference swaps it in)."""
@@ -142,11 +179,19 @@ class ModelRepository:
             self._reserved[model] = version - 1
 
     def published(self, row: VersionRow) -> None:
+        """Announce a recorded version. Its file was hashed as it was written, so it is
+        trusted as it stands; a delta beside it gets its hash recorded now (the close of a
+        round writes it without one), so that it too is checked before it is served."""
+        self._verifier.trust(Path(row.path))
+        if row.delta_path is not None and row.delta_sha256 is None:
+            self._store.set_delta_sha256(row.model, row.version, content_sha256(Path(row.delta_path)))
+            self._verifier.trust(Path(row.delta_path))
         metrics.MODEL_VERSION.labels(row.model).set(row.version)
         for listener in self._listeners:
             listener(row)
 
     def newest(self, model: str) -> VersionRow | None:
+        """The newest version not quarantined."""
         return self._store.get_version(model, 0)
 
     def newest_notices(self) -> list[pb.ModelNotice]:
@@ -163,22 +208,37 @@ class ModelRepository:
         if row is None:
             what = "no version" if version == 0 else f"no version {version}"
             raise NotFound(f"model {model!r} has {what}")
+        if version != 0 and (bad := self._store.quarantined(model, version)) is not None:
+            raise DataLoss(corrupt_message(model, version, bad.reason))
         return row
+
+    async def servable(self, model: str, version: int) -> VersionRow:
+        """`version` (0: the newest good one) with its file checked against its hash:
+        DataLoss, and quarantined, if it does not match."""
+        while True:
+            row = self.version(model, version)
+            problem = await self._verifier.problem(Path(row.path), row.sha256, row.bytes)
+            if problem is None:
+                return row
+            self.quarantine(row, problem)
+            if version != 0:
+                raise DataLoss(corrupt_message(model, version, problem))
 
     def file(self, model: str, version: int) -> tuple[VersionRow, TensorFile]:
         row = self.version(model, version)
         return row, TensorFile(Path(row.path))
 
-    def response(
+    async def response(
         self, model: str, version: int, have_version: int
     ) -> tuple[pb.ModelHeader, Callable[[], Iterator[tensor_pb2.TensorChunk]]]:
         """What to send an agent asking for `version` while holding `have_version`:
-        the chain of encoded deltas between them when every step has one and they
-        are smaller than the model, else the whole model. Returns the header and a
-        function that yields the chunks, read from the files as they go."""
-        row, file = self.file(model, version)
+        the chain of encoded deltas between them when every step has one that checks
+        out and they are smaller than the model, else the whole model. Returns the
+        header and a function that yields the chunks, read from the files as they go."""
+        row = await self.servable(model, version)
+        file = TensorFile(Path(row.path))
         header = pb.ModelHeader(model=row.model, version=row.version, sha256=row.sha256)
-        steps = self._chain(row, have_version)
+        steps = await self._checked(self._chain(row, have_version))
         if steps and sum(s.delta_bytes or 0 for s in steps) < file.nbytes:
             files = []
             for step in steps:
@@ -195,10 +255,27 @@ class ModelRepository:
 
         def chunks() -> Iterator[tensor_pb2.TensorChunk]:
             # Sorted by full name, as wire.iter_chunks orders a dict of all of them.
-            for prefix, f in sorted(files, key=lambda pf: pf[0]):
-                yield from f.chunks(prefix)
+            try:
+                for prefix, f in sorted(files, key=lambda pf: pf[0]):
+                    yield from f.chunks(prefix)
+            except OSError:  # cut short since it was checked: the next request checks it again
+                raise DataLoss(corrupt_message(row.model, row.version, "its file changed while sent")) from None
 
         return header, chunks
+
+    async def _checked(self, steps: list[VersionRow]) -> list[VersionRow]:
+        """`steps` if every delta in them matches its recorded hash, else none (the whole
+        version goes instead); a delta that does not is quarantined."""
+        for step in steps:
+            if step.delta_path is None or step.delta_sha256 is None:
+                return []  # written before deltas had hashes: unchecked, so never served
+            if self._store.quarantined(step.model, step.version, FileKind.DELTA) is not None:
+                return []
+            problem = await self._verifier.problem(Path(step.delta_path), step.delta_sha256, None)
+            if problem is not None:
+                self.quarantine(step, problem, FileKind.DELTA)
+                return []
+        return steps
 
     def _chain(self, row: VersionRow, have_version: int) -> list[VersionRow]:
         """Versions from have_version (exclusive) to row (inclusive), if deltas link them."""

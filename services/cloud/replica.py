@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
+from safetensors import SafetensorError
 
 from cloud.serving import ModelServer, ServingConfig, served_models
 from cloud.store import VersionRow
@@ -73,6 +74,17 @@ class ModelMirror:
             raise NotFound(f"this replica holds versions {have} of {model!r}, not {version}; the coordinator has all")
         return row
 
+    def corrupt(self, row: VersionRow, reason: str) -> None:
+        """A mirrored file does not load as recorded: forget it, so that the next pass
+        fetches the version again (if it is still the newest) and the one before serves."""
+        held = self._held.get(row.model, {})
+        if held.get(row.version) is not row:
+            return  # forgotten already: logged once
+        del held[row.version]
+        Path(row.path).unlink(missing_ok=True)
+        metrics.FILES_CORRUPT.labels("model").inc()
+        log.warning("mirrored %s v%d is corrupt (%s); dropped, to be fetched again", row.model, row.version, reason)
+
     async def sync(self, admin: admin_pb2_grpc.AdminStub, coordinator: coordinator_pb2_grpc.CoordinatorStub) -> int:
         """Fetch every served model's newest published version not held yet; returns how many."""
         listed = await admin.ListModelVersions(admin_pb2.ListModelVersionsRequest(), timeout=30)
@@ -91,8 +103,7 @@ class ModelMirror:
     async def _fetch(
         self, stub: coordinator_pb2_grpc.CoordinatorStub, v: admin_pb2.ModelVersion, current: VersionRow | None
     ) -> VersionRow:
-        held = (HeldVersion(current.version, current.sha256, await asyncio.to_thread(read_tensors, Path(current.path)))
-                if current else None)
+        held = await asyncio.to_thread(_held, current) if current else None
         arrays = await Download(v.model, v.version, v.sha256, self._specs_of(v.model), held).run(
             stub, timeout=DOWNLOAD_TIMEOUT
         )
@@ -115,6 +126,16 @@ class ModelMirror:
             Path(held.pop(old).path).unlink(missing_ok=True)
         for listener in self._listeners:
             listener(row)
+
+
+def _held(row: VersionRow) -> HeldVersion | None:
+    """The mirrored version as a delta base, if its file still holds what was recorded
+    (a corrupt base would make every delta from it fail: the whole version is fetched)."""
+    try:
+        arrays = read_tensors(Path(row.path))
+    except (OSError, SafetensorError):
+        return None
+    return HeldVersion(row.version, row.sha256, arrays) if wire.state_sha256(arrays) == row.sha256 else None
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         require_role(context, ROLE_AGENT, ROLE_ADMIN, ROLE_REPLICA)
         if request.skip_chunks < 0 or request.have_version < 0:
             raise InvalidArgument("skip_chunks and have_version must not be negative")
-        header, chunks = self._models.response(request.model, request.version, request.have_version)
+        # Checked against its recorded hash first: a corrupt file is DATA_LOSS before any byte goes out.
+        header, chunks = await self._models.response(request.model, request.version, request.have_version)
         if request.skip_chunks > header.total_chunks:
             raise InvalidArgument(f"skip_chunks {request.skip_chunks} is past the {header.total_chunks} chunks")
         message = pb.ModelChunk(header=header)

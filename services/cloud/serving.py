@@ -4,24 +4,31 @@ The newest version of each model is loaded as soon as it is published and then
 swapped in: requests that arrive after the swap get it, requests already queued
 finish on the version they were queued for (batches are keyed by version), so a
 swap neither fails nor delays anything in flight. Older versions are loaded on
-request and a few are kept.
+request and a few are kept. A version whose file does not load as recorded is
+reported to its owner (who quarantines it) and answered DATA_LOSS; at start, the
+newest good version of each model is served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+from safetensors import SafetensorError
+
+from cloud.integrity import CorruptFile, corrupt_message
 from cloud.store import VersionRow
-from cloud.tensorfile import read_tensors
+from cloud.tensorfile import content_problem, read_tensors
 from tandem import metrics, staged, wire, zoo
 from tandem.batching import Batcher, keep_profiled
-from tandem.errors import InvalidArgument, NotFound, TandemError
+from tandem.errors import DataLoss, InvalidArgument, NotFound, TandemError
 from tandem.inference import decode_input, model_info
 from tandem.staged import StagedModel
 from tandem.v1 import inference_pb2 as pb
@@ -56,11 +63,19 @@ class Versions(Protocol):
 
     def version(self, model: str, version: int) -> VersionRow: ...
 
+    def corrupt(self, row: VersionRow, reason: str) -> None:
+        """`row`'s file does not load as recorded: never offer it again (logged once)."""
+
 
 def _load(row: VersionRow, device: str) -> StagedModel:
-    arrays = read_tensors(Path(row.path))
-    if wire.state_sha256(arrays) != row.sha256:
-        raise RuntimeError(f"{row.path} does not match the sha256 recorded for {row.model} v{row.version}")
+    """The version, loaded and checked against its recorded hash (the bytes loaded are
+    the bytes hashed); CorruptFile, with how it differs, if they do not match."""
+    path = Path(row.path)
+    arrays: dict[str, np.ndarray] | None = None
+    with contextlib.suppress(OSError, SafetensorError):
+        arrays = read_tensors(path)
+    if arrays is None or wire.state_sha256(arrays) != row.sha256:
+        raise CorruptFile(content_problem(path, row.sha256, row.bytes) or "its file does not load")
     model = StagedModel(row.model, row.version, row.sha256, arrays, device)
     model.profile(0, model.num_stages)  # warm up, and a first cost for every stage
     return model
@@ -86,9 +101,7 @@ class ModelServer:
         """Load the newest version of each model, so the first requests do not wait for it,
         and keep every stage's cost measured (placement needs the ones no request runs)."""
         for name in model_names:
-            row = self._models.newest(name)
-            if row is not None:
-                self._install(await self._load(row))
+            await self._load_newest(name)
         self._profiler = asyncio.create_task(
             keep_profiled(self.batcher, lambda: list(self._newest.values()), profile_interval)
         )
@@ -104,6 +117,8 @@ class ModelServer:
     async def _swap_in(self, row: VersionRow) -> None:
         try:
             self._install(await self._load(row))
+        except DataLoss:
+            pass  # quarantined and logged by its owner; the previous version stays
         except Exception:
             log.exception("could not load %s v%d; still serving the previous version", row.model, row.version)
 
@@ -132,12 +147,31 @@ class ModelServer:
         metrics.INFER_LOADED_VERSIONS.labels(name).set(held)
 
     async def _load(self, row: VersionRow) -> StagedModel:
+        """The version loaded; DataLoss, once its owner has quarantined it, if its file is corrupt."""
         key = (row.model, row.version)
         task = self._loading.get(key)
         if task is None:
             task = self._loading[key] = asyncio.create_task(asyncio.to_thread(_load, row, self.device))
             task.add_done_callback(lambda _: self._loading.pop(key, None))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except CorruptFile as exc:
+            self._models.corrupt(row, exc.reason)
+            raise DataLoss(corrupt_message(row.model, row.version, exc.reason)) from None
+
+    async def _load_newest(self, name: str) -> StagedModel | None:
+        """Load and install the newest good version of `name`: each corrupt one is
+        quarantined by its owner, which then offers the one before."""
+        tried: set[int] = set()
+        while (row := self._models.newest(name)) is not None and row.version not in tried:
+            tried.add(row.version)
+            try:
+                model = await self._load(row)
+            except DataLoss:
+                continue
+            self._install(model)
+            return self._newest[name]
+        return None
 
     async def get(self, name: str, version: int) -> StagedModel:
         """The loaded model for (name, version); version 0 is the newest being served."""
@@ -145,12 +179,12 @@ class ModelServer:
             raise NotFound(f"this server does not serve {name!r}; it serves {self.served}")
         if version == 0:
             newest = self._newest.get(name)
-            if newest is not None:
-                return newest
-            row = self._models.version(name, 0)
-            model = await self._load(row)
-            self._install(model)
-            return self._newest[name]
+            if newest is None:
+                newest = await self._load_newest(name)
+            if newest is None:
+                self._models.version(name, 0)  # NotFound: no version at all
+                raise NotFound(f"model {name!r} has no version that is not corrupt")
+            return newest
         newest = self._newest.get(name)
         if newest is not None and newest.version == version:
             return newest

@@ -116,6 +116,25 @@ class VersionRow:
     delta_from: int | None = None
     delta_codec: str | None = None
     delta_bytes: int | None = None
+    delta_sha256: str | None = None  # the delta file's content hash; None: never served
+
+
+class FileKind(StrEnum):
+    """Which file of a version a quarantine record is about."""
+
+    MODEL = "model"  # the version's own tensors
+    DELTA = "delta"  # the encoded difference from `delta_from`
+
+
+@dataclass(frozen=True)
+class QuarantineRow:
+    """A stored file found not to match its recorded hash: it is never served again."""
+
+    model: str
+    version: int
+    kind: FileKind
+    reason: str
+    found: float
 
 
 @dataclass(frozen=True)
@@ -143,26 +162,50 @@ def _round(row: sqlite3.Row) -> RoundRow:
     return _record(RoundRow, row, state=RoundState(row["state"]), selected=tuple(json.loads(row["selected"])))
 
 
+_VERSION_COLUMNS = tuple(f.name for f in fields(VersionRow))
+# Named columns: a migration may add one to the table (and the record) without
+# shifting positional values.
+_INSERT_VERSION = (f"INSERT OR REPLACE INTO versions ({', '.join(_VERSION_COLUMNS)})"
+                   f" VALUES ({', '.join('?' for _ in _VERSION_COLUMNS)})")
+# A version whose own file is quarantined is not served: `newest` and listings skip it.
+_SERVED = ("NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.model = versions.model"
+           " AND q.version = versions.version AND q.kind = 'model')")
+
+
+def _version(row: sqlite3.Row) -> VersionRow:
+    # A read-only store over records older than migration 3 has no delta hashes.
+    return _record(VersionRow, row, **({} if "delta_sha256" in row.keys() else {"delta_sha256": None}))
+
+
 def _version_values(row: VersionRow) -> tuple[object, ...]:
-    return (row.model, row.version, row.sha256, row.path, row.job_id, row.round, row.created, row.bytes,
-            row.delta_path, row.delta_from, row.delta_codec, row.delta_bytes)
+    return tuple(getattr(row, name) for name in _VERSION_COLUMNS)
 
 
 class Store:
     """The coordinator's records. Called from the event loop; every call is short."""
 
-    def __init__(self, directory: Path, migrations: Sequence[Migration] = MIGRATIONS) -> None:
+    def __init__(self, directory: Path, migrations: Sequence[Migration] = MIGRATIONS, readonly: bool = False) -> None:
         """Open (or create) the records in `directory`, migrated to the newest schema;
-        migrations.SchemaError if a newer tandem wrote them."""
+        migrations.SchemaError if a newer tandem wrote them. `readonly` opens existing
+        records as they are, for offline checks (`tandem models verify`): nothing is
+        created, migrated or written, and a missing database is FileNotFoundError."""
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / "tandem.db"
-        self._db = sqlite3.connect(path, isolation_level=None)
+        if readonly:
+            if not path.is_file():
+                raise FileNotFoundError(f"{directory} is not a tandem state directory (no tandem.db)")
+            self._db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None)
         try:
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            migrate(self._db, str(path), migrations)
+            if readonly:  # no migration runs (the slice holds none to run), only the check for a newer schema
+                migrate(self._db, str(path), migrations[: min(schema_version(self._db), len(migrations))])
+            else:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                migrate(self._db, str(path), migrations)
         except BaseException:
             self._db.close()
             raise
@@ -214,23 +257,44 @@ class Store:
 
     def add_version(self, row: VersionRow) -> None:
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _version_values(row),
-            )
+            db.execute(_INSERT_VERSION, _version_values(row))
 
     def get_version(self, model: str, version: int) -> VersionRow | None:
+        """Version `version` of `model`, quarantined or not; 0: the newest not quarantined."""
         if version == 0:
-            row = self._one("SELECT * FROM versions WHERE model = ? ORDER BY version DESC LIMIT 1", model)
+            row = self._one(
+                f"SELECT * FROM versions WHERE model = ? AND {_SERVED} ORDER BY version DESC LIMIT 1", model
+            )
         else:
             row = self._one("SELECT * FROM versions WHERE model = ? AND version = ?", model, version)
-        return _record(VersionRow, row) if row else None
+        return _version(row) if row else None
 
-    def list_versions(self, model: str = "") -> list[VersionRow]:
-        args: tuple[str, ...]
-        sql, args = "SELECT * FROM versions", ()
+    def list_versions(self, model: str = "", quarantined: bool = False) -> list[VersionRow]:
+        """Versions in order; those whose file is quarantined only when asked for."""
+        conditions, args = [] if quarantined else [_SERVED], []
         if model:
-            sql, args = sql + " WHERE model = ?", (model,)
-        return [_record(VersionRow, r) for r in self._db.execute(sql + " ORDER BY model, version", args)]
+            conditions.append("model = ?")
+            args.append(model)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        return [_version(r) for r in self._db.execute(f"SELECT * FROM versions{where} ORDER BY model, version", args)]
+
+    def set_delta_sha256(self, model: str, version: int, sha256: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE versions SET delta_sha256 = ? WHERE model = ? AND version = ?", (sha256, model, version))
+
+    def quarantine(self, model: str, version: int, kind: FileKind, reason: str) -> bool:
+        """Record a file as corrupt; False if it already was (the first reason stays)."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO quarantine VALUES (?,?,?,?,?)", (model, version, kind.value, reason, time.time())
+            )
+        return cursor.rowcount == 1
+
+    def quarantined(self, model: str, version: int, kind: FileKind = FileKind.MODEL) -> QuarantineRow | None:
+        row = self._one(
+            "SELECT * FROM quarantine WHERE model = ? AND version = ? AND kind = ?", model, version, kind.value
+        )
+        return _record(QuarantineRow, row, kind=FileKind(row["kind"])) if row else None
 
     # ---- jobs -------------------------------------------------------------
 
@@ -298,9 +362,7 @@ class Store:
     ) -> None:
         """Publish the round's version and advance the job, in one transaction."""
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _version_values(version),
-            )
+            db.execute(_INSERT_VERSION, _version_values(version))
             now = time.time()
             db.execute(
                 "UPDATE rounds SET state = 'closed', accuracy = ?, loss = ?, local_loss = ?, seconds = ? - opened,"

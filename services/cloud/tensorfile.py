@@ -139,7 +139,7 @@ class TensorFile:
             if not 0 < size <= MAX_HEADER_BYTES:
                 raise ValueError(f"{path}: not a safetensors file")
             header = json.loads(f.read(size))
-        base = 8 + size
+        base = self._base = 8 + size
         self._entries: dict[str, _Entry] = {}
         for name, meta in header.items():
             if name == "__metadata__":
@@ -150,6 +150,10 @@ class TensorFile:
             if end - start != spec.nbytes:
                 raise ValueError(f"{path}: tensor {name!r} has {end - start} bytes, its shape needs {spec.nbytes}")
             self._entries[name] = _Entry(spec, base + start, base + end)
+
+    def data_end(self) -> int:
+        """The offset just past the last tensor's bytes: the file's size when it is whole."""
+        return max((e.end for e in self._entries.values()), default=self._base)
 
     @property
     def specs(self) -> dict[str, wire.TensorSpec]:
@@ -209,6 +213,57 @@ class TensorFile:
                 if len(data) != n * itemsize:
                     raise OSError(f"{self.path}: truncated tensor {name!r}")
                 yield first, np.frombuffer(bytearray(data), dtype=entry.spec.dtype)
+
+
+def size_problem(path: Path, size: int | None) -> str | None:
+    """Why the file at `path` cannot be the one written (missing, or not `size` bytes),
+    from one stat; None when it may be. The reason names no path: it may go to a peer."""
+    try:
+        found = os.stat(path).st_size
+    except FileNotFoundError:
+        return "its file is missing"
+    except OSError as exc:
+        return f"its file cannot be read ({exc.strerror})"
+    if size is not None and found != size:
+        return f"its file is {found} bytes, {size} were written"
+    return None
+
+
+def content_sha256(path: Path) -> str:
+    """The content hash (tandem.wire.state_sha256) of a safetensors file's tensors, read
+    piece by piece: a slice of memory, not a model. ValueError for a file that is not
+    whole or whose header does not parse or add up."""
+    try:
+        file = TensorFile(path)
+        digest = hashlib.sha256()
+        for name in sorted(file.specs):
+            spec = file.specs[name]
+            digest.update(tensor_header(name, spec.dtype, spec.shape))
+            for _, piece in file.slices(name, slice_bytes=4 << 20):
+                digest.update(piece.data)
+        end, size = file.data_end(), os.stat(path).st_size
+    except OSError as exc:  # a tensor cut short
+        raise ValueError(f"its file cannot be read whole ({exc.strerror or 'truncated'})") from None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):  # a header that does not parse
+        raise ValueError("its header is not a valid safetensors header") from None
+    if end != size:
+        raise ValueError(f"its tensors end at byte {end} of {size}")
+    return digest.hexdigest()
+
+
+def content_problem(path: Path, sha256: str, size: int | None = None) -> str | None:
+    """Why the safetensors file at `path` is not the one recorded (its tensors' content
+    hash `sha256`, the file `size` in bytes), or None when it is."""
+    problem = size_problem(path, size)
+    if problem is not None:
+        return problem
+    try:
+        found = content_sha256(path)
+    except ValueError as exc:
+        return str(exc)
+    if found != sha256:
+        return f"its tensors hash to {found[:16]}..., not the recorded {sha256[:16]}..."
+    return None
 
 
 class _Lazy(Mapping[str, np.ndarray]):

@@ -99,6 +99,15 @@ def out_of_space(exc: BaseException) -> bool:
     return False
 
 
+# ---- corrupt files (issue 14, item 4) ------------------------------------------
+
+class DataLoss(TandemError):
+    """A stored file no longer matches its recorded hash: the data asked for is gone (not
+    the peer's fault, and no retry brings it back), the rest is served as before."""
+
+    code, reason = grpc.StatusCode.DATA_LOSS, "data_loss"
+
+
 # Messages often quote what the peer sent. A status message travels in a trailer, which
 # gRPC percent-encodes (up to 3 bytes for each byte of UTF-8); a client refuses trailers
 # over 8 KiB some of the time and over 16 KiB always, and then sees RESOURCE_EXHAUSTED

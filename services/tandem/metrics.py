@@ -173,6 +173,25 @@ EDGE_PLACEMENT = Gauge(
     ["model"],
 )
 
+# ---- stored files: corruption (issue 14, item 4) -----------------------------
+
+FILES_CORRUPT = Counter(
+    "tandem_store_corrupt_files_total",
+    "Stored tensor files found not to match their recorded hash and quarantined, by kind (model, delta).",
+    ["kind"],
+)
+for _kind in ("model", "delta"):
+    FILES_CORRUPT.labels(_kind)
+FILE_VERIFY_SECONDS = Histogram(
+    "tandem_store_file_verify_duration_seconds",
+    "Time to hash one stored tensor file against its recorded sha256 (once per file and change).",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30),
+)
+VERSIONS_QUARANTINED = Gauge(
+    "tandem_store_quarantined_versions", "Model versions held back from serving because their file is corrupt.",
+    ["model"],
+)
+
 
 def serve_metrics(address: str) -> tuple[str, int]:
     """Expose the default registry over HTTP at HOST:PORT (port 0 picks one)."""

@@ -70,6 +70,8 @@ def reference() -> str:
         if name in SERVICES:
             continue
         children = _subparsers(sub)
+        if children and not _requires_action(sub):  # runs alone too (`tandem models`, besides `models verify`)
+            children = {"": sub, **children}
         for child in children or {"": sub}:
             full = f"tandem {name} {child}".strip()
             out.append(f"| `{full}` | {_cell(_help_of(sub, child) if child else _help_of(parser, name))} |")
@@ -77,6 +79,10 @@ def reference() -> str:
     out += [f"| `{var}` | {text} |" for var, text in ENVIRONMENT.items()]
     out += ["", END]
     return "\n".join(out)
+
+
+def _requires_action(parser: argparse.ArgumentParser) -> bool:
+    return any(isinstance(a, argparse._SubParsersAction) and a.required for a in parser._actions)
 
 
 def _help_of(parser: argparse.ArgumentParser, name: str) -> str:

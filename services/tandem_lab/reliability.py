@@ -7,8 +7,8 @@ Every scenario runs real processes on loopback (see each module's docstring):
 poisoning (`reliability_poison`), agent churn (`reliability_churn`), coordinator
 crashes (`reliability_crash`), link faults (`reliability_links`), many agents on
 one coordinator (`reliability_load`), a 1 GB model moved both ways (`reliability_memory`),
-fuzzing (`tandem_lab.fuzz`), a full disk with resume (`reliability_disk`). `--quick` is
-the size `make test` runs.
+fuzzing (`tandem_lab.fuzz`), a full disk with resume (`reliability_disk`), corrupt model files
+(`reliability_corrupt`). `--quick` is the size `make test` runs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from typing import Any
 
 from tandem_lab.bench import machine
 
-SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "fuzz", "disk")  # tandem_lab.reliability_NAME, and fuzz
+# Each is tandem_lab.reliability_NAME, except fuzz (tandem_lab.fuzz).
+SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "disk", "corrupt", "fuzz")
 
 FULL: dict[str, dict[str, Any]] = {
     "poison": {"agents": 8, "hostile": 2, "rounds": 10},
@@ -34,6 +35,7 @@ FULL: dict[str, dict[str, Any]] = {
     "links": {"rounds": 10, "mean_fault_interval": 10.0},
     "load": {"agents": 500, "interval": 5.0, "seconds": 60.0},
     "memory": {"model": "mlp250m"},
+    "corrupt": {"model": "mlp10m", "versions": 6},
     "fuzz": {"cases": 10_000},
     "disk": {"agents": 4, "rounds": 10, "fill_round": 3, "hold": 20.0},
 }
@@ -44,6 +46,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "links": {"rounds": 4, "mean_fault_interval": 3.0, "min_seconds": 15.0},
     "load": {"agents": 50, "interval": 1.0, "seconds": 10.0},
     "memory": {"model": "mlp250m"},  # the figure itself: about 40 s, 2.5 GB of memory and 4 GB of disk
+    "corrupt": {"model": "mlp", "versions": 5},
     "fuzz": {"cases": 300},
     "disk": {"agents": 3, "rounds": 3, "fill_round": 2, "hold": 3.0, "deadline": 10.0},
 }

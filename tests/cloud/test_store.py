@@ -16,7 +16,7 @@ import pytest
 from cloud.aggregation import Defence
 from cloud.migrations import MIGRATIONS, Migration, SchemaError
 from cloud.spec import JobSpec, LocalTraining, ServerStrategy, Transport
-from cloud.store import AgentRow, JobRow, JobState, RoundRow, RoundState, Store, UpdateRow, VersionRow
+from cloud.store import AgentRow, FileKind, JobRow, JobState, RoundRow, RoundState, Store, UpdateRow, VersionRow
 
 # The schema as the coordinator created it before it had a version (user_version 0),
 # copied here as it was: the test must not depend on the code it checks.
@@ -181,7 +181,41 @@ def test_migration_2_groups_a_flat_spec(tmp_path: Path) -> None:
     ).validate()
     assert json.loads(job.spec_json) == job.spec.to_dict()  # stored in the grouped form itself
     store.close()
-    assert _user_version(tmp_path) == 2
+    assert _user_version(tmp_path) == len(MIGRATIONS)
+
+
+def test_migration_3_adds_delta_hashes_and_a_quarantine_kept_out_of_serving(tmp_path: Path) -> None:
+    with _raw(tmp_path) as db:
+        db.executescript(UNVERSIONED_SCHEMA)
+        db.execute("PRAGMA user_version = 2")
+        for number in (1, 2):
+            db.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                       ("mlp", number, f"sha-{number}", f"v{number}", "job-1", number - 1, 1.0, 100,
+                        "d2" if number == 2 else None, 1 if number == 2 else None, None, None))
+
+    store = Store(tmp_path)
+    assert store.get_version("mlp", 2) == VersionRow("mlp", 2, "sha-2", "v2", "job-1", 1, 1.0, 100, "d2", 1)
+    assert store.get_version("mlp", 2).delta_sha256 is None  # type: ignore[union-attr]  # deltas before it: never served
+    store.set_delta_sha256("mlp", 2, "delta-sha")
+    assert store.get_version("mlp", 2).delta_sha256 == "delta-sha"  # type: ignore[union-attr]
+
+    assert store.quarantine("mlp", 2, FileKind.MODEL, "its file is 3 bytes")
+    assert not store.quarantine("mlp", 2, FileKind.MODEL, "another reason")  # the first reason stays
+    quarantined = store.quarantined("mlp", 2)
+    assert quarantined is not None and (quarantined.kind, quarantined.reason) == (FileKind.MODEL, "its file is 3 bytes")
+    assert store.quarantined("mlp", 2, FileKind.DELTA) is None
+    assert store.get_version("mlp", 0) == store.get_version("mlp", 1)  # the newest good one
+    assert store.get_version("mlp", 2) is not None  # still on record, by number
+    assert [v.version for v in store.list_versions()] == [1]
+    assert [v.version for v in store.list_versions("mlp", quarantined=True)] == [1, 2]
+    assert store.next_version("mlp") == 3  # a quarantined number is never reused
+    store.close()
+
+    readonly = Store(tmp_path, readonly=True)
+    assert [v.version for v in readonly.list_versions(quarantined=True)] == [1, 2]
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        readonly.set_delta_sha256("mlp", 1, "x")
+    readonly.close()
 
 
 def test_added_migrations_run_once_in_order_and_keep_the_data(tmp_path: Path) -> None:

@@ -67,3 +67,14 @@ async def test_a_job_survives_a_full_disk_and_completes_once_space_returns(tmp_p
     assert run["state_while_full"] == "running", run["message_while_full"]
     assert targets["disk_job_survived_and_completed"]["met"]
     assert targets["disk_acknowledged_updates_lost"]["met"], run["acknowledged_lost"]
+
+
+async def test_a_corrupt_file_never_reaches_a_client_nor_stops_the_coordinator(tmp_path: Path) -> None:
+    run, targets = await run_scenario("corrupt", tmp_path, QUICK["corrupt"])
+    assert len(run["verify_offline"]["bad"]) == 3  # `tandem models verify` saw the three damaged at rest
+    assert run["running_at_end"] and run["newest_served"] == "OK"
+    assert targets["corrupt_files_reaching_clients"]["met"], run["downloads"]
+    assert targets["corrupt_coordinator_stopped"]["met"]
+    assert targets["corrupt_good_versions_refused"]["met"], run["good_refused"]
+    assert {run["infer"][v] for v in ("v1", "v2", "v5")} == {"DATA_LOSS"}
+    assert run["quarantine_log_lines"] == 4  # each damaged file logged once
