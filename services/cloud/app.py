@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health
 
-from cloud.intake import UpdateIntake
+from cloud.intake import UPLOAD_IDLE_SECONDS, UpdateIntake
 from cloud.jobs import JobManager
 from cloud.limits import AgentLimits, LimitsConfig
 from cloud.models import ModelRepository
@@ -45,6 +45,7 @@ class CloudConfig:
     placement: ControllerConfig | None = None  # None: no placement controller
     prometheus_url: str | None = None  # the controller's source; None reads /metrics and heartbeats directly
     limits: LimitsConfig = LimitsConfig()  # per agent: streams open at once, requests and request bytes per second
+    upload_idle_seconds: float = UPLOAD_IDLE_SECONDS  # an upload silent this long is ended DEADLINE_EXCEEDED
 
 
 class Coordinator:
@@ -64,7 +65,7 @@ class Coordinator:
         self.models.add_listener(self._announce)
         self.limits = AgentLimits(cfg.limits)
         self.server = grpcserver.create_server([metrics.MetricsInterceptor(), self.limits])
-        intake = UpdateIntake(self.store, self.jobs, self.models)
+        intake = UpdateIntake(self.store, self.jobs, self.models, cfg.upload_idle_seconds)
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
             CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, cfg.heartbeat_interval),
             self.server,

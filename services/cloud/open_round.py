@@ -42,6 +42,7 @@ class OpenRound:
     def __init__(
         self, job_id: str, number: int, base: VersionRow, attempt: int, selected: list[str], deadline: float,
         accumulator: Accumulator, records: RoundRecords, default_codec: str | None,
+        released: Callable[[], None] | None = None,
     ) -> None:
         self._job_id = job_id
         self._number = number
@@ -61,6 +62,7 @@ class OpenRound:
         # that the close sees every acknowledged update in the sum.
         self._lock = asyncio.Lock()
         self._arrived = asyncio.Event()
+        self._released = released  # told once the round is released (its partial uploads can go)
 
     # ---- queries -------------------------------------------------------------
 
@@ -171,7 +173,10 @@ class OpenRound:
         """Free the running sum: spent by the close, or rebuilt from the updates' files
         on the next start. An update may be folding in right now, hence the lock."""
         async with self._lock:
+            self._accepting = False  # a released round takes nothing, not even a partial upload to keep
             self._accumulator.close()
+        if self._released is not None:
+            self._released()
 
     # ---- the intake's side ---------------------------------------------------
 

@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 class JobRunner:
     """Drives one running job until its last round closes or it is stopped."""
 
-    def __init__(self, job_id: str, spec: JobSpec, store: Store, registry: Registry, models: ModelRepository) -> None:
+    def __init__(
+        self, job_id: str, spec: JobSpec, store: Store, registry: Registry, models: ModelRepository,
+        round_ended: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.job_id = job_id
+        self._round_ended = round_ended  # told when a round is released: closed, or the job ended
         self.spec = spec
         self._store = store
         self._registry = registry
@@ -116,6 +120,7 @@ class JobRunner:
             self.job_id, number, base, row.attempt if row else 0, sorted(previous | {u.agent for u in updates}),
             time.time() + self.spec.deadline, accumulator, self._store,
             None if self.spec.transport.codec == AUTO else self.spec.transport.codec,
+            released=lambda: self._round_ended(self.job_id, number) if self._round_ended else None,
         )
         try:
             await rnd.restore(updates)
