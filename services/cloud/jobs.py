@@ -137,6 +137,7 @@ class JobManager:
                     agents=[u.agent for u in updates], codecs={u.agent: u.codec for u in updates},
                     delta_bytes=(published.delta_bytes or 0) if published else 0,
                     epsilon=privacy.epsilon(spec.defence.dp_noise_multiplier, r.round, spec.defence.dp_delta),
+                    example_cap=r.example_cap or 0.0, capped_agents=list(r.capped),
                 )
             )
         if row.state == JobState.RUNNING:

@@ -92,7 +92,14 @@ def _v2_grouped_specs(db: sqlite3.Connection) -> None:
         db.execute("UPDATE jobs SET spec = ? WHERE job_id = ?", (json.dumps({**top, **groups}), job_id))
 
 
-MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs]
+def _v3_weight_caps(db: sqlite3.Connection) -> None:
+    """Version 3 (issue 14): a closed round records the cap on claimed example counts it
+    applied (examples; NULL for rounds closed before caps existed) and the agents capped."""
+    db.execute("ALTER TABLE rounds ADD COLUMN example_cap REAL")
+    db.execute("ALTER TABLE rounds ADD COLUMN capped TEXT NOT NULL DEFAULT '[]'")
+
+
+MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_weight_caps]
 
 
 def schema_version(db: sqlite3.Connection) -> int:
