@@ -7,7 +7,8 @@ Every scenario runs real processes on loopback (see each module's docstring):
 poisoning (`reliability_poison`), agent churn (`reliability_churn`), coordinator
 crashes (`reliability_crash`), link faults (`reliability_links`), many agents on
 one coordinator (`reliability_load`), a 1 GB model moved both ways (`reliability_memory`),
-fuzzing (`tandem_lab.fuzz`). `--quick` is the size `make test` runs.
+fuzzing (`tandem_lab.fuzz`), one agent claiming a huge example count (`reliability_weights`),
+stalled uploads (`reliability_stalled`). `--quick` is the size `make test` runs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 
 from tandem_lab.bench import machine
 
-SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "fuzz")  # tandem_lab.reliability_NAME, and fuzz
+# tandem_lab.reliability_NAME, and fuzz
+SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "fuzz", "weights", "stalled")
 
 FULL: dict[str, dict[str, Any]] = {
     "poison": {"agents": 8, "hostile": 2, "rounds": 10},
@@ -34,6 +36,8 @@ FULL: dict[str, dict[str, Any]] = {
     "load": {"agents": 500, "interval": 5.0, "seconds": 60.0},
     "memory": {"model": "mlp250m"},
     "fuzz": {"cases": 10_000},
+    "weights": {"agents": 8, "rounds": 10},
+    "stalled": {"stalled": 75, "idle_seconds": 5.0},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "poison": {"agents": 5, "hostile": 1, "rounds": 3, "attacks": ("scale:-10",)},
@@ -43,6 +47,8 @@ QUICK: dict[str, dict[str, Any]] = {
     "load": {"agents": 50, "interval": 1.0, "seconds": 10.0},
     "memory": {"model": "mlp250m"},  # the figure itself: about 40 s, 2.5 GB of memory and 4 GB of disk
     "fuzz": {"cases": 300},
+    "weights": {"agents": 3, "rounds": 2},
+    "stalled": {"stalled": 5, "idle_seconds": 1.0},
 }
 
 

@@ -57,3 +57,16 @@ async def test_a_1gb_model_moves_both_ways_within_1_5x_its_size_on_each_side(tmp
     # The coordinator never holds the model: receiving, folding and serving it cost a fraction.
     for phase in ("download", "upload", "close", "download_new"):
         assert run["phases"][phase]["peak"]["cloud"] < 0.75 * run["model_bytes"], phase
+
+
+async def test_a_huge_example_claim_weighs_no_more_than_the_median_agent(tmp_path: Path) -> None:
+    runs, targets = await run_scenario("weights", tmp_path, QUICK["weights"])
+    assert targets["weight_claim_weight_over_median_agent"]["met"], runs["capped"]
+    assert runs["capped"]["final_accuracy"] > runs["uncapped"]["final_accuracy"] + 0.3
+
+
+async def test_stalled_uploads_are_ended_within_the_idle_timeout_and_leave_no_disk(tmp_path: Path) -> None:
+    run, targets = await run_scenario("stalled", tmp_path, QUICK["stalled"])
+    assert run["codes"] == ["DEADLINE_EXCEEDED"] and run["partials_kept_while_open"] == run["stalled"]
+    assert targets["stalled_uploads_ended_within_idle_timeout_seconds"]["met"], run
+    assert targets["stalled_uploads_disk_left_bytes"]["met"], run
