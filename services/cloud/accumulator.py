@@ -20,8 +20,8 @@ from tandem.compression import Codec
 
 
 class Accumulator:
-    """sum(n_i * delta_i) over the updates folded in, and sum(n_i). Which agents those
-    were is the round's to know (`cloud.open_round`), not the sum's."""
+    """sum(w_i * delta_i) over the updates folded in, and sum(w_i). Which agents those
+    were, and with what weight, is the round's to know (`cloud.open_round`), not the sum's."""
 
     def __init__(self, specs: Mapping[str, wire.TensorSpec], path: Path) -> None:
         self._specs = {name: specs[name] for name in sorted(specs)}
@@ -43,7 +43,8 @@ class Accumulator:
             os.close(self._fd)
             path.unlink(missing_ok=True)
             raise
-        self.weight = 0
+        self.weight = 0.0
+        self._touched = False  # until the first fold the file is all zeros (and sparse)
 
     def total(self, name: str) -> np.ndarray:
         """sum(n_i * delta_i) of one tensor."""
@@ -51,15 +52,17 @@ class Accumulator:
         pread_array(self._fd, out, self._offsets[name])
         return out
 
-    def fold(self, num_examples: int, components: Mapping[str, np.ndarray], codec: Codec) -> None:
-        """Add num_examples * delta, one tensor at a time. `components` may read each
-        tensor's encoding when it is looked up (`TensorFile.arrays`)."""
+    def fold(self, weight: float, components: Mapping[str, np.ndarray], codec: Codec) -> None:
+        """Add weight * delta, one tensor at a time (a negative weight takes some of an
+        update out again: the close's correction for capped claims). `components` may
+        read each tensor's encoding when it is looked up (`TensorFile.arrays`)."""
         for name in self._specs:
-            # The first update needs no read: the file is all zeros until then.
-            total = self.total(name) if self.weight else np.zeros(self._specs[name].shape, np.float32)
-            compression.accumulate(total, name, components, codec, num_examples)
+            # The first update needs no read: the file is all zeros (and sparse) until then.
+            total = self.total(name) if self._touched else np.zeros(self._specs[name].shape, np.float32)
+            compression.accumulate(total, name, components, codec, weight)
             pwrite_array(self._fd, total, self._offsets[name])
-        self.weight += num_examples
+        self._touched = True
+        self.weight += weight
 
     def mean(self) -> Mapping[str, np.ndarray]:
         """sum(n_i * delta_i) / sum(n_i), the FedAvg delta: each tensor is read and

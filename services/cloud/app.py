@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 from cloud.disk import DEFAULT_RESERVE_BYTES, HEALTH_NAME, DiskMonitor
-from cloud.intake import UpdateIntake
+from cloud.intake import UPLOAD_IDLE_SECONDS, UpdateIntake
 from cloud.jobs import JobManager
 from cloud.limits import AgentLimits, LimitsConfig
 from cloud.models import ModelRepository
@@ -47,6 +47,7 @@ class CloudConfig:
     prometheus_url: str | None = None  # the controller's source; None reads /metrics and heartbeats directly
     limits: LimitsConfig = LimitsConfig()  # per agent: streams open at once, requests and request bytes per second
     disk_reserve: int = DEFAULT_RESERVE_BYTES  # free bytes on the state volume below which uploads are refused
+    upload_idle_seconds: float = UPLOAD_IDLE_SECONDS  # an upload silent this long is ended DEADLINE_EXCEEDED
 
 
 class Coordinator:
@@ -67,7 +68,7 @@ class Coordinator:
         self.limits = AgentLimits(cfg.limits)
         self.server = grpcserver.create_server([metrics.MetricsInterceptor(), self.limits])
         self.disk = DiskMonitor(cfg.state, cfg.disk_reserve)
-        intake = UpdateIntake(self.store, self.jobs, self.models, self.disk)
+        intake = UpdateIntake(self.store, self.jobs, self.models, self.disk, cfg.upload_idle_seconds)
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
             CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, cfg.heartbeat_interval),
             self.server,

@@ -4,7 +4,12 @@ round's sum, then acknowledge. Broken uploads can resume where they stopped.
 An update goes to disk as it arrives (`cloud.spool`) and is validated and folded in
 from its file one tensor at a time, so the memory an upload takes is a chunk plus a
 few copies of the model's largest tensor, whatever the model's size and however many
-agents upload at once (at most two are decoded at a time)."""
+agents upload at once (at most two are decoded at a time).
+
+An upload that sends nothing for `idle_seconds` is ended DEADLINE_EXCEEDED (what it
+delivered is kept for a resume); one that is refused ends at its first bad message,
+without reading the rest (`tandem.errors.EndsStream`). Kept partial uploads are freed
+when their round ends (closed, or its job stopped, completed or failed)."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,17 +35,22 @@ from cloud.tensorfile import TensorFile
 from tandem import compression, deltas, metrics, wire
 from tandem.errors import (
     AlreadyExists,
+    DeadlineExceeded,
+    EndsStream,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     TandemError,
-    drain,
 )
 from tandem.v1 import coordinator_pb2 as pb
 
 PARTIAL_TTL_SECONDS = 600.0
 PARTIAL_BUDGET_BYTES = 4 << 30  # on disk, all kept partial uploads together
+# An upload stream that sends nothing for this long is ended: a stalled agent must not
+# hold a stream, its memory and its round's close. Long enough for a chunk (1 MiB) on
+# a slow link (~10 kB/s) and for an agent's pause between its header and its first chunk.
+UPLOAD_IDLE_SECONDS = 120.0
 
 UploadKey = tuple[str, int, str]  # job, round, agent
 
@@ -63,9 +73,13 @@ class Partial:
 
 
 class UpdateIntake:
-    def __init__(self, store: Store, jobs: JobManager, models: ModelRepository, disk: DiskMonitor | None = None) -> None:
+    def __init__(
+        self, store: Store, jobs: JobManager, models: ModelRepository, disk: DiskMonitor | None = None,
+        idle_seconds: float = UPLOAD_IDLE_SECONDS,
+    ) -> None:
         self._store = store
         self._disk = disk  # below its reserve, uploads are refused (the space is for closing rounds)
+        self._idle_seconds = idle_seconds
         updates = store.directory / "updates"
         for leftover in [*updates.glob("*/*/*.part"), *updates.glob("*/*.sum")]:
             leftover.unlink()  # uploads broken by a crash (their agents send them again), and scratch sums
@@ -77,6 +91,7 @@ class UpdateIntake:
         self._locks: dict[UploadKey, tuple[asyncio.Lock, int]] = {}
         self._partials: dict[UploadKey, Partial] = {}
         self._decoding = asyncio.Semaphore(2)
+        jobs.add_round_end_listener(self.forget)
 
     @contextlib.asynccontextmanager
     async def _lock(self, key: UploadKey) -> AsyncIterator[None]:
@@ -99,11 +114,24 @@ class UpdateIntake:
             return 0
         return partial.chunks
 
+    def forget(self, job_id: str, round_: int) -> None:
+        """Free the partial uploads kept for a round that has ended (closed, or its job
+        stopped, completed or failed): no agent can resume them any more."""
+        for key in [k for k in self._partials if k[0] == job_id and k[1] == round_]:
+            self._partials.pop(key).spool.discard()
+        _count_partials(self._partials)
+
     async def receive(self, agent: str, messages: AsyncIterator[pb.UpdateChunk]) -> pb.UpdateReceipt:
-        first = await anext(messages, None)
+        """Take in one upload stream. A refusal ends the stream at once (`EndsStream`)
+        with the refusal's own status: the rest of the stream is not read."""
+        try:
+            first = await self._next(messages)
+        except DeadlineExceeded as exc:
+            metrics.UPDATES_REJECTED.labels(exc.reason).inc()
+            raise EndsStream(exc) from None
         if first is None or not first.HasField("header"):
             metrics.UPDATES_REJECTED.labels("malformed").inc()
-            raise InvalidArgument("an upload starts with an UpdateHeader", reason="malformed")
+            raise EndsStream(InvalidArgument("an upload starts with an UpdateHeader", reason="malformed"))
         header = first.header
         key = (header.job_id, header.round, agent)
         wire_bytes = first.ByteSize()
@@ -113,13 +141,26 @@ class UpdateIntake:
             async with self._lock(key):
                 receipt = await self._receive(key, header, messages)
         except (TandemError, wire.WireError, compression.CompressionError, DecodeError) as exc:
-            reason = exc.reason if isinstance(exc, TandemError) else "malformed"
-            metrics.UPDATES_REJECTED.labels(reason).inc()
+            error = exc if isinstance(exc, TandemError) else InvalidArgument(
+                str(exc) if not isinstance(exc, DecodeError) else f"malformed message: {exc}", reason="malformed")
+            metrics.UPDATES_REJECTED.labels(error.reason).inc()
             self._jobs.count_rejection(header.job_id, header.round, wire_bytes)
-            await drain(messages)
-            raise
+            raise EndsStream(error) from None
         metrics.BYTES_RECEIVED.labels("update").inc(receipt.bytes_received)
         return receipt
+
+    async def _next(self, messages: AsyncIterator[pb.UpdateChunk]) -> pb.UpdateChunk | None:
+        """The stream's next message (None at its end), or DeadlineExceeded after
+        `idle_seconds` without one."""
+        try:
+            # asyncio.timeout, not wait_for: wait_for can swallow a cancellation (CPython gh-86296).
+            async with asyncio.timeout(self._idle_seconds):
+                return await _anext(messages)
+        except TimeoutError:
+            metrics.UPLOAD_IDLE_TIMEOUTS.inc()
+            raise DeadlineExceeded(
+                f"the upload sent nothing for {self._idle_seconds:g} s and was ended; resume it", reason="idle"
+            ) from None
 
     async def _receive(
         self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk]
@@ -157,7 +198,7 @@ class UpdateIntake:
         partial = self._resume(key, header, specs, update_codec)
         spool = partial.spool
         try:
-            async for message in messages:
+            while (message := await self._next(messages)) is not None:
                 partial.wire_bytes += message.ByteSize()
                 if not message.HasField("tensor"):
                     raise InvalidArgument("an upload has exactly one header, first", reason="malformed")
@@ -167,6 +208,9 @@ class UpdateIntake:
                     )
                 spool.add(message.tensor)
                 partial.chunks += 1
+        except DeadlineExceeded:
+            self._keep(key, partial)  # silent, not wrong: what arrived can be resumed
+            raise
         except (TandemError, wire.WireError, compression.CompressionError, DecodeError):
             spool.discard()
             raise
@@ -259,6 +303,7 @@ class UpdateIntake:
         self._partials[key] = partial
         while sum(p.spool.bytes_received for p in self._partials.values()) > PARTIAL_BUDGET_BYTES:
             self._partials.pop(next(iter(self._partials))).spool.discard()
+        _count_partials(self._partials)
 
     def _prune(self) -> None:
         """Forget kept partial uploads whose round is over or that waited too long."""
@@ -267,6 +312,16 @@ class UpdateIntake:
             if now - kept.since > PARTIAL_TTL_SECONDS or self._jobs.open_round(key[0], key[1]) is None:
                 del self._partials[key]
                 kept.spool.discard()
+        _count_partials(self._partials)
+
+
+def _anext(messages: AsyncIterator[pb.UpdateChunk]) -> Awaitable[pb.UpdateChunk | None]:
+    return anext(messages, None)
+
+
+def _count_partials(partials: Mapping[UploadKey, Partial]) -> None:
+    metrics.PARTIAL_UPLOADS.set(len(partials))
+    metrics.PARTIAL_UPLOAD_BYTES.set(sum(p.spool.bytes_received for p in partials.values()))
 
 
 # Weighted by its example count, an update folded into the float32 running sum must

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 from cloud import privacy
 from cloud.models import ModelRepository
@@ -29,6 +30,16 @@ class JobManager:
         self._registry = registry
         self._models = models
         self._runners: dict[str, JobRunner] = {}
+        # Called with (job id, round) when a round ends: closed, or its job stopped,
+        # completed or failed (the update intake frees what it kept for that round).
+        self._round_end_listeners: list[Callable[[str, int], None]] = []
+
+    def add_round_end_listener(self, listener: Callable[[str, int], None]) -> None:
+        self._round_end_listeners.append(listener)
+
+    def _round_ended(self, job_id: str, round_: int) -> None:
+        for listener in self._round_end_listeners:
+            listener(job_id, round_)
 
     def resume(self) -> list[str]:
         """Start a runner for every job the store says is running; returns their ids."""
@@ -45,7 +56,7 @@ class JobManager:
         return job_id
 
     def _launch(self, job_id: str, spec: JobSpec) -> None:
-        runner = JobRunner(job_id, spec, self._store, self._registry, self._models)
+        runner = JobRunner(job_id, spec, self._store, self._registry, self._models, self._round_ended)
         self._runners[job_id] = runner
         runner.start()
 
@@ -126,6 +137,7 @@ class JobManager:
                     agents=[u.agent for u in updates], codecs={u.agent: u.codec for u in updates},
                     delta_bytes=(published.delta_bytes or 0) if published else 0,
                     epsilon=privacy.epsilon(spec.defence.dp_noise_multiplier, r.round, spec.defence.dp_delta),
+                    example_cap=r.example_cap or 0.0, capped_agents=list(r.capped),
                 )
             )
         if row.state == JobState.RUNNING:

@@ -106,7 +106,15 @@ def _v3_file_integrity(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_file_integrity]
+def _v4_weight_caps(db: sqlite3.Connection) -> None:
+    """Version 4 (issue 14, item 1: example counts): a closed round records the cap on
+    claimed example counts it
+    applied (examples; NULL for rounds closed before caps existed) and the agents capped."""
+    db.execute("ALTER TABLE rounds ADD COLUMN example_cap REAL")
+    db.execute("ALTER TABLE rounds ADD COLUMN capped TEXT NOT NULL DEFAULT '[]'")
+
+
+MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_file_integrity, _v4_weight_caps]
 
 
 def schema_version(db: sqlite3.Connection) -> int:

@@ -4,6 +4,14 @@ The round is the one owner of that state. Admitting, committing and closing are 
 operations, and they take its lock, so that an update acknowledged to an agent is
 always in the sum the close aggregates, and none slips in after the close began.
 What must survive a restart goes to the store (`RoundRecords`) as it changes.
+
+Each update is folded in as it arrives, before the round's median example count (and
+so the cap on claimed counts, `cloud.aggregation.weights`) is known. It is folded with a
+provisional weight: its claim, bounded by the cap the selected agents' Hellos predict.
+At the close `reweigh` folds the updates whose provisional weight differs from their
+capped one again, with the difference: the sum is then exactly sum(capped_i x delta_i),
+and the provisional bound keeps any weight in the float32 sum near the cap, so that a
+claim of 2^40 never swamps the honest updates' digits before it is taken out.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from cloud.accumulator import Accumulator
+from cloud.aggregation import Weighting, weighting
 from cloud.store import UpdateRow, VersionRow
 from cloud.tensorfile import TensorFile
 from tandem import compression
@@ -42,6 +51,7 @@ class OpenRound:
     def __init__(
         self, job_id: str, number: int, base: VersionRow, attempt: int, selected: list[str], deadline: float,
         accumulator: Accumulator, records: RoundRecords, default_codec: str | None,
+        released: Callable[[], None] | None = None,
     ) -> None:
         self._job_id = job_id
         self._number = number
@@ -61,6 +71,10 @@ class OpenRound:
         # that the close sees every acknowledged update in the sum.
         self._lock = asyncio.Lock()
         self._arrived = asyncio.Event()
+        self._released = released  # told once the round is released (its partial uploads can go)
+        # The most an update is folded with before the close (None: its claim); see the module's docstring.
+        self._provisional_cap: float | None = None
+        self._folded: dict[str, float] = {}  # agent -> the weight its update is in the sum with
 
     # ---- queries -------------------------------------------------------------
 
@@ -104,10 +118,41 @@ class OpenRound:
     def _restore(self, updates: list[UpdateRow]) -> None:
         for update in updates:
             if update.agent not in self._submitted and update.path is not None:
-                self._accumulator.fold(update.num_examples, TensorFile(Path(update.path)).arrays(),
+                weight = self._provisional(update.num_examples)
+                self._accumulator.fold(weight, TensorFile(Path(update.path)).arrays(),
                                        compression.parse_codec(update.codec))
+                self._folded[update.agent] = weight
             self._submitted.add(update.agent)
             self._codecs[update.agent] = update.codec
+
+    def bound_weights(self, cap: float | None) -> None:
+        """The provisional cap on the weight updates are folded in with from now on:
+        what the selected agents' Hellos predict the close's cap will be (None: none)."""
+        self._provisional_cap = cap if cap is not None and cap > 0 else None
+
+    def _provisional(self, num_examples: int) -> float:
+        cap = self._provisional_cap
+        return float(num_examples) if cap is None else min(float(num_examples), cap)
+
+    async def reweigh(self, updates: list[UpdateRow], factor: float) -> Weighting:
+        """After `close`: cap every folded update's claim at `factor` x the round's median
+        claim, folding again (with the difference) each update whose provisional weight
+        was not that. Only those updates' files are read."""
+        if self._accepting:
+            raise RuntimeError(f"round {self._number} is still accepting updates")
+        folded = [u for u in updates if u.agent in self._folded]
+        result = weighting({u.agent: u.num_examples for u in folded}, factor)
+        async with self._lock:
+            await asyncio.to_thread(self._correct, folded, result)
+        return result
+
+    def _correct(self, updates: list[UpdateRow], result: Weighting) -> None:
+        for update in updates:
+            difference = result.weights[update.agent] - self._folded[update.agent]
+            if difference and update.path is not None:
+                self._accumulator.fold(difference, TensorFile(Path(update.path)).arrays(),
+                                       compression.parse_codec(update.codec))
+                self._folded[update.agent] += difference
 
     def next_attempt(self) -> int:
         """Count a new attempt at the round (the first, or a retry after a missed quorum)."""
@@ -171,7 +216,10 @@ class OpenRound:
         """Free the running sum: spent by the close, or rebuilt from the updates' files
         on the next start. An update may be folding in right now, hence the lock."""
         async with self._lock:
+            self._accepting = False  # a released round takes nothing, not even a partial upload to keep
             self._accumulator.close()
+        if self._released is not None:
+            self._released()
 
     # ---- the intake's side ---------------------------------------------------
 
@@ -207,7 +255,9 @@ class OpenRound:
                     reason="conflict",
                 )
             self._records.add_update(self._job_id, self._number, row, wire_bytes)
-            await asyncio.to_thread(self._accumulator.fold, row.num_examples, components, codec)
+            weight = self._provisional(row.num_examples)
+            await asyncio.to_thread(self._accumulator.fold, weight, components, codec)
+            self._folded[row.agent] = weight
             self._submitted.add(row.agent)
             self._codecs[row.agent] = row.codec
             self._arrived.set()

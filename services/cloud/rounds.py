@@ -21,6 +21,8 @@ import numpy as np
 
 from cloud import autocodec, disk, evaluation, privacy, robust, strategies
 from cloud.accumulator import Accumulator
+from cloud.aggregation import Weighting, weighting
+from cloud.aggregation.weights import cap_of
 from cloud.models import ModelRepository
 from cloud.open_round import OpenRound
 from cloud.registry import Registry, Session
@@ -38,8 +40,12 @@ log = logging.getLogger(__name__)
 class JobRunner:
     """Drives one running job until its last round closes or it is stopped."""
 
-    def __init__(self, job_id: str, spec: JobSpec, store: Store, registry: Registry, models: ModelRepository) -> None:
+    def __init__(
+        self, job_id: str, spec: JobSpec, store: Store, registry: Registry, models: ModelRepository,
+        round_ended: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.job_id = job_id
+        self._round_ended = round_ended  # told when a round is released: closed, or the job ended
         self.spec = spec
         self._store = store
         self._registry = registry
@@ -169,7 +175,9 @@ class JobRunner:
             self.job_id, number, base, row.attempt if row else 0, sorted(previous | {u.agent for u in updates}),
             time.time() + self.spec.deadline, accumulator, self._store,
             None if self.spec.transport.codec == AUTO else self.spec.transport.codec,
+            released=lambda: self._round_ended(self.job_id, number) if self._round_ended else None,
         )
+        rnd.bound_weights(self._predicted_cap(rnd.selected))
         try:
             await rnd.restore(updates)
         except BaseException:
@@ -185,6 +193,7 @@ class JobRunner:
             attempt = rnd.next_attempt()
             await self._wait_for_agents(rnd)
             rnd.select(self._select(number, attempt, rnd.submitted), time.time() + self.spec.deadline)
+            rnd.bound_weights(self._predicted_cap(rnd.selected))
             log.info("job %s round %d attempt %d: selected %s", self.job_id, number, attempt, rnd.selected)
             for agent in rnd.selected:
                 if agent not in rnd.submitted:
@@ -213,6 +222,13 @@ class JobRunner:
         rng = random.Random(f"{self.spec.seed}/{self.job_id}/{number}/{attempt}")
         chosen = candidates if room >= len(candidates) else rng.sample(candidates, room)
         return sorted(submitted | set(chosen))
+
+    def _predicted_cap(self, agents: list[str]) -> float | None:
+        """The cap on claimed example counts the selected agents' Hellos predict (an
+        update never claims more than its agent's Hello): the streaming sum's provisional
+        bound (`OpenRound.bound_weights`). None when no agent declared any example."""
+        declared = [n for n in (self._store.agent_examples(a) for a in agents) if n > 0]
+        return cap_of(declared, self.spec.defence.weight_cap) if declared else None
 
     def _on_connect(self, session: Session) -> None:
         """A (re)connecting agent joins the open round if it has not answered yet."""
@@ -261,8 +277,9 @@ class JobRunner:
                 raise Unavailable(f"round {at} of job {self.job_id} is opening; try again")
             raise FailedPrecondition(f"round {header.round} of job {self.job_id} is not open (current round: {at})")
         rnd.admit(agent, header.base_version, header.codec)
-        if not 0 < header.num_examples <= 1 << 40:
-            raise InvalidArgument(f"num_examples must be positive, got {header.num_examples}")
+        if not 0 < header.num_examples <= self.spec.defence.max_examples:
+            raise InvalidArgument(f"num_examples must be in 1..{self.spec.defence.max_examples} (the job's "
+                                  f"max_examples), got {header.num_examples}")
         if not math.isfinite(header.local_loss):
             raise InvalidArgument("local_loss is not finite")
         return rnd
@@ -277,10 +294,18 @@ class JobRunner:
         previous = TensorFile(previous_state) if previous_state.exists() else None
         residual: dict[str, np.ndarray] = {}
         mean: Mapping[str, np.ndarray]
+        # No claimed example count weighs more than weight_cap x the round's median one.
+        weights: Weighting
         if self.spec.defence.streams:
+            weights = await rnd.reweigh(updates, self.spec.defence.weight_cap)
             mean = rnd.mean()
         else:
-            mean = await asyncio.to_thread(self._defended_mean, rnd.number, updates)
+            weights = weighting({u.agent: u.num_examples for u in updates}, self.spec.defence.weight_cap)
+            mean = await asyncio.to_thread(self._defended_mean, rnd.number, updates, weights)
+        if weights.capped:
+            metrics.WEIGHTS_CAPPED.inc(len(weights.capped))
+            log.warning("job %s round %d: example counts of %s capped at %g", self.job_id, rnd.number,
+                        list(weights.capped), weights.cap)
         change_of, delta, delta_bytes = await asyncio.to_thread(self._next_change, mean, previous, residual)
         version = await self._models.write_changed(self.spec.model, base, change_of, self.job_id, rnd.number)
         self._unrecorded = version  # until close_round commits: what `_defer` removes if the close fails
@@ -301,10 +326,11 @@ class JobRunner:
         if state:
             await asyncio.to_thread(write_tensors, self._store.job_state_path(self.job_id, rnd.number), state)
         del state, residual, base
-        examples = sum(u.num_examples for u in updates)
-        local_loss = sum(u.num_examples * u.local_loss for u in updates) / examples
+        examples = sum(weights.weights.get(u.agent, 0.0) for u in updates)
+        local_loss = sum(weights.weights.get(u.agent, 0.0) * u.local_loss for u in updates) / examples
         final = rnd.number >= self.spec.rounds
-        self._store.close_round(self.job_id, rnd.number, version, accuracy, loss, local_loss, final)
+        self._store.close_round(self.job_id, rnd.number, version, accuracy, loss, local_loss, final,
+                                weights.cap, weights.capped)
         self._unrecorded = None
         # Only the newest job state is ever read again (a restart resumes from it).
         self._store.job_state_path(self.job_id, rnd.number - 1).unlink(missing_ok=True)
@@ -322,12 +348,13 @@ class JobRunner:
             self.job_id, rnd.number, len(updates), version.version, accuracy,
         )
 
-    def _defended_mean(self, number: int, updates: list[UpdateRow]) -> dict[str, np.ndarray]:
-        """The job's robust or private aggregate, from the updates' durable files."""
+    def _defended_mean(self, number: int, updates: list[UpdateRow], weights: Weighting) -> dict[str, np.ndarray]:
+        """The job's robust or private aggregate, from the updates' durable files, with
+        the claimed example counts capped (`weights`)."""
         specs = self._models.specs(self.spec.model)
         with robust.UpdateFiles(updates, specs) as files:
             mean, report = robust.aggregate(files.dense, len(updates), list(specs), self.spec.defence,
-                                            [u.num_examples for u in updates])
+                                            [weights.weights[u.agent] for u in updates])
         if report.clipped:
             metrics.UPDATES_CLIPPED.inc(report.clipped)
         if self.spec.defence.private:

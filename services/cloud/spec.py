@@ -167,6 +167,8 @@ class JobSpec:
                 clip_to_median=msg.clip_to_median,
                 dp_noise_multiplier=msg.dp_noise_multiplier,
                 dp_delta=msg.dp_delta or defence.dp_delta,
+                max_examples=msg.max_examples or defence.max_examples,
+                weight_cap=msg.weight_cap or defence.weight_cap,
             ),
         ).validate()
 
@@ -183,6 +185,7 @@ class JobSpec:
             aggregator=defence.aggregator, trim_fraction=defence.trim_fraction, hostile_agents=defence.hostile,
             krum_selected=defence.krum_selected, clip_norm=defence.clip_norm, clip_to_median=defence.clip_to_median,
             dp_noise_multiplier=defence.dp_noise_multiplier, dp_delta=defence.dp_delta,
+            max_examples=defence.max_examples, weight_cap=defence.weight_cap,
         )
 
     def to_dict(self) -> dict[str, Any]:

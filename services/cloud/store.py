@@ -87,6 +87,10 @@ class RoundRow:
     version: int | None
     sha256: str | None
     closed: float | None
+    # The cap on claimed example counts the close applied (None before migration 3's
+    # rounds), and the agents whose claims it cut down.
+    example_cap: float | None = None
+    capped: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,8 @@ def _job(row: sqlite3.Row) -> JobRow:
 
 
 def _round(row: sqlite3.Row) -> RoundRow:
-    return _record(RoundRow, row, state=RoundState(row["state"]), selected=tuple(json.loads(row["selected"])))
+    return _record(RoundRow, row, state=RoundState(row["state"]), selected=tuple(json.loads(row["selected"])),
+                   capped=tuple(json.loads(row["capped"])))
 
 
 _VERSION_COLUMNS = tuple(f.name for f in fields(VersionRow))
@@ -358,16 +363,18 @@ class Store:
 
     def close_round(
         self, job_id: str, round_: int, version: VersionRow, accuracy: float | None, loss: float | None,
-        local_loss: float, final: bool,
+        local_loss: float, final: bool, example_cap: float | None = None, capped: Sequence[str] = (),
     ) -> None:
-        """Publish the round's version and advance the job, in one transaction."""
+        """Publish the round's version and advance the job, in one transaction, with the
+        cap on claimed example counts the round applied."""
         with self._tx() as db:
             db.execute(_INSERT_VERSION, _version_values(version))
             now = time.time()
             db.execute(
                 "UPDATE rounds SET state = 'closed', accuracy = ?, loss = ?, local_loss = ?, seconds = ? - opened,"
-                " version = ?, sha256 = ?, closed = ? WHERE job_id = ? AND round = ?",
-                (accuracy, loss, local_loss, now, version.version, version.sha256, now, job_id, round_),
+                " version = ?, sha256 = ?, closed = ?, example_cap = ?, capped = ? WHERE job_id = ? AND round = ?",
+                (accuracy, loss, local_loss, now, version.version, version.sha256, now, example_cap,
+                 json.dumps(sorted(capped)), job_id, round_),
             )
             db.execute(
                 "UPDATE jobs SET current_round = ?, version = ?, state = ? WHERE job_id = ?",

@@ -34,6 +34,11 @@ class TandemError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "internal"
 
+    # Whether the servicer reads what the client is still sending before answering (see
+    # `drain`). An error that ends a stream at its first bad message says False, and its
+    # status then also travels in the initial metadata (see `peer_status`).
+    drain: bool = True
+
     def __init__(self, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         if reason is not None:
@@ -108,6 +113,33 @@ class DataLoss(TandemError):
     code, reason = grpc.StatusCode.DATA_LOSS, "data_loss"
 
 
+# ---- streams ended at once, and silent ones (issue 14, items 5 and 7) ------------
+
+class DeadlineExceeded(TandemError):
+    """The peer let a deadline of ours pass (an upload stream that went silent)."""
+
+    code, reason = grpc.StatusCode.DEADLINE_EXCEEDED, "idle"
+
+
+class EndsStream(TandemError):
+    """`error`, ended at once: the rest of the client's stream is not read. Its status is
+    also sent as initial metadata, ahead of the trailers, because the aio client can
+    report INTERNAL instead of a status that arrives while it is still writing
+    (grpc/grpc#36066); `peer_status` reads it back."""
+
+    drain = False
+
+    def __init__(self, error: TandemError) -> None:
+        super().__init__(str(error), error.reason)
+        self.code = error.code
+        self.error = error
+
+
+# Initial-metadata keys of a stream ended at once (`EndsStream`).
+STATUS_KEY = "tandem-status"
+DETAILS_KEY = "tandem-details"
+
+
 # Messages often quote what the peer sent. A status message travels in a trailer, which
 # gRPC percent-encodes (up to 3 bytes for each byte of UTF-8); a client refuses trailers
 # over 8 KiB some of the time and over 16 KiB always, and then sees RESOURCE_EXHAUSTED
@@ -167,14 +199,39 @@ async def drain(
         return
 
 
+def peer_status(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+    """The status a server ended a call with: from its initial metadata when the aio
+    client replaced it with INTERNAL (grpc/grpc#36066, see `EndsStream`)."""
+    if exc.code() == grpc.StatusCode.INTERNAL:
+        sent = dict(exc.initial_metadata() or ())
+        name = sent.get(STATUS_KEY)
+        if isinstance(name, str) and name in grpc.StatusCode.__members__:
+            details = sent.get(DETAILS_KEY, "")
+            return grpc.StatusCode[name], details if isinstance(details, str) else ""
+    return exc.code(), exc.details() or ""
+
+
+def peer_error(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """`exc`, or the same error with the status the server really sent (`peer_status`)."""
+    code, details = peer_status(exc)
+    if code == exc.code():
+        return exc
+    return grpc.aio.AioRpcError(code, exc.initial_metadata(), exc.trailing_metadata(), details,
+                                exc.debug_error_string())
+
+
 async def _abort(context: grpc.aio.ServicerContext, request: Any, exc: BaseException, name: str) -> None:
     code, message = status_of(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed", name, exc_info=exc)
     elif out_of_space(exc):  # the operator's to fix: one line, no traceback
         log.warning("%s failed: %s", name, exc)
-    if hasattr(request, "__aiter__"):  # a client stream
+    if hasattr(request, "__aiter__") and getattr(exc, "drain", True):  # a client stream
         await drain(request, context)
+    elif hasattr(request, "__aiter__"):
+        # Metadata values are printable ASCII: other characters become "?", and the details stay short.
+        details = "".join(c if " " <= c <= "~" else "?" for c in message[: MAX_STATUS_BYTES // 4])
+        await context.send_initial_metadata(((STATUS_KEY, code.name), (DETAILS_KEY, details)))
     await context.abort(code, message)
 
 

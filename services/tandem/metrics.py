@@ -263,3 +263,21 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
                 yield request
 
         return guarded(handler, observed)
+
+# ---- issue 14, items 1, 5 and 7: claimed example counts, stalled and refused uploads ----
+
+UPDATES_REJECTED.labels("idle")  # an upload ended for sending nothing within the idle timeout
+UPLOAD_IDLE_TIMEOUTS = Counter(
+    "tandem_coordinator_upload_idle_timeouts_total",
+    "Upload streams ended DEADLINE_EXCEEDED for sending nothing within the idle timeout.",
+)
+PARTIAL_UPLOADS = Gauge(
+    "tandem_coordinator_partial_uploads", "Broken uploads kept on disk for a resume, while their round is open."
+)
+PARTIAL_UPLOAD_BYTES = Gauge(
+    "tandem_coordinator_partial_upload_bytes", "Bytes on disk of the broken uploads kept for a resume."
+)
+WEIGHTS_CAPPED = Counter(
+    "tandem_coordinator_weights_capped_total",
+    "Updates whose claimed example count was capped at the job's multiple of the round's median count.",
+)

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from tandem import compression, deltas, metrics, wire
+from tandem.errors import peer_error
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc
 
@@ -157,14 +158,15 @@ class Upload:
         start = time.perf_counter()
         try:
             receipt: pb.UpdateReceipt = await stub.UploadUpdate(stream(), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
+        except grpc.aio.AioRpcError as raw:
+            exc = peer_error(raw)  # a refused upload ends at once; see tandem.errors.EndsStream
             count_call("UploadUpdate", exc.code())
             if skip and exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "resume" in (exc.details() or ""):
                 self.broken = False  # the coordinator lost the partial upload: start over
                 return await self.run(stub, timeout)
             self.broken = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                          grpc.StatusCode.CANCELLED)
-            raise
+            raise exc from None
         finally:
             self.seconds += time.perf_counter() - start
         count_call("UploadUpdate", grpc.StatusCode.OK)

@@ -120,6 +120,7 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
             "trim_fraction": spec.trim_fraction, "hostile_agents": spec.hostile_agents,
             "krum_selected": spec.krum_selected, "clip_norm": spec.clip_norm, "clip_to_median": spec.clip_to_median,
             "dp_noise_multiplier": spec.dp_noise_multiplier, "dp_delta": spec.dp_delta,
+            "max_examples": spec.max_examples, "weight_cap": spec.weight_cap,
         },
         "rounds": [
             {
@@ -128,6 +129,7 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
                 "accepted": r.accepted, "rejected": r.rejected, "version": r.version, "sha256": r.sha256,
                 "attempts": r.attempts, "agents": list(r.agents), "codecs": dict(r.codecs),
                 "delta_bytes": r.delta_bytes, "epsilon": r.epsilon,
+                "example_cap": r.example_cap, "capped_agents": list(r.capped_agents),
             }
             for r in job.rounds
         ],

@@ -37,6 +37,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from tandem import certs, grpcserver, tls, training, wire, zoo
+from tandem.errors import peer_error
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli.admin import publish_messages
@@ -234,7 +235,8 @@ class Harness:
                 responses = [r async for r in channel.unary_stream(rpc.path)(messages[0], timeout=TIMEOUT)]
             else:
                 responses = [await channel.unary_unary(rpc.path)(messages[0], timeout=TIMEOUT)]
-        except grpc.aio.AioRpcError as exc:
+        except grpc.aio.AioRpcError as raw:
+            exc = peer_error(raw)  # a refused upload ends at once, its status also in the initial metadata
             seconds = time.perf_counter() - start
             code = exc.code().name
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and seconds >= 0.95 * TIMEOUT:

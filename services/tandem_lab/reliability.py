@@ -8,7 +8,8 @@ poisoning (`reliability_poison`), agent churn (`reliability_churn`), coordinator
 crashes (`reliability_crash`), link faults (`reliability_links`), many agents on
 one coordinator (`reliability_load`), a 1 GB model moved both ways (`reliability_memory`),
 fuzzing (`tandem_lab.fuzz`), a full disk with resume (`reliability_disk`), corrupt model files
-(`reliability_corrupt`). `--quick` is the size `make test` runs.
+(`reliability_corrupt`), one agent claiming a huge example count (`reliability_weights`),
+stalled uploads (`reliability_stalled`). `--quick` is the size `make test` runs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from tandem_lab.bench import machine
 
 # Each is tandem_lab.reliability_NAME, except fuzz (tandem_lab.fuzz).
-SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "disk", "corrupt", "fuzz")
+SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "disk", "corrupt", "weights", "stalled", "fuzz")
 
 FULL: dict[str, dict[str, Any]] = {
     "poison": {"agents": 8, "hostile": 2, "rounds": 10},
@@ -38,6 +39,8 @@ FULL: dict[str, dict[str, Any]] = {
     "corrupt": {"model": "mlp10m", "versions": 6},
     "fuzz": {"cases": 10_000},
     "disk": {"agents": 4, "rounds": 10, "fill_round": 3, "hold": 20.0},
+    "weights": {"agents": 8, "rounds": 10},
+    "stalled": {"stalled": 75, "idle_seconds": 5.0},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "poison": {"agents": 5, "hostile": 1, "rounds": 3, "attacks": ("scale:-10",)},
@@ -49,6 +52,8 @@ QUICK: dict[str, dict[str, Any]] = {
     "corrupt": {"model": "mlp", "versions": 5},
     "fuzz": {"cases": 300},
     "disk": {"agents": 3, "rounds": 3, "fill_round": 2, "hold": 3.0, "deadline": 10.0},
+    "weights": {"agents": 3, "rounds": 2},
+    "stalled": {"stalled": 5, "idle_seconds": 1.0},
 }
 
 

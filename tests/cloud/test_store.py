@@ -179,7 +179,11 @@ def test_migration_2_groups_a_flat_spec(tmp_path: Path) -> None:
                             max_update_bytes=1 << 20),
         defence=Defence(aggregator="trimmed_mean", trim_fraction=0.25, hostile=1, clip_norm=2.0, dp_delta=1e-6),
     ).validate()
-    assert json.loads(job.spec_json) == job.spec.to_dict()  # stored in the grouped form itself
+    # Stored in the grouped form itself; fields added since (issue 14's) are absent and take their defaults.
+    grouped = job.spec.to_dict()
+    for added in ("max_examples", "weight_cap"):
+        del grouped["defence"][added]
+    assert json.loads(job.spec_json) == grouped
     store.close()
     assert _user_version(tmp_path) == len(MIGRATIONS)
 
@@ -216,6 +220,30 @@ def test_migration_3_adds_delta_hashes_and_a_quarantine_kept_out_of_serving(tmp_
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         readonly.set_delta_sha256("mlp", 1, "x")
     readonly.close()
+
+
+def test_migration_4_records_weight_caps_and_keeps_closed_rounds(tmp_path: Path) -> None:
+    """A version-3 directory's closed round reads back with no cap; rounds closed after
+    the upgrade record the cap on claimed example counts and the agents it cut down."""
+    Store(tmp_path, MIGRATIONS[:3]).close()
+    old = Store(tmp_path, MIGRATIONS[:3])
+    old.create_job("job-1", SPEC.to_dict(), 1)
+    old.open_round("job-1", 1, 1, 1, ["agent-0"], deadline=50.0)
+    with _raw(tmp_path) as db:  # closed as version 3 did: without the new columns
+        db.execute("UPDATE rounds SET state = 'closed', version = 2, sha256 = 'sha-2', closed = 3.0")
+    old.close()
+    assert _user_version(tmp_path) == 3
+
+    store = Store(tmp_path)
+    assert store.schema_version == len(MIGRATIONS)
+    [before] = store.closed_rounds("job-1")
+    assert (before.version, before.example_cap, before.capped) == (2, None, ())
+    store.open_round("job-1", 2, 1, 2, ["agent-0", "agent-1"], deadline=50.0)
+    store.close_round("job-1", 2, _version(3), accuracy=None, loss=None, local_loss=0.5, final=True,
+                      example_cap=150.0, capped=["agent-1"])
+    after = store.get_round("job-1", 2)
+    assert after is not None and (after.example_cap, after.capped) == (150.0, ("agent-1",))
+    store.close()
 
 
 def test_added_migrations_run_once_in_order_and_keep_the_data(tmp_path: Path) -> None:

@@ -142,12 +142,14 @@ async def test_identity_idempotency_and_fedavg(
         assert (result.accepted, result.version, list(result.agents)) == (2, task.base_version + 1,
                                                                           ["agent-0", "agent-1"])
 
-        # FedAvg weighted by examples: base + (100 a + 300 b) / 400, with the published hash.
+        # FedAvg weighted by examples, each capped at the round's median count (200):
+        # base + (100 a + 200 b) / 300, with the published hash.
         _, base = await download(s0, "mlp", task.base_version)
         header, new = await download(s0, "mlp", result.version)
         assert header.sha256 == result.sha256 == wire.state_sha256(new)
+        assert (result.example_cap, list(result.capped_agents)) == (200, ["agent-1"])
         for name in base:
-            np.testing.assert_allclose(new[name], base[name] + (100 * a[name] + 300 * b[name]) / 400, atol=1e-6)
+            np.testing.assert_allclose(new[name], base[name] + (100 * a[name] + 200 * b[name]) / 300, atol=1e-6)
 
         # After the round closed: an acknowledged re-send is still a duplicate; anything else is stale.
         assert (await upload(s1, update_messages(header_for(task, num_examples=300), b))).duplicate

@@ -78,3 +78,16 @@ async def test_a_corrupt_file_never_reaches_a_client_nor_stops_the_coordinator(t
     assert targets["corrupt_good_versions_refused"]["met"], run["good_refused"]
     assert {run["infer"][v] for v in ("v1", "v2", "v5")} == {"DATA_LOSS"}
     assert run["quarantine_log_lines"] == 4  # each damaged file logged once
+
+
+async def test_a_huge_example_claim_weighs_no_more_than_the_median_agent(tmp_path: Path) -> None:
+    runs, targets = await run_scenario("weights", tmp_path, QUICK["weights"])
+    assert targets["weight_claim_weight_over_median_agent"]["met"], runs["capped"]
+    assert runs["capped"]["final_accuracy"] > runs["uncapped"]["final_accuracy"] + 0.3
+
+
+async def test_stalled_uploads_are_ended_within_the_idle_timeout_and_leave_no_disk(tmp_path: Path) -> None:
+    run, targets = await run_scenario("stalled", tmp_path, QUICK["stalled"])
+    assert run["codes"] == ["DEADLINE_EXCEEDED"] and run["partials_kept_while_open"] == run["stalled"]
+    assert targets["stalled_uploads_ended_within_idle_timeout_seconds"]["met"], run
+    assert targets["stalled_uploads_disk_left_bytes"]["met"], run

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 
 from tandem import grpcserver, tls, training, wire, zoo
+from tandem.errors import peer_status
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tests.support.waiting import wait_for
@@ -107,11 +108,11 @@ async def upload(
 
 
 async def upload_code(stub: coordinator_pb2_grpc.CoordinatorStub, messages: Iterable[pb.UpdateChunk]) -> grpc.StatusCode:
-    """The status code an upload ends with (OK when accepted)."""
+    """The status code an upload ends with (OK when accepted), as the server sent it."""
     try:
         await upload(stub, messages)
     except grpc.aio.AioRpcError as exc:
-        return exc.code()
+        return peer_status(exc)[0]
     return grpc.StatusCode.OK
 
 

@@ -8,6 +8,7 @@ decorate it with `@register`, and import its module below. JobSpec validation,
 
 from cloud.aggregation.base import Round, Rule, get, names, register, unregister
 from cloud.aggregation.defence import Defence
+from cloud.aggregation.weights import Weighting, weighting
 
 # Registration order is the order names() lists the rules in (and the CLI offers them): the default first.
 # isort: off
@@ -18,5 +19,5 @@ from cloud.aggregation.krum import Krum, MultiKrum
 
 __all__ = [
     "Defence", "Krum", "Mean", "MeanAroundMedian", "Median", "MultiKrum", "Round", "Rule", "TrimmedMean",
-    "get", "names", "register", "unregister",
+    "Weighting", "get", "names", "register", "unregister", "weighting",
 ]

@@ -1,5 +1,5 @@
-"""A job's aggregation settings: the rule, bounds on update norms, DP-FedAvg noise, and
-whether they can withstand the hostile agents the job declares."""
+"""A job's aggregation settings: the rule, bounds on update norms and on claimed example
+counts, DP-FedAvg noise, and whether they can withstand the hostile agents the job declares."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ class Defence:
     clip_to_median: bool = False  # bound each round at the median norm of its updates
     dp_noise_multiplier: float = 0.0  # z: Gaussian noise of std z * clip_norm on the sum; 0: no DP
     dp_delta: float = 1e-5
+    # What one agent's claimed example count may do (issue 14): an update claiming more
+    # than max_examples is refused, and every update weighs at most weight_cap x the
+    # round's median claimed count, whatever the aggregator. At 1.0 an agent claiming
+    # any count moves a round no more than an honest agent with the median count would;
+    # honest agents above the median count weigh as the median one (no change on
+    # balanced partitions; raise it for skewed ones whose agents are trusted).
+    max_examples: int = 100_000_000
+    weight_cap: float = 1.0
 
     @property
     def rule(self) -> Rule:
@@ -54,6 +62,11 @@ class Defence:
         if self.krum_selected and ("krum_selected" not in rule.parameters or not 1 <= self.krum_selected <= n - f):
             out.append(f"krum_selected must be in 1..n-f = {n - f} with aggregator multi_krum, "
                        f"got {self.krum_selected}")
+        if not 1 <= self.max_examples <= 1 << 40:
+            out.append(f"max_examples must be in 1..2^40, got {self.max_examples}")
+        if not (math.isfinite(self.weight_cap) and 1.0 <= self.weight_cap <= 1e6):
+            out.append(f"weight_cap must be in [1, 1e6] (a multiple of the median example count), "
+                       f"got {self.weight_cap}")
         if not (math.isfinite(self.clip_norm) and self.clip_norm >= 0):
             out.append(f"clip_norm must be >= 0, got {self.clip_norm}")
         if self.clip_norm and self.clip_to_median:

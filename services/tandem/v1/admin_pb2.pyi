@@ -62,7 +62,7 @@ class ListAgentsResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "rounds", "min_clients", "clients_per_round", "round_deadline_seconds", "eval", "epochs", "batch_size", "learning_rate", "codec", "seed", "max_update_bytes", "strategy", "mu", "server_lr", "downlink_codec", "target_upload_seconds", "aggregator", "trim_fraction", "hostile_agents", "krum_selected", "clip_norm", "clip_to_median", "dp_noise_multiplier", "dp_delta")
+    __slots__ = ("model", "rounds", "min_clients", "clients_per_round", "round_deadline_seconds", "eval", "epochs", "batch_size", "learning_rate", "codec", "seed", "max_update_bytes", "strategy", "mu", "server_lr", "downlink_codec", "target_upload_seconds", "aggregator", "trim_fraction", "hostile_agents", "krum_selected", "clip_norm", "clip_to_median", "dp_noise_multiplier", "dp_delta", "max_examples", "weight_cap")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,8 @@ class JobSpec(_message.Message):
     CLIP_TO_MEDIAN_FIELD_NUMBER: _ClassVar[int]
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
     model: str
     rounds: int
     min_clients: int
@@ -113,7 +115,9 @@ class JobSpec(_message.Message):
     clip_to_median: bool
     dp_noise_multiplier: float
     dp_delta: float
-    def __init__(self, model: _Optional[str] = ..., rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., eval: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., codec: _Optional[str] = ..., seed: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., strategy: _Optional[str] = ..., mu: _Optional[float] = ..., server_lr: _Optional[float] = ..., downlink_codec: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ..., aggregator: _Optional[str] = ..., trim_fraction: _Optional[float] = ..., hostile_agents: _Optional[int] = ..., krum_selected: _Optional[int] = ..., clip_norm: _Optional[float] = ..., clip_to_median: _Optional[bool] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
+    max_examples: int
+    weight_cap: float
+    def __init__(self, model: _Optional[str] = ..., rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., eval: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., codec: _Optional[str] = ..., seed: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., strategy: _Optional[str] = ..., mu: _Optional[float] = ..., server_lr: _Optional[float] = ..., downlink_codec: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ..., aggregator: _Optional[str] = ..., trim_fraction: _Optional[float] = ..., hostile_agents: _Optional[int] = ..., krum_selected: _Optional[int] = ..., clip_norm: _Optional[float] = ..., clip_to_median: _Optional[bool] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_delta: _Optional[float] = ..., max_examples: _Optional[int] = ..., weight_cap: _Optional[float] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
     __slots__ = ("spec",)
@@ -144,7 +148,7 @@ class StopJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("round", "accuracy", "loss", "local_loss", "seconds", "bytes_up", "bytes_down", "accepted", "rejected", "version", "sha256", "attempts", "agents", "codecs", "delta_bytes", "epsilon")
+    __slots__ = ("round", "accuracy", "loss", "local_loss", "seconds", "bytes_up", "bytes_down", "accepted", "rejected", "version", "sha256", "attempts", "agents", "codecs", "delta_bytes", "epsilon", "example_cap", "capped_agents")
     class CodecsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +172,8 @@ class RoundResult(_message.Message):
     CODECS_FIELD_NUMBER: _ClassVar[int]
     DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_CAP_FIELD_NUMBER: _ClassVar[int]
+    CAPPED_AGENTS_FIELD_NUMBER: _ClassVar[int]
     round: int
     accuracy: float
     loss: float
@@ -184,7 +190,9 @@ class RoundResult(_message.Message):
     codecs: _containers.ScalarMap[str, str]
     delta_bytes: int
     epsilon: float
-    def __init__(self, round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., local_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., attempts: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ..., codecs: _Optional[_Mapping[str, str]] = ..., delta_bytes: _Optional[int] = ..., epsilon: _Optional[float] = ...) -> None: ...
+    example_cap: float
+    capped_agents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., local_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., attempts: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ..., codecs: _Optional[_Mapping[str, str]] = ..., delta_bytes: _Optional[int] = ..., epsilon: _Optional[float] = ..., example_cap: _Optional[float] = ..., capped_agents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OpenRound(_message.Message):
     __slots__ = ("round", "attempt", "base_version", "selected", "accepted_agents", "rejected", "deadline")

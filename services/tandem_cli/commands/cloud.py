@@ -23,6 +23,9 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--models", default="",
                    help="comma-separated models its Inference service serves (default: every zoo model)")
     serving_args(p)
+    p.add_argument("--upload-idle-seconds", type=float, default=120.0,
+                   help="an upload that sends nothing for this long is ended (DEADLINE_EXCEEDED); what it "
+                        "delivered is kept for a resume")
     group = p.add_argument_group("placement controller")
     group.add_argument("--placement-interval", type=float, default=1.0,
                        help="seconds between placement decisions (0: no controller; agents keep their flags)")
@@ -94,9 +97,11 @@ async def run_cloud(args: argparse.Namespace) -> int:
                           cascades=cascades)
     placement = ControllerConfig(interval=args.placement_interval, policy=policy) if args.placement_interval > 0 else None
 
+    if not args.upload_idle_seconds > 0:
+        raise ValueError(f"--upload-idle-seconds must be positive, got {args.upload_idle_seconds}")
     config = CloudConfig(
         listen=args.listen, certs=args.certs, state=args.state, metrics=args.metrics, health=args.health,
-        heartbeat_interval=args.heartbeat, grace=args.grace,
+        heartbeat_interval=args.heartbeat, grace=args.grace, upload_idle_seconds=args.upload_idle_seconds,
         serving=serving_config(args),
         placement=placement, prometheus_url=args.prometheus_url,
         limits=LimitsConfig(max_streams=args.agent_max_streams, requests_per_second=args.agent_requests_per_second,

@@ -52,6 +52,11 @@ def register(subparsers: Subparsers) -> None:
     group.add_argument("--dp-noise-multiplier", type=float, default=0.0,
                        help="DP-FedAvg: Gaussian noise of std this x --clip-norm on the sum of updates (0: off)")
     group.add_argument("--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported")
+    group.add_argument("--max-examples", type=int, default=0,
+                       help="most examples one update may claim (0: 10^8); never more than its agent's Hello")
+    group.add_argument("--weight-cap", type=float, default=0.0,
+                       help="each update weighs at most this multiple of the round's median example count, "
+                            "whatever the aggregator (0: 1.0, no agent outweighs the median one)")
     p.set_defaults(func=admin_command(_start))
     for action, text, call in (("status", "print a job", _status), ("wait", "wait for a job to end, then print it", _wait),
                                ("stop", "stop a running job", _stop)):
@@ -78,6 +83,7 @@ async def _start(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> in
         server_lr=args.server_lr, aggregator=args.aggregator, trim_fraction=args.trim_fraction,
         hostile_agents=args.hostile, krum_selected=args.krum_selected, clip_norm=args.clip_norm,
         clip_to_median=args.clip_to_median, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta,
+        max_examples=args.max_examples, weight_cap=args.weight_cap,
     )
     job = await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))
     print(job.job_id, flush=True)
