@@ -318,9 +318,9 @@ class JobRunner:
             del new
         if delta is not None:
             path = self._store.delta_path(self.spec.model, version.version)
-            await asyncio.to_thread(write_tensors, path, delta)
+            _, delta_sha256 = await asyncio.to_thread(write_tensors, path, delta)  # hashed as written
             version = replace(version, delta_path=str(path), delta_from=rnd.base.version,
-                              delta_codec=str(self._downlink), delta_bytes=delta_bytes)
+                              delta_codec=str(self._downlink), delta_bytes=delta_bytes, delta_sha256=delta_sha256)
         state = {**{f"opt/{k}": v for k, v in self._optimizer.state().items()},
                  **{f"res/{k}": v for k, v in residual.items()}}
         if state:
