@@ -66,7 +66,8 @@ class Coordinator:
         self.server = grpcserver.create_server([metrics.MetricsInterceptor(), self.limits])
         intake = UpdateIntake(self.store, self.jobs, self.models)
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
-            CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, cfg.heartbeat_interval),
+            CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, cfg.heartbeat_interval,
+                               limits=self.limits),
             self.server,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import resource
 import signal
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def stop_event() -> asyncio.Event:
@@ -64,3 +69,30 @@ def tune_for_serving(torch_threads: int = 0) -> int:
     torch.set_num_threads(threads)
     sys.setswitchinterval(0.001)
     return threads
+
+
+# Where the hard limit is "unlimited", the kernel still refuses a soft limit above
+# fs.nr_open (1,048,576 by default).
+_NR_OPEN = Path("/proc/sys/fs/nr_open")
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's open-files limit (RLIMIT_NOFILE) to its hard limit and return
+    the limit in force. Every connection holds a descriptor, and the usual soft limit of
+    1,024 is a few hundred agents; the hard limit is what an operator allows. Where the
+    system refuses, the limit stays as it is (logged once) and servers cap their
+    connections below it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            wanted = int(_NR_OPEN.read_text())
+        except (OSError, ValueError):
+            wanted = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("open-files limit stays at %d (raising it to %d failed: %s)", soft, wanted, exc)
+    return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
