@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tandem import lifecycle
+from tandem import lifecycle, metrics
 from tandem.errors import MalformedRequests
 
 # Chunks are 1 MiB; a little headroom above gRPC's 4 MiB default lets a whole small
@@ -96,6 +96,8 @@ def create_server(
     A request that does not parse is INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN)."""
     open_files = lifecycle.raise_open_files_limit()
     cap = max_connections if max_connections is not None else connection_cap(open_files)
+    if max_connections is None:
+        metrics.MAX_CONNECTIONS.set(cap)
     return grpc.aio.server(interceptors=[*interceptors, MalformedRequests()], options=server_options(cap))
 
 

@@ -5,15 +5,19 @@ are closed at once, and the open-files limit is raised where the hard limit allo
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import resource
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tandem import grpcserver, lifecycle, tls
+from tandem import grpcserver, lifecycle, metrics, tls
 
 
 def _closed_after(sock: socket.socket, limit: float) -> float:
@@ -93,3 +97,47 @@ def test_the_connection_cap_leaves_descriptors_for_files() -> None:
     assert grpcserver.connection_cap(1024) == 1024 - grpcserver.RESERVED_FDS
     assert grpcserver.connection_cap(100) == grpcserver.MIN_CONNECTIONS  # a tiny limit still serves someone
     assert grpcserver.connection_cap(10**7) == grpcserver.MAX_CONNECTIONS
+
+
+def test_core_log_counts_handshake_failures_and_passes_other_lines(caplog: pytest.LogCaptureFixture) -> None:
+    core = lifecycle.CoreLog(interval=10)
+    before = metrics.HANDSHAKE_FAILURES._value.get()
+    line = b"I1202 12:17:24.80 32095 ssl_transport_security.cc:2563] Handshake failed with error SSL_ERROR_SSL: x\n"
+    assert all(core.feed(line) is None for _ in range(3))
+    assert core.feed(b"E1202 something else\n") == b"E1202 something else\n"
+    assert metrics.HANDSHAKE_FAILURES._value.get() == before + 3
+    with caplog.at_level(logging.WARNING, logger="tandem.lifecycle"):
+        core.report()
+        core.report()  # nothing new: nothing said
+    assert [r.getMessage() for r in caplog.records] == [
+        "3 TLS handshakes failed in the last 10 s (the last: with error SSL_ERROR_SSL: x)"]
+
+
+SERVER_WITH_CORE_LOG = """
+import asyncio, socket, sys
+from pathlib import Path
+from tandem import grpcserver, lifecycle, metrics, tls
+lifecycle.CoreLog(interval=1.0).install()
+async def main():
+    server = grpcserver.create_server()
+    port = server.add_secure_port("127.0.0.1:0", tls.server_credentials(Path(sys.argv[1])))
+    await server.start()
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET / HTTP/1.1\\r\\n\\r\\n")
+            s.recv(100)
+    await asyncio.sleep(1.5)
+    print("counted", metrics.HANDSHAKE_FAILURES._value.get(), flush=True)
+    await server.stop(0)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.process
+def test_a_server_process_logs_failed_handshakes_once_per_interval(certs_dir: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", SERVER_WITH_CORE_LOG, str(certs_dir)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "counted 20.0" in done.stdout
+    assert "Handshake failed with" not in done.stderr  # no line per connection
+    assert "20 TLS handshakes failed in the last 1 s" in done.stderr
