@@ -20,7 +20,7 @@ from cloud.spec import JobSpec
 from cloud.store import Store, VersionRow
 from tandem import metrics
 from tandem.certs import ROLE_ADMIN, ROLE_AGENT, ROLE_REPLICA
-from tandem.errors import InvalidArgument, TandemError, clip, drain, grpc_errors, grpc_stream_errors
+from tandem.errors import InvalidArgument, ResourceExhausted, TandemError, clip, drain, grpc_errors, grpc_stream_errors
 from tandem.timestamps import timestamp
 from tandem.tls import Peer, require_peer, require_role
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
@@ -32,6 +32,7 @@ HELLO_TIMEOUT_SECONDS = 30.0
 # overflow a weight or swamp every other agent's in a float64 sum.
 MAX_HELLO_EXAMPLES = 10**9
 MAX_PROBE_BYTES = 1 << 20
+REFUSAL_DELAY_SECONDS = 1.0  # a control stream over its agent's rates ends this late
 MAX_MEASUREMENTS = 256  # link, and per served model its stage times and request rate
 # A shorter round cannot be met by any agent, and a round that misses its quorum is
 # retried at once: with a deadline of nothing, the retries never yield the event loop.
@@ -65,6 +66,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             async for message in self._control(request_iterator, context):
                 yield message
         except TandemError as exc:
+            if isinstance(exc, ResourceExhausted):
+                # An agent over its rates is answered late: a refusal costs the coordinator a
+                # call, and one that reconnects at once would otherwise make hundreds of them a
+                # second. Waiting costs nothing, and the wait counts as one of its streams.
+                await asyncio.sleep(REFUSAL_DELAY_SECONDS)
             # An agent never closes its side of the control stream: read only a little of
             # what it still sends (enough for a short burst, so that a client caught writing
             # sees this status and not INTERNAL), never seconds more of a flood.

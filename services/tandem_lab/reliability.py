@@ -24,7 +24,8 @@ from typing import Any
 
 from tandem_lab.bench import machine
 
-SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "fuzz")  # tandem_lab.reliability_NAME, and fuzz
+# tandem_lab.reliability_NAME, and fuzz
+SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "fuzz", "connflood", "heartbeats")
 
 FULL: dict[str, dict[str, Any]] = {
     "poison": {"agents": 8, "hostile": 2, "rounds": 10},
@@ -34,6 +35,8 @@ FULL: dict[str, dict[str, Any]] = {
     "load": {"agents": 500, "interval": 5.0, "seconds": 60.0},
     "memory": {"model": "mlp250m"},
     "fuzz": {"cases": 10_000},
+    "connflood": {"connections": 2000, "seconds": 20.0},
+    "heartbeats": {"seconds": 20.0},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "poison": {"agents": 5, "hostile": 1, "rounds": 3, "attacks": ("scale:-10",)},
@@ -43,6 +46,8 @@ QUICK: dict[str, dict[str, Any]] = {
     "load": {"agents": 50, "interval": 1.0, "seconds": 10.0},
     "memory": {"model": "mlp250m"},  # the figure itself: about 40 s, 2.5 GB of memory and 4 GB of disk
     "fuzz": {"cases": 300},
+    "connflood": {"connections": 2000, "seconds": 8.0},
+    "heartbeats": {"seconds": 4.0},
 }
 
 
