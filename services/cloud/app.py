@@ -70,7 +70,8 @@ class Coordinator:
         self.disk = DiskMonitor(cfg.state, cfg.disk_reserve)
         intake = UpdateIntake(self.store, self.jobs, self.models, self.disk, cfg.upload_idle_seconds)
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
-            CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, cfg.heartbeat_interval),
+            CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, cfg.heartbeat_interval,
+                               limits=self.limits),
             self.server,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(

@@ -1,5 +1,6 @@
 """Per-agent limits on the coordinator: streams open at once, requests per second and
-request bytes per second, each agent counted on its own.
+request bytes per second, each agent counted on its own; and, on the control stream,
+Connects and heartbeats per second (the servicer asks `connect` and `heartbeat`).
 
 An agent over a limit gets RESOURCE_EXHAUSTED saying which limit and by how much;
 nothing waits and nothing is shared, so one agent hammering the coordinator slows
@@ -21,7 +22,7 @@ import grpc
 from google.protobuf.message import Message
 
 from tandem import tls
-from tandem.certs import ROLE_AGENT
+from tandem.certs import ROLE_AGENT, Identity
 from tandem.errors import Malformed, ResourceExhausted, TandemError, drain
 from tandem.interceptors import guarded
 
@@ -37,10 +38,21 @@ class LimitsConfig:
     bytes_per_second: float = 256 << 20  # request bytes (uploads, mostly), sustained
     byte_burst: int = 1 << 30  # request bytes at once above the sustained rate
     roles: tuple[str, ...] = (ROLE_AGENT,)  # whose certificates are limited; admins and replicas are operators'
+    # Control-stream messages. An agent heartbeats every few seconds (5 s by default, and at
+    # once when it measured its link): 5 per second is ten times the fastest honest rate
+    # at `--heartbeat 0.5`, and a flooding agent's stream ends after the burst.
+    heartbeats_per_second: float = 5.0
+    heartbeat_burst: int = 25
+    # Connect calls. Agents reconnect with a backoff of 0.5 s and more; the burst lets a
+    # flaky link reconnect a few times in a row, the rate bounds two processes sharing one
+    # certificate that keep replacing each other's stream.
+    connects_per_second: float = 1.0
+    connect_burst: int = 10
 
     def __post_init__(self) -> None:
         if min(self.max_streams, self.requests_per_second, self.request_burst, self.bytes_per_second,
-               self.byte_burst) <= 0:
+               self.byte_burst, self.heartbeats_per_second, self.heartbeat_burst, self.connects_per_second,
+               self.connect_burst) <= 0:
             raise ValueError(f"every limit must be positive: {self}")
 
 
@@ -70,9 +82,13 @@ class TokenBucket:
 
 @dataclass
 class Peer:
+    """One identity's counters, kept across its reconnects (a new stream refills nothing)."""
+
     who: str  # "agent 'edge-1'", for messages
     requests: TokenBucket
     bytes: TokenBucket
+    heartbeats: TokenBucket
+    connects: TokenBucket
     streams: int = 0
 
 
@@ -98,8 +114,29 @@ class AgentLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc shi
             cfg, now = self.config, self._clock()
             self._peers[key] = Peer(f"{role} {name!r}",
                                    TokenBucket(cfg.requests_per_second, cfg.request_burst, cfg.request_burst, now),
-                                   TokenBucket(cfg.bytes_per_second, cfg.byte_burst, cfg.byte_burst, now))
+                                   TokenBucket(cfg.bytes_per_second, cfg.byte_burst, cfg.byte_burst, now),
+                                   TokenBucket(cfg.heartbeats_per_second, cfg.heartbeat_burst, cfg.heartbeat_burst, now),
+                                   TokenBucket(cfg.connects_per_second, cfg.connect_burst, cfg.connect_burst, now))
         return self._peers[key]
+
+    def connect(self, identity: Identity) -> Peer | None:
+        """`identity`'s counters with one more Connect counted, or None when its role is not
+        limited. Raises ResourceExhausted when it connects faster than its limit."""
+        if identity.role not in self.config.roles:
+            return None
+        peer, cfg = self._peer(identity.role, identity.name), self.config
+        if not peer.connects.take(1, self._clock()):
+            raise _refused("connects", f"{peer.who} opened control streams faster than its limit of "
+                           f"{cfg.connects_per_second:g} per second (bursts of {cfg.connect_burst}); "
+                           f"retry in {peer.connects.wait(1):.2f} s")
+        return peer
+
+    def heartbeat(self, peer: Peer | None) -> None:
+        """Count one heartbeat of `peer` (from `connect`); ResourceExhausted above its rate."""
+        if peer is not None and not peer.heartbeats.take(1, self._clock()):
+            cfg = self.config
+            raise _refused("heartbeats", f"{peer.who} is over its limit of {cfg.heartbeats_per_second:g} heartbeats "
+                           f"per second (bursts of {cfg.heartbeat_burst}); its control stream is closed")
 
     def admit(self, context: grpc.aio.ServicerContext, streaming: bool, size: int) -> Peer | None:
         """The caller's counters with this call counted in, or None when it is not limited.

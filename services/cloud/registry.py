@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem import metrics
+from tandem.errors import Aborted, TandemError
 from tandem.v1 import coordinator_pb2 as pb
 
 
@@ -21,11 +22,14 @@ class Session:
     last_seen: float = field(default_factory=time.time)
     measurements: dict[str, float] = field(default_factory=dict)
     queue: asyncio.Queue[pb.CoordinatorMessage | None] = field(default_factory=asyncio.Queue)
+    ended_by: TandemError | None = None  # why the coordinator ended the stream, if for a reason to tell
 
     def send(self, message: pb.CoordinatorMessage) -> None:
         self.queue.put_nowait(message)
 
-    def close(self) -> None:
+    def close(self, reason: TandemError | None = None) -> None:
+        if reason is not None and self.ended_by is None:
+            self.ended_by = reason
         self.queue.put_nowait(None)
 
 
@@ -33,7 +37,14 @@ ConnectListener = Callable[[Session], None]
 
 
 class Registry:
-    """Who is connected right now. A reconnecting agent replaces its older session."""
+    """Who is connected right now: one session per agent.
+
+    A second Connect of the same agent replaces the older session, which ends ABORTED,
+    rather than being refused: an agent that reconnects after its link broke must get in
+    at once, while the coordinator may not notice the old stream dead for up to its
+    keepalive timeout (40 s). An agent can thus hold one control stream, whichever rule;
+    how often it may replace it is limited per second (cloud.limits).
+    """
 
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
@@ -53,7 +64,7 @@ class Registry:
     async def connect(self, agent_id: str, hello: pb.Hello) -> Session:
         old = self._sessions.get(agent_id)
         if old is not None:
-            old.close()
+            old.close(Aborted(f"replaced by a newer control stream of agent {agent_id!r}"))
         session = Session(agent_id, hello, measurements=self._measurements.setdefault(agent_id, {}))
         self._sessions[agent_id] = session
         metrics.CONNECTED_AGENTS.set(len(self._sessions))

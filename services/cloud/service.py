@@ -11,6 +11,8 @@ import grpc
 
 from cloud.intake import UpdateIntake
 from cloud.jobs import JobManager
+from cloud.limits import AgentLimits
+from cloud.limits import Peer as LimitPeer
 from cloud.models import ModelRepository
 from cloud.placement import PlacementController
 from cloud.registry import Registry, Session
@@ -18,14 +20,19 @@ from cloud.spec import JobSpec
 from cloud.store import Store, VersionRow
 from tandem import metrics
 from tandem.certs import ROLE_ADMIN, ROLE_AGENT, ROLE_REPLICA
-from tandem.errors import InvalidArgument, grpc_errors, grpc_stream_errors
+from tandem.errors import InvalidArgument, ResourceExhausted, TandemError, clip, drain, grpc_errors, grpc_stream_errors
 from tandem.timestamps import timestamp
-from tandem.tls import require_role
+from tandem.tls import Peer, require_peer, require_role
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 
 HELLO_TIMEOUT_SECONDS = 30.0
+# What one agent may claim to hold. A billion examples is beyond any edge device (the
+# largest public image sets are of that order), and far below where a claim could
+# overflow a weight or swamp every other agent's in a float64 sum.
+MAX_HELLO_EXAMPLES = 10**9
 MAX_PROBE_BYTES = 1 << 20
+REFUSAL_DELAY_SECONDS = 1.0  # a control stream over its agent's rates ends this late
 MAX_MEASUREMENTS = 256  # link, and per served model its stage times and request rate
 # A shorter round cannot be met by any agent, and a round that misses its quorum is
 # retried at once: with a deadline of nothing, the retries never yield the event loop.
@@ -41,8 +48,9 @@ def _merge_measurements(into: dict[str, float], new: Mapping[str, float]) -> Non
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(
         self, store: Store, registry: Registry, models: ModelRepository, jobs: JobManager, intake: UpdateIntake,
-        heartbeat_interval: float,
+        heartbeat_interval: float, limits: AgentLimits | None = None,
     ) -> None:
+        self._limits = limits  # Connect and heartbeat rates per agent; None: unlimited
         self._store = store
         self._registry = registry
         self._models = models
@@ -54,7 +62,28 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     async def Connect(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CoordinatorMessage]:
-        identity = require_role(context, ROLE_AGENT)
+        try:
+            async for message in self._control(request_iterator, context):
+                yield message
+        except TandemError as exc:
+            if isinstance(exc, ResourceExhausted):
+                # An agent over its rates is answered late: a refusal costs the coordinator a
+                # call, and one that reconnects at once would otherwise make hundreds of them a
+                # second. Waiting costs nothing, and the wait counts as one of its streams.
+                await asyncio.sleep(REFUSAL_DELAY_SECONDS)
+            # An agent never closes its side of the control stream: read only a little of
+            # what it still sends (enough for a short burst, so that a client caught writing
+            # sees this status and not INTERNAL), never seconds more of a flood.
+            await drain(request_iterator, context, limit_bytes=8 << 10, seconds=0.2)
+            await context.abort(exc.code, clip(str(exc)))
+
+    async def _control(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CoordinatorMessage]:
+        """The control stream: a Hello, then messages for the agent until it goes or is replaced."""
+        peer = require_peer(context, ROLE_AGENT)  # parsed once: each heartbeat only checks revocation
+        identity = peer.identity
+        counters = self._limits.connect(identity) if self._limits is not None else None
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
             # that arrives as the message does (CPython gh-86296), and the handler would run on.
@@ -65,9 +94,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if first is None or not first.HasField("hello"):
             raise InvalidArgument("the first message on Connect must be a Hello")
         hello = first.hello
-        if hello.num_examples < 0 or len(hello.device) > 64 or len(hello.models) > 256:
-            raise InvalidArgument("malformed Hello: negative num_examples, device over 64 characters or "
-                                  "over 256 models")
+        if not 0 <= hello.num_examples <= MAX_HELLO_EXAMPLES:
+            raise InvalidArgument(f"malformed Hello: num_examples {hello.num_examples} is not within "
+                                  f"0..{MAX_HELLO_EXAMPLES:.0e}")
+        if len(hello.device) > 64 or len(hello.models) > 256:
+            raise InvalidArgument("malformed Hello: device over 64 characters or over 256 models")
         session = await self._registry.connect(identity.name, hello)
         reader: asyncio.Task[Exception | None] | None = None
         try:
@@ -79,11 +110,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 )
             )
             self._registry.announce(session)
-            reader = asyncio.create_task(self._read(session, request_iterator, context))
+            reader = asyncio.create_task(self._read(session, request_iterator, peer, counters))
             while (message := await session.queue.get()) is not None:
                 yield message
             if reader.done() and (error := reader.result()) is not None:
                 raise error  # a malformed or over-limit message ends the stream with its status
+            if session.ended_by is not None:
+                raise session.ended_by  # replaced by a newer stream of the same agent
         finally:
             if reader is not None:
                 reader.cancel()
@@ -91,14 +124,18 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             await self._registry.disconnect(session)
 
     async def _read(
-        self, session: Session, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
+        self, session: Session, request_iterator: AsyncIterator[pb.AgentMessage], peer: Peer,
+        counters: LimitPeer | None,
     ) -> Exception | None:
         """Heartbeats until the agent closes its side; what ended the stream, if the agent's
-        fault (a revoked certificate ends it UNAUTHENTICATED at its next heartbeat)."""
+        fault (a revoked certificate ends it UNAUTHENTICATED at its next heartbeat, heartbeats
+        above the agent's rate RESOURCE_EXHAUSTED)."""
         try:
             async for message in request_iterator:
                 if message.HasField("heartbeat"):
-                    require_role(context, ROLE_AGENT)
+                    peer.check()
+                    if self._limits is not None:
+                        self._limits.heartbeat(counters)
                     session.last_seen = time.time()
                     _merge_measurements(session.measurements, message.heartbeat.measurements)
                     session.send(pb.CoordinatorMessage(heartbeat_ack=pb.HeartbeatAck(seq=message.heartbeat.seq)))

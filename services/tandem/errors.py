@@ -73,6 +73,12 @@ class ResourceExhausted(TandemError):
     code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"
 
 
+class Aborted(TandemError):
+    """The call was ended by a newer one that takes its place (a replaced control stream)."""
+
+    code, reason = grpc.StatusCode.ABORTED, "replaced"
+
+
 class Unavailable(TandemError):
     code, reason = grpc.StatusCode.UNAVAILABLE, "unavailable"
 

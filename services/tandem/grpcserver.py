@@ -8,25 +8,68 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tandem import lifecycle, metrics
 from tandem.errors import MalformedRequests
 
 # Chunks are 1 MiB; a little headroom above gRPC's 4 MiB default lets a whole small
 # model or a large inference batch through in one message, and nothing bigger.
 MAX_MESSAGE_BYTES = 8 << 20
 
-SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Find agents that vanished without closing their connection (power loss, a cut
-    # link): ping every 30 s, drop the connection if no answer within 10 s.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    # Agents ping every 10 s even when idle; allow it instead of answering with
-    # GOAWAY "too_many_pings".
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
+# A TLS handshake is two or three round trips and a few KB of certificates: 5 s allows
+# round trips of over a second (a congested cellular link), while a connection that
+# never starts TLS holds its descriptor and its connection slot for 5 s, not grpc's
+# default 120 s.
+HANDSHAKE_TIMEOUT_MS = 5_000
+# Descriptors kept out of the connection cap for everything else a server opens: SQLite
+# and its journal, tensor files being written and read, the metrics and health ports,
+# outgoing channels, the interpreter's own (torch alone opens ~40).
+RESERVED_FDS = 256
+MIN_CONNECTIONS = 64  # under a tiny open-files limit: still serve a few, and let files fail instead
+MAX_CONNECTIONS = 50_000  # each costs memory too (buffers, HTTP/2 state): far above any fleet we run
+HEALTH_CONNECTIONS = 64  # the plaintext health port: probes open one connection each
+
+
+def connection_cap(open_files: int) -> int:
+    """How many connections a server accepts at once under an open-files limit: what the
+    limit leaves after RESERVED_FDS, within [MIN_CONNECTIONS, MAX_CONNECTIONS]."""
+    return max(MIN_CONNECTIONS, min(MAX_CONNECTIONS, open_files - RESERVED_FDS))
+
+
+def server_options(max_connections: int) -> list[tuple[str, int]]:
+    """Every server's options, with a cap of `max_connections` connections at once."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # Find agents that vanished without closing their connection (power loss, a cut
+        # link): ping every 30 s, drop the connection if no answer within 10 s.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        # Agents ping every 10 s even when idle; allow it instead of answering with
+        # GOAWAY "too_many_pings".
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        # gRPC bounds connections per listener, counted from accept to close, handshake
+        # or not: it has no bound on unauthenticated connections alone. Over the cap a
+        # new connection is accepted and closed at once, so the server never runs out
+        # of descriptors (then it could accept nobody, and logged that every second)
+        # and a flood of silent connections holds at most the cap for the handshake
+        # deadline; clients that were refused retry with their reconnect backoff.
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        # A connection with no call for 2 minutes is closed (GOAWAY); a client reconnects
+        # at its next call. Agents never idle: their control stream is always open.
+        ("grpc.max_connection_idle_ms", 120_000),
+        # An hour after it opened a connection is asked to go (GOAWAY, with grpc's +-10%
+        # jitter): new calls take a new connection, so rotated server certificates and a
+        # rebalanced load balancer reach every client within the hour. Calls in flight
+        # get 5 minutes to end; then an agent's control stream breaks and the agent
+        # reconnects at once (0.5 s backoff), once an hour. An upload cut there resumes
+        # from its last chunk.
+        ("grpc.max_connection_age_ms", 3_600_000),
+        ("grpc.max_connection_age_grace_ms", 300_000),
+    ]
+
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -44,10 +87,18 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def create_server(interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    """An unstarted asyncio server with Tandem's message limits and keepalive. A request
-    that does not parse is INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN)."""
-    return grpc.aio.server(interceptors=[*interceptors, MalformedRequests()], options=SERVER_OPTIONS)
+def create_server(
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (), max_connections: int | None = None
+) -> grpc.aio.Server:
+    """An unstarted asyncio server with Tandem's message limits, keepalive, handshake
+    deadline and connection limits. It first raises this process's open-files limit as
+    far as allowed; `max_connections` defaults to what that limit leaves (connection_cap).
+    A request that does not parse is INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN)."""
+    open_files = lifecycle.raise_open_files_limit()
+    cap = max_connections if max_connections is not None else connection_cap(open_files)
+    if max_connections is None:
+        metrics.MAX_CONNECTIONS.set(cap)
+    return grpc.aio.server(interceptors=[*interceptors, MalformedRequests()], options=server_options(cap))
 
 
 async def new_health(service_names: Sequence[str]) -> health.aio.HealthServicer:
@@ -76,7 +127,7 @@ async def start_health_only(
     certificate (Kubernetes'); (None, 0) when no address is given."""
     if not address:
         return None, 0
-    server = create_server()
+    server = create_server(max_connections=HEALTH_CONNECTIONS)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(address)
     await server.start()

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import logging
 import os
+import resource
 import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tandem import metrics
+
+log = logging.getLogger(__name__)
 
 
 def stop_event() -> asyncio.Event:
@@ -64,3 +75,105 @@ def tune_for_serving(torch_threads: int = 0) -> int:
     torch.set_num_threads(threads)
     sys.setswitchinterval(0.001)
     return threads
+
+
+# Where the hard limit is "unlimited", the kernel still refuses a soft limit above
+# fs.nr_open (1,048,576 by default).
+_NR_OPEN = Path("/proc/sys/fs/nr_open")
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's open-files limit (RLIMIT_NOFILE) to its hard limit and return
+    the limit in force. Every connection holds a descriptor, and the usual soft limit of
+    1,024 is a few hundred agents; the hard limit is what an operator allows. Where the
+    system refuses, the limit stays as it is (logged once) and servers cap their
+    connections below it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            wanted = int(_NR_OPEN.read_text())
+        except (OSError, ValueError):
+            wanted = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("open-files limit stays at %d (raising it to %d failed: %s)", soft, wanted, exc)
+    return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+# ---- grpc's core log ----------------------------------------------------------------
+
+HANDSHAKE_FAILED = b"Handshake failed"
+
+
+class CoreLog:
+    """Counts the TLS handshake failures gRPC's C core logs, and logs them once per
+    `interval` instead of once per connection.
+
+    The core writes a line to file descriptor 2 for every failed handshake (1,000 of
+    them: 226 KB of log) and tells Python nothing. `install` puts a pipe on fd 2: a
+    thread reads it, counts and holds back those lines (metric
+    tandem_rpc_server_handshake_failures_total) and passes every other line through to
+    the real stderr; another logs the count of each interval. Connections closed at the
+    handshake deadline or over the connection cap leave no line: they are not counted.
+    Only for a server's own process (a test runner's fd 2 is its own).
+    """
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.failures = 0  # since the last report
+        self.last = b""  # the last failure's line, quoted in the report
+        self._lock = threading.Lock()
+        self._stderr = -1  # the real stderr, once installed
+        self._pump_thread: threading.Thread | None = None
+
+    def install(self) -> None:
+        read_end, write_end = os.pipe()
+        self._stderr = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self._pump_thread = threading.Thread(target=self._pump, args=(read_end,), name="core-log", daemon=True)
+        self._pump_thread.start()
+        threading.Thread(target=self._report_every_interval, name="core-log-report", daemon=True).start()
+        atexit.register(self._restore)
+
+    def feed(self, line: bytes) -> bytes | None:
+        """Count `line` if it is a handshake failure; otherwise return it to pass through."""
+        if HANDSHAKE_FAILED not in line:
+            return line
+        metrics.HANDSHAKE_FAILURES.inc()
+        with self._lock:
+            self.failures += 1
+            self.last = line
+        return None
+
+    def report(self) -> None:
+        with self._lock:
+            failures, last, self.failures = self.failures, self.last, 0
+        if failures:
+            reason = last.decode(errors="replace").partition(HANDSHAKE_FAILED.decode())[2].strip()
+            log.warning("%d TLS handshakes failed in the last %.0f s (the last: %s)", failures, self.interval,
+                        reason[:200])
+
+    def _pump(self, read_end: int) -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in iter(pipe.readline, b""):
+                kept = self.feed(line)
+                if kept is not None:
+                    os.write(self._stderr, kept)
+
+    def _report_every_interval(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.report()
+
+    def _restore(self) -> None:
+        """Put the real stderr back at exit, so the last lines (a traceback) are not lost."""
+        sys.stderr.flush()
+        os.dup2(self._stderr, 2)  # closes the pipe's write end: the pump drains it and ends
+        if self._pump_thread is not None:
+            self._pump_thread.join(timeout=2.0)

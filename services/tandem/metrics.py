@@ -32,6 +32,16 @@ RPC_CLIENT_HANDLED = Counter(
     ["method", "code"],
 )
 
+# ---- connections (issue 14: connections and stream rates) ----------------------
+
+HANDSHAKE_FAILURES = Counter(
+    "tandem_rpc_server_handshake_failures_total",
+    "TLS handshakes that failed (no or a bad client certificate, not TLS at all), as gRPC's core logs them.",
+)
+MAX_CONNECTIONS = Gauge(
+    "tandem_rpc_server_max_connections", "Connections a server accepts at once; more are closed at accept."
+)
+
 # ---- coordinator ------------------------------------------------------------
 
 CONNECTED_AGENTS = Gauge("tandem_coordinator_connected_agents", "Agents with an open control stream.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -156,26 +157,48 @@ def app_credentials(certs_dir: Path, name: str) -> grpc.ChannelCredentials:
     return client_credentials(certs_dir, cert, key)
 
 
-def peer_identity(context: grpc.aio.ServicerContext) -> certs.Identity:
-    """The verified identity of the peer of a call, unless the deployment revoked it.
+@dataclass(frozen=True)
+class Peer:
+    """A call's verified peer, parsed once: a stream keeps it and asks `check` for each
+    message, which costs a deny-list lookup instead of reading the certificate again."""
 
-    A revoked identity is UNAUTHENTICATED, not PERMISSION_DENIED: its certificate no
-    longer proves anything, whatever the call, and it will not work again.
-    """
+    identity: certs.Identity
+    pem: bytes
+
+    def check(self) -> None:
+        """UNAUTHENTICATED if the deployment has revoked this identity since (a revoked
+        identity's certificate no longer proves anything, whatever the call)."""
+        if revocation.REGISTRY.revoked(str(self.identity), self.pem):
+            raise Unauthenticated(f"the certificate of {self.identity} has been revoked")
+
+
+def peer(context: grpc.aio.ServicerContext) -> Peer:
+    """The verified peer of a call, unless the deployment revoked it."""
     pems = context.auth_context().get("x509_pem_cert")
     if not pems:
         raise Unauthenticated("a client certificate is required")
-    identity = certs.identity_from_pem(pems[0])
+    identity = certs.identity_from_pem(pems[0])  # cached by certificate
     if identity is None:
         raise Unauthenticated("the client certificate carries no Tandem identity")
-    if revocation.REGISTRY.revoked(str(identity), pems[0]):
-        raise Unauthenticated(f"the certificate of {identity} has been revoked")
-    return identity
+    found = Peer(identity, pems[0])
+    found.check()
+    return found
+
+
+def peer_identity(context: grpc.aio.ServicerContext) -> certs.Identity:
+    """The verified identity of the peer of a call, unless the deployment revoked it."""
+    return peer(context).identity
+
+
+def require_peer(context: grpc.aio.ServicerContext, *roles: str) -> Peer:
+    """The call's verified peer if its role is one of `roles`; PERMISSION_DENIED otherwise."""
+    found = peer(context)
+    if found.identity.role not in roles:
+        wanted = " or ".join(roles)
+        raise PermissionDenied(f"this call needs a {wanted} certificate; {found.identity.role} "
+                               f"{found.identity.name!r} presented")
+    return found
 
 
 def require_role(context: grpc.aio.ServicerContext, *roles: str) -> certs.Identity:
-    identity = peer_identity(context)
-    if identity.role not in roles:
-        wanted = " or ".join(roles)
-        raise PermissionDenied(f"this call needs a {wanted} certificate; {identity.role} {identity.name!r} presented")
-    return identity
+    return require_peer(context, *roles).identity

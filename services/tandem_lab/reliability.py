@@ -27,7 +27,10 @@ from typing import Any
 from tandem_lab.bench import machine
 
 # Each is tandem_lab.reliability_NAME, except fuzz (tandem_lab.fuzz).
-SCENARIOS = ("poison", "churn", "crash", "links", "load", "memory", "disk", "corrupt", "weights", "stalled", "fuzz")
+SCENARIOS = (
+    "poison", "churn", "crash", "links", "load", "memory", "disk", "corrupt", "weights", "stalled", "connflood",
+    "heartbeats", "fuzz",
+)
 
 FULL: dict[str, dict[str, Any]] = {
     "poison": {"agents": 8, "hostile": 2, "rounds": 10},
@@ -41,6 +44,8 @@ FULL: dict[str, dict[str, Any]] = {
     "disk": {"agents": 4, "rounds": 10, "fill_round": 3, "hold": 20.0},
     "weights": {"agents": 8, "rounds": 10},
     "stalled": {"stalled": 75, "idle_seconds": 5.0},
+    "connflood": {"connections": 2000, "seconds": 20.0},
+    "heartbeats": {"seconds": 20.0},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "poison": {"agents": 5, "hostile": 1, "rounds": 3, "attacks": ("scale:-10",)},
@@ -54,6 +59,8 @@ QUICK: dict[str, dict[str, Any]] = {
     "disk": {"agents": 3, "rounds": 3, "fill_round": 2, "hold": 3.0, "deadline": 10.0},
     "weights": {"agents": 3, "rounds": 2},
     "stalled": {"stalled": 5, "idle_seconds": 1.0},
+    "connflood": {"connections": 2000, "seconds": 8.0},
+    "heartbeats": {"seconds": 4.0},
 }
 
 

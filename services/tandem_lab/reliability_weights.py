@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from cloud.service import MAX_HELLO_EXAMPLES  # the most a Hello may declare, and so claim
 from tandem import training, wire, zoo
 from tandem.v1 import admin_pb2
 from tandem_lab.fleet import Fleet, make_certs
@@ -77,7 +78,7 @@ async def run_one(work: Path, certs_dir: Path, names: list[str], rounds: int, cl
     }
 
 
-async def run(work: Path, agents: int = 8, rounds: int = 10, claim: int = 1 << 40, noise: float = 0.01
+async def run(work: Path, agents: int = 8, rounds: int = 10, claim: int = MAX_HELLO_EXAMPLES, noise: float = 0.01
               ) -> dict[str, Any]:
     names = [f"honest-{i}" for i in range(agents)]
     certs_dir = make_certs(work / "certs", [*names, ATTACKER])

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cloud.app import Coordinator
+from cloud.service import MAX_HELLO_EXAMPLES
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc
 from tests.support.clients import (
@@ -30,7 +31,7 @@ from tests.support.clients import (
 
 HONEST = {"agent-0": (100, 0.01), "agent-1": (120, 0.02)}  # agent: (examples, every weight moves by)
 ATTACKER, ATTACK = "agent-2", -0.5
-CLAIM = 1 << 40
+CLAIM = MAX_HELLO_EXAMPLES  # the most a Hello may declare, and so an update claim
 
 
 def _distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
@@ -66,7 +67,7 @@ async def test_a_huge_claim_moves_fedavg_no_more_than_the_median_agent(
         await stream.open(num_examples=CLAIM if stream.name == ATTACKER else 1000)
     job = await start_job(coordinator.port, certs_dir, model="mlp", rounds=2, min_clients=3,
                           round_deadline_seconds=60, max_examples=CLAIM, **settings)
-    attacked = await _round(coordinator, certs_dir, streams, CLAIM)  # round 1: claims 2^40
+    attacked = await _round(coordinator, certs_dir, streams, CLAIM)  # round 1: claims the most it may
     median = int(np.median([*(n for n, _ in HONEST.values()), CLAIM]))
     as_median = await _round(coordinator, certs_dir, streams, median)  # round 2: claims the median count
 

@@ -91,3 +91,24 @@ async def test_stalled_uploads_are_ended_within_the_idle_timeout_and_leave_no_di
     assert run["codes"] == ["DEADLINE_EXCEEDED"] and run["partials_kept_while_open"] == run["stalled"]
     assert targets["stalled_uploads_ended_within_idle_timeout_seconds"]["met"], run
     assert targets["stalled_uploads_disk_left_bytes"]["met"], run
+
+
+async def test_a_flood_of_silent_connections_does_not_exhaust_descriptors(tmp_path: Path) -> None:
+    runs, targets = await run_scenario("connflood", tmp_path, QUICK["connflood"])
+    # Where the hard limit allows, the coordinator raises its own and honest agents do not notice.
+    assert runs["soft_1024"]["open_files_limit_in_force"][0] > 1024
+    assert targets["connflood_soft_1024_honest_connect_seconds"]["met"], runs["soft_1024"]
+    # Held to 1,024: the cap keeps descriptors free and the handshake deadline frees the slots,
+    # so honest agents get in after it (plus their reconnect backoff), not when the flood ends.
+    hard = runs["hard_1024"]
+    assert hard["coordinator_peak_fds"] < 1024 and hard["log_lines_fd_limit"] == 0
+    assert hard["honest_connect_max_seconds"] < 5.0 + 4.0 and hard["flood_still_open_at_end"] == 0
+
+
+async def test_a_heartbeat_flood_is_refused_and_a_calm_agent_is_answered(tmp_path: Path) -> None:
+    runs, targets = await run_scenario("heartbeats", tmp_path, QUICK["heartbeats"])
+    assert targets["heartbeats_calm_agent_unanswered"]["met"], runs["limited"]["calm_during_flood"]
+    limited = runs["limited"]
+    assert limited["flood"]["stream_ends"].get("RESOURCE_EXHAUSTED", 0) >= 1
+    assert limited["flood"]["acks"] <= 25 + 5 * limited["seconds"] + 5  # the burst and the rate, no more
+    assert runs["unlimited"]["flood"]["acks"] > 10 * limited["flood"]["acks"]

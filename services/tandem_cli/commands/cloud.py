@@ -47,6 +47,12 @@ def register(subparsers: Subparsers) -> None:
                        help="calls per second, sustained (bursts of twice as many)")
     group.add_argument("--agent-bytes-per-second", type=float, default=float(256 << 20),
                        help="request bytes per second, sustained (bursts of 1 GiB)")
+    group.add_argument("--agent-heartbeats-per-second", type=float, default=5.0,
+                       help="heartbeats per second on the control stream, sustained (bursts of five times as "
+                            "many); above it the stream ends")
+    group.add_argument("--agent-connects-per-second", type=float, default=1.0,
+                       help="control streams opened per second, sustained (bursts of ten times as many, at "
+                            "least 10); a new one replaces the agent's open one")
     group = p.add_argument_group("state volume")
     group.add_argument("--disk-reserve", type=parse_bytes, default="256M", metavar="BYTES",
                        help="free space on the state volume below which new uploads are refused with "
@@ -106,9 +112,18 @@ async def run_cloud(args: argparse.Namespace) -> int:
         placement=placement, prometheus_url=args.prometheus_url,
         limits=LimitsConfig(max_streams=args.agent_max_streams, requests_per_second=args.agent_requests_per_second,
                             request_burst=max(1, int(2 * args.agent_requests_per_second)),
-                            bytes_per_second=args.agent_bytes_per_second),
+                            bytes_per_second=args.agent_bytes_per_second,
+                            heartbeats_per_second=args.agent_heartbeats_per_second,
+                            heartbeat_burst=max(1, int(5 * args.agent_heartbeats_per_second)),
+                            connects_per_second=args.agent_connects_per_second,
+                            connect_burst=max(10, int(10 * args.agent_connects_per_second))),
         disk_reserve=args.disk_reserve,
     )
+    if args.agent_heartbeats_per_second * args.heartbeat < 2:
+        raise ValueError(f"--agent-heartbeats-per-second {args.agent_heartbeats_per_second:g} would refuse agents "
+                         f"that heartbeat every {args.heartbeat:g} s (--heartbeat); allow at least "
+                         f"{2 / args.heartbeat:g}")
+    lifecycle.CoreLog().install()  # TLS handshake failures: a count per interval, not a line each
     lifecycle.tune_for_serving(args.torch_threads)
     coordinator = Coordinator(config)
     stop = lifecycle.stop_event()
