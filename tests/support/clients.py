@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 
 from tandem import grpcserver, tls, training, wire, zoo
-from tandem.errors import peer_status
+from tandem.errors import peer_error, peer_status
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tests.support.waiting import wait_for
@@ -103,7 +103,12 @@ async def upload(
         for message in messages:
             yield message
 
-    receipt: pb.UpdateReceipt = await stub.UploadUpdate(stream(), timeout=30)
+    try:
+        receipt: pb.UpdateReceipt = await stub.UploadUpdate(stream(), timeout=30)
+    except grpc.aio.AioRpcError as exc:
+        # The status the server sent, as agents read it: the aio client may report INTERNAL
+        # for an upload refused while it still writes (grpc/grpc#36066, tandem.errors.EndsStream).
+        raise peer_error(exc) from None
     return receipt
 
 
