@@ -43,6 +43,8 @@ async def run_edge(args: argparse.Namespace) -> int:
     from edge.app import EdgeApp
     from tandem import lifecycle
 
+    if args.listen:
+        lifecycle.CoreLog().install()  # TLS handshake failures on its port: a count per interval, not a line each
     # --threads (training, 1 by default, which keeps local training reproducible) unless
     # --torch-threads says otherwise.
     lifecycle.tune_for_serving(args.torch_threads or max(1, args.threads))

@@ -32,6 +32,7 @@ async def run_serve(args: argparse.Namespace) -> int:
         health=args.health, metrics=args.metrics, poll_interval=args.poll_interval,
         serving=serving_config(args),
     )
+    lifecycle.CoreLog().install()  # TLS handshake failures: a count per interval, not a line each
     lifecycle.tune_for_serving(args.torch_threads)
     replica = Replica(config)
     stop = lifecycle.stop_event()
