@@ -9,10 +9,11 @@ import pytest
 import pytest_asyncio
 
 from cloud.app import CloudConfig, Coordinator
+from cloud.limits import LimitsConfig
 from tandem import certs
 from tandem_lab import volume
 from tests.support.cluster import Cluster
-from tests.support.deployment import AGENTS, APP
+from tests.support.deployment import AGENTS, APP, Start
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +44,25 @@ async def coordinator(tmp_path: Path, certs_dir: Path) -> AsyncIterator[Coordina
     yield server
     await server.stop()
 
+
+
+
+@pytest_asyncio.fixture
+async def limited(tmp_path: Path, certs_dir: Path) -> AsyncIterator[Start]:
+    """Starts a real coordinator with the given per-agent limits (the others at their defaults)."""
+    started: list[Coordinator] = []
+
+    async def start(**limits: object) -> Coordinator:
+        config = CloudConfig(listen="127.0.0.1:0", certs=certs_dir, state=tmp_path / "state", heartbeat_interval=0.5,
+                             grace=1.0, limits=LimitsConfig(**limits))  # type: ignore[arg-type]
+        server = Coordinator(config)
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop()
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:

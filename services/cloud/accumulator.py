@@ -44,7 +44,7 @@ class Accumulator:
             path.unlink(missing_ok=True)
             raise
         self.weight = 0.0
-        self._touched = False  # until the first fold the file is all zeros (and sparse)
+        self._touched = False  # until the first fold the file is all zeros
 
     def total(self, name: str) -> np.ndarray:
         """sum(n_i * delta_i) of one tensor."""
@@ -57,7 +57,7 @@ class Accumulator:
         update out again: the close's correction for capped claims). `components` may
         read each tensor's encoding when it is looked up (`TensorFile.arrays`)."""
         for name in self._specs:
-            # The first update needs no read: the file is all zeros (and sparse) until then.
+            # The first update needs no read: the file is all zeros until then.
             total = self.total(name) if self._touched else np.zeros(self._specs[name].shape, np.float32)
             compression.accumulate(total, name, components, codec, weight)
             pwrite_array(self._fd, total, self._offsets[name])

@@ -186,7 +186,7 @@ class UpdateIntake:
             update_codec = compression.parse_codec(header.codec)
         except ValueError as exc:
             raise InvalidArgument(str(exc), reason="malformed") from None
-        spec = job.spec
+        spec = runner.spec if runner is not None else job.spec  # parsed once, by the runner
         specs = self._models.specs(spec.model)
         return await self._assemble(key, header, messages, spec, specs, update_codec, existing, runner)
 

@@ -179,12 +179,14 @@ class ModelRepository:
             self._reserved[model] = version - 1
 
     def published(self, row: VersionRow) -> None:
-        """Announce a recorded version. Its file was hashed as it was written, so it is
-        trusted as it stands; a delta beside it gets its hash recorded now (the close of a
-        round writes it without one), so that it too is checked before it is served."""
+        """Announce a recorded version. Its file and its delta's were hashed as they were
+        written (a round's close records the delta's hash with the version), so both are
+        trusted as they stand; a delta recorded without a hash gets one now, so that it
+        too is checked before it is served."""
         self._verifier.trust(Path(row.path))
-        if row.delta_path is not None and row.delta_sha256 is None:
-            self._store.set_delta_sha256(row.model, row.version, content_sha256(Path(row.delta_path)))
+        if row.delta_path is not None:
+            if row.delta_sha256 is None:
+                self._store.set_delta_sha256(row.model, row.version, content_sha256(Path(row.delta_path)))
             self._verifier.trust(Path(row.delta_path))
         metrics.MODEL_VERSION.labels(row.model).set(row.version)
         for listener in self._listeners:

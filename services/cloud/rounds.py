@@ -29,7 +29,7 @@ from cloud.registry import Registry, Session
 from cloud.spec import AUTO, JobSpec
 from cloud.store import JobState, Store, UpdateRow, VersionRow
 from cloud.tensorfile import TensorFile, read_tensors, write_tensors
-from tandem import compression, deltas, metrics
+from tandem import compression, deltas, measurements, metrics
 from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable, out_of_space
 from tandem.timestamps import timestamp
 from tandem.v1 import coordinator_pb2 as pb
@@ -241,7 +241,8 @@ class JobRunner:
         if self.spec.transport.codec != AUTO:
             return self.spec.transport.codec
         measured = self._registry.measurements(agent)
-        throughput = measured.get("uplink_bytes_per_second") or measured.get("downlink_bytes_per_second")
+        throughput = (measured.get(measurements.UPLINK_BYTES_PER_SECOND)
+                      or measured.get(measurements.DOWNLINK_BYTES_PER_SECOND))
         params = sum(spec.nbytes // 4 for spec in self._models.specs(self.spec.model).values())
         choice = autocodec.choose(params, throughput, self.spec.transport.target_upload_seconds)
         metrics.AUTO_CODEC_BYTES_PER_PARAM.labels(agent).set(_bytes_per_param(choice))

@@ -236,8 +236,9 @@ def content_sha256(path: Path) -> str:
     try:
         file = TensorFile(path)
         digest = hashlib.sha256()
-        for name in sorted(file.specs):
-            spec = file.specs[name]
+        specs = file.specs  # built anew at each look-up
+        for name in sorted(specs):
+            spec = specs[name]
             digest.update(tensor_header(name, spec.dtype, spec.shape))
             for _, piece in file.slices(name, slice_bytes=4 << 20):
                 digest.update(piece.data)

@@ -253,5 +253,5 @@ class Agent:
         self, task: pb.TrainTask, base: transfer.HeldVersion
     ) -> tuple[dict[str, np.ndarray], float, float]:
         """Every task's training step (Trainer.train); a subclass may change the update
-        here (tandem_cli.hostile poisons it)."""
+        here (tandem_lab.hostile poisons it)."""
         return await self.trainer.train(task, base)

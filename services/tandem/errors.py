@@ -138,7 +138,6 @@ class EndsStream(TandemError):
     def __init__(self, error: TandemError) -> None:
         super().__init__(str(error), error.reason)
         self.code = error.code
-        self.error = error
 
 
 # Initial-metadata keys of a stream ended at once (`EndsStream`).

@@ -94,9 +94,9 @@ def create_server(
     deadline and connection limits. It first raises this process's open-files limit as
     far as allowed; `max_connections` defaults to what that limit leaves (connection_cap).
     A request that does not parse is INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN)."""
-    open_files = lifecycle.raise_open_files_limit()
-    cap = max_connections if max_connections is not None else connection_cap(open_files)
-    if max_connections is None:
+    cap = max_connections
+    if cap is None:  # the main server: sized by the open-files limit, raised first
+        cap = connection_cap(lifecycle.raise_open_files_limit())
         metrics.MAX_CONNECTIONS.set(cap)
     return grpc.aio.server(interceptors=[*interceptors, MalformedRequests()], options=server_options(cap))
 

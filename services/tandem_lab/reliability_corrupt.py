@@ -42,7 +42,8 @@ async def _publish(target: str, certs: Path, model: str, count: int) -> list[adm
             zoo.build_model(model, seed=seed)))), timeout=300) for seed in range(1, count + 1)]
 
 
-def _invert(path: Path, at: int, count: int) -> None:
+def invert(path: Path, at: int = -64, count: int = 16) -> None:
+    """Invert `count` bytes at `at` (from the end when negative): the file's size stays as it was."""
     with open(path, "r+b") as f:
         f.seek(at, os.SEEK_END if at < 0 else os.SEEK_SET)
         where = f.tell()
@@ -90,8 +91,8 @@ async def run(work: Path, model: str = "mlp", versions: int = 5) -> dict[str, An
     sha = {v.version: v.sha256 for v in published}
     path = {v: state / "models" / model / f"v{v:06d}.safetensors" for v in sha}
     os.truncate(path[versions], path[versions].stat().st_size // 2)
-    _invert(path[1], -64, 16)
-    _invert(path[2], 8, 32)
+    invert(path[1], -64, 16)
+    invert(path[2], 8, 32)
     damaged_at_rest = {1, 2, versions}
     started = time.perf_counter()
     checked, bad = verify_state(state)
@@ -110,7 +111,7 @@ async def run(work: Path, model: str = "mlp", versions: int = 5) -> dict[str, An
                 infers[f"v{v}"] = await _infer(inference, model, v)
             downloads["v3_again"] = await _download(coordinator, model, 3, sha[3])  # the verdict kept
             newest = await _download(coordinator, model, 0, "")
-            _invert(path[3], -8, 4)  # while it runs, after it was verified
+            invert(path[3], -8, 4)  # while it runs, after it was verified
             downloads["v3_damaged_running"] = await _download(coordinator, model, 3, sha[3])
         running = cloud.poll() is None
     finally:

@@ -27,16 +27,14 @@ from tandem_lab.raw_agent import RawAgent
 ATTACKER = "claimer"
 
 
-async def _attack(agent: RawAgent, claim: int, noise: float, seed: int) -> list[str]:
-    """Answer every task with noise, claiming `claim` examples; the status of each upload."""
+async def _attack(agent: RawAgent, claim: int, noise: float, seed: int) -> None:
+    """Answer every task with noise, claiming `claim` examples, until cancelled."""
     specs = wire.specs_of(training.state_arrays(zoo.build_model("mlp")))
     rng = np.random.default_rng(seed)
-    codes = []
     while True:
         task = await agent.tasks.get()
         arrays = {name: rng.normal(0.0, noise, spec.shape).astype(np.float32) for name, spec in specs.items()}
-        code, _ = await agent.upload(task, arrays, claim)
-        codes.append(code.name)
+        await agent.upload(task, arrays, claim)
 
 
 async def run_one(work: Path, certs_dir: Path, names: list[str], rounds: int, claim: int, noise: float,
@@ -44,7 +42,7 @@ async def run_one(work: Path, certs_dir: Path, names: list[str], rounds: int, cl
     """One FedAvg job; `weight_cap` None runs without the attacker."""
     fleet = Fleet(work, certs_dir, {name: "" for name in names}, partitions=len(names))
     attacker = RawAgent(fleet.target, certs_dir, ATTACKER) if weight_cap is not None else None
-    attacking: asyncio.Task[list[str]] | None = None
+    attacking: asyncio.Task[None] | None = None
     started = time.monotonic()
     try:
         if attacker is not None:
@@ -67,7 +65,10 @@ async def run_one(work: Path, certs_dir: Path, names: list[str], rounds: int, cl
     for r in job["rounds"]:
         if ATTACKER in r["agents"] and r["example_cap"]:
             median = r["example_cap"] / (weight_cap or 1.0)
-            weights.append(min(claim, r["example_cap"]) / median)
+            # Its claim, unless the coordinator recorded capping it: a round that let
+            # the claim through uncapped weighs claim / median, far over 1.
+            weighed = r["example_cap"] if ATTACKER in r["capped_agents"] else claim
+            weights.append(weighed / median)
     return {
         "state": job["state"], "rounds_closed": len(job["rounds"]), "weight_cap": weight_cap,
         "accuracy": [r["accuracy"] for r in job["rounds"]],

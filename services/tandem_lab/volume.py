@@ -14,10 +14,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-
-def free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
+from cloud.disk import free_bytes
 
 
 def unavailable() -> str | None:

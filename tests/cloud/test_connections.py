@@ -5,40 +5,20 @@ other agents go on, and a second Connect of the same agent replaces the first.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
-import pytest_asyncio
 
-from cloud.app import CloudConfig, Coordinator
+from cloud.app import Coordinator
 from cloud.limits import LimitsConfig
 from cloud.service import MAX_HELLO_EXAMPLES
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc
 from tests.support.clients import agent_channel
+from tests.support.deployment import Start
 from tests.support.waiting import wait_for
-
-Start = Callable[..., Awaitable[Coordinator]]
-
-
-@pytest_asyncio.fixture
-async def limited(tmp_path: Path, certs_dir: Path) -> AsyncIterator[Start]:
-    """Starts a real coordinator with the given per-agent limits (the others at their defaults)."""
-    started: list[Coordinator] = []
-
-    async def start(**limits: object) -> Coordinator:
-        config = CloudConfig(listen="127.0.0.1:0", certs=certs_dir, state=tmp_path / "state", heartbeat_interval=0.5,
-                             grace=1.0, limits=LimitsConfig(**limits))  # type: ignore[arg-type]
-        server = Coordinator(config)
-        await server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.stop()
 
 
 class Stream:

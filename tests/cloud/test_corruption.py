@@ -23,6 +23,7 @@ from tandem.v1 import coordinator_pb2 as cpb
 from tandem.v1 import coordinator_pb2_grpc, inference_pb2_grpc
 from tandem_cli import procs
 from tandem_cli.main import main
+from tandem_lab.reliability_corrupt import invert
 from tests.support.clients import agent_channel, download
 from tests.support.inference import arrays_for, inputs, request
 
@@ -50,12 +51,7 @@ def truncate(row: VersionRow) -> None:
 
 def flip(row: VersionRow, at: int = -64, count: int = 16) -> None:
     """Invert `count` bytes at `at` (from the end when negative): the size stays as recorded."""
-    with open(row.path, "r+b") as f:
-        f.seek(at, os.SEEK_END if at < 0 else os.SEEK_SET)
-        where = f.tell()
-        data = f.read(count)
-        f.seek(where)
-        f.write(bytes(b ^ 0xFF for b in data))
+    invert(Path(row.path), at, count)
 
 
 async def download_code(stub: coordinator_pb2_grpc.CoordinatorStub, version: int) -> tuple[grpc.StatusCode, int, str]:

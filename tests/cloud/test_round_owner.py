@@ -23,6 +23,8 @@ from cloud.tensorfile import read_tensors, write_tensors
 from tandem import compression, wire
 from tandem.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 from tandem.v1 import coordinator_pb2 as pb
+from tests.support.clients import header_for
+from tests.support.waiting import wait_for
 
 SPECS = {"w": wire.TensorSpec("w", np.dtype(np.float32), (2, 3)), "b": wire.TensorSpec("b", np.dtype(np.float32), (3,))}
 NONE = compression.parse_codec("none")
@@ -242,9 +244,7 @@ async def next_task(session: Session) -> pb.TrainTask:
 async def deliver(runner: JobRunner, store: Store, models: ModelRepository, task: pb.TrainTask, agent: str,
                   value: float) -> None:
     """What the update intake does once an upload is complete and valid."""
-    header = pb.UpdateHeader(job_id=task.job_id, round=task.round, base_version=task.base_version, num_examples=100,
-                             codec=task.codec, local_loss=0.5)
-    rnd = runner.check_update(agent, header)
+    rnd = runner.check_update(agent, header_for(task))
     update: dict[str, np.ndarray] = {}
     for name, spec in models.specs("mlp").items():
         update.update(compression.encode(name, np.full(spec.shape, value, np.float32), NONE))
@@ -276,9 +276,7 @@ async def test_a_runner_opens_a_round_collects_updates_and_publishes(tmp_path: P
             runner.check_update("agent-0", pb.UpdateHeader(job_id="job-1", round=2))
         await deliver(runner, store, models, tasks[0], "agent-0", 0.25)
         await deliver(runner, store, models, tasks[1], "agent-1", 0.75)
-        async with asyncio.timeout(30):
-            while not runner.done:
-                await asyncio.sleep(0.01)
+        await wait_for(lambda: runner.done, timeout=30, interval=0.01, message="the job to finish")
     finally:
         await runner.stop()
     job = store.get_job("job-1")

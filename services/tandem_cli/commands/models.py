@@ -7,7 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-from cloud.integrity import verify_state
 from tandem.v1 import admin_pb2_grpc
 from tandem_cli.admin import admin_command, model_rows
 from tandem_cli.options import Subparsers, client_args
@@ -40,6 +39,8 @@ async def _models(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> i
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from cloud.integrity import verify_state  # the store and SQLite: loaded for this command alone
+
     checked, bad = verify_state(args.state)
     for line in bad:
         print(line)

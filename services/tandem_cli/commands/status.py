@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from typing import Any
 
@@ -19,8 +20,9 @@ def register(subparsers: Subparsers) -> None:
 
 
 async def _status(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
-    agents, models, placements = await agent_rows(stub), await model_rows(stub), await placement_rows(stub)
-    jobs = [job_dict(j) for j in (await stub.ListJobs(admin_pb2.ListJobsRequest())).jobs]
+    agents, models, placements, listed = await asyncio.gather(  # four independent calls: one round trip's wait
+        agent_rows(stub), model_rows(stub), placement_rows(stub), stub.ListJobs(admin_pb2.ListJobsRequest()))
+    jobs = [job_dict(j) for j in listed.jobs]
     newest: dict[str, dict[str, Any]] = {}
     for row in models:
         if row["version"] > newest.get(row["model"], {"version": 0})["version"]:
