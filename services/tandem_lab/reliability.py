@@ -56,7 +56,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "memory": {"model": "mlp250m"},  # the figure itself: about 40 s, 2.5 GB of memory and 4 GB of disk
     "corrupt": {"model": "mlp", "versions": 5},
     "fuzz": {"cases": 300},
-    "disk": {"agents": 3, "rounds": 3, "fill_round": 2, "hold": 3.0, "deadline": 10.0},
+    "disk": {"agents": 3, "rounds": 3, "fill_round": 1, "hold": 3.0, "deadline": 10.0},
     "weights": {"agents": 3, "rounds": 2},
     "stalled": {"stalled": 5, "idle_seconds": 1.0},
     "connflood": {"connections": 2000, "seconds": 8.0},
