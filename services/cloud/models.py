@@ -17,7 +17,7 @@ from cloud.integrity import Verifier, corrupt_message
 from cloud.spool import Spool
 from cloud.store import FileKind, Store, VersionRow
 from cloud.tensorfile import TensorFile, content_sha256, size_problem, write_tensor_pieces, write_tensors
-from tandem import deltas, metrics, training, wire, zoo
+from tandem import deltas, metrics, tasks, wire
 from tandem.errors import DataLoss, InvalidArgument, NotFound
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import tensor_pb2
@@ -74,16 +74,16 @@ class ModelRepository:
     def specs(self, model: str) -> dict[str, wire.TensorSpec]:
         """The tensors every version (and every update) of `model` must have."""
         if model not in self._specs:
-            if model not in zoo.model_names():
-                raise NotFound(f"unknown model {model!r}; the zoo has {zoo.model_names()}")
-            self._specs[model] = training.state_specs(model)
+            try:
+                self._specs[model] = tasks.get(model).specs
+            except tasks.TaskError as exc:
+                raise NotFound(str(exc)) from None
         return self._specs[model]
 
     def initial_arrays(self, model: str, seed: int) -> dict[str, np.ndarray]:
-        """The seeded initial model, as float32 views of the new torch model (no copy:
-        they are written out, never changed)."""
-        state = zoo.build_model(model, seed=seed).state_dict()
-        return {name: np.asarray(t.detach().numpy(), dtype=np.float32) for name, t in state.items()}
+        """The seeded initial model's federated tensors, as float32 arrays."""
+        task = tasks.get(model)
+        return task.state_arrays(task.build(seed))
 
     async def write(self, model: str, arrays: Mapping[str, np.ndarray], job_id: str, round_: int) -> VersionRow:
         """Write the next version's file (not yet recorded: the caller commits it).
@@ -197,8 +197,8 @@ class ModelRepository:
         return self._store.get_version(model, 0)
 
     def newest_notices(self) -> list[pb.ModelNotice]:
-        """The newest version of every zoo model that has one."""
-        rows = [self.newest(name) for name in zoo.model_names()]
+        """The newest version of every model that has one."""
+        rows = [self.newest(name) for name in self._store.version_models()]
         return [pb.ModelNotice(model=r.model, version=r.version, sha256=r.sha256) for r in rows if r is not None]
 
     def version(self, model: str, version: int) -> VersionRow:

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from cloud.integrity import CorruptFile, corrupt_message
 from cloud.store import VersionRow
 from cloud.tensorfile import content_problem, read_tensors
-from tandem import metrics, staged, wire, zoo
+from tandem import metrics, staged, tasks, wire, zoo
 from tandem.batching import Batcher, keep_profiled
 from tandem.errors import DataLoss, InvalidArgument, NotFound, TandemError
 from tandem.inference import decode_input, model_info
@@ -48,11 +48,11 @@ class ServingConfig:
 
 
 def served_models(config: ServingConfig) -> list[str]:
-    """The models a server with `config` serves, checked against the zoo."""
+    """The models a server with `config` serves (every zoo model when it names none),
+    each loaded as a task: ValueError saying why one cannot be."""
     served = sorted(config.models or zoo.model_names())
-    unknown = sorted(set(served) - set(zoo.model_names()))
-    if unknown:
-        raise ValueError(f"unknown models {unknown}; the zoo has {zoo.model_names()}")
+    for name in served:
+        tasks.get(name)  # TaskError (a ValueError) names the known tasks
     return served
 
 
@@ -203,7 +203,7 @@ class ModelServer:
             model.check_input(x, request.start_layer)
         except TandemError as exc:
             # A name from the wire labels a series only if it is a model: no unbounded series.
-            label = request.model if request.model in zoo.model_names() else "unknown"
+            label = request.model if request.model in self.served else "unknown"
             metrics.INFER_REJECTED.labels(label, exc.reason).inc()
             raise
         run = functools.partial(model.run, start_layer=request.start_layer)

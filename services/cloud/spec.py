@@ -14,7 +14,7 @@ from typing import Any
 
 from cloud import strategies
 from cloud.aggregation import Defence
-from tandem import compression, zoo
+from tandem import compression, tasks
 from tandem.errors import InvalidArgument, NotFound
 from tandem.v1 import admin_pb2
 
@@ -114,8 +114,10 @@ class JobSpec:
     defence: Defence = field(default_factory=Defence)
 
     def validate(self) -> JobSpec:
-        if self.model not in zoo.model_names():
-            raise NotFound(f"unknown model {self.model!r}; the zoo has {zoo.model_names()}")
+        try:
+            tasks.get(self.model)
+        except tasks.TaskError as exc:
+            raise NotFound(str(exc)) from None
         _check(1 <= self.rounds <= 100_000, f"rounds must be in 1..100000, got {self.rounds}")
         _check(1 <= self.min_clients <= 100_000, f"min_clients must be >= 1, got {self.min_clients}")
         _check(

@@ -264,6 +264,10 @@ class Store:
         with self._tx() as db:
             db.execute(_INSERT_VERSION, _version_values(row))
 
+    def version_models(self) -> list[str]:
+        """Every model that has a recorded version, sorted."""
+        return [r[0] for r in self._db.execute("SELECT DISTINCT model FROM versions ORDER BY model")]
+
     def get_version(self, model: str, version: int) -> VersionRow | None:
         """Version `version` of `model`, quarantined or not; 0: the newest not quarantined."""
         if version == 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem import staged, zoo
+from tandem import staged, tasks
 
 MODES = ("edge", "cloud", "split", "cascade")
 
@@ -68,7 +68,7 @@ def parse(model: str, text: str) -> Placement:
         if not 0 <= t <= 1.01:
             raise ValueError(f"{model}: cascade threshold {t} is outside 0..1 (above 1 sends everything up)")
         if cloud_model:
-            if zoo.get_entry(cloud_model).num_classes != zoo.get_entry(model).num_classes:
+            if tasks.get(cloud_model).task.output != tasks.get(model).task.output:
                 raise ValueError(f"{model}: {cloud_model} predicts different classes and cannot back it up")
         return Placement("cascade", threshold=t, cloud_model=cloud_model)
     raise ValueError(f"{model}: unknown placement {text!r}; use edge, cloud, split:K or cascade:T[:CLOUD_MODEL]")

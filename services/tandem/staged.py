@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tandem import metrics, training, zoo
+from tandem import metrics, tasks, training, zoo
 from tandem.errors import InvalidArgument
 
 # Weight of the newest measurement in the per-stage moving averages.
@@ -44,15 +44,16 @@ def _stage_name(module: nn.Module) -> str:
 @functools.cache
 def describe(name: str) -> tuple[tuple[int, ...], tuple[Stage, ...]]:
     """The input shape and the stages of zoo model `name`, found by a dry run."""
-    entry = zoo.get_entry(name)
+    input_shape = tasks.get(name).task.input.shape
     net = zoo.build_model(name)
+    assert isinstance(net, nn.Sequential), "staged models are Sequentials until tandem.split"
     stages = []
     with torch.inference_mode():
-        x = torch.zeros((1, *entry.input_shape))
+        x = torch.zeros((1, *input_shape))
         for index, module in enumerate(net, start=1):
             x = module(x)
             stages.append(Stage(index, _stage_name(module), tuple(x.shape[1:])))
-    return entry.input_shape, tuple(stages)
+    return input_shape, tuple(stages)
 
 
 def resolve_device(requested: str) -> str:
@@ -76,6 +77,7 @@ class StagedModel:
         self.input_shape, self.stages = describe(model)
         net = zoo.build_model(model)
         training.load_state_arrays(net, arrays)
+        assert isinstance(net, nn.Sequential)
         self._net = net.to(device).eval()
         self._modules = list(self._net)
         self._histograms = [metrics.INFER_STAGE_SECONDS.labels(model, str(s.index)) for s in self.stages]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - torch's own idiom
 
-from tandem import wire, zoo
+from tandem import tasks, wire
 from tandem.data import Dataset
 
 
@@ -94,9 +94,8 @@ def evaluate(model: nn.Module, data: Dataset) -> tuple[float, float]:
 
 
 def state_specs(name: str) -> dict[str, wire.TensorSpec]:
-    """The specs of what `state_arrays` makes of zoo model `name` (every tensor float32),
-    without building the model (`zoo.state_shapes`)."""
-    return {key: wire.TensorSpec(key, np.dtype(np.float32), shape) for key, shape in zoo.state_shapes(name).items()}
+    """The federated tensors of task `name` (float32 on the wire), without building its model."""
+    return tasks.get(name).specs
 
 
 def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:

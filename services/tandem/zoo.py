@@ -1,28 +1,46 @@
-"""The model zoo: partitionable models, each an ``nn.Sequential`` of stages.
+"""The model zoo: Tandem's built-in tasks, each an ``nn.Sequential`` of stages.
 
-Inference can be split between edge and cloud only at a stage boundary (the
-``start_layer`` of an inference request indexes these stages), so every model here
-is a flat ``nn.Sequential`` whose top-level children are the stages.
+Each is a classifier over 10 classes with the SDK's default training and evaluation;
+its split points are the boundaries between the Sequential's top-level children (the
+``start_layer`` of an inference request indexes them), as tracing would find.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import torch
 from torch import nn
 
+from tandem import tasks
+from tandem.task import Signature, Task
 
-@dataclass(frozen=True)
-class ZooEntry:
-    """A named model: its per-example input shape, class count and an unseeded builder."""
 
-    name: str
-    input_shape: tuple[int, ...]
-    num_classes: int
-    builder: Callable[[], nn.Sequential]
+class ZooTask(Task):
+    """A zoo model as a task: a classifier over 10 classes, trained and evaluated with
+    the defaults (SGD on cross-entropy; accuracy and loss)."""
+
+    version = "1"
+
+    def __init__(self, input_shape: tuple[int, ...], builder: Callable[[], nn.Sequential]) -> None:
+        self.input = Signature(input_shape)
+        self.output = Signature((10,))
+        self._builder = builder
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.input.shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.output.shape[0]
+
+    def build(self, seed: int) -> nn.Module:
+        return self._builder()
+
+    def split_points(self, model: nn.Module) -> list[str] | None:
+        # The zoo's stages are the top-level children of its Sequential: the same points
+        # tracing finds, named without tracing.
+        return [str(index) for index in range(len(model) - 1)] if isinstance(model, nn.Sequential) else None
 
 
 def _mlp() -> nn.Sequential:
@@ -100,52 +118,31 @@ def _cnn() -> nn.Sequential:
     )
 
 
-_ZOO: dict[str, ZooEntry] = {
-    entry.name: entry
-    for entry in (
-        ZooEntry(name="mlp", input_shape=(64,), num_classes=10, builder=_mlp),
-        ZooEntry(name="mlp10m", input_shape=(64,), num_classes=10, builder=_mlp10m),
-        ZooEntry(name="mlp250m", input_shape=(64,), num_classes=10, builder=_mlp250m),
-        ZooEntry(name="mlp-small", input_shape=(64,), num_classes=10, builder=_mlp_small),
-        ZooEntry(name="mlp-heavy", input_shape=(64,), num_classes=10, builder=_mlp_heavy),
-        ZooEntry(name="cnn", input_shape=(3, 96, 96), num_classes=10, builder=_cnn),
-    )
-}
-
-
-_BUILD_LOCK = threading.Lock()
+# Registered as entry points of the group `tandem.tasks` (pyproject.toml) and known to
+# `tandem.tasks` without installation.
+MLP = ZooTask((64,), _mlp)
+MLP10M = ZooTask((64,), _mlp10m)
+MLP250M = ZooTask((64,), _mlp250m)
+MLP_SMALL = ZooTask((64,), _mlp_small)
+MLP_HEAVY = ZooTask((64,), _mlp_heavy)
+CNN = ZooTask((3, 96, 96), _cnn)
+NAMES = ("cnn", "mlp", "mlp-heavy", "mlp-small", "mlp10m", "mlp250m")
 
 
 def model_names() -> list[str]:
-    """The names of every model in the zoo, sorted."""
-    return sorted(_ZOO)
+    """The names of the zoo's models, sorted."""
+    return list(NAMES)
 
 
-def get_entry(name: str) -> ZooEntry:
-    """The zoo entry called ``name``; KeyError naming the known models otherwise."""
-    try:
-        return _ZOO[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(model_names())}") from None
+def get_entry(name: str) -> ZooTask:
+    """The zoo's task called `name`; KeyError naming the zoo's models otherwise."""
+    task = {"mlp": MLP, "mlp10m": MLP10M, "mlp250m": MLP250M, "mlp-small": MLP_SMALL, "mlp-heavy": MLP_HEAVY,
+            "cnn": CNN}.get(name)
+    if task is None:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(NAMES)}")
+    return task
 
 
-def build_model(name: str, seed: int = 0) -> nn.Sequential:
-    """A fresh model whose weights depend only on ``(name, seed)``.
-
-    The seed is applied inside a forked RNG so the caller's global torch RNG is untouched.
-    That RNG is one per process, so builds are serialised: a model loaded on a worker
-    thread would otherwise draw from the generator in the middle of a seeded build.
-    """
-    entry = get_entry(name)
-    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return entry.builder()
-
-
-def state_shapes(name: str) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor in the model's state dict, without allocating it
-    (built on torch's meta device)."""
-    entry = get_entry(name)
-    with _BUILD_LOCK, torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = entry.builder()
-    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+def build_model(name: str, seed: int = 0) -> nn.Module:
+    """A fresh model of task `name` (zoo or not) whose weights depend only on (name, seed)."""
+    return tasks.get(name).build(seed)
