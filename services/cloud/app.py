@@ -20,6 +20,7 @@ from cloud.placement import ControllerConfig, PlacementController
 from cloud.registry import Registry
 from cloud.service import AdminService, CoordinatorService
 from cloud.serving import ModelServer, ServingConfig
+from cloud.statelock import StateLock
 from cloud.store import Store, VersionRow
 from tandem import grpcserver, inference, lifecycle, metrics, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc, inference_pb2_grpc
@@ -56,6 +57,7 @@ class Coordinator:
     def __init__(self, config: CloudConfig) -> None:
         self.config = cfg = config
         lifecycle.tune_allocator()
+        self.lock = StateLock(cfg.state)  # first: nothing may touch a state directory another process holds
         self.store = Store(cfg.state)
         self.registry = Registry()
         self.models = ModelRepository(self.store)
@@ -90,15 +92,22 @@ class Coordinator:
     async def start(self) -> None:
         cfg = self.config
         self.health = await grpcserver.add_standard_services(self.server, SERVICES)
-        self.port = self.server.add_secure_port(cfg.listen, tls.server_credentials(cfg.certs))
-        self.health_server, self.health_port = await grpcserver.start_health_only(cfg.health, self.health)
+        # Every address bound before anything starts: one in use refuses the start (one
+        # line), with nothing to undo but the lock.
+        try:
+            self.port = grpcserver.bind(self.server, cfg.listen, tls.server_credentials(cfg.certs))
+            if cfg.metrics:
+                _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
+            self.health_server, self.health_port = await grpcserver.start_health_only(cfg.health, self.health)
+        except ValueError:
+            self.store.close()
+            self.lock.release()
+            raise
         await self.serving.start(self.serving.served)  # newest versions loaded before serving
         resumed = self.jobs.resume()  # before serving: uploads find their round's runner
         if resumed:
             log.info("resumed jobs %s", resumed)
         await self.server.start()
-        if cfg.metrics:
-            _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
         self._controller = asyncio.create_task(self.placement.run()) if cfg.placement else None
         await grpcserver.set_serving(self.health, SERVICES, True)
         self._disk_watch = asyncio.create_task(self.disk.run(self._disk_health))
@@ -134,3 +143,4 @@ class Coordinator:
         if self.health_server is not None:
             await self.health_server.stop(0)
         self.store.close()
+        self.lock.release()

@@ -171,7 +171,7 @@ class Replica:
         cfg = self.config
         self.channel = grpcserver.secure_channel(cfg.cloud, tls.replica_credentials(cfg.certs))
         self.health = await grpcserver.add_standard_services(self.server, SERVICES)
-        self.port = self.server.add_secure_port(cfg.listen, tls.replica_server_credentials(cfg.certs))
+        self.port = grpcserver.bind(self.server, cfg.listen, tls.replica_server_credentials(cfg.certs))
         self.health_server, self.health_port = await grpcserver.start_health_only(cfg.health, self.health)
         if cfg.metrics:
             _, self.metrics_port = metrics.serve_metrics(cfg.metrics)

@@ -40,7 +40,7 @@ class EdgeApp:
             inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.agent.router), self.server)
             self.health = await grpcserver.add_standard_services(self.server, [inference.SERVICE_NAME])
             credentials = tls.agent_server_credentials(cfg.certs, cfg.agent_id)
-            self.inference_port = self.server.add_secure_port(cfg.listen, credentials)
+            self.inference_port = grpcserver.bind(self.server, cfg.listen, credentials)
             await self.server.start()
             await grpcserver.set_serving(self.health, [inference.SERVICE_NAME], True)
             log.info("serving Inference to local applications on port %d", self.inference_port)

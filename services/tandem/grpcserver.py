@@ -38,6 +38,9 @@ def connection_cap(open_files: int) -> int:
 def server_options(max_connections: int) -> list[tuple[str, int]]:
     """Every server's options, with a cap of `max_connections` connections at once."""
     return [
+        # gRPC sets SO_REUSEPORT by default: a second server on a port in use would then
+        # start and share it, answering half the calls. Off, binding a port in use fails.
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # Find agents that vanished without closing their connection (power loss, a cut
@@ -101,6 +104,23 @@ def create_server(
     return grpc.aio.server(interceptors=[*interceptors, MalformedRequests()], options=server_options(cap))
 
 
+class AddressInUse(ValueError):
+    """A server's address could not be bound: another process listens there (or it is not ours)."""
+
+
+def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind `address` (TLS with `credentials`, else plaintext) and return its port;
+    AddressInUse, in one line, where it cannot be bound. Call before `start`."""
+    try:
+        port = int(server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address))
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise AddressInUse(f"cannot listen on {address}: the address is in use or not available here "
+                           "(is another server running on it?)")
+    return port
+
+
 async def new_health(service_names: Sequence[str]) -> health.aio.HealthServicer:
     """A health servicer saying NOT_SERVING for the server ("") and each service until
     the caller says otherwise (grpc's own starts with "" SERVING)."""
@@ -129,7 +149,7 @@ async def start_health_only(
         return None, 0
     server = create_server(max_connections=HEALTH_CONNECTIONS)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
+    port = bind(server, address)
     await server.start()
     return server, port
 

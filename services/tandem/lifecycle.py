@@ -105,6 +105,7 @@ def raise_open_files_limit() -> int:
 # ---- grpc's core log ----------------------------------------------------------------
 
 HANDSHAKE_FAILED = b"Handshake failed"
+BIND_FAILED = b"Failed to add port to server"  # grpc core, add_port.cc
 
 
 class CoreLog:
@@ -140,7 +141,10 @@ class CoreLog:
         atexit.register(self._restore)
 
     def feed(self, line: bytes) -> bytes | None:
-        """Count `line` if it is a handshake failure; otherwise return it to pass through."""
+        """Count `line` if it is a handshake failure; otherwise return it to pass through
+        (but a failed bind's: `grpcserver.bind` says it in one line of its own)."""
+        if BIND_FAILED in line:
+            return None
         if HANDSHAKE_FAILED not in line:
             return line
         metrics.HANDSHAKE_FAILURES.inc()

@@ -206,7 +206,10 @@ VERSIONS_QUARANTINED = Gauge(
 def serve_metrics(address: str) -> tuple[str, int]:
     """Expose the default registry over HTTP at HOST:PORT (port 0 picks one)."""
     host, _, port = address.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
+    try:
+        server, _thread = start_http_server(int(port), addr=host or "0.0.0.0")
+    except OSError as exc:
+        raise ValueError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
     bound_host, bound_port = server.server_address[:2]
     return str(bound_host), int(bound_port)
 
