@@ -125,6 +125,7 @@ class DirectSource:
                 cloud_busy = max(busy - busy0, 0.0) / (now - then)
         self._previous = (now, wait_sum, wait_count, busy)
         agents = {agent: agent_view(m) for agent, m in self._agents().items()}
+        await staged.prepare(cloud)  # models' layouts are found off the event loop, once
         return Observations(time=time.time(), models=profiles(cloud), agents=agents,
                             queue_wait=queue_wait, cloud_busy=cloud_busy)
 

@@ -78,6 +78,7 @@ class PlacementController:
 
     async def tick(self) -> None:
         observations = await self._source.observe()
+        await staged.prepare(model for _, model in self._pins)  # pins loaded from the store
         self.decisions = decide(observations, self.decisions, self.config.policy, frozenset(self._pins))
         connected = set(self._registry.connected())
         if log.isEnabledFor(logging.DEBUG):  # the prices behind decisions that did not change, too

@@ -18,7 +18,7 @@ from cloud.placement import PlacementController
 from cloud.registry import Registry, Session
 from cloud.spec import JobSpec
 from cloud.store import Store, VersionRow
-from tandem import metrics
+from tandem import metrics, staged
 from tandem.certs import ROLE_ADMIN, ROLE_AGENT, ROLE_REPLICA
 from tandem.errors import InvalidArgument, ResourceExhausted, TandemError, clip, drain, grpc_errors, grpc_stream_errors
 from tandem.timestamps import timestamp
@@ -269,6 +269,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.PinPlacementRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.PlacementInfo:
         require_role(context, ROLE_ADMIN)
+        await staged.prepare([request.model])  # its split points are found off the event loop
         return self._placement.pin(request.agent, request.model, request.placement)
 
     @grpc_errors

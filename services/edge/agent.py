@@ -178,7 +178,7 @@ class Agent:
                     log.info("new global version: %s v%d", message.model.model, message.model.version)
                     self._announced(message.model)
                 elif kind == "placement":
-                    self._place(message.placement)
+                    await self._place(message.placement)
                 elif kind == "shutdown":
                     log.info("coordinator says: %s", message.shutdown.reason)
                     break
@@ -213,10 +213,11 @@ class Agent:
 
     # ---- inference -------------------------------------------------------------
 
-    def _place(self, decision: pb.PlacementDecision) -> None:
+    async def _place(self, decision: pb.PlacementDecision) -> None:
         """Apply the controller's (or a pinned) placement; the next request follows it."""
         if self.router is None:
             return
+        await staged.prepare([decision.model])  # a model's split points are found off the loop
         try:
             chosen = placement.parse(decision.model, decision.placement)
         except (ValueError, KeyError) as exc:

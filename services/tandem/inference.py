@@ -80,7 +80,7 @@ def model_info(model: StagedModel) -> pb.ModelInfo:
     seconds = model.seconds_per_example()
     return pb.ModelInfo(
         model=model.model, version=model.version, sha256=model.sha256, input_shape=model.input_shape,
-        device=model.device,
+        device=model.device, split_note=model.split_note,
         stages=[
             pb.StageInfo(index=s.index, name=s.name, output_shape=s.output_shape, output_bytes=s.output_bytes,
                          seconds_per_example=seconds[s.index - 1])

@@ -1,28 +1,35 @@
 """A model version ready to serve: its stages on a device, runnable from any stage
 boundary to any other, with each stage's compute time measured as it runs.
 
-Stage k (1-based) is the k-th top-level child of the zoo's ``nn.Sequential``;
-``start_layer = k`` means the input is stage k's output and stages k+1..L remain.
+A task's stages are the pieces between its split points (`tandem.split`: found by
+tracing the model, or named by the task; the zoo's are its ``nn.Sequential``'s
+top-level children). ``start_layer = k`` means the input is stage k's output and
+stages k+1..L remain. A model that cannot be split is one stage, and says why.
+Loading a task and finding its points happens once per process, off the event loop
+(`describe` caches; `prepare` reaches it from one).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from tandem import metrics, tasks, training, zoo
+from tandem import metrics, split, tasks
 from tandem.errors import InvalidArgument
 
 # Weight of the newest measurement in the per-stage moving averages.
 _EWMA = 0.2
+_DESCRIBE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -33,27 +40,58 @@ class Stage:
 
     @property
     def output_bytes(self) -> int:
-        return math.prod(self.output_shape) * 4  # float32
+        return math.prod(self.output_shape) * 4  # float32 activations
 
 
-def _stage_name(module: nn.Module) -> str:
-    children = list(module.children()) if isinstance(module, nn.Sequential) else []
-    return "+".join(type(c).__name__ for c in children) if children else type(module).__name__
+@dataclass(frozen=True)
+class Layout:
+    """A task's serving layout: its input, its stages, where they are cut, and why not."""
+
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    stages: tuple[Stage, ...]
+    plan: split.Plan
+
+    @property
+    def split_note(self) -> str:
+        return self.plan.note
+
+
+def layout(name: str) -> Layout:
+    """Task `name`'s layout, found once per process (KeyError for an unknown task,
+    ValueError for one that cannot load). It builds and runs the model: call it on a
+    worker thread or at startup, or await `prepare`."""
+    with _DESCRIBE_LOCK:
+        return _layout(name)
 
 
 @functools.cache
+def _layout(name: str) -> Layout:
+    loaded = tasks.get(name)
+    plan = split.find(loaded.task, loaded.build(0))
+    stages = tuple(Stage(i, n, shape) for i, (n, shape) in enumerate(zip(plan.names, plan.output_shapes,
+                                                                           strict=True), start=1))
+    return Layout(loaded.task.input.shape, loaded.task.input.dtype, stages, plan)
+
+
 def describe(name: str) -> tuple[tuple[int, ...], tuple[Stage, ...]]:
-    """The input shape and the stages of zoo model `name`, found by a dry run."""
-    input_shape = tasks.get(name).task.input.shape
-    net = zoo.build_model(name)
-    assert isinstance(net, nn.Sequential), "staged models are Sequentials until tandem.split"
-    stages = []
-    with torch.inference_mode():
-        x = torch.zeros((1, *input_shape))
-        for index, module in enumerate(net, start=1):
-            x = module(x)
-            stages.append(Stage(index, _stage_name(module), tuple(x.shape[1:])))
-    return input_shape, tuple(stages)
+    """The input shape and the stages of task `name` (see `layout`)."""
+    found = layout(name)
+    return found.input_shape, found.stages
+
+
+async def prepare(names: Iterable[str]) -> None:
+    """Find the layouts of these tasks on a worker thread, so that `describe` answers
+    at once on the event loop; a task that does not load raises later, where it is used."""
+    wanted = sorted(set(names))
+
+    def load() -> None:
+        for name in wanted:
+            with contextlib.suppress(Exception):
+                layout(name)
+
+    if wanted:
+        await asyncio.to_thread(load)
 
 
 def resolve_device(requested: str) -> str:
@@ -74,12 +112,14 @@ class StagedModel:
         self, model: str, version: int, sha256: str, arrays: Mapping[str, np.ndarray], device: str = "cpu"
     ) -> None:
         self.model, self.version, self.sha256, self.device = model, version, sha256, device
-        self.input_shape, self.stages = describe(model)
-        net = zoo.build_model(model)
-        training.load_state_arrays(net, arrays)
-        assert isinstance(net, nn.Sequential)
+        found = layout(model)
+        self.input_shape, self.stages, self.split_note = found.input_shape, found.stages, found.split_note
+        self.input_dtype = np.dtype(found.input_dtype)
+        loaded = tasks.get(model)
+        net = loaded.build(0)  # federated tensors from `arrays`; local ones keep the build's values
+        loaded.load_arrays(net, arrays)
         self._net = net.to(device).eval()
-        self._modules = list(self._net)
+        self._modules: list[nn.Module] = split.pieces(self._net, found.plan)
         self._histograms = [metrics.INFER_STAGE_SECONDS.labels(model, str(s.index)) for s in self.stages]
         self._gauges = [metrics.INFER_STAGE_SECONDS_PER_EXAMPLE.labels(model, str(s.index)) for s in self.stages]
         self._seconds_per_example = [0.0] * len(self.stages)  # moving averages, per stage
@@ -101,10 +141,12 @@ class StagedModel:
         return self.input_shape if start_layer == 0 else self.stages[start_layer - 1].output_shape
 
     def check_input(self, x: np.ndarray, start_layer: int) -> None:
-        """INVALID_ARGUMENT, saying why, unless `x` is a finite float32 batch for `start_layer`."""
+        """INVALID_ARGUMENT, saying why, unless `x` is a finite batch for `start_layer`: of
+        the task's input dtype at 0, float32 activations after."""
         expected = self.input_shape_at(start_layer)
-        if x.dtype != np.float32:
-            raise InvalidArgument(f"input dtype is {x.dtype}; {self.model} takes float32")
+        dtype = self.input_dtype if start_layer == 0 else np.dtype(np.float32)
+        if x.dtype != dtype:
+            raise InvalidArgument(f"input dtype is {x.dtype}; {self.model} takes {dtype} at start_layer {start_layer}")
         if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
             raise InvalidArgument(
                 f"input shape {list(x.shape)} does not fit {self.model} at start_layer {start_layer}: "
@@ -114,7 +156,7 @@ class StagedModel:
             raise InvalidArgument("input batch is empty")
         # A float64 sum of float32 values cannot overflow, so it is finite exactly when
         # every value is: one pass, no boolean array.
-        if not np.isfinite(x.sum(dtype=np.float64)):
+        if x.dtype.kind == "f" and not np.isfinite(x.sum(dtype=np.float64)):
             raise InvalidArgument("input holds non-finite values (NaN or infinity)")
 
     def run(self, x: np.ndarray, start_layer: int = 0, end_layer: int | None = None) -> np.ndarray:
@@ -134,7 +176,7 @@ class StagedModel:
                     if self.device != "cpu":
                         torch.cuda.synchronize()
                     self._observe(index, time.perf_counter() - begin, x.shape[0])
-            return h.float().cpu().numpy()
+            return h.float().cpu().numpy() if h.is_floating_point() else h.cpu().numpy()
 
     def _observe(self, index: int, seconds: float, rows: int) -> None:
         self._histograms[index].observe(seconds)
@@ -157,7 +199,7 @@ class StagedModel:
     def profile(self, start: int, end: int) -> None:
         """Time stages start+1..end on one example of zeros (call on the worker thread)."""
         shape = self.input_shape_at(start)
-        self.run(np.zeros((1, *shape), np.float32), start, end)
+        self.run(np.zeros((1, *shape), self.input_dtype if start == 0 else np.float32), start, end)
 
     def seconds_per_example(self) -> list[float]:
         """Measured compute time per example of each stage (0 until a batch has run)."""

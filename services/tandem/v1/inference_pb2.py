@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from tandem.v1 import tensor_pb2 as tandem_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/inference.proto\x12\ttandem.v1\x1a\x16tandem/v1/tensor.proto\"\x8e\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12 \n\x05input\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x13\n\x0bstart_layer\x18\x05 \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x01(\x05\"\xd2\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12!\n\x06output\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\'\n\tplacement\x18\x05 \x01(\x0e\x32\x14.tandem.v1.Placement\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x16\n\x0eserver_seconds\x18\x08 \x01(\x01\"2\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"q\n\tStageInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0coutput_shape\x18\x03 \x03(\x03\x12\x14\n\x0coutput_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13seconds_per_example\x18\x05 \x01(\x01\"\x86\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12$\n\x06stages\x18\x05 \x03(\x0b\x32\x14.tandem.v1.StageInfo\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t*{\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x12\n\x0ePLACEMENT_EDGE\x10\x01\x12\x13\n\x0fPLACEMENT_CLOUD\x10\x02\x12\x13\n\x0fPLACEMENT_SPLIT\x10\x03\x12\x15\n\x11PLACEMENT_CASCADE\x10\x04\x32\xd0\x01\n\tInference\x12:\n\x05Infer\x12\x17.tandem.v1.InferRequest\x1a\x18.tandem.v1.InferResponse\x12\x44\n\x0bInferStream\x12\x17.tandem.v1.InferRequest\x1a\x18.tandem.v1.InferResponse(\x01\x30\x01\x12\x41\n\x0cGetModelInfo\x12\x1b.tandem.v1.ModelInfoRequest\x1a\x14.tandem.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/v1/inference.proto\x12\ttandem.v1\x1a\x16tandem/v1/tensor.proto\"\x8e\x01\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12 \n\x05input\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x13\n\x0bstart_layer\x18\x05 \x01(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x06 \x01(\x05\"\xd2\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12!\n\x06output\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\'\n\tplacement\x18\x05 \x01(\x0e\x32\x14.tandem.v1.Placement\x12\x12\n\nerror_code\x18\x06 \x01(\x05\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12\x16\n\x0eserver_seconds\x18\x08 \x01(\x01\"2\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"q\n\tStageInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0coutput_shape\x18\x03 \x03(\x03\x12\x14\n\x0coutput_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13seconds_per_example\x18\x05 \x01(\x01\"\x9a\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12$\n\x06stages\x18\x05 \x03(\x0b\x32\x14.tandem.v1.StageInfo\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x12\n\nsplit_note\x18\x07 \x01(\t*{\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x12\n\x0ePLACEMENT_EDGE\x10\x01\x12\x13\n\x0fPLACEMENT_CLOUD\x10\x02\x12\x13\n\x0fPLACEMENT_SPLIT\x10\x03\x12\x15\n\x11PLACEMENT_CASCADE\x10\x04\x32\xd0\x01\n\tInference\x12:\n\x05Infer\x12\x17.tandem.v1.InferRequest\x1a\x18.tandem.v1.InferResponse\x12\x44\n\x0bInferStream\x12\x17.tandem.v1.InferRequest\x1a\x18.tandem.v1.InferResponse(\x01\x30\x01\x12\x41\n\x0cGetModelInfo\x12\x1b.tandem.v1.ModelInfoRequest\x1a\x14.tandem.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLACEMENT']._serialized_start=726
-  _globals['_PLACEMENT']._serialized_end=849
+  _globals['_PLACEMENT']._serialized_start=746
+  _globals['_PLACEMENT']._serialized_end=869
   _globals['_INFERREQUEST']._serialized_start=65
   _globals['_INFERREQUEST']._serialized_end=207
   _globals['_INFERRESPONSE']._serialized_start=210
@@ -43,7 +43,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEINFO']._serialized_start=474
   _globals['_STAGEINFO']._serialized_end=587
   _globals['_MODELINFO']._serialized_start=590
-  _globals['_MODELINFO']._serialized_end=724
-  _globals['_INFERENCE']._serialized_start=852
-  _globals['_INFERENCE']._serialized_end=1060
+  _globals['_MODELINFO']._serialized_end=744
+  _globals['_INFERENCE']._serialized_start=872
+  _globals['_INFERENCE']._serialized_end=1080
 # @@protoc_insertion_point(module_scope)

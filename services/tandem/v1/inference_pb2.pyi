@@ -80,17 +80,19 @@ class StageInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., output_shape: _Optional[_Iterable[int]] = ..., output_bytes: _Optional[int] = ..., seconds_per_example: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "version", "sha256", "input_shape", "stages", "device")
+    __slots__ = ("model", "version", "sha256", "input_shape", "stages", "device", "split_note")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_NOTE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     sha256: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     device: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., device: _Optional[str] = ...) -> None: ...
+    split_note: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., device: _Optional[str] = ..., split_note: _Optional[str] = ...) -> None: ...
