@@ -19,8 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - torch's own idiom
 
-from tandem import Signature, Task, TrainContext, TrainResult
-from tandem.task import Config
+from tandem.task import Config, Signature, Task, TrainContext, TrainResult
 from tandem_example_forecast import series
 
 WINDOW = 24
@@ -55,7 +54,8 @@ class Forecaster(nn.Module):
         level = x.mean(dim=1, keepdim=True)
         scale = x.std(dim=1, keepdim=True) + 1e-3
         states = self.gru((x - level) / scale)[0]  # every step's hidden state: [batch, window, hidden]
-        return self.head(states[:, -1]) * scale[:, 0] + level[:, 0]
+        predicted: torch.Tensor = self.head(states[:, -1]) * scale[:, 0] + level[:, 0]
+        return predicted
 
 
 def setting(config: Config, key: str, default: float, *, integer: bool = False, low: float = 0.0) -> float:
@@ -115,7 +115,7 @@ class ForecastTask(Task):
                 predicted = model(x[index])
                 loss = F.huber_loss(predicted, y[index], delta=delta)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                torch.autograd.backward(loss)
                 nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
                 optimizer.step()
                 total_loss += float(loss.detach()) * len(index)

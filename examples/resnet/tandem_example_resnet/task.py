@@ -21,9 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - torch's own idiom
 
-from tandem import Signature, Task, TrainContext, TrainResult
 from tandem import data as tandem_data
-from tandem.task import Config
+from tandem.task import Config, Signature, Task, TrainContext, TrainResult
 
 CLASSES = 10
 
@@ -60,7 +59,8 @@ class ResNet(nn.Module):
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block3(self.block2(self.block1(self.stem(x)))))
+        logits: torch.Tensor = self.head(self.block3(self.block2(self.block1(self.stem(x)))))
+        return logits
 
 
 def setting(config: Config, key: str, default: float, *, integer: bool = False, low: float = 0.0,
@@ -133,7 +133,7 @@ class ResNetTask(Task):
                     objective = loss + 0.5 * mu * sum(((p - anchor[n]) ** 2).sum()
                                                       for n, p in model.named_parameters() if n in anchor)
                 optimizer.zero_grad(set_to_none=True)
-                objective.backward()
+                torch.autograd.backward(objective)
                 nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
                 optimizer.step()
                 schedule.step()
