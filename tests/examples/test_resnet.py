@@ -29,12 +29,12 @@ def test_build_is_deterministic_in_the_seed() -> None:
     first, again, other = loaded.build(1), loaded.build(1), loaded.build(2)
     for key, tensor in first.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[key])
-    assert not torch.equal(first.state_dict()["stem.0.weight"], other.state_dict()["stem.0.weight"])
+    assert not torch.equal(first.state_dict()["stem.weight"], other.state_dict()["stem.weight"])
 
 
 def test_batch_norm_statistics_are_federated_and_its_counters_are_not() -> None:
     loaded = tasks.get("resnet")
-    assert {"block1.bn1.running_mean", "block1.bn1.running_var", "block2.shortcut.1.running_mean"} <= set(loaded.specs)
+    assert {"block1.bn1.running_mean", "block1.bn1.running_var", "head.0.running_mean"} <= set(loaded.specs)
     assert not [key for key in loaded.specs if key.endswith("num_batches_tracked")]
     assert "block1.bn1.num_batches_tracked" in loaded.local_keys
 
@@ -117,3 +117,12 @@ def test_the_model_traces_with_torch_fx() -> None:
     x = torch.rand(4, 1, 8, 8)
     assert torch.equal(traced(x), model(x))
     assert [n.name for n in traced.graph.nodes if n.op == "call_function" and "add" in n.name] == ["add", "add_1", "add_2"]
+
+
+def test_split_points_are_the_block_boundaries() -> None:
+    """Tracing offers the stem's and each block's end (and the head's layers), nothing inside a block."""
+    split = pytest.importorskip("tandem.split")
+    loaded = tasks.get("resnet")
+    plan = split.find(loaded.task, loaded.build(0).eval())
+    assert plan.points[:4] == ("stem", "add", "add_1", "add_2") and all(p.startswith("head") for p in plan.points[4:])
+    assert plan.names[:4] == ("Conv2d", "Block", "Block", "Block")

@@ -1,10 +1,10 @@
 """A Tandem task to copy: a small residual CNN classifying 8x8 digit images.
 
-The model is a stem convolution, three residual blocks (batch norm, skip connections)
-and a linear head over a global average pool. Its forward pass is plain Python with no
-data-dependent control flow, so `torch.fx` traces it: Tandem finds where inference may be
-split by tracing, and the skip connections leave only the boundaries between blocks
-(where one tensor crosses) as candidates.
+The model is a stem convolution, three pre-activation residual blocks (batch norm, skip
+connections) and a linear head over a global average pool. Its forward pass is plain
+Python with no data-dependent control flow, so `torch.fx` traces it: Tandem finds where
+inference may be split by tracing (a point where one tensor crosses), and the skip
+connections leave only the boundaries between blocks as candidates inside the body.
 
 Training is Adam with a cosine learning-rate schedule over the round's local steps,
 gradient clipping, and an optional FedProx term (config `mu`) pulling the weights
@@ -28,35 +28,40 @@ CLASSES = 10
 
 
 class Block(nn.Module):
-    """Two 3x3 convolutions with batch norm, added to a shortcut of the input."""
+    """A pre-activation residual block: (batch norm, ReLU, 3x3 convolution) twice, added to
+    a shortcut of the input. It ends with the addition, so the block's output is the one
+    value that crosses its end, and nothing inside it qualifies as a split point."""
 
     def __init__(self, channels_in: int, channels_out: int, stride: int = 1) -> None:
         super().__init__()
+        self.bn1 = nn.BatchNorm2d(channels_in)
         self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels_out)
-        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels_out)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or channels_in != channels_out:  # a 1x1 projection where the shape changes
-            self.shortcut = nn.Sequential(nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(channels_out))
+            self.shortcut = nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out: torch.Tensor = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        shortcut: torch.Tensor = self.shortcut(x)
+        return out + shortcut
 
 
 class ResNet(nn.Module):
-    """1x8x8 images -> 10 class logits: stem, 3 residual blocks, pool, linear."""
+    """1x8x8 images -> 10 class logits: a stem convolution, 3 residual blocks, and a head
+    (batch norm, ReLU, global average pool, linear). Split points, found by tracing:
+    after the stem, after each block, and between the head's layers."""
 
     def __init__(self, width: int = 16, classes: int = CLASSES) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.block1 = Block(width, width)  # width x 8 x 8
+        self.stem = nn.Conv2d(1, width, 3, padding=1, bias=False)  # width x 8 x 8
+        self.block1 = Block(width, width)
         self.block2 = Block(width, 2 * width, stride=2)  # 2width x 4 x 4
         self.block3 = Block(2 * width, 2 * width)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes))
+        self.head = nn.Sequential(nn.BatchNorm2d(2 * width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(2 * width, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.head(self.block3(self.block2(self.block1(self.stem(x)))))
