@@ -48,7 +48,7 @@ def test_rounds_of_training_lower_the_error() -> None:
 
 
 @pytest.mark.parametrize(("config", "says"), [
-    ({"epochs": 0}, "epochs=0 must be"), ({"lr": "quick"}, "lr='quick' is not a number"),
+    ({"epochs": 0}, "epochs=0 must be"), ({"learning_rate": "quick"}, "learning_rate='quick' is not a number"),
     ({"huber_delta": -1.0}, "huber_delta=-1.0 must be"), ({"batch_size": 0.5}, "batch_size=0.5 is not an integer"),
 ])
 def test_invalid_config_is_refused_saying_why(config: Config, says: str) -> None:
@@ -62,7 +62,7 @@ def test_config_reaches_train() -> None:
     task = tasks.get("forecast").task
     data = small(task.load_data("synthetic:0/2"), 16)
     progress: list[float] = []
-    task.train(tasks.get("forecast").build(0), data, {"epochs": 2, "lr": "0.001"},
+    task.train(tasks.get("forecast").build(0), data, {"epochs": 2, "learning_rate": "0.001"},
                TrainContext(round=1, seed=0, device="cpu", on_progress=progress.append))
     assert progress == [0.5, 1.0]
 

@@ -69,13 +69,14 @@ def test_config_reaches_train() -> None:
     data = small(loaded.task.load_data("digits:0/4"), 40)
     progress: list[float] = []
     context = TrainContext(round=1, seed=0, device="cpu", on_progress=progress.append)
-    loaded.task.train(loaded.build(0), data, {"epochs": 3, "batch_size": "16", "lr": 0.001, "mu": 0.1}, context)
+    loaded.task.train(loaded.build(0), data, {"epochs": 3, "batch_size": "16", "learning_rate": 0.001, "mu": 0.1}, context)
     assert progress == pytest.approx([1 / 3, 2 / 3, 1.0])
 
 
 @pytest.mark.parametrize(("config", "says"), [
     ({"epochs": 0}, "epochs=0 must be"), ({"epochs": 1.5}, "epochs=1.5 is not an integer"),
-    ({"lr": "fast"}, "lr='fast' is not a number"), ({"lr": float("nan")}, "lr=nan must be"),
+    ({"learning_rate": "fast"}, "learning_rate='fast' is not a number"),
+    ({"learning_rate": float("nan")}, "learning_rate=nan must be"),
     ({"batch_size": True}, "batch_size=True is not an integer"), ({"weight_decay": -1}, "weight_decay=-1 must be"),
 ])
 def test_invalid_config_is_refused_saying_why(config: Config, says: str) -> None:

@@ -78,8 +78,10 @@ def setting(config: Config, key: str, default: float, *, integer: bool = False, 
 class ForecastTask(Task):
     """Next-value forecasting with `Forecaster`.
 
-    Config (set per job with `--config KEY=VALUE`): epochs (3), batch_size (32), lr (0.005),
-    huber_delta (1.0), clip_norm (1.0).
+    Config, with the defaults used where a key is absent: epochs (3), batch_size (32),
+    learning_rate (0.003, Adam's step), huber_delta (1.0), clip_norm (1.0). A job sends
+    epochs, batch_size and learning_rate from `tandem job start --epochs --batch-size --lr`,
+    overlaid with its `--config KEY=VALUE` pairs.
     Data (`--data` / `--eval`): a CSV file or a directory of CSV files (one series each,
     see `series.read_csv`); `synthetic:I/N` (site I of N of a generated series) or
     `synthetic` (held-out readings of four sites) for demos without files.
@@ -96,7 +98,7 @@ class ForecastTask(Task):
     def train(self, model: nn.Module, data: Any, config: Config, context: TrainContext) -> TrainResult:
         epochs = int(setting(config, "epochs", 3, integer=True))
         batch_size = int(setting(config, "batch_size", 32, integer=True))
-        lr = setting(config, "lr", 5e-3)
+        lr = setting(config, "learning_rate", 3e-3)
         delta = setting(config, "huber_delta", 1.0)
         clip_norm = setting(config, "clip_norm", 1.0)
         self.check_data(data)

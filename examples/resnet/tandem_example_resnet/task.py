@@ -91,8 +91,10 @@ def setting(config: Config, key: str, default: float, *, integer: bool = False, 
 class ResNetTask(Task):
     """Digits as 1x8x8 images, classified by `ResNet`.
 
-    Config (set per job with `--config KEY=VALUE`): epochs (2), batch_size (32),
-    lr (0.003), weight_decay (0.0001), clip_norm (5.0), mu (0: FedProx off).
+    Config, with the defaults used where a key is absent: epochs (2), batch_size (32),
+    learning_rate (0.003, Adam's peak step), weight_decay (0.0001), clip_norm (5.0), mu (0,
+    FedProx off). A job sends epochs, batch_size, learning_rate and mu from `tandem job start
+    --epochs --batch-size --lr --mu`, overlaid with its `--config KEY=VALUE` pairs.
     Data (`--data` / `--eval`): `digits` (the held-out test split), `digits:I/N` (partition
     I of N of the training split) or a directory of `.npz` files holding `x` [n, 64]
     (pixel values in 0..1, row by row) and integer labels `y` [n].
@@ -109,7 +111,7 @@ class ResNetTask(Task):
     def train(self, model: nn.Module, data: Any, config: Config, context: TrainContext) -> TrainResult:
         epochs = int(setting(config, "epochs", 2, integer=True))
         batch_size = int(setting(config, "batch_size", 32, integer=True))
-        lr = setting(config, "lr", 3e-3)
+        lr = setting(config, "learning_rate", 3e-3)
         weight_decay = setting(config, "weight_decay", 1e-4, allow_low=True)
         clip_norm = setting(config, "clip_norm", 5.0)
         mu = setting(config, "mu", 0.0, allow_low=True)
