@@ -6,14 +6,18 @@ TANDEM := $(VENV)/bin/tandem
 STAMP  := $(VENV)/.installed
 CERTS  ?= .certs
 AGENTS ?= edge-1,edge-2,edge-3,edge-4
+# Task packages to copy (examples/*/README.md), installed editable beside Tandem: their
+# entry points (tandem.tasks) make `resnet` and `forecast` known to the cloud and agents.
+EXAMPLES := examples/resnet examples/forecast
 
 .PHONY: install protos certs run test test-quick lint typecheck bench-fl bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(EXAMPLES:%=%/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check $(EXAMPLES:%=-e %)
 	touch $(STAMP)
 
 # Regenerate the checked-in Python code (messages, stubs, services) from protos/.
@@ -28,13 +32,14 @@ certs: $(STAMP)
 run: $(STAMP) certs
 	$(TANDEM) demo --certs $(CERTS) --agents 4 --rounds 10
 
-# Strict typing of everything but the generated code.
+# Strict typing of everything but the generated code (and of the examples).
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy -p tandem -p cloud -p edge -p tandem_cli -p tandem_lab
+	$(VENV)/bin/mypy $(foreach e,$(EXAMPLES),$(e)/tandem_example_$(notdir $(e)))
 
 # Lint rules (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, bugbear, import order, naming.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/ruff check services tests examples
 
 test: lint typecheck
 	$(PY) -m pytest -q
