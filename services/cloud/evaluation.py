@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from tandem import metrics, tasks
+from tandem.errors import InvalidArgument
 from tandem.task import Config
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,18 @@ def evaluate(task: str, arrays: Mapping[str, np.ndarray], spec: str, config: Con
     loaded.load_arrays(model, arrays)
     found = loaded.task.evaluate(model, data, dict(config))
     return {str(k): float(v) for k, v in found.items() if math.isfinite(float(v))}
+
+
+def check_update_metrics(values: Mapping[str, float]) -> None:
+    """InvalidArgument unless an update's metrics are few, with short names, and finite."""
+    if len(values) > MAX_UPDATE_METRICS:
+        raise InvalidArgument(f"{len(values)} metrics in the update; at most {MAX_UPDATE_METRICS}", reason="malformed")
+    for name, value in values.items():
+        if not 0 < len(name) <= MAX_METRIC_NAME:
+            raise InvalidArgument(f"metric name {name[:80]!r} is empty or over {MAX_METRIC_NAME} characters",
+                                  reason="malformed")
+        if not math.isfinite(value):
+            raise InvalidArgument(f"metric {name!r} is not finite", reason="malformed")
 
 
 def weighted(per_agent: Mapping[str, tuple[float, Mapping[str, float]]]) -> dict[str, float]:
