@@ -71,7 +71,7 @@ class Regression(Task):
                 loss = nn.functional.mse_loss(model(x[idx]), y[idx])
                 loss.backward()
                 optimizer.step()
-                total, batches = total + float(loss), batches + 1
+                total, batches = total + float(loss.detach()), batches + 1
             context.report(1.0)
         return TrainResult({"loss": total / batches, "marker_seen": float(marker)}, len(x))
 
