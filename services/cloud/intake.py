@@ -258,7 +258,7 @@ class UpdateIntake:
         await asyncio.to_thread(partial.spool.move, path)
         try:
             row = UpdateRow(agent, digest, header.num_examples, header.local_loss, str(path), path.stat().st_size,
-                            header.codec)
+                            header.codec, dict(header.metrics))
             # Once the record is committed the update must be folded in and counted,
             # even if this call is cancelled meanwhile: shield the three together.
             await asyncio.shield(rnd.commit(row, partial.wire_bytes, TensorFile(path).arrays(), update_codec))

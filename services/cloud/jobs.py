@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 
-from cloud import privacy
+from cloud import evaluation, privacy
 from cloud.models import ModelRepository
 from cloud.open_round import OpenRound
 from cloud.registry import Registry
@@ -15,6 +16,7 @@ from cloud.store import JobRow, JobState, RoundState, Store
 from tandem.errors import FailedPrecondition, InvalidArgument, NotFound
 from tandem.timestamps import timestamp
 from tandem.v1 import admin_pb2
+from tandem.v1 import coordinator_pb2 as pb
 
 _STATES = {
     JobState.RUNNING: admin_pb2.JOB_STATE_RUNNING,
@@ -48,6 +50,11 @@ class JobManager:
         return sorted(self._runners)
 
     async def start_job(self, spec: JobSpec) -> str:
+        if spec.eval:  # loaded now (and kept): a spec the task cannot load is refused at start
+            try:
+                await asyncio.to_thread(evaluation.eval_data, spec.model, spec.eval)
+            except evaluation.EvalDataError as exc:
+                raise InvalidArgument(str(exc)) from None
         job_id = uuid.uuid4().hex[:12]
         # Not held here: the initial model is freed once written, before the first task goes out.
         version = await self._models.publish(spec.model, self._models.initial_arrays(spec.model, spec.seed), job_id, 0)
@@ -75,6 +82,12 @@ class JobManager:
         for runner in list(self._runners.values()):
             await runner.stop()
         self._runners.clear()
+
+    def declined(self, agent: str, message: pb.TaskDeclined) -> None:
+        """An agent will not train a job's task: the job's runner excludes it."""
+        runner = self.running(message.job_id)
+        if runner is not None:
+            runner.declined(agent, message)
 
     def runner(self, job_id: str) -> JobRunner:
         """The runner of a running job, for the update intake."""
@@ -138,8 +151,11 @@ class JobManager:
                     delta_bytes=(published.delta_bytes or 0) if published else 0,
                     epsilon=privacy.epsilon(spec.defence.dp_noise_multiplier, r.round, spec.defence.dp_delta),
                     example_cap=r.example_cap or 0.0, capped_agents=list(r.capped),
+                    train_metrics=r.train_metrics, eval_metrics=r.eval_metrics,
                 )
             )
+        job.excluded.extend(admin_pb2.Exclusion(agent=e.agent, code=e.code, reason=e.reason)
+                            for e in self._store.exclusions(job_id))
         if row.state == JobState.RUNNING:
             current = self._store.get_round(job_id, row.current_round)
             if current is not None and current.state == RoundState.OPEN:

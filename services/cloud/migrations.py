@@ -114,7 +114,22 @@ def _v4_weight_caps(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE rounds ADD COLUMN capped TEXT NOT NULL DEFAULT '[]'")
 
 
-MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_file_integrity, _v4_weight_caps]
+def _v5_task_metrics(db: sqlite3.Connection) -> None:
+    """Version 5 (issue 15: the user's task on the training path): each update keeps the
+    agent's training metrics, each closed round their example-weighted mean and the
+    cloud's evaluation (JSON objects of floats; empty for rounds closed before), and a
+    job records the connected agents it will not select and why (once per agent)."""
+    db.execute("ALTER TABLE updates ADD COLUMN metrics TEXT NOT NULL DEFAULT '{}'")
+    db.execute("ALTER TABLE rounds ADD COLUMN train_metrics TEXT NOT NULL DEFAULT '{}'")
+    db.execute("ALTER TABLE rounds ADD COLUMN eval_metrics TEXT NOT NULL DEFAULT '{}'")
+    db.execute(
+        """CREATE TABLE exclusions (
+            job_id TEXT NOT NULL, agent TEXT NOT NULL, code TEXT NOT NULL, reason TEXT NOT NULL,
+            excluded REAL NOT NULL, PRIMARY KEY (job_id, agent))"""
+    )
+
+
+MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_file_integrity, _v4_weight_caps, _v5_task_metrics]
 
 
 def schema_version(db: sqlite3.Connection) -> int:

@@ -178,6 +178,14 @@ class OpenRound:
             self._records.set_selected(self._job_id, self._number, self._selected)
         return True
 
+    def drop(self, agent: str) -> None:
+        """Take an agent that will not deliver (it declined the task) out of the selection,
+        so that the round does not wait for it until the deadline."""
+        if agent in self._selected and agent not in self._submitted:
+            self._selected = [a for a in self._selected if a != agent]
+            self._records.set_selected(self._job_id, self._number, self._selected)
+            self._arrived.set()
+
     def task_codec(self, agent: str, choose: Callable[[str], str]) -> str:
         """The codec of the agent's task: chosen once per round, so a re-sent task keeps
         it and an upload can resume."""

@@ -19,17 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud import autocodec, disk, evaluation, privacy, robust, strategies
+from cloud import autocodec, disk, downlink, evaluation, privacy, robust, strategies
 from cloud.accumulator import Accumulator
 from cloud.aggregation import Weighting, weighting
 from cloud.aggregation.weights import cap_of
+from cloud.eligibility import Eligibility
 from cloud.models import ModelRepository
 from cloud.open_round import OpenRound
 from cloud.registry import Registry, Session
 from cloud.spec import AUTO, JobSpec
 from cloud.store import JobState, Store, UpdateRow, VersionRow
 from cloud.tensorfile import TensorFile, read_tensors, write_tensors
-from tandem import compression, deltas, measurements, metrics
+from tandem import compression, measurements, metrics
+from tandem import config as task_config
 from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable, out_of_space
 from tandem.timestamps import timestamp
 from tandem.v1 import coordinator_pb2 as pb
@@ -55,6 +57,7 @@ class JobRunner:
         self._unrecorded: VersionRow | None = None  # a version the close wrote but has not recorded yet
         self._optimizer = strategies.get(spec.strategy.name)(spec.strategy.effective_server_lr(spec.transport.codec))
         self._downlink = compression.parse_codec(spec.transport.effective_downlink)
+        self._eligibility = Eligibility(job_id, spec, store)
 
     def start(self) -> None:
         self._registry.add_listener(self._on_connect)
@@ -209,13 +212,17 @@ class JobRunner:
             )
 
     async def _wait_for_agents(self, rnd: OpenRound) -> None:
-        """Until enough agents are connected or have delivered (uploads arrive meanwhile)."""
-        while len(set(self._registry.connected()) | rnd.submitted) < self.spec.min_clients:
+        """Until enough eligible agents are connected or have delivered (uploads arrive meanwhile)."""
+        while len(set(self._eligible()) | rnd.submitted) < self.spec.min_clients:
             await self._registry.wait_changed(timeout=1.0)
 
+    def _eligible(self) -> list[str]:
+        """Connected agents the job may select (cloud.eligibility; the others are excluded once)."""
+        return [s.agent_id for s in self._registry.sessions() if self._eligibility.eligible(s.agent_id, s.hello)]
+
     def _select(self, number: int, attempt: int, submitted: frozenset[str]) -> list[str]:
-        """Agents that already answered stay in; the rest are drawn from those connected."""
-        candidates = [a for a in self._registry.connected() if a not in submitted]
+        """Agents that already answered stay in; the rest are drawn from the eligible connected ones."""
+        candidates = [a for a in self._eligible() if a not in submitted]
         room = len(candidates)
         if self.spec.clients_per_round:
             room = max(0, self.spec.clients_per_round - len(submitted))
@@ -233,8 +240,18 @@ class JobRunner:
     def _on_connect(self, session: Session) -> None:
         """A (re)connecting agent joins the open round if it has not answered yet."""
         rnd = self._round
-        if rnd is not None and rnd.join(session.agent_id, self.spec.clients_per_round):
+        if (rnd is not None and self._eligibility.eligible(session.agent_id, session.hello)
+                and rnd.join(session.agent_id, self.spec.clients_per_round)):
             session.send(self._task_message(rnd, session.agent_id))
+
+    def declined(self, agent: str, message: pb.TaskDeclined) -> None:
+        """The agent will not train the job's task (it found it does not offer it, or
+        another version): excluded from the job, and out of the open round."""
+        code = message.code if message.code in ("NOT_FOUND", "FAILED_PRECONDITION") else "FAILED_PRECONDITION"
+        self._eligibility.exclude(agent, code, f"agent {agent} declined the task: {message.reason[:500]}")
+        rnd = self.open_round(message.round)
+        if rnd is not None:
+            rnd.drop(agent)
 
     def _codec_for(self, agent: str) -> str:
         """The job's codec, or with `auto` one chosen from the agent's measured link."""
@@ -260,8 +277,10 @@ class JobRunner:
                     epochs=training.epochs, batch_size=training.batch_size, learning_rate=training.learning_rate,
                     mu=self.spec.strategy.mu,
                 ),
+                task_fingerprint=self._eligibility.fingerprint,
             )
         )
+        task_config.to_proto(self.spec.task_config(), message.task.config)
         if rnd.base.round == 0 and rnd.base.job_id == self.job_id:  # the job's seeded initial model
             message.task.base_seed = self.spec.seed
         return message
@@ -278,11 +297,16 @@ class JobRunner:
                 raise Unavailable(f"round {at} of job {self.job_id} is opening; try again")
             raise FailedPrecondition(f"round {header.round} of job {self.job_id} is not open (current round: {at})")
         rnd.admit(agent, header.base_version, header.codec)
+        if header.task_fingerprint and header.task_fingerprint != self._eligibility.fingerprint:
+            raise FailedPrecondition(
+                f"the update was trained with task {self.spec.model} fingerprint {header.task_fingerprint}; "
+                f"the coordinator's is {self._eligibility.fingerprint}", reason="fingerprint")
         if not 0 < header.num_examples <= self.spec.defence.max_examples:
             raise InvalidArgument(f"num_examples must be in 1..{self.spec.defence.max_examples} (the job's "
                                   f"max_examples), got {header.num_examples}")
         if not math.isfinite(header.local_loss):
             raise InvalidArgument("local_loss is not finite")
+        evaluation.check_update_metrics(header.metrics)
         return rnd
 
     # ---- closing -------------------------------------------------------------
@@ -307,15 +331,17 @@ class JobRunner:
             metrics.WEIGHTS_CAPPED.inc(len(weights.capped))
             log.warning("job %s round %d: example counts of %s capped at %g", self.job_id, rnd.number,
                         list(weights.capped), weights.cap)
-        change_of, delta, delta_bytes = await asyncio.to_thread(self._next_change, mean, previous, residual)
+        change_of, delta, delta_bytes = await asyncio.to_thread(downlink.next_change, self._optimizer, self._downlink,
+                                                                    mean, previous, residual)
         version = await self._models.write_changed(self.spec.model, base, change_of, self.job_id, rnd.number)
         self._unrecorded = version  # until close_round commits: what `_defer` removes if the close fails
         del change_of, mean
         await rnd.release()
-        accuracy = loss = None
+        evaluated: dict[str, float] = {}
         if self.spec.eval:
             new = await asyncio.to_thread(read_tensors, Path(version.path))
-            accuracy, loss = await asyncio.to_thread(evaluation.evaluate, self.spec.model, new, self.spec.eval)
+            evaluated = await asyncio.to_thread(evaluation.evaluate, self.spec.model, new, self.spec.eval,
+                                                self.spec.task_config())
             del new
         if delta is not None:
             path = self._store.delta_path(self.spec.model, version.version)
@@ -329,9 +355,11 @@ class JobRunner:
         del state, residual, base
         examples = sum(weights.weights.get(u.agent, 0.0) for u in updates)
         local_loss = sum(weights.weights.get(u.agent, 0.0) * u.local_loss for u in updates) / examples
+        trained = evaluation.weighted({u.agent: (weights.weights.get(u.agent, 0.0), u.metrics) for u in updates})
+        accuracy, loss = evaluated.get("accuracy"), evaluated.get("loss")
         final = rnd.number >= self.spec.rounds
-        self._store.close_round(self.job_id, rnd.number, version, accuracy, loss, local_loss, final,
-                                weights.cap, weights.capped)
+        self._store.close_round(self.job_id, rnd.number, version, accuracy, loss, trained.get("loss", local_loss),
+                                final, weights.cap, weights.capped, trained, evaluated)
         self._unrecorded = None
         # Only the newest job state is ever read again (a restart resumes from it).
         self._store.job_state_path(self.job_id, rnd.number - 1).unlink(missing_ok=True)
@@ -344,6 +372,8 @@ class JobRunner:
         metrics.ROUND_SECONDS.observe((closed.seconds or 0.0) if closed else 0.0)
         if accuracy is not None:
             metrics.ROUND_ACCURACY.labels(self.job_id).set(accuracy)
+        evaluation.export(self.spec.model, "train", trained)
+        evaluation.export(self.spec.model, "eval", evaluated)
         log.info(
             "job %s round %d closed: %d updates, version %d, accuracy %s",
             self.job_id, rnd.number, len(updates), version.version, accuracy,
@@ -365,50 +395,6 @@ class JobRunner:
                  f", {report.clipped} clipped to {report.clip_bound:.4g}" if self.spec.defence.clips else "",
                  f", averaged {[updates[i].agent for i in report.selected]}" if report.selected is not None else "")
         return mean
-
-    def _next_change(
-        self, mean: Mapping[str, np.ndarray], previous: TensorFile | None, residual: dict[str, np.ndarray]
-    ) -> tuple[Callable[[str], deltas.Change], dict[str, np.ndarray] | None, int]:
-        """The change from the base to the new global model, as a function of the tensor's
-        name that the new version's writer calls once per tensor, and the change's
-        encoding for agents that hold the base.
-
-        With a lossless downlink every tensor's change is made as it is written, so the
-        close holds one tensor at a time. With a lossy one the cloud publishes exactly
-        what agents reconstruct, base + decode(encode(step + residual)), and keeps what
-        was left out as its own error-feedback residual (read from the last job state,
-        `previous`, slice by slice; the new one is left in `residual`). That happens in
-        place on the step, and top-k changes stay sparse: the close holds one
-        model-sized buffer.
-        """
-        if self._downlink.lossless:
-            return lambda name: _finite(name, self._optimizer.step_one(name, mean[name])), None, 0
-        step = self._optimizer.step(mean)
-        for name, total in step.items():
-            _finite(name, total)
-        components: dict[str, np.ndarray] = {}
-        changes: dict[str, deltas.Change] = {}
-        for name, target in step.items():
-            if previous is not None and f"res/{name}" in previous.specs:
-                flat = target.reshape(-1)
-                for first, piece in previous.slices(f"res/{name}"):
-                    flat[first : first + piece.size] += piece
-            encoded = compression.encode(name, target, self._downlink)
-            change: deltas.Change = deltas.decode_change(name, encoded, target.shape, self._downlink)
-            if isinstance(change, tuple):  # target -= change: what is left is the new residual
-                target.reshape(-1)[change[0]] -= change[1]
-            else:
-                target -= change
-            residual[name] = target
-            changes[name] = change
-            components.update(encoded)
-        return changes.__getitem__, components, deltas.nbytes(components)
-
-
-def _finite(name: str, change: np.ndarray) -> np.ndarray:
-    if not np.isfinite(change).all():
-        raise ValueError(f"the aggregate of round updates is not finite in {name!r}; nothing was published")
-    return change
 
 
 def _bytes_per_param(codec: str) -> float:

@@ -18,7 +18,7 @@ from cloud.placement import PlacementController
 from cloud.registry import Registry, Session
 from cloud.spec import JobSpec
 from cloud.store import Store, VersionRow
-from tandem import metrics, staged
+from tandem import config, metrics, staged
 from tandem.certs import ROLE_ADMIN, ROLE_AGENT, ROLE_REPLICA
 from tandem.errors import InvalidArgument, ResourceExhausted, TandemError, clip, drain, grpc_errors, grpc_stream_errors
 from tandem.timestamps import timestamp
@@ -99,6 +99,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                                   f"0..{MAX_HELLO_EXAMPLES:.0e}")
         if len(hello.device) > 64 or len(hello.models) > 256:
             raise InvalidArgument("malformed Hello: device over 64 characters or over 256 models")
+        _check_offers(hello)
         session = await self._registry.connect(identity.name, hello)
         reader: asyncio.Task[Exception | None] | None = None
         try:
@@ -139,6 +140,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     session.last_seen = time.time()
                     _merge_measurements(session.measurements, message.heartbeat.measurements)
                     session.send(pb.CoordinatorMessage(heartbeat_ack=pb.HeartbeatAck(seq=message.heartbeat.seq)))
+                elif message.HasField("declined"):
+                    peer.check()
+                    self._jobs.declined(session.agent_id, message.declined)
         except (grpc.RpcError, asyncio.CancelledError):
             pass
         except Exception as exc:  # noqa: BLE001 - handed to Connect, which answers with its status
@@ -221,6 +225,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             if session is not None:
                 info.connected_since.CopyFrom(timestamp(session.connected_since))
                 info.measurements.update(session.measurements)
+                info.labels.update(session.hello.labels)
+                info.tasks.extend(session.hello.tasks)
             response.agents.append(info)
         return response
 
@@ -294,3 +300,17 @@ def _model_version(v: VersionRow) -> admin_pb2.ModelVersion:
         model=v.model, version=v.version, sha256=v.sha256, job_id=v.job_id or "", round=v.round or 0,
         created=timestamp(v.created), bytes=v.bytes,
     )
+
+
+def _check_offers(hello: pb.Hello) -> None:
+    """InvalidArgument unless a Hello's labels and task offers are few and short."""
+    try:
+        config.parse_labels((f"{k}={v}" for k, v in hello.labels.items()), "Hello label")
+    except config.ConfigError as exc:
+        raise InvalidArgument(f"malformed Hello: {exc}") from None
+    if len(hello.tasks) > 256:
+        raise InvalidArgument("malformed Hello: over 256 task offers")
+    for offer in hello.tasks:
+        if not 0 < len(offer.name) <= 200 or len(offer.fingerprint) > 64 or len(offer.reason) > 2048:
+            raise InvalidArgument("malformed Hello: a task offer's name (1-200), fingerprint (64) or reason "
+                                  "(2048 characters) is out of bounds")

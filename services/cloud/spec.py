@@ -14,12 +14,14 @@ from typing import Any
 
 from cloud import strategies
 from cloud.aggregation import Defence
-from tandem import compression, tasks
+from tandem import compression, config, tasks
 from tandem.errors import InvalidArgument, NotFound
+from tandem.task import ConfigValue
 from tandem.v1 import admin_pb2
 
-EVAL_SETS = ("", "digits")
 AUTO = "auto"
+MAX_EVAL_SPEC = 4096
+MAX_AGENT_NAMES = 10_000
 
 
 def downlink_for(uplink: str) -> str:
@@ -99,6 +101,32 @@ class ServerStrategy:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """Which agents may train the job: label selectors `key=value` (all must match) and
+    agent names (empty: any). An agent must also offer the job's task (cloud.eligibility)."""
+
+    select: tuple[str, ...] = ()
+    agents: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:  # the record form holds lists
+        object.__setattr__(self, "select", tuple(self.select))
+        object.__setattr__(self, "agents", tuple(self.agents))
+
+    @property
+    def selectors(self) -> dict[str, str]:
+        return config.parse_labels(self.select, "select")
+
+    def validate(self) -> None:
+        try:
+            config.parse_labels(self.select, "select")
+        except config.ConfigError as exc:
+            raise InvalidArgument(str(exc)) from None
+        _check(len(self.agents) <= MAX_AGENT_NAMES, f"agents: at most {MAX_AGENT_NAMES} names")
+        for name in self.agents:
+            _check(0 < len(name) <= 253, f"agents: {name!r} is not an agent name")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     model: str
     rounds: int
@@ -112,12 +140,29 @@ class JobSpec:
     transport: Transport = field(default_factory=Transport)
     # Differential privacy stays inside Defence: the aggregation rules read it there.
     defence: Defence = field(default_factory=Defence)
+    selection: Selection = field(default_factory=Selection)
+    # The user's config for the task (tandem.config); `task_config` is what the task sees.
+    config: dict[str, ConfigValue] = field(default_factory=dict)
+
+    def task_config(self) -> dict[str, ConfigValue]:
+        """The training fields overlaid with the user's config (the user's value wins)."""
+        base: dict[str, ConfigValue] = {
+            "epochs": self.training.epochs, "batch_size": self.training.batch_size,
+            "learning_rate": self.training.learning_rate, "mu": self.strategy.mu,
+        }
+        return config.merged(base, self.config)
 
     def validate(self) -> JobSpec:
         try:
             tasks.get(self.model)
-        except tasks.TaskError as exc:
+        except tasks.UnknownTask as exc:
             raise NotFound(str(exc)) from None
+        except tasks.TaskError as exc:
+            raise InvalidArgument(str(exc)) from None
+        try:
+            config.check(self.config)
+        except config.ConfigError as exc:
+            raise InvalidArgument(str(exc)) from None
         _check(1 <= self.rounds <= 100_000, f"rounds must be in 1..100000, got {self.rounds}")
         _check(1 <= self.min_clients <= 100_000, f"min_clients must be >= 1, got {self.min_clients}")
         _check(
@@ -126,7 +171,8 @@ class JobSpec:
         )
         # Below a second a round could not even reach its agents, and retrying it would spin.
         _check(1 <= self.deadline <= 86_400, f"round deadline must be in [1, 86400] seconds, got {self.deadline}")
-        _check(self.eval in EVAL_SETS, f"unknown eval set {self.eval!r}; known: {[e for e in EVAL_SETS if e]}")
+        _check(len(self.eval) <= MAX_EVAL_SPEC, f"eval: a data spec of at most {MAX_EVAL_SPEC} characters")
+        self.selection.validate()
         self.training.validate()
         self.transport.validate()
         self.strategy.validate()
@@ -139,6 +185,10 @@ class JobSpec:
         """The flat wire form, validated. Zero fields take the defaults (proto3 cannot
         tell unset from zero)."""
         defaults = cls(model="", rounds=0, min_clients=0)
+        try:
+            user_config = config.from_proto(msg.config)
+        except config.ConfigError as exc:
+            raise InvalidArgument(str(exc)) from None
         training, transport, strategy, defence = defaults.training, defaults.transport, defaults.strategy, defaults.defence
         return cls(
             model=msg.model,
@@ -172,11 +222,13 @@ class JobSpec:
                 max_examples=msg.max_examples or defence.max_examples,
                 weight_cap=msg.weight_cap or defence.weight_cap,
             ),
+            selection=Selection(select=tuple(msg.select), agents=tuple(msg.agents)),
+            config=user_config,
         ).validate()
 
     def to_proto(self) -> admin_pb2.JobSpec:
         training, strategy, transport, defence = self.training, self.strategy, self.transport, self.defence
-        return admin_pb2.JobSpec(
+        message = admin_pb2.JobSpec(
             model=self.model, rounds=self.rounds, min_clients=self.min_clients,
             clients_per_round=self.clients_per_round, round_deadline_seconds=self.deadline, eval=self.eval,
             seed=self.seed,
@@ -188,17 +240,28 @@ class JobSpec:
             krum_selected=defence.krum_selected, clip_norm=defence.clip_norm, clip_to_median=defence.clip_to_median,
             dp_noise_multiplier=defence.dp_noise_multiplier, dp_delta=defence.dp_delta,
             max_examples=defence.max_examples, weight_cap=defence.weight_cap,
+            select=self.selection.select, agents=self.selection.agents,
         )
+        config.to_proto(self.config, message.config)
+        return message
 
     def to_dict(self) -> dict[str, Any]:
-        """The persisted form: JSON-able, one nested object per group."""
-        return asdict(self)
+        """The persisted form: JSON-able, one nested object per group. The task's config
+        and the agent selection (issue 15) are left out while empty, so a job without them
+        is stored as before they existed."""
+        record = asdict(self)
+        if not self.config:
+            del record["config"]
+        if self.selection == Selection():
+            del record["selection"]
+        return record
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         """Read `to_dict`'s form. A group absent from `data` takes its defaults, so a group
         added later with defaults needs no migration; flat specs are migration 2's job."""
-        groups = {"training": LocalTraining, "strategy": ServerStrategy, "transport": Transport, "defence": Defence}
+        groups = {"training": LocalTraining, "strategy": ServerStrategy, "transport": Transport, "defence": Defence,
+                  "selection": Selection}
         top = {key: value for key, value in data.items() if key not in groups}
         return cls(**top, **{key: group(**data.get(key, {})) for key, group in groups.items()})
 

@@ -12,179 +12,34 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 from cloud.migrations import MIGRATIONS, Migration, migrate, schema_version
+from cloud.rows import (
+    _INSERT_VERSION,
+    _SERVED,
+    AgentRow,
+    Exclusion,
+    FileKind,
+    JobRow,
+    JobState,
+    QuarantineRow,
+    RoundRow,
+    RoundState,
+    UpdateRow,
+    VersionRow,
+    _job,
+    _record,
+    _round,
+    _update,
+    _version,
+    _version_values,
+)
 
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
-
-    from cloud.spec import JobSpec
-
-R = TypeVar("R", bound="DataclassInstance")
-
-
-class JobState(StrEnum):
-    """A job's state; the values are what the store holds and what logs and messages say."""
-
-    RUNNING = "running"
-    COMPLETED = "completed"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-class RoundState(StrEnum):
-    """A round's state: open while it takes updates, closed once its version is published."""
-
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True)
-class JobRow:
-    """One job; `spec` gives its settings."""
-
-    job_id: str
-    spec_json: str  # the `spec` column: JobSpec.to_dict() as JSON
-    state: JobState
-    current_round: int  # the round running now; rounds + 1 once completed
-    version: int  # the model version the current round trains from
-    message: str
-    created: float
-
-    @property
-    def spec(self) -> JobSpec:
-        """The job's settings, parsed from the stored JSON."""
-        # Imported here: cloud.spec imports cloud.robust, which imports UpdateRow from this module.
-        from cloud.spec import JobSpec
-
-        return JobSpec.from_dict(json.loads(self.spec_json))
-
-
-@dataclass(frozen=True)
-class RoundRow:
-    """One round of a job, open or closed, with its counters and (once closed) its results."""
-
-    job_id: str
-    round: int
-    state: RoundState
-    attempt: int
-    base_version: int
-    selected: tuple[str, ...]
-    opened: float
-    deadline: float
-    rejected: int
-    bytes_up: int
-    bytes_down: int
-    # Set when the round closes.
-    accuracy: float | None
-    loss: float | None
-    local_loss: float | None
-    seconds: float | None
-    version: int | None
-    sha256: str | None
-    closed: float | None
-    # The cap on claimed example counts the close applied (None before migration 3's
-    # rounds), and the agents whose claims it cut down.
-    example_cap: float | None = None
-    capped: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class AgentRow:
-    """An agent as of its last hello; `last_seen` is written when its control stream ends."""
-
-    agent: str
-    first_seen: float
-    last_seen: float
-    connects: int
-    num_examples: int
-    device: str
-
-
-@dataclass(frozen=True)
-class VersionRow:
-    model: str
-    version: int
-    sha256: str
-    path: str
-    job_id: str | None
-    round: int | None
-    created: float
-    bytes: int
-    # How agents holding `delta_from` reach this version: encoded differences.
-    delta_path: str | None = None
-    delta_from: int | None = None
-    delta_codec: str | None = None
-    delta_bytes: int | None = None
-    delta_sha256: str | None = None  # the delta file's content hash; None: never served
-
-
-class FileKind(StrEnum):
-    """Which file of a version a quarantine record is about."""
-
-    MODEL = "model"  # the version's own tensors
-    DELTA = "delta"  # the encoded difference from `delta_from`
-
-
-@dataclass(frozen=True)
-class QuarantineRow:
-    """A stored file found not to match its recorded hash: it is never served again."""
-
-    model: str
-    version: int
-    kind: FileKind
-    reason: str
-    found: float
-
-
-@dataclass(frozen=True)
-class UpdateRow:
-    agent: str
-    digest: str
-    num_examples: int
-    local_loss: float
-    path: str | None
-    bytes: int
-    codec: str
-
-
-def _record(cls: type[R], row: sqlite3.Row, **parsed: object) -> R:
-    """A `cls` from the columns named like its fields, `parsed` replacing some. Only
-    those columns: one that a later migration adds is read by the code that knows it."""
-    return cls(**{f.name: parsed[f.name] if f.name in parsed else row[f.name] for f in fields(cls)})
-
-
-def _job(row: sqlite3.Row) -> JobRow:
-    return _record(JobRow, row, spec_json=row["spec"], state=JobState(row["state"]))
-
-
-def _round(row: sqlite3.Row) -> RoundRow:
-    return _record(RoundRow, row, state=RoundState(row["state"]), selected=tuple(json.loads(row["selected"])),
-                   capped=tuple(json.loads(row["capped"])))
-
-
-_VERSION_COLUMNS = tuple(f.name for f in fields(VersionRow))
-# Named columns: a migration may add one to the table (and the record) without
-# shifting positional values.
-_INSERT_VERSION = (f"INSERT OR REPLACE INTO versions ({', '.join(_VERSION_COLUMNS)})"
-                   f" VALUES ({', '.join('?' for _ in _VERSION_COLUMNS)})")
-# A version whose own file is quarantined is not served: `newest` and listings skip it.
-_SERVED = ("NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.model = versions.model"
-           " AND q.version = versions.version AND q.kind = 'model')")
-
-
-def _version(row: sqlite3.Row) -> VersionRow:
-    # A read-only store over records older than migration 3 has no delta hashes.
-    return _record(VersionRow, row, **({} if "delta_sha256" in row.keys() else {"delta_sha256": None}))
-
-
-def _version_values(row: VersionRow) -> tuple[object, ...]:
-    return tuple(getattr(row, name) for name in _VERSION_COLUMNS)
-
+__all__ = ["AgentRow", "Exclusion", "FileKind", "JobRow", "JobState", "QuarantineRow", "RoundRow", "RoundState",
+           "Store", "UpdateRow", "VersionRow"]
+_UPDATE_COLUMNS = "agent, digest, num_examples, local_loss, path, bytes, codec, metrics"
 
 class Store:
     """The coordinator's records. Called from the event loop; every call is short."""
@@ -368,17 +223,20 @@ class Store:
     def close_round(
         self, job_id: str, round_: int, version: VersionRow, accuracy: float | None, loss: float | None,
         local_loss: float, final: bool, example_cap: float | None = None, capped: Sequence[str] = (),
+        train_metrics: Mapping[str, float] | None = None, eval_metrics: Mapping[str, float] | None = None,
     ) -> None:
         """Publish the round's version and advance the job, in one transaction, with the
-        cap on claimed example counts the round applied."""
+        cap on claimed example counts the round applied and its metrics."""
         with self._tx() as db:
             db.execute(_INSERT_VERSION, _version_values(version))
             now = time.time()
             db.execute(
                 "UPDATE rounds SET state = 'closed', accuracy = ?, loss = ?, local_loss = ?, seconds = ? - opened,"
-                " version = ?, sha256 = ?, closed = ?, example_cap = ?, capped = ? WHERE job_id = ? AND round = ?",
+                " version = ?, sha256 = ?, closed = ?, example_cap = ?, capped = ?, train_metrics = ?,"
+                " eval_metrics = ? WHERE job_id = ? AND round = ?",
                 (accuracy, loss, local_loss, now, version.version, version.sha256, now, example_cap,
-                 json.dumps(sorted(capped)), job_id, round_),
+                 json.dumps(sorted(capped)), json.dumps(dict(train_metrics or {})),
+                 json.dumps(dict(eval_metrics or {})), job_id, round_),
             )
             db.execute(
                 "UPDATE jobs SET current_round = ?, version = ?, state = ? WHERE job_id = ?",
@@ -390,31 +248,41 @@ class Store:
     def add_update(self, job_id: str, round_: int, row: UpdateRow, wire_bytes: int) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (job_id, round_, row.agent, row.digest, row.num_examples, row.local_loss, row.path, row.bytes,
-                 time.time(), row.codec),
+                f"INSERT INTO updates (job_id, round, received, {_UPDATE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (job_id, round_, time.time(), row.agent, row.digest, row.num_examples, row.local_loss, row.path,
+                 row.bytes, row.codec, json.dumps(dict(row.metrics))),
             )
             db.execute(
                 "UPDATE rounds SET bytes_up = bytes_up + ? WHERE job_id = ? AND round = ?", (wire_bytes, job_id, round_)
             )
 
     def get_update(self, job_id: str, round_: int, agent: str) -> UpdateRow | None:
-        row = self._one(
-            "SELECT agent, digest, num_examples, local_loss, path, bytes, codec FROM updates"
-            " WHERE job_id = ? AND round = ? AND agent = ?", job_id, round_, agent,
-        )
-        return _record(UpdateRow, row) if row else None
+        row = self._one(f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE job_id = ? AND round = ? AND agent = ?",
+                        job_id, round_, agent)
+        return _update(row) if row else None
 
     def list_updates(self, job_id: str, round_: int) -> list[UpdateRow]:
         rows = self._db.execute(
-            "SELECT agent, digest, num_examples, local_loss, path, bytes, codec FROM updates"
-            " WHERE job_id = ? AND round = ? ORDER BY agent", (job_id, round_),
+            f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE job_id = ? AND round = ? ORDER BY agent", (job_id, round_)
         )
-        return [_record(UpdateRow, r) for r in rows]
+        return [_update(r) for r in rows]
 
     def forget_update_files(self, job_id: str, round_: int) -> None:
         with self._tx() as db:
             db.execute("UPDATE updates SET path = NULL WHERE job_id = ? AND round = ?", (job_id, round_))
+
+    # ---- exclusions -------------------------------------------------------
+
+    def exclude(self, job_id: str, agent: str, code: str, reason: str) -> bool:
+        """Record that a job will not select an agent; False if it already was (the first reason stays)."""
+        with self._tx() as db:
+            cursor = db.execute("INSERT OR IGNORE INTO exclusions VALUES (?,?,?,?,?)",
+                                (job_id, agent, code, reason, time.time()))
+        return cursor.rowcount == 1
+
+    def exclusions(self, job_id: str) -> list[Exclusion]:
+        rows = self._db.execute("SELECT agent, code, reason FROM exclusions WHERE job_id = ? ORDER BY agent", (job_id,))
+        return [_record(Exclusion, r) for r in rows]
 
     # ---- agents -----------------------------------------------------------
 

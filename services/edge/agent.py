@@ -17,6 +17,7 @@ import numpy as np
 from edge.channels import REFUSED, Backoff, CloudChannels
 from edge.link import LinkMonitor
 from edge.models import EdgeModels
+from edge.offers import Offers
 from edge.router import EdgeRouter, RouterConfig
 from edge.trainer import Trainer
 from tandem import __version__, data, measurements, metrics, placement, staged, training, transfer
@@ -48,6 +49,9 @@ class AgentConfig:
     max_delay: float = 0.002
     max_queue_rows: int = 8192
     max_request_rows: int = 1024
+    # Training: the tasks this agent may train (None: every registered one) and its labels.
+    tasks: tuple[str, ...] | None = None
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 class Agent:
@@ -56,18 +60,42 @@ class Agent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.dataset = data.load_data(config.data)
+        self._offers: Offers | None = None  # the tasks offered, prepared once by `prepare`
         self.welcomed = asyncio.Event()  # set while the control stream is up
         self._stub: coordinator_pb2_grpc.CoordinatorStub | None = None  # once run() has opened the channels
-        self._measurements: dict[str, float] = {measurements.EXAMPLES: float(len(self.dataset))}
+        self._outgoing: asyncio.Queue[pb.AgentMessage] | None = None  # the open control stream's queue
+        self._measurements: dict[str, float] = {}
         self._measured = asyncio.Event()  # a link measurement the coordinator has not heard yet
         self.trainer = Trainer(
-            self.dataset, data.partition_index(config.data), self._coordinator, self.welcomed,
-            (config.backoff_initial, config.backoff_max), self._measured.set, train=self._train,
+            self.offers, data.partition_index(config.data), self._coordinator, self.welcomed,
+            (config.backoff_initial, config.backoff_max), self._measured.set, train=self._train, decline=self._decline,
         )
         # Versions served here; idle unless `listen` is set (fetched only when wanted).
         self.models = EdgeModels(self._fetch_for_serving, config.device)
         self.router = self._router() if config.listen else None
+
+    async def prepare(self) -> Offers:
+        """Load the allowed tasks and the data for each, once, off the event loop
+        (tasks.UnknownTask for a task named in --tasks that is not installed)."""
+        if self._offers is None:
+            tasks = list(self.config.tasks) if self.config.tasks is not None else None
+            self._offers = await asyncio.to_thread(Offers.prepare, tasks, self.config.data)
+            self._measurements[measurements.EXAMPLES] = float(self._offers.num_examples)
+            ready = [o.name for o in self._offers.offers() if o.ready]
+            log.info("offering tasks %s (ready: %s), %d examples", [o.name for o in self._offers.offers()], ready,
+                     self._offers.num_examples)
+        return self._offers
+
+    def offers(self) -> Offers:
+        """The tasks this agent offers (after `prepare`)."""
+        if self._offers is None:
+            raise RuntimeError("the agent's tasks are not prepared: Agent.prepare (or run) prepares them")
+        return self._offers
+
+    def _decline(self, job_id: str, round_: int, code: str, reason: str) -> None:
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(pb.AgentMessage(declined=pb.TaskDeclined(
+                job_id=job_id, round=round_, code=code, reason=reason)))
 
     @property
     def held(self) -> dict[str, transfer.HeldVersion]:
@@ -89,6 +117,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a control stream open until `stop` is set, reconnecting with backoff."""
+        await self.prepare()
         channels = CloudChannels(self.config.certs, self.config.agent_id, self.config.cloud, self.config.inference_cloud)
         await channels.open()
         self._use(channels)
@@ -147,9 +176,12 @@ class Agent:
     async def _session(self) -> tuple[bool, grpc.StatusCode]:
         """One control stream; returns whether the coordinator welcomed us, and how it ended."""
         outgoing: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
+        self._outgoing = outgoing
+        offers = self.offers()
         outgoing.put_nowait(pb.AgentMessage(hello=pb.Hello(
-            agent_version=__version__, num_examples=len(self.dataset), device="cpu",
+            agent_version=__version__, num_examples=offers.num_examples, device="cpu",
             models={name: held.version for name, held in self.held.items()},
+            labels=dict(self.config.labels), tasks=offers.offers(),
         )))
 
         async def requests() -> AsyncIterator[pb.AgentMessage]:
@@ -187,6 +219,7 @@ class Agent:
             log.warning("control stream broke: %s %s", exc.code().name, exc.details())
         finally:
             transfer.count_call("Connect", code)
+            self._outgoing = None
             self.welcomed.clear()
             metrics.EDGE_CONNECTED.set(0)
             if heartbeat is not None:

@@ -31,6 +31,7 @@ class EdgeApp:
 
     async def start(self) -> None:
         cfg = self.config
+        await self.agent.prepare()  # the tasks it offers, and their data: a task not installed stops it here
         if cfg.metrics:
             _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
         # Health: SERVING while the agent runs; the Inference service only when it is served.

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 import numpy as np
+import torch
 
 from edge.channels import Backoff
-from tandem import compression, data, measurements, metrics, training, transfer, wire, zoo
+from edge.offers import Offers, Prepared
+from tandem import compression, measurements, metrics, tasks, training, transfer, wire
+from tandem import config as task_config
+from tandem.task import TrainContext
 from tandem.transfer import HeldVersion
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc
@@ -28,6 +34,8 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 
 # (task, base version) -> (the update, local loss, seconds spent training)
 Train = Callable[[pb.TrainTask, HeldVersion], Awaitable[tuple[dict[str, np.ndarray], float, float]]]
+# Tell the coordinator a task will not be trained: (job, round, status code name, reason).
+Decline = Callable[[str, int, str, str], None]
 
 
 class Trainer:
@@ -35,14 +43,18 @@ class Trainer:
     supersedes the older one, tasks of different jobs run side by side."""
 
     def __init__(
-        self, dataset: data.Dataset, client_index: int, coordinator: Callable[[], coordinator_pb2_grpc.CoordinatorStub],
+        self, offers: Callable[[], Offers], client_index: int,
+        coordinator: Callable[[], coordinator_pb2_grpc.CoordinatorStub],
         connected: asyncio.Event, backoff: tuple[float, float], on_measured: Callable[[], None],
-        train: Train | None = None,
+        train: Train | None = None, decline: Decline | None = None,
     ) -> None:
-        """`coordinator` gives the current stub (channels are remade on reconnects);
-        `connected` is set while the control stream is up; `on_measured` is called when
-        a transfer measured the link; `train` replaces `self.train` as the training step."""
-        self.dataset, self.client_index = dataset, client_index
+        """`offers` gives the tasks this agent offers (prepared at its start); `coordinator`
+        gives the current stub (channels are remade on reconnects); `connected` is set
+        while the control stream is up; `on_measured` is called when a transfer measured
+        the link; `train` replaces `self.train` as the training step; `decline` tells the
+        coordinator a task will not be trained."""
+        self._offers, self.client_index = offers, client_index
+        self._decline = decline
         self._coordinator, self._connected, self._backoff = coordinator, connected, backoff
         self._on_measured = on_measured
         self._train_step: Train = train or self.train
@@ -55,6 +67,11 @@ class Trainer:
         self._feedback: dict[str, compression.ErrorFeedback] = {}  # job -> error-feedback residual
         self._downloads: dict[tuple[str, int], transfer.Download] = {}
         self._uploads: dict[tuple[str, int], tuple[transfer.Upload, dict[str, np.ndarray]]] = {}
+        # (job, round) -> the training's metrics and example count, for the update's header.
+        self._results: dict[tuple[str, int], tuple[dict[str, float], int]] = {}
+        # job -> this agent's tensors that never leave it (local layers, integer counters),
+        # kept from round to round in memory.
+        self._local: dict[str, dict[str, torch.Tensor]] = {}
 
     def measurements(self) -> dict[str, float]:
         """What training measured, for the heartbeat: transfer throughputs and training time."""
@@ -67,12 +84,41 @@ class Trainer:
         running = self._training.get(task.job_id)
         if key in self._done:
             return
+        if self._refused(task):
+            self._done.add(key)
+            return
         if running is not None and not running.done():
             if self._training_round.get(task.job_id, 0) >= task.round:
                 return  # already on this round, or a newer one
             running.cancel()
         self._training_round[task.job_id] = task.round
         self._training[task.job_id] = asyncio.create_task(self._train_and_upload(key), name=f"train-{key}")
+
+    def prepared(self, task: pb.TrainTask) -> Prepared:
+        """The offered task a TrainTask names (checked by `on_task`)."""
+        found = self._offers().get(task.model)
+        if found is None or found.loaded is None:
+            raise RuntimeError(f"task {task.model} is not offered here")
+        return found
+
+    def _refused(self, task: pb.TrainTask) -> bool:
+        """Whether a TrainTask names a task this agent did not offer ready, or another
+        version of it: then it is not trained (one log line, and the coordinator is told)."""
+        found = self._offers().get(task.model)
+        if found is None:
+            code, reason = "NOT_FOUND", f"this agent does not offer task {task.model} (see its --tasks)"
+        elif not found.ready or found.loaded is None:
+            code, reason = "FAILED_PRECONDITION", f"task {task.model} is not ready here: {found.offer.reason}"
+        elif task.task_fingerprint and task.task_fingerprint != found.loaded.fingerprint:
+            code, reason = "FAILED_PRECONDITION", (f"task {task.model} has fingerprint {found.loaded.fingerprint} "
+                                                   f"here, the coordinator's {task.task_fingerprint}")
+        else:
+            return False
+        metrics.EDGE_TASKS.labels("declined").inc()
+        log.warning("job %s round %d: not training: %s", task.job_id, task.round, reason)
+        if self._decline is not None:
+            self._decline(task.job_id, task.round, code, reason)
+        return True
 
     def cancel(self) -> None:
         """Cancel every running task (the agent is stopping)."""
@@ -104,6 +150,7 @@ class Trainer:
         finally:
             self._tasks = {k: v for k, v in self._tasks.items() if k[0] != key[0] or k[1] >= key[1]}
             self._uploads.pop(key, None)
+            self._results.pop(key, None)
 
     async def _retry(self, key: tuple[str, int], what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Retry transient failures until the task's deadline (re-read: it may move)."""
@@ -126,8 +173,9 @@ class Trainer:
         if held is not None and held.version == task.base_version and held.sha256 == task.base_sha256:
             return held
         if task.HasField("base_seed"):
-            # The job's initial model is a seeded zoo model: build it, no download needed.
-            arrays = await asyncio.to_thread(lambda: training.state_arrays(zoo.build_model(task.model, task.base_seed)))
+            # The job's initial model is the task's model built with a seed: build it, no download needed.
+            loaded = tasks.get(task.model)
+            arrays = await asyncio.to_thread(lambda: loaded.state_arrays(loaded.build(task.base_seed)))
             if wire.state_sha256(arrays) == task.base_sha256:
                 return self._hold(task, arrays)
             log.warning("the locally built initial %s differs from the cloud's; downloading it", task.model)
@@ -168,9 +216,11 @@ class Trainer:
             trial.load_state(feedback.residual)
             components, _ = await asyncio.to_thread(trial.compress, delta)
             after = trial.residual
+            trained, examples = self._results.get(key, ({}, self._offers().num_examples))
             header = pb.UpdateHeader(
                 job_id=task.job_id, round=task.round, base_version=task.base_version,
-                num_examples=len(self.dataset), codec=task.codec, local_loss=loss,
+                num_examples=examples, codec=task.codec, local_loss=loss, metrics=trained,
+                task_fingerprint=self.prepared(task).offer.fingerprint,
             )
             pending = self._uploads[key] = (transfer.Upload(header, components), after)
         upload, after = pending
@@ -188,20 +238,42 @@ class Trainer:
         self._on_measured()
 
     async def train(self, task: pb.TrainTask, base: HeldVersion) -> tuple[dict[str, np.ndarray], float, float]:
-        """Local training from `base`: the update (local minus base), the loss and the seconds it took."""
-        def work() -> tuple[dict[str, np.ndarray], float]:
-            net = zoo.build_model(task.model)
-            training.load_state_arrays(net, base.arrays)
-            loss = training.train_local(
-                net, self.dataset, task.training.epochs, task.training.batch_size, task.training.learning_rate,
-                training.shuffle_seed(task.round, self.client_index), mu=task.training.mu,
-            )
-            local = training.state_arrays(net)
-            return {name: local[name] - base.arrays[name] for name in local}, loss
+        """Local training from `base` with the task's own `train`, on a worker thread: the
+        update (federated tensors after minus base), the loss and the seconds it took.
+        Tensors that never leave the agent are restored from its last round of the job
+        and kept for the next."""
+        prepared = self.prepared(task)
+        loaded = prepared.loaded
+        assert loaded is not None
+        config = task_config.from_proto(task.config)
+        key = (task.job_id, task.round)
+
+        def work() -> tuple[dict[str, np.ndarray], float, dict[str, float], int]:
+            model = loaded.build(0)
+            loaded.load_arrays(model, base.arrays)
+            kept = self._local.get(task.job_id)
+            if kept:
+                with torch.no_grad():
+                    state = model.state_dict()
+                    for name, value in kept.items():
+                        state[name].copy_(value)
+            with warnings.catch_warnings():  # the base's arrays may be read-only: so is global_state
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                global_state = {name: torch.from_numpy(array) for name, array in base.arrays.items()}
+            context = TrainContext(round=task.round, seed=training.shuffle_seed(task.round, self.client_index),
+                                   device="cpu", global_state=global_state)
+            result = loaded.task.train(model, prepared.data, dict(config), context)
+            state = model.state_dict()
+            self._local[task.job_id] = {name: state[name].detach().clone() for name in loaded.local_keys}
+            after = loaded.state_arrays(model)
+            values = {str(k): float(v) for k, v in result.metrics.items()}
+            return {name: after[name] - base.arrays[name] for name in after}, values.get("loss", 0.0), values, \
+                int(result.num_examples)
 
         start = time.perf_counter()
-        delta, loss = await asyncio.to_thread(work)
+        delta, loss, trained, examples = await asyncio.to_thread(work)
         seconds = time.perf_counter() - start
+        self._results[key] = ({k: v for k, v in trained.items() if math.isfinite(v)}, examples)
         metrics.EDGE_TRAIN_SECONDS.observe(seconds)
         metrics.EDGE_LOCAL_LOSS.set(loss)
         self._measurements[measurements.TRAIN_SECONDS] = seconds

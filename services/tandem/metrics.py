@@ -72,6 +72,12 @@ MODEL_VERSION = Gauge("tandem_model_version", "Newest model version published (c
 ROUND_ACCURACY = Gauge(
     "tandem_coordinator_round_accuracy_ratio", "Test accuracy after the last closed round.", ["job_id"]
 )
+# Each closed round's metrics, by task: `source` is train (the agents' TrainResult metrics,
+# weighted by examples) or eval (the cloud's evaluate). Names are checked and at most 16
+# per task and source are exported (cloud.evaluation), so the series stay few.
+ROUND_METRIC = Gauge(
+    "tandem_coordinator_round_metric", "A metric of the last closed round of a task.", ["task", "source", "metric"]
+)
 BYTES_RECEIVED = Counter(
     "tandem_coordinator_received_bytes_total", "Tensor bytes received by the coordinator, by kind.", ["kind"]
 )

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
+from tandem import config as task_config
 from tandem import grpcserver, tls, wire
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tandem.v1 import coordinator_pb2 as cpb
@@ -121,7 +122,13 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
             "krum_selected": spec.krum_selected, "clip_norm": spec.clip_norm, "clip_to_median": spec.clip_to_median,
             "dp_noise_multiplier": spec.dp_noise_multiplier, "dp_delta": spec.dp_delta,
             "max_examples": spec.max_examples, "weight_cap": spec.weight_cap,
+            "config": task_config.from_proto(spec.config), "select": list(spec.select), "agents": list(spec.agents),
         },
+        # What the task's train and evaluate see: the training fields overlaid with the user's config.
+        "config": task_config.merged(
+            {"epochs": spec.epochs, "batch_size": spec.batch_size, "learning_rate": spec.learning_rate,
+             "mu": spec.mu}, task_config.from_proto(spec.config)),
+        "excluded": [{"agent": e.agent, "code": e.code, "reason": e.reason} for e in job.excluded],
         "rounds": [
             {
                 "round": r.round, "accuracy": r.accuracy, "loss": r.loss, "local_loss": r.local_loss,
@@ -130,6 +137,7 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
                 "attempts": r.attempts, "agents": list(r.agents), "codecs": dict(r.codecs),
                 "delta_bytes": r.delta_bytes, "epsilon": r.epsilon,
                 "example_cap": r.example_cap, "capped_agents": list(r.capped_agents),
+                "train_metrics": dict(r.train_metrics), "eval_metrics": dict(r.eval_metrics),
             }
             for r in job.rounds
         ],
@@ -145,6 +153,14 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
 
 
 def round_line(r: dict[str, Any]) -> str:
+    """One closed round. A job whose task reports metrics besides loss and accuracy (or
+    none of them) gets its train and eval metrics by name instead."""
+    train, evaluated = r.get("train_metrics", {}), r.get("eval_metrics", {})
+    if set(train) - {"loss"} or set(evaluated) - {"loss", "accuracy"}:
+        shown = "  ".join([*(f"train {k} {v:.4f}" for k, v in sorted(train.items())),
+                           *(f"eval {k} {v:.4f}" for k, v in sorted(evaluated.items()))])
+        return (f"round {r['round']:>3}  {shown}  {r['seconds']:6.2f} s  up {r['bytes_up'] / 1e6:7.2f} MB  "
+                f"down {r['bytes_down'] / 1e6:7.2f} MB  ({r['accepted']} updates)")
     return (
         f"round {r['round']:>3}  local loss {r['local_loss']:.4f}  test loss {r['loss']:.4f}  "
         f"accuracy {r['accuracy']:.4f}  {r['seconds']:6.2f} s  up {r['bytes_up'] / 1e6:7.2f} MB  "

@@ -17,15 +17,53 @@ class UploadProgress(_message.Message):
     def __init__(self, chunks_received: _Optional[int] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat")
+    __slots__ = ("hello", "heartbeat", "declined")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    declined: TaskDeclined
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., declined: _Optional[_Union[TaskDeclined, _Mapping]] = ...) -> None: ...
+
+class TaskOffer(_message.Message):
+    __slots__ = ("name", "fingerprint", "ready", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    fingerprint: str
+    ready: bool
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class TaskDeclined(_message.Message):
+    __slots__ = ("job_id", "round", "code", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    code: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., code: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ConfigValue(_message.Message):
+    __slots__ = ("text", "integer", "number", "flag")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    INTEGER_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    FLAG_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    integer: int
+    number: float
+    flag: bool
+    def __init__(self, text: _Optional[str] = ..., integer: _Optional[int] = ..., number: _Optional[float] = ..., flag: _Optional[bool] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("agent_version", "num_examples", "device", "models")
+    __slots__ = ("agent_version", "num_examples", "device", "models", "labels", "tasks")
     class ModelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,15 +71,26 @@ class Hello(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
     agent_version: str
     num_examples: int
     device: str
     models: _containers.ScalarMap[str, int]
-    def __init__(self, agent_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., device: _Optional[str] = ..., models: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskOffer]
+    def __init__(self, agent_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., device: _Optional[str] = ..., models: _Optional[_Mapping[str, int]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tasks: _Optional[_Iterable[_Union[TaskOffer, _Mapping]]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("seq", "measurements")
@@ -115,7 +164,14 @@ class TrainingConfig(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., mu: _Optional[float] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("job_id", "round", "model", "base_version", "base_sha256", "training", "codec", "deadline", "max_update_bytes", "base_seed")
+    __slots__ = ("job_id", "round", "model", "base_version", "base_sha256", "training", "codec", "deadline", "max_update_bytes", "base_seed", "config", "task_fingerprint")
+    class ConfigEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ConfigValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ConfigValue, _Mapping]] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +182,8 @@ class TrainTask(_message.Message):
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     BASE_SEED_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TASK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     model: str
@@ -136,7 +194,9 @@ class TrainTask(_message.Message):
     deadline: _timestamp_pb2.Timestamp
     max_update_bytes: int
     base_seed: int
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., model: _Optional[str] = ..., base_version: _Optional[int] = ..., base_sha256: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., codec: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., base_seed: _Optional[int] = ...) -> None: ...
+    config: _containers.MessageMap[str, ConfigValue]
+    task_fingerprint: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., model: _Optional[str] = ..., base_version: _Optional[int] = ..., base_sha256: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., codec: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., base_seed: _Optional[int] = ..., config: _Optional[_Mapping[str, ConfigValue]] = ..., task_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ModelNotice(_message.Message):
     __slots__ = ("model", "version", "sha256", "job_id")
@@ -165,7 +225,14 @@ class UpdateChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("job_id", "round", "base_version", "num_examples", "codec", "local_loss", "content_sha256", "skip_chunks")
+    __slots__ = ("job_id", "round", "base_version", "num_examples", "codec", "local_loss", "content_sha256", "skip_chunks", "metrics", "task_fingerprint")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +241,8 @@ class UpdateHeader(_message.Message):
     LOCAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     SKIP_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     base_version: int
@@ -182,7 +251,9 @@ class UpdateHeader(_message.Message):
     local_loss: float
     content_sha256: str
     skip_chunks: int
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., codec: _Optional[str] = ..., local_loss: _Optional[float] = ..., content_sha256: _Optional[str] = ..., skip_chunks: _Optional[int] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    task_fingerprint: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., codec: _Optional[str] = ..., local_loss: _Optional[float] = ..., content_sha256: _Optional[str] = ..., skip_chunks: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., task_fingerprint: _Optional[str] = ...) -> None: ...
 
 class UpdateReceipt(_message.Message):
     __slots__ = ("job_id", "round", "agent_id", "digest", "duplicate", "bytes_received")

@@ -16,6 +16,12 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--data", required=True,
                    help="local data: digits:I/N (partition I of N, 0-based, of the reference workload) "
                         "or a directory of .npz/.safetensors files with arrays x and y")
+    p.add_argument("--tasks", default=None, metavar="A,B,...",
+                   help="comma-separated tasks this agent may train: short names (`tandem tasks` lists them) or "
+                        "PACKAGE.MODULE:ATTRIBUTE (default: every registered task that loads; a task named here "
+                        "that is not installed stops the agent at start)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label jobs select agents by (`tandem job start --select`); repeatable")
     p.add_argument("--metrics", default=None, help="Prometheus metrics address HOST:PORT")
     p.add_argument("--health", default=None, help="plaintext gRPC health-only address HOST:PORT, for probes")
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training")
@@ -41,8 +47,17 @@ def register(subparsers: Subparsers) -> None:
 async def run_edge(args: argparse.Namespace) -> int:
     from edge.agent import AgentConfig
     from edge.app import EdgeApp
-    from tandem import lifecycle
+    from tandem import config as task_config
+    from tandem import lifecycle, tasks
 
+    labels = task_config.parse_labels(args.label)  # one line and exit 2 when malformed, before anything starts
+    names = None
+    if args.tasks is not None:
+        names = tuple(name.strip() for name in args.tasks.split(",") if name.strip())
+        bad = [name for name in names if not tasks.valid_name(name)]
+        if not names or bad:
+            raise ValueError(f"--tasks {args.tasks!r}: expected comma-separated task names "
+                             "(short names or PACKAGE.MODULE:ATTRIBUTE)")
     if args.listen:
         lifecycle.CoreLog().install()  # TLS handshake failures on its port: a count per interval, not a line each
     # --threads (training, 1 by default, which keeps local training reproducible) unless
@@ -51,7 +66,7 @@ async def run_edge(args: argparse.Namespace) -> int:
     config = AgentConfig(
         cloud=args.cloud, certs=args.certs, agent_id=args.id, data=args.data, metrics=args.metrics, health=args.health,
         listen=args.listen, inference_cloud=args.inference_cloud, placements=tuple(args.placement),
-        cloud_timeout=args.cloud_timeout,
+        cloud_timeout=args.cloud_timeout, tasks=names, labels=tuple(sorted(labels.items())),
         probe_interval=args.probe_interval, device=args.device, max_batch=args.max_batch,
         max_delay=args.max_delay_ms / 1000, max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
     )

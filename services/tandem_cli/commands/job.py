@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from cloud import aggregation, strategies  # the registered names are the choices
+from tandem import config as task_config
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tandem_cli.admin import admin_command, job_dict, round_line, wait_job
 from tandem_cli.options import Subparsers, client_args
@@ -17,12 +19,25 @@ def register(subparsers: Subparsers) -> None:
     job_sub = p_job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
     p = job_sub.add_parser("start", help="start a job and print its id")
     client_args(p)
-    p.add_argument("--model", required=True, help="model name in the zoo (e.g. mlp)")
+    p.add_argument("--model", required=True,
+                   help="the task to train: a registered name (`tandem tasks`: mlp, cnn, ...) or "
+                        "PACKAGE.MODULE:ATTRIBUTE, installed on the coordinator and the agents")
     p.add_argument("--rounds", type=int, required=True)
     p.add_argument("--min-clients", type=int, required=True, help="updates needed to close a round")
     p.add_argument("--clients-per-round", type=int, default=0, help="agents selected per round (0: all)")
     p.add_argument("--deadline", type=float, default=60.0, help="seconds a round waits for updates")
-    p.add_argument("--eval", default="", help="held-out data in the cloud for test accuracy (digits)")
+    p.add_argument("--eval", default="", metavar="SPEC",
+                   help="held-out data in the cloud, a data spec for the task's load_data (digits for the zoo); "
+                        "each new version is evaluated on it with the task's evaluate")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config value for the task's train and evaluate (an int, a float, true/false, else a "
+                        "string); repeatable; overrides --config-file, and both override --epochs, --batch-size, "
+                        "--lr and --mu (config keys epochs, batch_size, learning_rate, mu)")
+    p.add_argument("--config-file", type=Path, default=None, metavar="FILE.json",
+                   help="the task's config as a flat JSON object of plain values")
+    p.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
+                   help="train only on agents with this label (`tandem edge --label`); repeatable, all must match")
+    p.add_argument("--agents", default="", metavar="A,B,...", help="train only on these agents (default: any)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)
@@ -57,7 +72,7 @@ def register(subparsers: Subparsers) -> None:
     group.add_argument("--weight-cap", type=float, default=0.0,
                        help="each update weighs at most this multiple of the round's median example count, "
                             "whatever the aggregator (0: 1.0, no agent outweighs the median one)")
-    p.set_defaults(func=admin_command(_start))
+    p.set_defaults(func=_start_command)
     for action, text, call in (("status", "print a job", _status), ("wait", "wait for a job to end, then print it", _wait),
                                ("stop", "stop a running job", _stop)):
         p = job_sub.add_parser(action, help=text)
@@ -73,6 +88,15 @@ def register(subparsers: Subparsers) -> None:
     p.set_defaults(func=admin_command(_list))
 
 
+def _start_command(args: argparse.Namespace) -> int:
+    """Check the config and selection first: a mistake is one line and exit 2, nothing sent."""
+    base = task_config.load_file(args.config_file) if args.config_file is not None else {}
+    args.task_config = task_config.parse_pairs(args.config, base)
+    task_config.parse_labels(args.select, "--select")
+    args.agent_names = [name.strip() for name in args.agents.split(",") if name.strip()]
+    return admin_command(_start)(args)
+
+
 async def _start(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
     spec = admin_pb2.JobSpec(
         model=args.model, rounds=args.rounds, min_clients=args.min_clients,
@@ -83,8 +107,9 @@ async def _start(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> in
         server_lr=args.server_lr, aggregator=args.aggregator, trim_fraction=args.trim_fraction,
         hostile_agents=args.hostile, krum_selected=args.krum_selected, clip_norm=args.clip_norm,
         clip_to_median=args.clip_to_median, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta,
-        max_examples=args.max_examples, weight_cap=args.weight_cap,
+        max_examples=args.max_examples, weight_cap=args.weight_cap, select=args.select, agents=args.agent_names,
     )
+    task_config.to_proto(args.task_config, spec.config)
     job = await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))
     print(job.job_id, flush=True)
     if not args.wait:
@@ -134,7 +159,10 @@ def _print_job(job: dict[str, Any], as_json: bool) -> None:
         return
     print(f"job {job['job_id']}: {job['state']}, model {job['model']}, round {job['current_round']}"
           f"/{job['spec']['rounds']}, version {job['version']}")
+    print("  config: " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(job["config"].items())))
     for r in job["rounds"]:
         print("  " + round_line(r))
+    for e in job["excluded"]:
+        print(f"  excluded {e['agent']}: {e['code']}: {e['reason']}")
     if job.get("message"):
         print(f"  {job['message']}")
