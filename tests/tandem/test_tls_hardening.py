@@ -89,7 +89,9 @@ def deployment(tmp_path: Path) -> Path:
 
 @pytest_asyncio.fixture
 async def own_coordinator(tmp_path: Path, deployment: Path) -> AsyncIterator[Coordinator]:
-    server = Coordinator(CloudConfig(listen="127.0.0.1:0", certs=deployment, state=tmp_path / "state", grace=0.5))
+    # Its own state directory: a test may run it beside the `coordinator` fixture, and
+    # one state directory takes one coordinator (cloud.statelock).
+    server = Coordinator(CloudConfig(listen="127.0.0.1:0", certs=deployment, state=tmp_path / "own-state", grace=0.5))
     await server.start()
     yield server
     await server.stop()
