@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tandem import grpcserver, tls, wire
+from tandem import certs, grpcserver, tls, wire
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
 from tandem_cli.options import Subparsers, client_args
@@ -143,7 +143,14 @@ def _batch(x: np.ndarray, what: str, rows: int | None) -> np.ndarray:
 
 async def _with_stub(args: argparse.Namespace, call: Any) -> int:
     certs_dir: Path = args.certs
-    credentials = (tls.app_credentials(certs_dir, args.client) if args.client else tls.admin_credentials(certs_dir))
+    if args.client:
+        missing = [p for p in certs.client_paths(certs_dir, args.client) if not p.is_file()]
+        if missing:
+            raise ValueError(f"no client certificate {args.client!r} in {certs_dir} ({missing[0]} not found; "
+                             f"`tandem certs add-client {args.client} --dir {certs_dir}` makes one)")
+        credentials = tls.app_credentials(certs_dir, args.client)
+    else:
+        credentials = tls.admin_credentials(certs_dir)
     async with grpcserver.secure_channel(args.server or args.cloud, credentials) as channel:
         result: int = await call(args, inference_pb2_grpc.InferenceStub(channel))
         return result
