@@ -66,7 +66,8 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--deadline-ms", type=int, default=0, metavar="MS",
                    help="latency budget per request, in milliseconds (default %(default)s: none)")
     p.add_argument("--batch", type=int, default=64, metavar="N", help="rows per request (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="seconds each call may take (default %(default)s)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds each call may take (default %(default)s)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per row: its output values and, for more than one value, the argmax "
                         "and its softmax probability")
