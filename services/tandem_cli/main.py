@@ -13,11 +13,13 @@ from collections.abc import Sequence
 
 import grpc
 
-from tandem_cli.commands import agents, certs, cloud, demo, edge, job, models, placement, serve, status, tasks
+from tandem_cli.commands import agents, certs, cloud, demo, edge, infer, job, models, placement, serve, status, tasks
 from tandem_cli.options import Command, Handler, env
 
 # In the order `tandem --help` and the README's reference list them.
-COMMANDS: tuple[Command, ...] = (certs, cloud, edge, serve, job, placement, status, agents, models, tasks, demo)
+COMMANDS: tuple[Command, ...] = (
+    certs, cloud, edge, serve, job, placement, infer, status, agents, models, tasks, demo,
+)
 
 
 def command_parser(prog: str, description: str, commands: Sequence[Command]) -> argparse.ArgumentParser:

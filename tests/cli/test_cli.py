@@ -47,7 +47,7 @@ def test_top_level_help_as_a_module() -> None:
 
 def test_subcommand_tree_is_complete() -> None:
     assert {("certs", "init"), ("certs", "add-agent"), ("cloud",), ("edge",), ("job", "start"), ("job", "wait"),
-            ("job", "list"), ("agents",), ("models",), ("demo",), ("status",), ("serve",)} <= set(SUBCOMMANDS)
+            ("job", "list"), ("agents",), ("models",), ("demo",), ("status",), ("serve",), ("infer",)} <= set(SUBCOMMANDS)
 
 
 @pytest.mark.parametrize("path", [(), *SUBCOMMANDS], ids=lambda p: " ".join(p) or "tandem")

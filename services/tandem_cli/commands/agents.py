@@ -11,9 +11,10 @@ from tandem_cli.options import Subparsers, client_args
 
 
 def register(subparsers: Subparsers) -> None:
-    p = subparsers.add_parser("agents", help="list agents the coordinator knows")
+    p = subparsers.add_parser("agents", help="list agents the coordinator knows, with their labels and task offers")
     client_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: every field, measurements and each offer's fingerprint and reason included")
     p.set_defaults(func=admin_command(_agents))
 
 
