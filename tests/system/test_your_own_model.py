@@ -109,4 +109,11 @@ def test_the_readme_walkthrough_trains_serves_and_splits_a_model_tandem_never_sa
     cloud = outputs["tandem infer resnet --data digits --rows 4"].strip().splitlines()
     edge = output("tandem infer resnet --data digits --rows 4 --server").strip().splitlines()
     assert len(cloud) == len(edge) == 4
-    assert cloud == edge  # split at the edge and finished in the cloud: the same answers as the cloud's own
+
+    def answers(lines: list[str]) -> list[tuple[str, ...]]:
+        # "ROW  argmax K    p P  vV PLACEMENT": the answer, without where it was computed
+        return [tuple(line.split()[:5]) for line in lines]
+
+    # Split at the edge and finished in the cloud (or wherever the placement controller
+    # has moved it since): the same answers as the cloud's own.
+    assert answers(cloud) == answers(edge)
