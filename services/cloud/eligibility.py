@@ -34,6 +34,8 @@ def offer_problem(agent: str, hello: pb.Hello, task: str, fingerprint: str) -> t
     offer = offers.get(task)
     if offer is None:
         return NOT_FOUND, f"agent {agent} does not offer task {task}: not installed there or not in its --tasks"
+    if not offer.ready and not offer.fingerprint:  # named in its --tasks, but it does not load there
+        return FAILED_PRECONDITION, f"agent {agent} cannot load task {task}: {offer.reason or 'no reason given'}"
     if offer.fingerprint != fingerprint:
         return FAILED_PRECONDITION, (f"agent {agent} has task {task} fingerprint {offer.fingerprint or '(none)'}, "
                                      f"the coordinator {fingerprint} (another version of the package?)")

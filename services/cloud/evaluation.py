@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from tandem import config as tandem_config
 from tandem import metrics, tasks
 from tandem.errors import InvalidArgument
 from tandem.task import Config
@@ -27,11 +28,12 @@ log = logging.getLogger(__name__)
 METRIC_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 MAX_EXPORTED = 16
 # What an agent's header may carry at all (checked at the intake).
-MAX_UPDATE_METRICS = 64
-MAX_METRIC_NAME = 64
+MAX_UPDATE_METRICS = tandem_config.MAX_UPDATE_METRICS
+MAX_METRIC_NAME = tandem_config.MAX_METRIC_NAME
 
 _lock = threading.Lock()
-_data: dict[tuple[str, str], Any] = {}
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_data: dict[tuple[str, str], Any] = {}  # kept for the process's life: eval sets are few and small
 _exported: dict[tuple[str, str], set[str]] = {}  # (task, source) -> the names the gauge has
 _dropped: set[tuple[str, str, str]] = set()  # (task, source, name) logged once
 
@@ -43,7 +45,9 @@ class EvalDataError(ValueError):
 def eval_data(task: str, spec: str) -> Any:
     """The task's `load_data(spec)`, loaded once per (task, spec); EvalDataError saying why not."""
     key = (task, spec)
-    with _lock:
+    with _lock:  # one lock per (task, spec): one job's slow load stalls no other job's evaluation
+        lock = _locks.setdefault(key, threading.Lock())
+    with lock:
         if key not in _data:
             loaded = tasks.get(task)
             try:
@@ -62,7 +66,10 @@ def evaluate(task: str, arrays: Mapping[str, np.ndarray], spec: str, config: Con
     model = loaded.build(0)
     loaded.load_arrays(model, arrays)
     found = loaded.task.evaluate(model, data, dict(config))
-    return {str(k): float(v) for k, v in found.items() if math.isfinite(float(v))}
+    if not isinstance(found, Mapping):
+        raise TypeError(f"{task}'s evaluate returned {type(found).__name__}, not a dict of metrics")
+    kept, _ = tandem_config.update_metrics(found)  # finite numbers under sane names; the rest left out
+    return kept
 
 
 def check_update_metrics(values: Mapping[str, float]) -> None:

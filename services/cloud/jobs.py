@@ -57,7 +57,8 @@ class JobManager:
                 raise InvalidArgument(str(exc)) from None
         job_id = uuid.uuid4().hex[:12]
         # Not held here: the initial model is freed once written, before the first task goes out.
-        version = await self._models.publish(spec.model, self._models.initial_arrays(spec.model, spec.seed), job_id, 0)
+        initial = await asyncio.to_thread(self._models.initial_arrays, spec.model, spec.seed)  # builds the model
+        version = await self._models.publish(spec.model, initial, job_id, 0)
         self._store.create_job(job_id, spec.to_dict(), version.version)
         self._launch(job_id, spec)
         return job_id

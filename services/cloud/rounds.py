@@ -340,8 +340,13 @@ class JobRunner:
         evaluated: dict[str, float] = {}
         if self.spec.eval:
             new = await asyncio.to_thread(read_tensors, Path(version.path))
-            evaluated = await asyncio.to_thread(evaluation.evaluate, self.spec.model, new, self.spec.eval,
-                                                self.spec.task_config())
+            try:
+                evaluated = await asyncio.to_thread(evaluation.evaluate, self.spec.model, new, self.spec.eval,
+                                                    self.spec.task_config())
+            except Exception as exc:  # noqa: BLE001 - the task's own evaluate: the round stands without metrics
+                log.warning("job %s round %d: the task's evaluate failed (%s: %s); the round has no eval metrics",
+                            self.job_id, rnd.number, type(exc).__name__, str(exc)[:300])
+                self._say(f"round {rnd.number}: evaluate failed: {type(exc).__name__}: {str(exc)[:200]}")
             del new
         if delta is not None:
             path = self._store.delta_path(self.spec.model, version.version)

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from cloud.integrity import CorruptFile, corrupt_message
 from cloud.store import VersionRow
 from cloud.tensorfile import content_problem, read_tensors
-from tandem import metrics, staged, tasks, wire, zoo
+from tandem import metrics, staged, tasks, wire
 from tandem.batching import Batcher, keep_profiled
 from tandem.errors import DataLoss, InvalidArgument, NotFound, TandemError
 from tandem.inference import decode_input, model_info
@@ -44,15 +44,25 @@ class ServingConfig:
     max_queue_rows: int = 8192  # rows waiting, all models together; more is RESOURCE_EXHAUSTED
     max_request_rows: int = 1024  # rows in one request
     kept_versions: int = 4  # older versions kept loaded per model, besides the newest
-    models: tuple[str, ...] = ()  # the models served; empty: every zoo model
+    models: tuple[str, ...] = ()  # the models served; empty: every registered task that loads
 
 
 def served_models(config: ServingConfig) -> list[str]:
-    """The models a server with `config` serves (every zoo model when it names none),
-    each loaded as a task: ValueError saying why one cannot be."""
-    served = sorted(config.models or zoo.model_names())
-    for name in served:
-        tasks.get(name)  # TaskError (a ValueError) names the known tasks
+    """The models a server with `config` serves, each loaded as a task. Named ones must
+    load (ValueError saying why one cannot); with none named, every registered task
+    that loads here (the zoo's and installed packages'), the others skipped with a warning."""
+    if config.models:
+        for name in config.models:
+            tasks.get(name)  # TaskError (a ValueError) names the known tasks
+        return sorted(config.models)
+    served = []
+    for name in tasks.names():
+        try:
+            tasks.get(name)
+        except tasks.TaskError as exc:
+            log.warning("not serving task %s: %s", name, exc)
+            continue
+        served.append(name)
     return served
 
 

@@ -174,11 +174,30 @@ class JobSpec:
         _check(len(self.eval) <= MAX_EVAL_SPEC, f"eval: a data spec of at most {MAX_EVAL_SPEC} characters")
         self.selection.validate()
         self.training.validate()
+        self._validate_overrides()
         self.transport.validate()
         self.strategy.validate()
         problems = self.defence.problems(self.min_clients)
         _check(not problems, "; ".join(problems))
         return self
+
+    def _validate_overrides(self) -> None:
+        """The config keys that stand for training fields are held to the fields' bounds:
+        `--config epochs=0` is refused as `--epochs 0` is."""
+        def whole(key: str) -> bool:
+            return key not in self.config or type(self.config[key]) is int
+
+        def number(key: str) -> bool:
+            return key not in self.config or type(self.config[key]) in (int, float)
+
+        for key in ("epochs", "batch_size"):
+            _check(whole(key), f"config {key} must be an integer, got {self.config.get(key)!r}")
+        for key in ("learning_rate", "mu"):
+            _check(number(key), f"config {key} must be a number, got {self.config.get(key)!r}")
+        merged = self.task_config()
+        LocalTraining(int(merged["epochs"]), int(merged["batch_size"]), float(merged["learning_rate"])).validate()
+        mu = float(merged["mu"])
+        _check(math.isfinite(mu) and 0 <= mu <= 100, f"config mu must be in [0, 100], got {mu}")
 
     @classmethod
     def from_proto(cls, msg: admin_pb2.JobSpec) -> JobSpec:

@@ -6,6 +6,7 @@ inference (edge.router, edge.models, edge.link).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ class Agent:
         self._measurements: dict[str, float] = {}
         self._measured = asyncio.Event()  # a link measurement the coordinator has not heard yet
         self.trainer = Trainer(
-            self.offers, data.partition_index(config.data), self._coordinator, self.welcomed,
+            self.offers, client_index(config.agent_id, config.data), self._coordinator, self.welcomed,
             (config.backoff_initial, config.backoff_max), self._measured.set, train=self._train, decline=self._decline,
         )
         # Versions served here; idle unless `listen` is set (fetched only when wanted).
@@ -273,7 +274,7 @@ class Agent:
         trained = self.trainer.held.get(model)
         if trained is not None and trained.version == version and trained.sha256 == sha:
             return trained.arrays
-        specs = training.state_specs(model)
+        specs = await asyncio.to_thread(training.state_specs, model)  # a first load of the task: off the loop
         # A failure is retried at the next request, ModelNotice or reconnect (EdgeModels).
         return await transfer.Download(model, version, sha, specs, held).run(self._coordinator(), timeout=120)
 
@@ -289,3 +290,12 @@ class Agent:
         """Every task's training step (Trainer.train); a subclass may change the update
         here (tandem_lab.hostile poisons it)."""
         return await self.trainer.train(task, base)
+
+
+def client_index(agent_id: str, spec: str) -> int:
+    """This agent's index in the training seeds (`training.shuffle_seed`): I of a
+    `digits:I/N` spec (so that the reference workload matches its simulation), else
+    from the agent's name, so that agents on other data do not all shuffle alike."""
+    if data.parse_digits_spec(spec) is not None:
+        return data.partition_index(spec)
+    return int(hashlib.sha256(agent_id.encode()).hexdigest()[:8], 16) % 1000

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TypeVar
 
 import grpc
@@ -71,7 +69,7 @@ class Trainer:
         self._results: dict[tuple[str, int], tuple[dict[str, float], int]] = {}
         # job -> this agent's tensors that never leave it (local layers, integer counters),
         # kept from round to round in memory.
-        self._local: dict[str, dict[str, torch.Tensor]] = {}
+        self._local: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # job -> (round, tensors kept here)
 
     def measurements(self) -> dict[str, float]:
         """What training measured, for the heartbeat: transfer throughputs and training time."""
@@ -248,33 +246,60 @@ class Trainer:
         config = task_config.from_proto(task.config)
         key = (task.job_id, task.round)
 
-        def work() -> tuple[dict[str, np.ndarray], float, dict[str, float], int]:
+        def work() -> tuple[dict[str, np.ndarray], float, dict[str, float], int, dict[str, torch.Tensor]]:
             model = loaded.build(0)
             loaded.load_arrays(model, base.arrays)
             kept = self._local.get(task.job_id)
             if kept:
                 with torch.no_grad():
                     state = model.state_dict()
-                    for name, value in kept.items():
+                    for name, value in kept[1].items():
                         state[name].copy_(value)
-            with warnings.catch_warnings():  # the base's arrays may be read-only: so is global_state
-                warnings.filterwarnings("ignore", message=".*not writable.*")
-                global_state = {name: torch.from_numpy(array) for name, array in base.arrays.items()}
             context = TrainContext(round=task.round, seed=training.shuffle_seed(task.round, self.client_index),
-                                   device="cpu", global_state=global_state)
+                                   device="cpu", global_state=_Snapshot(base.arrays))
             result = loaded.task.train(model, prepared.data, dict(config), context)
             state = model.state_dict()
-            self._local[task.job_id] = {name: state[name].detach().clone() for name in loaded.local_keys}
+            local = {name: state[name].detach().clone() for name in loaded.local_keys}
             after = loaded.state_arrays(model)
-            values = {str(k): float(v) for k, v in result.metrics.items()}
+            values, dropped = task_config.update_metrics(result.metrics)  # what the coordinator takes
+            if dropped:
+                log.warning("task %s: metrics %s left out of the update (at most %d finite numbers, names of at "
+                            "most %d characters)", task.model, dropped[:5], task_config.MAX_UPDATE_METRICS,
+                            task_config.MAX_METRIC_NAME)
             return {name: after[name] - base.arrays[name] for name in after}, values.get("loss", 0.0), values, \
-                int(result.num_examples)
+                int(result.num_examples), local
 
         start = time.perf_counter()
-        delta, loss, trained, examples = await asyncio.to_thread(work)
+        delta, loss, trained, examples, local = await asyncio.to_thread(work)
+        # Kept only here, where this round was not superseded: a cancelled round's thread
+        # runs on to its end, and must not overwrite a newer round's tensors.
+        if task.round >= self._local.get(task.job_id, (0, {}))[0]:
+            self._local[task.job_id] = (task.round, local)
         seconds = time.perf_counter() - start
-        self._results[key] = ({k: v for k, v in trained.items() if math.isfinite(v)}, examples)
+        self._results[key] = (trained, examples)
         metrics.EDGE_TRAIN_SECONDS.observe(seconds)
         metrics.EDGE_LOCAL_LOSS.set(loss)
         self._measurements[measurements.TRAIN_SECONDS] = seconds
         return delta, loss, seconds
+
+
+class _Snapshot(Mapping[str, torch.Tensor]):
+    """The round's starting weights for `TrainContext.global_state`: a tensor is copied
+    on first use (a task may change it in place; the held base must not change), and
+    only tensors a task reads cost memory."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self._arrays = arrays
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._tensors.get(name)
+        if tensor is None:
+            tensor = self._tensors[name] = torch.tensor(self._arrays[name])
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)

@@ -160,3 +160,24 @@ def parse_labels(texts: Iterable[str], flag: str = "--label") -> dict[str, str]:
 def matches(labels: Mapping[str, str], selectors: Mapping[str, str]) -> bool:
     """Whether an agent's labels satisfy every selector."""
     return all(labels.get(key) == value for key, value in selectors.items())
+
+
+# What an update's header may carry as the task's train metrics (the coordinator
+# refuses more; agents keep within it: `update_metrics`).
+MAX_UPDATE_METRICS = 64
+MAX_METRIC_NAME = 64
+
+
+def update_metrics(values: Mapping[str, object]) -> tuple[dict[str, float], list[str]]:
+    """The metrics an update may carry: finite numbers under names of 1..MAX_METRIC_NAME
+    characters, at most MAX_UPDATE_METRICS of them (by name); and the names left out."""
+    kept: dict[str, float] = {}
+    dropped: list[str] = []
+    for name in sorted(map(str, values)):
+        value = values[name]
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+        if 0 < len(name) <= MAX_METRIC_NAME and math.isfinite(number) and len(kept) < MAX_UPDATE_METRICS:
+            kept[name] = number
+        else:
+            dropped.append(name)
+    return kept, dropped

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import math
 import threading
 import time
@@ -30,6 +29,7 @@ from tandem.errors import InvalidArgument
 # Weight of the newest measurement in the per-stage moving averages.
 _EWMA = 0.2
 _DESCRIBE_LOCK = threading.Lock()
+_LAYOUTS: dict[str, Layout] = {}
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,16 @@ def layout(name: str) -> Layout:
     """Task `name`'s layout, found once per process (KeyError for an unknown task,
     ValueError for one that cannot load). It builds and runs the model: call it on a
     worker thread or at startup, or await `prepare`."""
+    found = _LAYOUTS.get(name)  # found already: no lock (the event loop asks often)
+    if found is not None:
+        return found
     with _DESCRIBE_LOCK:
-        return _layout(name)
+        found = _LAYOUTS.get(name)
+        if found is None:
+            found = _LAYOUTS[name] = _layout(name)
+        return found
 
 
-@functools.cache
 def _layout(name: str) -> Layout:
     loaded = tasks.get(name)
     plan = split.find(loaded.task, loaded.build(0))

@@ -14,7 +14,6 @@ refuse to mix them.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import hashlib
 import importlib
 import json
@@ -43,7 +42,9 @@ _BUILTIN = {  # the zoo, as its entry points in pyproject.toml name it
 # One torch RNG per process: seeded builds are serialised (a model loaded on another
 # thread would otherwise draw from the generator in the middle of a seeded build).
 _BUILD_LOCK = threading.RLock()
-_LOAD_LOCK = threading.Lock()
+_LOAD_LOCK = threading.Lock()  # guards _NAME_LOCKS
+_NAME_LOCKS: dict[str, threading.Lock] = {}
+_LOADED: dict[str, LoadedTask] = {}
 
 
 class TaskError(ValueError):
@@ -158,18 +159,28 @@ def _fingerprint(name: str, version: str, state: tuple[StateEntry, ...]) -> str:
 
 
 def get(name: str) -> LoadedTask:
-    """The task called `name`, loaded once per process; TaskError saying why not."""
+    """The task called `name`, loaded once per process; TaskError saying why not.
+
+    A loaded task is answered without a lock (callers on an event loop ask often); a
+    first load holds a lock of its own name only, so one slow import stalls no other."""
+    loaded = _LOADED.get(name)
+    if loaded is not None:
+        return loaded
     with _LOAD_LOCK:
-        return _load(name)
+        lock = _NAME_LOCKS.setdefault(name, threading.Lock())
+    with lock:
+        loaded = _LOADED.get(name)
+        if loaded is None:
+            loaded = _LOADED[name] = _load(name)
+        return loaded
 
 
-@functools.cache
 def _load(name: str) -> LoadedTask:
     target = registered().get(name)
     if target is None:
         if _QUALIFIED.fullmatch(name) is None:
             raise UnknownTask(f"unknown task {name!r}: not registered under {GROUP!r} by any installed package "
-                            f"(known: {', '.join(names())}) and not of the form PACKAGE.MODULE:ATTRIBUTE")
+                              f"(known: {', '.join(names())}) and not of the form PACKAGE.MODULE:ATTRIBUTE")
         target = name
     module_name, _, attribute = target.partition(":")
     try:
@@ -177,16 +188,17 @@ def _load(name: str) -> LoadedTask:
         for part in attribute.split("."):
             found = getattr(found, part)
     except ModuleNotFoundError as exc:
-        raise UnknownTask(f"task {name!r} ({target}) is not installed here: {exc}") from None
-    except (ImportError, AttributeError) as exc:
-        raise TaskError(f"task {name!r} ({target}) cannot be loaded: {exc}") from None
-    task = _instance(name, found)
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise UnknownTask(f"task {name!r} ({target}) is not installed here: {exc}") from None
+        raise TaskError(f"task {name!r} ({target}) cannot be loaded: {exc}") from None  # a dependency it lacks
+    except Exception as exc:  # noqa: BLE001 - a user's module can raise anything while it is imported
+        raise TaskError(f"task {name!r} ({target}) cannot be loaded: {type(exc).__name__}: {exc}") from None
     try:
-        return LoadedTask(name, task)
+        return LoadedTask(name, _instance(name, found))
     except TaskError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a user's build() can raise anything
-        raise TaskError(f"task {name!r}: building its model failed: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a user's constructor or build() can raise anything
+        raise TaskError(f"task {name!r}: loading it failed: {type(exc).__name__}: {exc}") from None
 
 
 def _instance(name: str, found: object) -> Task:

@@ -46,7 +46,7 @@ async def test_only_federated_tensors_leave_and_counters_persist(regression: tas
     assert trainer._results[("job", 1)][0]["marker_seen"] == 3  # noqa: SLF001 - what the header will carry
     counter = "1.num_batches_tracked"
     assert regression.local_keys == [counter]
-    assert int(trainer._local["job"][counter]) == 6  # noqa: SLF001
+    assert int(trainer._local["job"][1][counter]) == 6  # noqa: SLF001
     task.round = 2
     await trainer.train(task, HeldVersion(0, "", base))
-    assert int(trainer._local["job"][counter]) == 12  # noqa: SLF001 - kept on the device, across rounds
+    assert int(trainer._local["job"][1][counter]) == 12  # noqa: SLF001 - kept on the device, across rounds

@@ -21,7 +21,8 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
     p.add_argument("--models", default="",
-                   help="comma-separated models its Inference service serves (default: every zoo model)")
+                   help="comma-separated tasks its Inference service serves (default: every registered task "
+                        "that loads, as `tandem tasks` lists them; a PACKAGE.MODULE:ATTRIBUTE task must be named)")
     serving_args(p)
     p.add_argument("--upload-idle-seconds", type=float, default=120.0,
                    help="an upload that sends nothing for this long is ended (DEADLINE_EXCEEDED); what it "

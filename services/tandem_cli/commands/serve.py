@@ -16,7 +16,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--health", default=None, help="plaintext gRPC health-only address HOST:PORT, for probes")
     p.add_argument("--metrics", default=None, help="Prometheus metrics address HOST:PORT")
     p.add_argument("--cache", type=Path, required=True, help="directory for the mirrored model files")
-    p.add_argument("--models", default="", help="comma-separated models to serve (default: every zoo model)")
+    p.add_argument("--models", default="", help="comma-separated tasks to serve (default: every registered task that loads)")
     p.add_argument("--poll-interval", type=float, default=2.0, help="seconds between looks for new versions")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
     serving_args(p)
