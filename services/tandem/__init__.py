@@ -5,7 +5,10 @@ TrainResult, Signature`); its names are loaded on first use, so that importing a
 light part of the package does not import torch.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers: `from tandem import Task` is typed as tandem.task's
+    from tandem.task import Signature, Task, TrainContext, TrainResult
 
 __version__ = "0.1.0"
 __all__ = ["Signature", "Task", "TrainContext", "TrainResult"]

@@ -18,8 +18,12 @@ import re
 from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 
-from tandem.task import Config, ConfigValue
 from tandem.v1 import coordinator_pb2 as pb
+
+# A job's config: plain values only. Defined here, not in tandem.task (which re-exports
+# them): the command line imports this module, and must not import torch for it.
+ConfigValue = str | int | float | bool
+Config = Mapping[str, ConfigValue]
 
 KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 MAX_ENTRIES = 64

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 
-# A job's config: plain values only (the coordinator validates it; see tandem.config).
-ConfigValue = str | int | float | bool
-Config = Mapping[str, ConfigValue]
+from tandem.config import Config, ConfigValue  # plain values only; the coordinator validates them
+
+__all__ = ["Config", "ConfigValue", "Signature", "Task", "TrainContext", "TrainResult"]
 
 
 @dataclass(frozen=True)
