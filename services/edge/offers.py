@@ -67,8 +67,8 @@ class Offers:
                                                                          reason=_clip(str(exc)))))
                 continue
             data, reason = _load(loaded, data_spec, cache)
-            if reason:
-                log.warning("task %s is offered not ready: %s", name, reason)
+            if reason:  # expected of most installed tasks on most data: a warning only where asked for
+                log.log(logging.WARNING if explicit else logging.INFO, "task %s is offered not ready: %s", name, reason)
             prepared.append(Prepared(name, loaded, data, pb.TaskOffer(
                 name=name, fingerprint=loaded.fingerprint, ready=not reason, reason=reason)))
         return cls(prepared)

@@ -81,7 +81,10 @@ def field_strategy(f: FieldDescriptor, ctx: Context, depth: int = 0) -> st.Searc
     if f.message_type is not None and f.message_type.GetOptions().map_entry:
         key, value = f.message_type.fields_by_name["key"], f.message_type.fields_by_name["value"]
         name = (lambda i: f"k{i}") if key.type == key.TYPE_STRING else (lambda i: i)
-        many = st.integers(0, 5000).map(lambda n: {name(i): 0 for i in range(n)})  # scalar values only
+        # Many entries of the value type's zero (for a map of messages, empty ones: `assign`).
+        fill: Any = None if value.message_type is not None else (
+            "" if value.type == value.TYPE_STRING else b"" if value.type == value.TYPE_BYTES else 0)
+        many = st.integers(0, 5000).map(lambda n: {name(i): fill for i in range(n)})
         return st.one_of(st.dictionaries(_scalar(key, ctx), _single(value, ctx, depth), max_size=3), many)
     if f.is_repeated:
         small = _SMALL.get(f.type) or (_empty(f.message_type) if f.message_type else _scalar(f, ctx))
@@ -98,6 +101,8 @@ def assign(msg: Message, f: FieldDescriptor, value: Any) -> None:
         for k, v in value.items():
             if isinstance(v, Message):
                 target[k].CopyFrom(v)
+            elif v is None:
+                target[k].SetInParent()  # an empty message under this key
             else:
                 target[k] = v
     elif f.is_repeated:
