@@ -221,8 +221,9 @@ class JobRunner:
                 return
             metrics.ROUNDS.labels("retried").inc()
             log.warning(
-                "job %s round %d: %d of %d updates needed at the deadline; retrying",
-                self.job_id, number, len(rnd.submitted), self.spec.min_clients,
+                "job %s round %d: %d of %d updates needed %s; retrying", self.job_id, number, len(rnd.submitted),
+                self.spec.min_clients,
+                "at the deadline" if time.time() >= rnd.deadline else "and no selected agent left to wait for",
             )
 
     async def _wait_for_agents(self, rnd: OpenRound) -> None:
