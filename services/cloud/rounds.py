@@ -305,7 +305,7 @@ class JobRunner:
         if rnd is None or not rnd.accepting or agent not in rnd.selected or agent in rnd.submitted:
             return
         reason = FAILURE_NAMES.get(message.reason, "EXCEPTION")
-        detail = " ".join(message.detail.split())[:300]
+        detail = " ".join(message.detail[:1000].split())[:300]  # a peer's text: bounded before any work
         self._store.add_failure(self.job_id, rnd.number, agent, reason, detail)
         metrics.TASK_FAILURES.labels(reason).inc()
         key = (reason, detail)
