@@ -59,7 +59,7 @@ class Coordinator:
         lifecycle.tune_allocator()
         self.lock = StateLock(cfg.state)  # first: nothing may touch a state directory another process holds
         self.store = Store(cfg.state)
-        self.registry = Registry()
+        self.registry = Registry(stale_after=2 * cfg.heartbeat_interval)
         self.models = ModelRepository(self.store)
         self.jobs = JobManager(self.store, self.registry, self.models)
         self.serving = ModelServer(self.models, cfg.serving)

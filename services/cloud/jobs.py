@@ -90,6 +90,12 @@ class JobManager:
         if runner is not None:
             runner.declined(agent, message)
 
+    def failed(self, agent: str, message: pb.TaskFailed) -> None:
+        """An agent failed to train a job's task: the job's runner records it."""
+        runner = self.running(message.job_id)
+        if runner is not None:
+            runner.failed(agent, message)
+
     def runner(self, job_id: str) -> JobRunner:
         """The runner of a running job, for the update intake."""
         if not job_id:
@@ -157,6 +163,8 @@ class JobManager:
             )
         job.excluded.extend(admin_pb2.Exclusion(agent=e.agent, code=e.code, reason=e.reason)
                             for e in self._store.exclusions(job_id))
+        job.failures.extend(admin_pb2.TaskFailureRecord(round=f.round, agent=f.agent, reason=f.reason, detail=f.detail,
+                                                        count=f.count) for f in self._store.failures(job_id))
         if row.state == JobState.RUNNING:
             current = self._store.get_round(job_id, row.current_round)
             if current is not None and current.state == RoundState.OPEN:

@@ -129,7 +129,21 @@ def _v5_task_metrics(db: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_file_integrity, _v4_weight_caps, _v5_task_metrics]
+def _v7_task_failures(db: sqlite3.Connection) -> None:
+    """Version 7 (issue 16, guards: task failures): what agents reported when they failed
+    to train a round (TaskFailed), one row per (job, round, agent) with the latest reason
+    and detail and how many times it was reported. Numbered 7: migration 6 is the model
+    lifecycle's (another branch); until both are merged this one sits in the sixth place."""
+    db.execute(
+        """CREATE TABLE task_failures (
+            job_id TEXT NOT NULL, round INTEGER NOT NULL, agent TEXT NOT NULL, reason TEXT NOT NULL,
+            detail TEXT NOT NULL, count INTEGER NOT NULL, first REAL NOT NULL, last REAL NOT NULL,
+            PRIMARY KEY (job_id, round, agent))"""
+    )
+
+
+MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_file_integrity, _v4_weight_caps, _v5_task_metrics,
+                               _v7_task_failures]
 
 
 def schema_version(db: sqlite3.Connection) -> int:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem import metrics
-from tandem.errors import Aborted, TandemError
+from tandem.errors import Aborted, AlreadyExists, TandemError
 from tandem.v1 import coordinator_pb2 as pb
 
 
@@ -18,6 +18,7 @@ class Session:
 
     agent_id: str
     hello: pb.Hello
+    peer: str = ""  # the agent's address, as gRPC names it ("ipv4:10.0.0.7:51234")
     connected_since: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.time)
     measurements: dict[str, float] = field(default_factory=dict)
@@ -39,14 +40,20 @@ ConnectListener = Callable[[Session], None]
 class Registry:
     """Who is connected right now: one session per agent.
 
-    A second Connect of the same agent replaces the older session, which ends ABORTED,
-    rather than being refused: an agent that reconnects after its link broke must get in
-    at once, while the coordinator may not notice the old stream dead for up to its
-    keepalive timeout (40 s). An agent can thus hold one control stream, whichever rule;
-    how often it may replace it is limited per second (cloud.limits).
+    A second Connect of an agent whose control stream is live is refused ALREADY_EXISTS,
+    naming the agent and where its stream comes from: two processes with one identity
+    (a copied certificate, a second `tandem edge`) must not evict each other. A stream
+    is live while its agent was heard (Hello or heartbeat) within `stale_after` seconds,
+    two heartbeat intervals. An agent that reconnects after its link broke silently may
+    find its old stream not yet noticed dead (the keepalive takes up to 40 s): once that
+    stream has been silent for `stale_after`, the new Connect replaces it, and the old
+    one ends ABORTED. Such an agent is back within about `stale_after` plus its retry
+    delay (edge.agent retries ALREADY_EXISTS within a heartbeat interval). How often an
+    agent may try is limited per second (cloud.limits).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stale_after: float = 10.0) -> None:
+        self.stale_after = stale_after
         self._sessions: dict[str, Session] = {}
         # Heartbeat measurements per agent, kept across reconnects (a link is still
         # the same link after a new session).
@@ -61,11 +68,21 @@ class Registry:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
-    async def connect(self, agent_id: str, hello: pb.Hello) -> Session:
+    async def connect(self, agent_id: str, hello: pb.Hello, peer: str = "") -> Session:
+        """A session for the agent's new control stream; AlreadyExists while it has a live one."""
         old = self._sessions.get(agent_id)
         if old is not None:
-            old.close(Aborted(f"replaced by a newer control stream of agent {agent_id!r}"))
-        session = Session(agent_id, hello, measurements=self._measurements.setdefault(agent_id, {}))
+            silent = time.time() - old.last_seen
+            if silent < self.stale_after:
+                metrics.AGENT_CONNECTS_REFUSED.inc()
+                raise AlreadyExists(
+                    f"agent {agent_id!r} is already connected from {old.peer or 'another address'} (heard "
+                    f"{silent:.1f} s ago); a second control stream of the same identity is refused. Is another "
+                    f"process using this agent's certificate? (a stream silent for {self.stale_after:g} s is "
+                    "replaced)", reason="duplicate")
+            old.close(Aborted(f"replaced by a newer control stream of agent {agent_id!r} from {peer or 'elsewhere'}: "
+                              f"this one was silent for {silent:.1f} s"))
+        session = Session(agent_id, hello, peer, measurements=self._measurements.setdefault(agent_id, {}))
         self._sessions[agent_id] = session
         metrics.CONNECTED_AGENTS.set(len(self._sessions))
         metrics.AGENT_CONNECTS.inc()

@@ -37,6 +37,15 @@ from tandem.timestamps import timestamp
 from tandem.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
+# An agent that fails a job's task this many times in a row with the same reason and
+# detail is excluded from the job (docs/tasks.md, "When training fails").
+FAILURES_TO_EXCLUDE = 2
+FAILURE_NAMES = {value: name.removeprefix("TASK_FAILURE_") for name, value in pb.TaskFailure.items()
+                 if value != pb.TASK_FAILURE_UNSPECIFIED}
+
+
+class NoQuorum(Exception):
+    """Too few agents can train the job any more: it fails with this message."""
 
 
 class JobRunner:
@@ -58,6 +67,8 @@ class JobRunner:
         self._optimizer = strategies.get(spec.strategy.name)(spec.strategy.effective_server_lr(spec.transport.codec))
         self._downlink = compression.parse_codec(spec.transport.effective_downlink)
         self._eligibility = Eligibility(job_id, spec, store)
+        # agent -> (reason, detail) of its last failure and how many times in a row it came
+        self._streaks: dict[str, tuple[tuple[str, str], int]] = {}
 
     def start(self) -> None:
         self._registry.add_listener(self._on_connect)
@@ -104,6 +115,9 @@ class JobRunner:
                     self._say("")
         except asyncio.CancelledError:
             raise
+        except NoQuorum as exc:
+            log.error("job %s failed: %s", self.job_id, exc)
+            self._store.set_job_state(self.job_id, JobState.FAILED, str(exc))
         except Exception as exc:
             log.exception("job %s failed", self.job_id)
             self._store.set_job_state(self.job_id, JobState.FAILED, f"{type(exc).__name__}: {exc}")
@@ -207,14 +221,43 @@ class JobRunner:
                 return
             metrics.ROUNDS.labels("retried").inc()
             log.warning(
-                "job %s round %d: %d of %d updates needed at the deadline; retrying",
-                self.job_id, number, len(rnd.submitted), self.spec.min_clients,
+                "job %s round %d: %d of %d updates needed %s; retrying", self.job_id, number, len(rnd.submitted),
+                self.spec.min_clients,
+                "at the deadline" if time.time() >= rnd.deadline else "and no selected agent left to wait for",
             )
 
     async def _wait_for_agents(self, rnd: OpenRound) -> None:
-        """Until enough eligible agents are connected or have delivered (uploads arrive meanwhile)."""
-        while len(set(self._eligible()) | rnd.submitted) < self.spec.min_clients:
+        """Until enough eligible agents are connected or have delivered (uploads arrive
+        meanwhile), saying so in the job's message; NoQuorum once exclusions leave too
+        few agents that could ever train the job."""
+        waiting = False
+        while (have := len(set(self._eligible()) | rnd.submitted)) < self.spec.min_clients:
+            self._check_quorum(rnd)
+            waiting = True
+            self._say(f"waiting for agents: {have} of {self.spec.min_clients} needed are connected and eligible")
             await self._registry.wait_changed(timeout=1.0)
+        if waiting:
+            self._say("")
+
+    def _check_quorum(self, rnd: OpenRound) -> None:
+        """NoQuorum when, with some agents excluded, the job's min_clients exceeds every
+        agent that could still train it: the eligible connected ones, those that delivered
+        this round, and known agents now disconnected (their labels unknown: counted) that
+        its agent names do not rule out."""
+        excluded = self._store.exclusions(self.job_id)
+        if not excluded:
+            return  # nobody ruled out: more agents may connect, the job waits
+        out = {e.agent for e in excluded}
+        connected = set(self._registry.connected())
+        names = self.spec.selection.agents
+        absent = {a.agent for a in self._store.list_agents()
+                  if a.agent not in connected and a.agent not in out and (not names or a.agent in names)}
+        possible = set(self._eligible()) | rnd.submitted | absent
+        if len(possible) >= self.spec.min_clients:
+            return
+        reasons = "; ".join(f"{e.agent} excluded: {e.code}: {e.reason}" for e in excluded)
+        raise NoQuorum(f"no quorum possible: {len(possible)} of {self.spec.min_clients} needed agents can train "
+                       f"job {self.job_id} ({reasons})")
 
     def _eligible(self) -> list[str]:
         """Connected agents the job may select (cloud.eligibility; the others are excluded once)."""
@@ -252,6 +295,29 @@ class JobRunner:
         rnd = self.open_round(message.round)
         if rnd is not None:
             rnd.drop(agent)
+
+    def failed(self, agent: str, message: pb.TaskFailed) -> None:
+        """The agent tried the open round's task and failed: recorded in the round and logged,
+        the agent out of this attempt (the round does not wait for it), and excluded from the
+        job after FAILURES_TO_EXCLUDE identical failures in a row. A report for a round or
+        an agent not in this attempt is ignored (one record per agent and attempt)."""
+        rnd = self.open_round(message.round)
+        if rnd is None or not rnd.accepting or agent not in rnd.selected or agent in rnd.submitted:
+            return
+        reason = FAILURE_NAMES.get(message.reason, "EXCEPTION")
+        detail = " ".join(message.detail[:1000].split())[:300]  # a peer's text: bounded before any work
+        self._store.add_failure(self.job_id, rnd.number, agent, reason, detail)
+        metrics.TASK_FAILURES.labels(reason).inc()
+        key = (reason, detail)
+        last, count = self._streaks.get(agent, (key, 0))
+        count = count + 1 if last == key else 1
+        self._streaks[agent] = (key, count)
+        log.warning("job %s round %d: agent %s failed the task: %s: %s", self.job_id, rnd.number, agent, reason,
+                    detail)
+        rnd.drop(agent)
+        if count >= FAILURES_TO_EXCLUDE:
+            self._eligibility.exclude(agent, reason, f"agent {agent} failed the task {count} times in a row: "
+                                                     f"{reason}: {detail}")
 
     def _codec_for(self, agent: str) -> str:
         """The job's codec, or with `auto` one chosen from the agent's measured link."""
@@ -365,6 +431,8 @@ class JobRunner:
         final = rnd.number >= self.spec.rounds
         self._store.close_round(self.job_id, rnd.number, version, accuracy, loss, trained.get("loss", local_loss),
                                 final, weights.cap, weights.capped, trained, evaluated)
+        for update in updates:  # an agent that delivered is no longer failing "in a row"
+            self._streaks.pop(update.agent, None)
         self._unrecorded = None
         # Only the newest job state is ever read again (a restart resumes from it).
         self._store.job_state_path(self.job_id, rnd.number - 1).unlink(missing_ok=True)

@@ -156,6 +156,17 @@ class Exclusion:
     reason: str
 
 
+@dataclass(frozen=True)
+class FailureRow:
+    """An agent's failures to train one round of a job (TaskFailed; migration 7)."""
+
+    round: int
+    agent: str
+    reason: str  # "DATA_MISMATCH", "TASK_UNKNOWN", "OUT_OF_MEMORY" or "EXCEPTION"
+    detail: str
+    count: int
+
+
 def _record(cls: type[R], row: sqlite3.Row, **parsed: object) -> R:
     """A `cls` from the columns named like its fields, `parsed` replacing some. Only
     those columns: one that a later migration adds is read by the code that knows it."""

@@ -100,7 +100,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if len(hello.device) > 64 or len(hello.models) > 256:
             raise InvalidArgument("malformed Hello: device over 64 characters or over 256 models")
         _check_offers(hello)
-        session = await self._registry.connect(identity.name, hello)
+        session = await self._registry.connect(identity.name, hello, context.peer())
         reader: asyncio.Task[Exception | None] | None = None
         try:
             self._store.agent_connected(identity.name, hello.num_examples, hello.device)
@@ -117,7 +117,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             if reader.done() and (error := reader.result()) is not None:
                 raise error  # a malformed or over-limit message ends the stream with its status
             if session.ended_by is not None:
-                raise session.ended_by  # replaced by a newer stream of the same agent
+                raise session.ended_by  # replaced by a newer stream of the same agent (this one was silent)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -143,6 +143,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 elif message.HasField("declined"):
                     peer.check()
                     self._jobs.declined(session.agent_id, message.declined)
+                elif message.HasField("failed"):
+                    peer.check()
+                    self._jobs.failed(session.agent_id, message.failed)
         except (grpc.RpcError, asyncio.CancelledError):
             pass
         except Exception as exc:  # noqa: BLE001 - handed to Connect, which answers with its status

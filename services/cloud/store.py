@@ -21,6 +21,7 @@ from cloud.rows import (
     _SERVED,
     AgentRow,
     Exclusion,
+    FailureRow,
     FileKind,
     JobRow,
     JobState,
@@ -37,7 +38,7 @@ from cloud.rows import (
     _version_values,
 )
 
-__all__ = ["AgentRow", "Exclusion", "FileKind", "JobRow", "JobState", "QuarantineRow", "RoundRow", "RoundState",
+__all__ = ["AgentRow", "Exclusion", "FailureRow", "FileKind", "JobRow", "JobState", "QuarantineRow", "RoundRow", "RoundState",
            "Store", "UpdateRow", "VersionRow"]
 _UPDATE_COLUMNS = "agent, digest, num_examples, local_loss, path, bytes, codec, metrics"
 
@@ -283,6 +284,23 @@ class Store:
     def exclusions(self, job_id: str) -> list[Exclusion]:
         rows = self._db.execute("SELECT agent, code, reason FROM exclusions WHERE job_id = ? ORDER BY agent", (job_id,))
         return [_record(Exclusion, r) for r in rows]
+
+    # ---- task failures ----------------------------------------------------
+
+    def add_failure(self, job_id: str, round_: int, agent: str, reason: str, detail: str) -> None:
+        """Record an agent's failure to train a round (a repeat counts, the latest text stays)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO task_failures VALUES (?,?,?,?,?,1,?,?) ON CONFLICT (job_id, round, agent) DO UPDATE SET"
+                " reason = excluded.reason, detail = excluded.detail, count = count + 1, last = excluded.last",
+                (job_id, round_, agent, reason, detail, now, now),
+            )
+
+    def failures(self, job_id: str) -> list[FailureRow]:
+        rows = self._db.execute("SELECT round, agent, reason, detail, count FROM task_failures WHERE job_id = ?"
+                                " ORDER BY round, agent", (job_id,))
+        return [_record(FailureRow, r) for r in rows]
 
     # ---- agents -----------------------------------------------------------
 

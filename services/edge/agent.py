@@ -67,9 +67,11 @@ class Agent:
         self._outgoing: asyncio.Queue[pb.AgentMessage] | None = None  # the open control stream's queue
         self._measurements: dict[str, float] = {}
         self._measured = asyncio.Event()  # a link measurement the coordinator has not heard yet
+        self._heartbeat_interval = 5.0  # the coordinator's, from its last Welcome
         self.trainer = Trainer(
             self.offers, client_index(config.agent_id, config.data), self._coordinator, self.welcomed,
             (config.backoff_initial, config.backoff_max), self._measured.set, train=self._train, decline=self._decline,
+            fail=self._fail,
         )
         # Versions served here; idle unless `listen` is set (fetched only when wanted).
         self.models = EdgeModels(self._fetch_for_serving, config.device)
@@ -97,6 +99,12 @@ class Agent:
         if self._outgoing is not None:
             self._outgoing.put_nowait(pb.AgentMessage(declined=pb.TaskDeclined(
                 job_id=job_id, round=round_, code=code, reason=reason)))
+
+    def _fail(self, job_id: str, round_: int, reason: pb.TaskFailure, detail: str) -> None:
+        # Not connected: nothing is sent; the coordinator re-sends the task on a reconnect.
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(pb.AgentMessage(failed=pb.TaskFailed(
+                job_id=job_id, round=round_, reason=reason, detail=detail)))
 
     @property
     def held(self) -> dict[str, transfer.HeldVersion]:
@@ -144,6 +152,13 @@ class Agent:
                     delay = backoff.cap
                     log.error("the coordinator refuses this agent's certificate (%s); trying again every %.0f s, "
                               "serving local requests meanwhile", code.name, delay)
+                elif code == grpc.StatusCode.ALREADY_EXISTS:
+                    # Our own stream, broken silently, that the coordinator has not given up yet (it
+                    # does after two heartbeat intervals), or another process with this identity:
+                    # tried again within a heartbeat interval, so that the former is short.
+                    delay = min(backoff.next_delay(), self._heartbeat_interval)
+                    log.warning("the coordinator has another control stream of this agent; trying again in %.1f s",
+                                delay)
                 else:
                     delay = backoff.next_delay()
                     log.info("control stream closed; reconnecting in %.1f s", delay)
@@ -201,6 +216,7 @@ class Agent:
                     self.welcomed.set()
                     metrics.EDGE_CONNECTED.set(1)
                     interval = message.welcome.heartbeat_interval_seconds or 5.0
+                    self._heartbeat_interval = interval
                     heartbeat = asyncio.create_task(self._heartbeats(outgoing, interval))
                     log.info("connected to %s as %s", self.config.cloud, message.welcome.agent_id)
                     for notice in message.welcome.models:

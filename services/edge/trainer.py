@@ -34,6 +34,36 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 Train = Callable[[pb.TrainTask, HeldVersion], Awaitable[tuple[dict[str, np.ndarray], float, float]]]
 # Tell the coordinator a task will not be trained: (job, round, status code name, reason).
 Decline = Callable[[str, int, str, str], None]
+# Tell the coordinator a task failed: (job, round, pb.TaskFailure value, one-line detail).
+Fail = Callable[[str, int, pb.TaskFailure, str], None]
+MAX_DETAIL = 300  # characters of an exception's text a TaskFailed carries
+# Words in the message of a RuntimeError, ValueError or IndexError raised by train that
+# say the data does not fit the model (torch's and numpy's wording).
+_MISMATCH_WORDS = ("shape", "size mismatch", "must match the size", "dimension", "cannot be multiplied",
+                   "out of bounds", "expected input", "channels", "mat1 and mat2")
+
+
+def classify(exc: BaseException) -> pb.TaskFailure:
+    """The pb.TaskFailure of an exception raised while training."""
+    if isinstance(exc, MemoryError | torch.cuda.OutOfMemoryError):
+        return pb.TASK_FAILURE_OUT_OF_MEMORY
+    if isinstance(exc, tasks.UnknownTask | UnknownTask):
+        return pb.TASK_FAILURE_TASK_UNKNOWN
+    if isinstance(exc, RuntimeError | ValueError | IndexError):
+        text = str(exc).lower()
+        if any(word in text for word in _MISMATCH_WORDS):
+            return pb.TASK_FAILURE_DATA_MISMATCH
+    return pb.TASK_FAILURE_EXCEPTION
+
+
+def failure_detail(exc: BaseException) -> str:
+    """`Type: message` on one line, at most MAX_DETAIL characters."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
+
+
+class UnknownTask(RuntimeError):
+    """A TrainTask names a task that is not offered here (any more)."""
 
 
 class Trainer:
@@ -44,15 +74,16 @@ class Trainer:
         self, offers: Callable[[], Offers], client_index: int,
         coordinator: Callable[[], coordinator_pb2_grpc.CoordinatorStub],
         connected: asyncio.Event, backoff: tuple[float, float], on_measured: Callable[[], None],
-        train: Train | None = None, decline: Decline | None = None,
+        train: Train | None = None, decline: Decline | None = None, fail: Fail | None = None,
     ) -> None:
         """`offers` gives the tasks this agent offers (prepared at its start); `coordinator`
         gives the current stub (channels are remade on reconnects); `connected` is set
         while the control stream is up; `on_measured` is called when a transfer measured
         the link; `train` replaces `self.train` as the training step; `decline` tells the
-        coordinator a task will not be trained."""
+        coordinator a task will not be trained; `fail` that training it failed."""
         self._offers, self.client_index = offers, client_index
-        self._decline = decline
+        self._decline, self._fail = decline, fail
+        self._failures_seen: set[tuple[str, int, str]] = set()  # (job, reason, detail) logged with a traceback
         self._coordinator, self._connected, self._backoff = coordinator, connected, backoff
         self._on_measured = on_measured
         self._train_step: Train = train or self.train
@@ -96,7 +127,7 @@ class Trainer:
         """The offered task a TrainTask names (checked by `on_task`)."""
         found = self._offers().get(task.model)
         if found is None or found.loaded is None:
-            raise RuntimeError(f"task {task.model} is not offered here")
+            raise UnknownTask(f"task {task.model} is not offered here")
         return found
 
     def _refused(self, task: pb.TrainTask) -> bool:
@@ -142,13 +173,25 @@ class Trainer:
             # Not marked done: if the coordinator sends this task again, it is tried again.
             metrics.EDGE_TASKS.labels("rejected").inc()
             log.warning("job %s round %d: %s %s", task.job_id, task.round, exc.code().name, exc.details())
-        except Exception:
-            metrics.EDGE_TASKS.labels("failed").inc()
-            log.exception("job %s round %d failed", task.job_id, task.round)
+        except Exception as exc:  # noqa: BLE001 - the task's train can raise anything: reported, not raised
+            self._failed(task, exc)
         finally:
             self._tasks = {k: v for k, v in self._tasks.items() if k[0] != key[0] or k[1] >= key[1]}
             self._uploads.pop(key, None)
             self._results.pop(key, None)
+
+    def _failed(self, task: pb.TrainTask, exc: Exception) -> None:
+        """One log line per failure (a traceback once per kind, at debug level), and the
+        coordinator is told why. Not marked done: a task sent again is tried again."""
+        metrics.EDGE_TASKS.labels("failed").inc()
+        reason, detail = classify(exc), failure_detail(exc)
+        name = pb.TaskFailure.Name(reason).removeprefix("TASK_FAILURE_")
+        log.warning("job %s round %d: training failed: %s: %s", task.job_id, task.round, name, detail)
+        if (task.job_id, reason, detail) not in self._failures_seen:
+            self._failures_seen.add((task.job_id, reason, detail))
+            log.debug("job %s round %d: the failure's traceback", task.job_id, task.round, exc_info=exc)
+        if self._fail is not None:
+            self._fail(task.job_id, task.round, reason, detail)
 
     async def _retry(self, key: tuple[str, int], what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Retry transient failures until the task's deadline (re-read: it may move)."""

@@ -46,6 +46,10 @@ MAX_CONNECTIONS = Gauge(
 
 CONNECTED_AGENTS = Gauge("tandem_coordinator_connected_agents", "Agents with an open control stream.")
 AGENT_CONNECTS = Counter("tandem_coordinator_agent_connects_total", "Control streams opened by agents.")
+AGENT_CONNECTS_REFUSED = Counter(
+    "tandem_coordinator_agent_connects_duplicate_total",
+    "Control streams refused because the same agent identity has a live one.",
+)
 UPDATES_ACCEPTED = Counter("tandem_coordinator_updates_accepted_total", "Model updates accepted.")
 UPDATES_CLIPPED = Counter(
     "tandem_coordinator_updates_clipped_total", "Updates whose L2 norm was bounded before aggregation."
@@ -63,6 +67,12 @@ for _outcome in ("closed", "retried"):
     ROUNDS.labels(_outcome)
 for _reason in ("conflict", "malformed", "resume", "stale", "too_large", "unknown_job"):
     UPDATES_REJECTED.labels(_reason)
+TASK_FAILURES = Counter(
+    "tandem_coordinator_task_failures_total", "Training tasks agents reported failed (TaskFailed), by reason.",
+    ["reason"],
+)
+for _reason in ("DATA_MISMATCH", "TASK_UNKNOWN", "OUT_OF_MEMORY", "EXCEPTION"):
+    TASK_FAILURES.labels(_reason)
 ROUND_SECONDS = Histogram(
     "tandem_coordinator_round_duration_seconds", "Wall time of a closed round, from opening to publishing.",
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),

@@ -129,6 +129,8 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
             {"epochs": spec.epochs, "batch_size": spec.batch_size, "learning_rate": spec.learning_rate,
              "mu": spec.mu}, task_config.from_proto(spec.config)),
         "excluded": [{"agent": e.agent, "code": e.code, "reason": e.reason} for e in job.excluded],
+        "failures": [{"round": f.round, "agent": f.agent, "reason": f.reason, "detail": f.detail, "count": f.count}
+                     for f in job.failures],
         "rounds": [
             {
                 "round": r.round, "accuracy": r.accuracy, "loss": r.loss, "local_loss": r.local_loss,

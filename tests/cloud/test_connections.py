@@ -1,6 +1,7 @@
 """Control streams against a real coordinator over mutual TLS: a Hello's claims are
 bounded, heartbeats above an agent's rate end its stream with RESOURCE_EXHAUSTED while
-other agents go on, and a second Connect of the same agent replaces the first."""
+other agents go on, and a second Connect of the same agent is refused while the first
+is live, and replaces it once silent for two heartbeat intervals."""
 
 from __future__ import annotations
 
@@ -105,37 +106,91 @@ async def test_a_heartbeat_flood_ends_its_stream_and_another_agent_is_unaffected
         await calm.close()
 
 
-async def test_a_second_connect_of_the_same_agent_replaces_the_first(limited: Start, certs_dir: Path) -> None:
+async def _beat(stream: Stream, interval: float = 0.2) -> None:
+    """Heartbeats, as a live agent sends them, until cancelled."""
+    seq = 0
+    while True:
+        seq += 1
+        stream.heartbeat(seq)
+        await asyncio.sleep(interval)
+
+
+async def test_a_second_connect_of_a_live_agent_is_refused_and_the_first_keeps_its_stream(
+    limited: Start, certs_dir: Path
+) -> None:
+    # Issue 16: the same agent id connected twice used to evict the first stream (ABORTED
+    # "replaced by a newer control stream"), so two processes with one identity evicted
+    # each other in turn. Now the second is refused while the first is heard from.
     server = await limited(connect_burst=5, connects_per_second=0.1)
     async with (agent_channel(server.port, certs_dir, "agent-0") as old_channel,
                 agent_channel(server.port, certs_dir, "agent-0") as new_channel):
-        # The first stream looks alive to the server (it might be a dead link not yet noticed).
         old, new = Stream(old_channel), Stream(new_channel)
         old.hello()
         await asyncio.wait_for(old.welcomed.wait(), 10)
+        beating = asyncio.create_task(_beat(old))
         first = server.registry.get("agent-0")
+        assert first is not None and first.peer.startswith("ipv")
         new.hello()
-        await asyncio.wait_for(new.welcomed.wait(), 10)  # the reconnecting agent gets in
-        code, details = await asyncio.wait_for(old.ended, 10)
-        assert code == grpc.StatusCode.ABORTED and "replaced by a newer control stream" in details
-        assert server.registry.get("agent-0") is not first and server.registry.connected() == ["agent-0"]
-        new.heartbeat(1)
-        await wait_for(lambda: new.acks() == 1, timeout=5, message="the new stream's heartbeat answered")
+        code, details = await asyncio.wait_for(new.ended, 10)
+        assert code == grpc.StatusCode.ALREADY_EXISTS, details
+        assert f"agent 'agent-0' is already connected from {first.peer}" in details, details
+        assert not old.ended.done() and server.registry.get("agent-0") is first
+        acks = old.acks()
+        await wait_for(lambda: old.acks() > acks, timeout=5, message="the first stream's heartbeats still answered")
 
-        # Many at once: each replaces the one before, at most the connect burst get in at all,
-        # and one control stream is left.
+        # Many at once: every one refused (a duplicate, or over the connect rate), the first stays.
         many = [Stream(new_channel) for _ in range(20)]
         for stream in many:
             stream.hello()
-        await wait_for(lambda: sum(not s.ended.done() for s in [new, *many]) == 1, timeout=10,
-                       message="all control streams of agent-0 but one ended")  # refusals come a second late
-        ends = [s.ended.result()[0] for s in many if s.ended.done()]
+        await wait_for(lambda: all(s.ended.done() for s in many), timeout=10,
+                       message="every duplicate control stream of agent-0 ended")  # refusals come a second late
+        ends = [s.ended.result()[0] for s in many]
+        assert set(ends) <= {grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED}, ends
         assert ends.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 20 - 4  # 5 in the burst, one used above
+        assert not old.ended.done() and server.registry.get("agent-0") is first
         assert server.registry.connected() == ["agent-0"]
-        open_ = [s for s in [new, *many] if not s.ended.done()]
-        assert len(open_) == 1
-        for stream in [new, *many]:
+        beating.cancel()
+        for stream in [old, new, *many]:
             await stream.close()
+
+
+async def test_a_reconnect_after_a_silently_dropped_stream_gets_in_in_bounded_time(
+    coordinator: Coordinator, certs_dir: Path
+) -> None:
+    """The agent's old stream went silent (its link broke without the coordinator noticing:
+    no FIN, no RST): the agent's new Connect is refused while the old one was heard within
+    two heartbeat intervals, then replaces it; the old one ends ABORTED."""
+    stale_after = coordinator.registry.stale_after
+    assert stale_after == 2 * coordinator.config.heartbeat_interval
+    async with (agent_channel(coordinator.port, certs_dir, "agent-0") as old_channel,
+                agent_channel(coordinator.port, certs_dir, "agent-0") as new_channel):
+        old = Stream(old_channel)
+        old.hello()
+        await asyncio.wait_for(old.welcomed.wait(), 10)
+        old.heartbeat(1)  # then nothing more: the link is gone as far as the coordinator can tell
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        refused = 0
+        while True:  # as edge.agent retries ALREADY_EXISTS: within a heartbeat interval
+            new = Stream(new_channel)
+            new.hello()
+            welcomed = asyncio.create_task(new.welcomed.wait())
+            await asyncio.wait({welcomed, new.ended}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            if new.welcomed.is_set():
+                break
+            code, details = new.ended.result()
+            assert code == grpc.StatusCode.ALREADY_EXISTS, details
+            refused += 1
+            await asyncio.sleep(0.2)
+        took = loop.time() - started
+        assert refused >= 1 and took < stale_after + 2.0, (refused, took)
+        code, details = await asyncio.wait_for(old.ended, 10)
+        assert code == grpc.StatusCode.ABORTED and "silent for" in details, details
+        new.heartbeat(1)
+        await wait_for(lambda: new.acks() == 1, timeout=5, message="the new stream's heartbeat answered")
+        assert coordinator.registry.connected() == ["agent-0"]
+        await new.close()
+        await old.close()
 
 
 @pytest.mark.parametrize("field", ["connects_per_second", "heartbeats_per_second", "heartbeat_burst",

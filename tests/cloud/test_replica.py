@@ -165,6 +165,10 @@ async def test_agents_send_cloud_inference_to_the_replicas_when_told(
         ports = await serving_replica(f"localhost:{coordinator.port}", certs_dir, tmp_path, replica_proc, v1)
         x = inputs(3)
         for inference_cloud, expected in ((f"localhost:{ports['port']}", True), (None, False)):
+            # One after the other: the same agent id connected twice is refused (issue 16).
+            stop.set()
+            await asyncio.gather(*runners)
+            stop = asyncio.Event()
             app = await start_edge(coordinator.port, certs_dir, ("mlp=cloud",), inference_cloud=inference_cloud)
             runners.append(asyncio.create_task(app.run(stop)))
             channel, stub = app_stub(app, certs_dir)

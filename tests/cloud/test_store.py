@@ -246,6 +246,25 @@ def test_migration_4_records_weight_caps_and_keeps_closed_rounds(tmp_path: Path)
     store.close()
 
 
+def test_migration_7_records_task_failures_per_round_and_agent(tmp_path: Path) -> None:
+    """Task failures (TaskFailed) are kept per (job, round, agent): a repeat counts, the
+    latest text stays. Migration 7 sits after 5 until the model lifecycle's 6 is merged."""
+    from cloud.migrations import _v7_task_failures
+
+    before = MIGRATIONS.index(_v7_task_failures)
+    Store(tmp_path, MIGRATIONS[:before]).close()
+    store = Store(tmp_path)
+    assert store.schema_version == len(MIGRATIONS)
+    store.create_job("job-1", SPEC.to_dict(), 1)
+    assert store.failures("job-1") == []
+    store.add_failure("job-1", 1, "agent-0", "DATA_MISMATCH", "RuntimeError: shapes")
+    store.add_failure("job-1", 1, "agent-0", "DATA_MISMATCH", "RuntimeError: shapes")
+    store.add_failure("job-1", 2, "agent-1", "EXCEPTION", "KeyError: 'x'")
+    assert [(f.round, f.agent, f.reason, f.detail, f.count) for f in store.failures("job-1")] == [
+        (1, "agent-0", "DATA_MISMATCH", "RuntimeError: shapes", 2), (2, "agent-1", "EXCEPTION", "KeyError: 'x'", 1)]
+    store.close()
+
+
 def test_added_migrations_run_once_in_order_and_keep_the_data(tmp_path: Path) -> None:
     Store(tmp_path).close()  # a directory at today's version
     store = Store(tmp_path)

@@ -246,6 +246,20 @@ class Exclusion(_message.Message):
     reason: str
     def __init__(self, agent: _Optional[str] = ..., code: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class TaskFailureRecord(_message.Message):
+    __slots__ = ("round", "agent", "reason", "detail", "count")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    agent: str
+    reason: str
+    detail: str
+    count: int
+    def __init__(self, round: _Optional[int] = ..., agent: _Optional[str] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
 class OpenRound(_message.Message):
     __slots__ = ("round", "attempt", "base_version", "selected", "accepted_agents", "rejected", "deadline")
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -265,7 +279,7 @@ class OpenRound(_message.Message):
     def __init__(self, round: _Optional[int] = ..., attempt: _Optional[int] = ..., base_version: _Optional[int] = ..., selected: _Optional[_Iterable[str]] = ..., accepted_agents: _Optional[_Iterable[str]] = ..., rejected: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "current_round", "version", "rounds", "open_round", "message", "created", "excluded")
+    __slots__ = ("job_id", "spec", "state", "current_round", "version", "rounds", "open_round", "message", "created", "excluded", "failures")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +290,7 @@ class Job(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec: JobSpec
     state: JobState
@@ -286,7 +301,8 @@ class Job(_message.Message):
     message: str
     created: _timestamp_pb2.Timestamp
     excluded: _containers.RepeatedCompositeFieldContainer[Exclusion]
-    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., current_round: _Optional[int] = ..., version: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundResult, _Mapping]]] = ..., open_round: _Optional[_Union[OpenRound, _Mapping]] = ..., message: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., excluded: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ...) -> None: ...
+    failures: _containers.RepeatedCompositeFieldContainer[TaskFailureRecord]
+    def __init__(self, job_id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., current_round: _Optional[int] = ..., version: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundResult, _Mapping]]] = ..., open_round: _Optional[_Union[OpenRound, _Mapping]] = ..., message: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., excluded: _Optional[_Iterable[_Union[Exclusion, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[TaskFailureRecord, _Mapping]]] = ...) -> None: ...
 
 class ListModelVersionsRequest(_message.Message):
     __slots__ = ("model",)

@@ -3,12 +3,26 @@ import datetime
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from tandem.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class TaskFailure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_FAILURE_UNSPECIFIED: _ClassVar[TaskFailure]
+    TASK_FAILURE_DATA_MISMATCH: _ClassVar[TaskFailure]
+    TASK_FAILURE_TASK_UNKNOWN: _ClassVar[TaskFailure]
+    TASK_FAILURE_OUT_OF_MEMORY: _ClassVar[TaskFailure]
+    TASK_FAILURE_EXCEPTION: _ClassVar[TaskFailure]
+TASK_FAILURE_UNSPECIFIED: TaskFailure
+TASK_FAILURE_DATA_MISMATCH: TaskFailure
+TASK_FAILURE_TASK_UNKNOWN: TaskFailure
+TASK_FAILURE_OUT_OF_MEMORY: TaskFailure
+TASK_FAILURE_EXCEPTION: TaskFailure
 
 class UploadProgress(_message.Message):
     __slots__ = ("chunks_received",)
@@ -17,14 +31,16 @@ class UploadProgress(_message.Message):
     def __init__(self, chunks_received: _Optional[int] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "declined")
+    __slots__ = ("hello", "heartbeat", "declined", "failed")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     DECLINED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     declined: TaskDeclined
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., declined: _Optional[_Union[TaskDeclined, _Mapping]] = ...) -> None: ...
+    failed: TaskFailed
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., declined: _Optional[_Union[TaskDeclined, _Mapping]] = ..., failed: _Optional[_Union[TaskFailed, _Mapping]] = ...) -> None: ...
 
 class TaskOffer(_message.Message):
     __slots__ = ("name", "fingerprint", "ready", "reason")
@@ -49,6 +65,18 @@ class TaskDeclined(_message.Message):
     code: str
     reason: str
     def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., code: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class TaskFailed(_message.Message):
+    __slots__ = ("job_id", "round", "reason", "detail")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    reason: TaskFailure
+    detail: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., reason: _Optional[_Union[TaskFailure, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class ConfigValue(_message.Message):
     __slots__ = ("text", "integer", "number", "flag")

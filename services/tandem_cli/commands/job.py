@@ -162,6 +162,9 @@ def _print_job(job: dict[str, Any], as_json: bool) -> None:
     print("  config: " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(job["config"].items())))
     for r in job["rounds"]:
         print("  " + round_line(r))
+    for f in job["failures"]:
+        times = f" ({f['count']} times)" if f["count"] > 1 else ""
+        print(f"  round {f['round']}: {f['agent']} failed{times}: {f['reason']}: {f['detail']}")
     for e in job["excluded"]:
         print(f"  excluded {e['agent']}: {e['code']}: {e['reason']}")
     if job.get("message"):
