@@ -39,7 +39,9 @@ async def _job(fleet: Fleet, spec: admin_pb2.JobSpec, agents: int) -> str:
 
 async def _state(fleet: Fleet, job_id: str) -> dict[str, Any]:
     async with admin_channel(fleet.target, fleet.certs_dir) as channel:
-        return job_dict(await admin_stub(channel).GetJob(admin_pb2.GetJobRequest(job_id=job_id), timeout=10))
+        # wait_for_ready: a poll may fall on the coordinator restarting (the scenario's point).
+        return job_dict(await admin_stub(channel).GetJob(admin_pb2.GetJobRequest(job_id=job_id), timeout=10,
+                                                         wait_for_ready=True))
 
 
 async def run_one(work: Path, certs_dir: Path, names: list[str], rounds: int, kill_rounds: list[int],

@@ -56,8 +56,12 @@ class Cluster:
             self.agents[name].wait()
 
     async def admin(self, method: str, request: Any) -> Any:
+        """One Admin call on a new channel. It waits for the channel (wait_for_ready): a
+        poll may fall on a coordinator just restarted, or on a handshake a loaded machine
+        did not finish in time (UNAVAILABLE "Handshake read failed"); either is retried
+        within the call's 10 s, not reported as the coordinator's failure."""
         async with admin_channel(self.port, self.certs) as channel:
-            return await getattr(admin_pb2_grpc.AdminStub(channel), method)(request, timeout=10)
+            return await getattr(admin_pb2_grpc.AdminStub(channel), method)(request, timeout=10, wait_for_ready=True)
 
     async def wait_connected(self, count: int, timeout: float = 90) -> None:
         """Return once `count` agents hold a control stream to the coordinator."""
