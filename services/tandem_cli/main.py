@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -22,11 +23,35 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and each option's default after its help (where it has
+    one worth saying: not None, False or empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        unsaid = default is None or default is False or default is argparse.SUPPRESS or (
+            isinstance(default, str | list | tuple) and not default)
+        if unsaid or "%(default)" in text or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """Every parser of the command, subcommands included (argparse makes them of the
+    parent's class), says its defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("formatter_class") in (None, argparse.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
+
+
 def command_parser(prog: str, description: str, commands: Sequence[Command]) -> argparse.ArgumentParser:
     """A parser with --log-level and one subcommand (or family) per module in `commands`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = Parser(prog=prog, description=description)
     parser.add_argument("--log-level", default=env("TANDEM_LOG_LEVEL", "INFO"), help="logging level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub: Any = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # of Parser
     for command in commands:
         command.register(sub)
     return parser

@@ -25,13 +25,13 @@ def register(subparsers: Subparsers) -> None:
     p = certs_sub.add_parser("add-agent", help="issue a certificate for one more agent")
     p.add_argument("name", help="the agent's name: its identity everywhere")
     p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
-    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--days", type=int, default=365, help="validity of the certificate, in days")
     p.add_argument("--hosts", default="", help="names or IPs local applications reach the agent by, comma-separated")
     p.set_defaults(func=_add_agent)
     p = certs_sub.add_parser("add-client", help="issue a certificate for a local application that calls Inference")
     p.add_argument("name", help="the application's name")
     p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
-    p.add_argument("--days", type=int, default=365)
+    p.add_argument("--days", type=int, default=365, help="validity of the certificate, in days")
     p.set_defaults(func=_add_client)
 
     p = certs_sub.add_parser("revoke", help="deny an agent's or application's certificate on every server, "

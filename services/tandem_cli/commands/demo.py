@@ -17,9 +17,9 @@ from tandem_cli.options import Subparsers
 
 def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser("demo", help="coordinator + agents on loopback, federated training of the reference workload")
-    p.add_argument("--certs", type=Path, default=Path(".certs"))
-    p.add_argument("--agents", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--certs", type=Path, default=Path(".certs"), help="deployment certificates (made if missing)")
+    p.add_argument("--agents", type=int, default=4, help="agents to start, each with a partition of the data")
+    p.add_argument("--rounds", type=int, default=10, help="rounds of federated training")
     p.add_argument("--min-accuracy", type=float, default=0.93, help="exit 1 below this final test accuracy")
     p.set_defaults(func=lambda args: asyncio.run(run_demo(args)))
 

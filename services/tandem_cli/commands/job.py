@@ -22,7 +22,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--model", required=True,
                    help="the task to train: a registered name (`tandem tasks`: mlp, cnn, ...) or "
                         "PACKAGE.MODULE:ATTRIBUTE, installed on the coordinator and the agents")
-    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--rounds", type=int, required=True, help="rounds to train (each publishes a version)")
     p.add_argument("--min-clients", type=int, required=True, help="updates needed to close a round")
     p.add_argument("--clients-per-round", type=int, default=0, help="agents selected per round (0: all)")
     p.add_argument("--deadline", type=float, default=60.0, help="seconds a round waits for updates")
@@ -38,15 +38,15 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
                    help="train only on agents with this label (`tandem edge --label`); repeatable, all must match")
     p.add_argument("--agents", default="", metavar="A,B,...", help="train only on these agents (default: any)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--epochs", type=int, default=5, help="local epochs per round (config key epochs)")
+    p.add_argument("--batch-size", type=int, default=32, help="local batch size (config key batch_size)")
+    p.add_argument("--lr", type=float, default=0.1, help="local learning rate (config key learning_rate)")
     p.add_argument("--codec", default="none",
                    help="update codec: none (dense float32), fp16, int8, topk:F, topk:F+int8, or auto (chosen per "
                         "agent and round from its measured link)")
     p.add_argument("--downlink-codec", default="", help="codec of new versions sent as deltas (default: from --codec)")
     p.add_argument("--target-upload-seconds", type=float, default=2.0, help="with --codec auto: upload time to meet")
-    p.add_argument("--strategy", default="fedavg", choices=strategies.names())
+    p.add_argument("--strategy", default="fedavg", choices=strategies.names(), help="how the server applies a round's update")
     p.add_argument("--mu", type=float, default=0.0, help="FedProx proximal weight")
     p.add_argument("--server-lr", type=float, default=0.0, help="server step size (0: the strategy's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and agent selection")
@@ -84,7 +84,7 @@ def register(subparsers: Subparsers) -> None:
         p.set_defaults(func=admin_command(call))
     p = job_sub.add_parser("list", help="list jobs")
     client_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=admin_command(_list))
 
 
