@@ -100,6 +100,13 @@ async def wait_job(
             bar.close()
 
 
+def round_progress(job: dict[str, Any]) -> str:
+    """"round N/M" for a job dict: the round being worked on, or the last once all are
+    done (the wire's current_round is M + 1 then; a person reads "round 11/10" as a bug)."""
+    rounds = job["spec"]["rounds"]
+    return f"round {min(job['current_round'], rounds)}/{rounds}"
+
+
 def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
     """A job as plain JSON-able data (ints stay ints, unlike MessageToDict's int64 strings)."""
     spec = job.spec

@@ -157,3 +157,10 @@ def test_readme_configuration_reference_matches_the_parser(monkeypatch: pytest.M
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert docs.splice(readme) == readme, "run `python -m tandem_cli.docs README.md`"
     assert "| `--placement` MODEL=MODE |" in readme and "#### `tandem serve`" in readme
+
+
+def test_a_finished_job_never_shows_a_round_past_its_last() -> None:
+    from tandem_cli.admin import round_progress
+
+    assert round_progress({"current_round": 11, "spec": {"rounds": 10}}) == "round 10/10"  # completed: 11 on the wire
+    assert round_progress({"current_round": 3, "spec": {"rounds": 10}}) == "round 3/10"

@@ -10,7 +10,7 @@ from typing import Any
 from cloud import aggregation, strategies  # the registered names are the choices
 from tandem import config as task_config
 from tandem.v1 import admin_pb2, admin_pb2_grpc
-from tandem_cli.admin import admin_command, job_dict, round_line, wait_job
+from tandem_cli.admin import admin_command, job_dict, round_line, round_progress, wait_job
 from tandem_cli.options import Subparsers, client_args
 
 
@@ -124,7 +124,7 @@ async def _list(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int
     if args.json:
         print(json.dumps(jobs, indent=2))
     for j in jobs if not args.json else []:
-        print(f"{j['job_id']}  {j['state']:<10} {j['model']:<8} round {j['current_round']}/{j['spec']['rounds']}")
+        print(f"{j['job_id']}  {j['state']:<10} {j['model']:<8} {round_progress(j)}")
     return 0
 
 
@@ -157,8 +157,7 @@ def _print_job(job: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(job, indent=2))
         return
-    print(f"job {job['job_id']}: {job['state']}, model {job['model']}, round {job['current_round']}"
-          f"/{job['spec']['rounds']}, version {job['version']}")
+    print(f"job {job['job_id']}: {job['state']}, model {job['model']}, {round_progress(job)}, version {job['version']}")
     print("  config: " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(job["config"].items())))
     for r in job["rounds"]:
         print("  " + round_line(r))

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from tandem.v1 import admin_pb2, admin_pb2_grpc
-from tandem_cli.admin import admin_command, agent_line, agent_rows, job_dict, model_rows, placement_rows
+from tandem_cli.admin import admin_command, agent_line, agent_rows, job_dict, model_rows, placement_rows, round_progress
 from tandem_cli.options import Subparsers, client_args
 
 
@@ -41,7 +41,7 @@ async def _status(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> i
     print(f"jobs: {len(running)} running of {len(jobs)}")
     for j in jobs[-10:]:
         accuracy = f"  accuracy {j['rounds'][-1]['accuracy']:.4f}" if j["rounds"] else ""
-        print(f"  {j['job_id']}  {j['state']:<10} {j['model']:<10} round {j['current_round']}/{j['spec']['rounds']}"
+        print(f"  {j['job_id']}  {j['state']:<10} {j['model']:<10} {round_progress(j)}"
               f"{accuracy}")
     print(f"models: {len(newest)} published")
     for row in sorted(newest.values(), key=lambda r: r["model"]):
