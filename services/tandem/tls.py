@@ -30,7 +30,17 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"certificate file {path} not found (run `tandem certs init`)") from None
+        raise FileNotFoundError(f"certificate file {path} not found ({_making(path)})") from None
+
+
+def _making(path: Path) -> str:
+    """The command that makes the missing file `path` of a deployment directory."""
+    directory, stem = path.parent, path.stem
+    if directory.name == "agents":
+        return f"run `tandem certs add-agent {stem} --dir {directory.parent}`"
+    if directory.name == "clients":
+        return f"run `tandem certs add-client {stem} --dir {directory.parent}`"
+    return f"run `tandem certs init --dir {directory}`, or check --certs"
 
 
 # --- server credentials -------------------------------------------------------------

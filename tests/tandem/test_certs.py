@@ -205,3 +205,13 @@ def test_mtls_accepts_own_agent_and_refuses_foreign_ca(deployment: Path, health_
     with pytest.raises(grpc.RpcError) as excinfo:
         _check(health_server, deployment / "ca.pem", foreign_cert, foreign_key)
     assert excinfo.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_missing_certificate_names_the_command_that_makes_it(tmp_path: Path) -> None:
+    from tandem import tls
+
+    certs.init_deployment(tmp_path / "d", ["edge-1"])
+    with pytest.raises(FileNotFoundError, match=r"tandem certs add-agent edge-9 --dir .*d`"):
+        tls.agent_credentials(tmp_path / "d", "edge-9")
+    with pytest.raises(FileNotFoundError, match=r"tandem certs init --dir"):
+        tls.agent_credentials(tmp_path / "nowhere", "edge-1")

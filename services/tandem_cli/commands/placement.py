@@ -51,6 +51,12 @@ def _print(args: argparse.Namespace, infos: list[admin_pb2.PlacementInfo]) -> in
     if getattr(args, "json", False):  # pin and unpin have no --json
         print(json.dumps(rows, indent=2))
         return 0
+    if rows:
+        # Each k is a split point: stages 1..k at the agent, the rest in the cloud (k0: all
+        # in the cloud, the last k: all at the edge), with the controller's cost J(k) of it
+        # (README, "Adaptive placement"); PLACEMENT is the k chosen, or a pin.
+        print(f"{'AGENT':<16} {'MODEL':<10} {'PLACEMENT':<18} {'PINNED':<7} "
+              "COST J(k) OF EACH SPLIT POINT k (stages 1..k at the edge)")
     for row in rows:
         costs = " ".join(f"k{k}={1000 * c:.1f}ms" for k, c in enumerate(row["predicted_seconds"]))
         print(f"{row['agent']:<16} {row['model']:<10} {row['placement']:<18} {'pinned' if row['pinned'] else '':<7} "
