@@ -149,6 +149,9 @@ async def start_health_only(
         return None, 0
     server = create_server(max_connections=HEALTH_CONNECTIONS)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Reflection too: `grpcurl -plaintext HOST:PORT grpc.health.v1.Health/Check` needs it.
+    reflection.enable_server_reflection(
+        [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
     port = bind(server, address)
     await server.start()
     return server, port

@@ -107,3 +107,17 @@ async def test_reflection_needs_a_certificate_and_admin_calls_need_the_admin(
         client.channel.close()
 
     await asyncio.to_thread(run)
+
+
+async def test_the_plaintext_health_port_answers_grpcurl_through_reflection(coordinator: Coordinator) -> None:
+    """`grpcurl -plaintext localhost:HEALTH grpc.health.v1.Health/Check` (the README's
+    probe) needs reflection on that port: grpcurl knows no .proto by itself."""
+
+    def probe() -> tuple[set[str], str]:
+        with grpc.insecure_channel(f"localhost:{coordinator.health_port}") as channel:
+            client = ReflectionClient(channel)
+            return client.list(), str(client.invoke("grpc.health.v1.Health.Check", {})).strip()
+
+    services, status = await asyncio.to_thread(probe)
+    assert services == {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    assert status == "status: SERVING"
