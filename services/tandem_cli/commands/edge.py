@@ -58,8 +58,9 @@ async def run_edge(args: argparse.Namespace) -> int:
         if not names or bad:
             raise ValueError(f"--tasks {args.tasks!r}: expected comma-separated task names "
                              "(short names or PACKAGE.MODULE:ATTRIBUTE)")
-    if args.listen:
-        lifecycle.CoreLog().install()  # TLS handshake failures on its port: a count per interval, not a line each
+    # TLS handshake failures, its port's and its own towards the cloud (a certificate the
+    # cloud does not accept fails every reconnect): a count per interval, not a line each.
+    lifecycle.CoreLog().install()
     # --threads (training, 1 by default, which keeps local training reproducible) unless
     # --torch-threads says otherwise.
     lifecycle.tune_for_serving(args.torch_threads or max(1, args.threads))
