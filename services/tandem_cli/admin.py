@@ -182,8 +182,13 @@ def agent_line(row: dict[str, Any]) -> str:
 
 async def model_rows(stub: admin_pb2_grpc.AdminStub, model: str = "") -> list[dict[str, Any]]:
     versions = (await stub.ListModelVersions(admin_pb2.ListModelVersionsRequest(model=model))).versions
-    return [{"model": v.model, "version": v.version, "sha256": v.sha256, "job_id": v.job_id,
-             "round": v.round, "bytes": v.bytes} for v in versions]
+    return [version_dict(v) for v in versions]
+
+
+def version_dict(v: admin_pb2.ModelVersion) -> dict[str, Any]:
+    return {"model": v.model, "version": v.version, "sha256": v.sha256, "job_id": v.job_id,
+            "round": v.round, "bytes": v.bytes, "origin": v.origin, "stage": v.stage,
+            "metrics": dict(v.metrics), "eval": v.eval}
 
 
 async def placement_rows(stub: admin_pb2_grpc.AdminStub, agent: str = "", model: str = "") -> list[dict[str, Any]]:
