@@ -271,13 +271,16 @@ class JobSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The persisted form: JSON-able, one nested object per group. The task's config
-        and the agent selection (issue 15) are left out while empty, so a job without them
-        is stored as before they existed."""
+        and the agent selection (issue 15), and the lifecycle fields (issue 16), are left
+        out while at their defaults, so a job without them is stored as before they existed."""
         record = asdict(self)
         if not self.config:
             del record["config"]
         if self.selection == Selection():
             del record["selection"]
+        for key in ("promote", "promote_metric", "from_version"):  # issue 16: stored once set
+            if record[key] == getattr(JobSpec, key):
+                del record[key]
         return record
 
     @classmethod

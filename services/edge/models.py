@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tandem import metrics
+from tandem import metrics, tasks
 from tandem.errors import FailedPrecondition, NotFound, Unavailable
 from tandem.staged import StagedModel
 from tandem.transfer import HeldVersion
@@ -99,6 +99,8 @@ class EdgeModels:
         served = self._served.get(name)
         if served is None:
             if name not in self._known:
+                if not tasks.is_known(name):
+                    raise NotFound(f"this agent knows no model {name!r}")
                 raise FailedPrecondition(
                     f"model {name!r} has no serving version that this agent knows of: promote one "
                     f"(`tandem models promote {name} VERSION`)")

@@ -34,6 +34,16 @@ def publish_messages(model: str, arrays: dict[str, np.ndarray], sha256: str | No
     return [cpb.ModelChunk(header=header), *(cpb.ModelChunk(tensor=c) for c in wire.iter_chunks(arrays))]
 
 
+async def publish_serving(
+    stub: admin_pb2_grpc.AdminStub, model: str, arrays: dict[str, np.ndarray], timeout: float | None = None
+) -> admin_pb2.ModelVersion:
+    """Publish a version and make it the serving one (`tandem models publish --promote`)."""
+    version: admin_pb2.ModelVersion = await stub.PublishModel(iter(publish_messages(model, arrays)), timeout=timeout)
+    await stub.PromoteModel(admin_pb2.PromoteModelRequest(model=model, version=version.version,
+                                                          reason="published with --promote"), timeout=timeout)
+    return version
+
+
 def admin_channel(cloud: str, certs: Path) -> grpc.aio.Channel:
     return grpcserver.secure_channel(cloud, tls.admin_credentials(certs))
 

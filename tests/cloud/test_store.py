@@ -198,7 +198,8 @@ def test_migration_3_adds_delta_hashes_and_a_quarantine_kept_out_of_serving(tmp_
                         "d2" if number == 2 else None, 1 if number == 2 else None, None, None))
 
     store = Store(tmp_path)
-    assert store.get_version("mlp", 2) == VersionRow("mlp", 2, "sha-2", "v2", "job-1", 1, 1.0, 100, "d2", 1)
+    assert store.get_version("mlp", 2) == VersionRow("mlp", 2, "sha-2", "v2", "job-1", 1, 1.0, 100, "d2", 1,
+                                                     origin="round")  # migration 6 derives the origin
     assert store.get_version("mlp", 2).delta_sha256 is None  # type: ignore[union-attr]  # deltas before it: never served
     store.set_delta_sha256("mlp", 2, "delta-sha")
     assert store.get_version("mlp", 2).delta_sha256 == "delta-sha"  # type: ignore[union-attr]

@@ -27,6 +27,7 @@ from tests.support.inference import (
     forward,
     inputs,
     request,
+    serve,
     start_edge,
 )
 from tests.support.waiting import wait_for
@@ -35,9 +36,9 @@ from tests.support.waiting import wait_for
 @pytest_asyncio.fixture
 async def edge(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[tuple[EdgeApp, inference_pb2_grpc.InferenceStub]]:
     """mlp v1 and mlp-heavy v1 published; an agent serving mlp (edge) and mlp-small (cascade)."""
-    await coordinator.models.publish("mlp", arrays_for("mlp", seed=1))
-    await coordinator.models.publish("mlp-small", arrays_for("mlp-small", seed=1))
-    await coordinator.models.publish("mlp-heavy", arrays_for("mlp-heavy", seed=1))
+    await serve(coordinator.models, "mlp", arrays_for("mlp", seed=1))
+    await serve(coordinator.models, "mlp-small", arrays_for("mlp-small", seed=1))
+    await serve(coordinator.models, "mlp-heavy", arrays_for("mlp-heavy", seed=1))
     app = await start_edge(coordinator.port, certs_dir, ("mlp=edge", "mlp-small=cascade:0.5:mlp-heavy"))
     stop = asyncio.Event()
     runner = asyncio.create_task(app.run(stop))
@@ -91,7 +92,7 @@ async def test_new_versions_are_fetched_and_served(
 ) -> None:
     app, stub = edge
     x = inputs(2)
-    await coordinator.models.publish("mlp", arrays_for("mlp", seed=2))
+    await serve(coordinator.models, "mlp", arrays_for("mlp", seed=2))
     await wait_for(lambda: app.agent.models.held_version("mlp") == 2)
     response = await stub.Infer(request("mlp", x))
     assert response.version == 2
