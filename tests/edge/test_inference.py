@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 
 from cloud.app import Coordinator
+from cloud.spec import JobSpec
 from edge.app import EdgeApp
 from tandem import grpcserver, tls
 from tandem.placement import parse
@@ -141,3 +142,26 @@ async def test_an_agent_certificate_serves_and_a_foreign_client_is_refused(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await inference_pb2_grpc.InferenceStub(channel).Infer(request("mlp", inputs(1)), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails
+
+
+async def test_an_agent_follows_the_serving_version_not_the_newest(
+    coordinator: Coordinator, edge: tuple[EdgeApp, inference_pb2_grpc.InferenceStub]
+) -> None:
+    """Issue 16: a candidate (a job's initial model, a publish) never reaches the edge's
+    default answers; a promotion does, and so does a rollback to a lower version."""
+    app, stub = edge
+    app.agent.router.set_placement("mlp", parse("mlp", "edge"), 3)  # type: ignore[union-attr]
+    x = inputs(2)
+    candidate = await coordinator.models.publish("mlp", arrays_for("mlp", seed=7))
+    await coordinator.jobs.start_job(JobSpec(model="mlp", rounds=1, min_clients=5))  # its initial model: a candidate
+    await asyncio.sleep(1.0)  # the notices have arrived (the heartbeat interval is 0.5 s)
+    assert app.agent.models.held_version("mlp") == 1
+    close(await stub.Infer(request("mlp", x)), forward("mlp", arrays_for("mlp", 1), x))
+    coordinator.models.promote("mlp", candidate.version, "test")
+    await wait_for(lambda: app.agent.models.held_version("mlp") == candidate.version)
+    close(await stub.Infer(request("mlp", x)), forward("mlp", arrays_for("mlp", 7), x))
+    coordinator.models.rollback("mlp", "test")
+    await wait_for(lambda: app.agent.models.held_version("mlp") == 1)
+    response = await stub.Infer(request("mlp", x))
+    assert response.version == 1
+    close(response, forward("mlp", arrays_for("mlp", 1), x))
