@@ -179,10 +179,12 @@ def test_tandem_cloud_starts_on_a_truncated_newest_version(tmp_path: Path, certs
 
 
 def _write_version(store: Store, number: int) -> VersionRow:
+    """Version `number` of mlp recorded, and promoted (the last written serves)."""
     path = store.model_path("mlp", number)
     size, sha = write_tensors(path, arrays_for("mlp", seed=number))
     row = VersionRow("mlp", number, sha, str(path), None, None, 0.0, size)
     store.add_version(row)
+    store.add_event("mlp", "promote", number, number - 1, "test", "")
     return row
 
 

@@ -98,7 +98,6 @@ async def test_starting_a_job_never_serves_its_untrained_initial_model(coordinat
     [initial] = found.versions
     assert (initial.version, initial.origin, initial.stage, initial.job_id) == (job.version, "initial", "candidate",
                                                                                 job.job_id)
-    assert sample("tandem_model_serving_version", model="mlp") == 0
 
 
 async def test_promote_and_rollback_are_recorded_with_who_and_when(coordinator: Coordinator, certs_dir: Path) -> None:
