@@ -84,6 +84,7 @@ async def wait_job(
     and a terminal on stderr, draw a progress bar of its rounds there; with `echo`,
     print each round as it closes."""
     start = time.monotonic()
+    completed: float | None = None  # when the job was first seen completed
     printed = 0
     bar: tqdm[Any] | None = None
     if progress and sys.stderr.isatty():
@@ -102,8 +103,14 @@ async def wait_job(
                 bar.total = job["spec"]["rounds"]
                 bar.update(len(job["rounds"]) - printed)
             printed = len(job["rounds"])
-            if job["state"] in TERMINAL or (timeout and time.monotonic() - start > timeout):
+            if timeout and time.monotonic() - start > timeout:
                 return job
+            if job["state"] in TERMINAL:
+                # A completed job's promotion decision (its message) follows within moments:
+                # the serving version may be evaluated first (docs/lifecycle.md).
+                completed = completed if completed is not None else time.monotonic()
+                if job["state"] != "completed" or job["message"] or time.monotonic() - completed > 30:
+                    return job
             await asyncio.sleep(0.25)
     finally:
         if bar is not None:

@@ -127,6 +127,8 @@ async def _start(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> in
         return 0
     done = await wait_job(stub, job.job_id, 0, echo=False, progress=True)
     print(f"job {done['job_id']}: {done['state']}, version {done['version']}")
+    if done.get("message"):  # the promotion decision, or why it failed
+        print(f"  {done['message']}")
     return 0 if done["state"] == "completed" else 1
 
 
@@ -149,6 +151,8 @@ async def _wait(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int
     job = await wait_job(stub, args.job_id, args.timeout, echo=not args.json, progress=not args.json)
     if not args.json:  # the rounds were printed as they closed
         print(f"job {job['job_id']}: {job['state']}, version {job['version']}")
+        if job.get("message"):
+            print(f"  {job['message']}")
         return 0 if job["state"] == "completed" else 1
     _print_job(job, args.json)
     return _exit_code(job)
