@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from cloud.app import Coordinator
+from cloud.app import CloudConfig, Coordinator
+from cloud.spec import JobSpec
+from cloud.store import JobState
 from cloud.tensorfile import write_tensors
 from tandem import data, training, zoo
 from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc
@@ -243,3 +245,25 @@ async def test_the_models_commands(coordinator: Coordinator, certs_dir: Path, tm
     assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr, refused.stderr
     missing = await tandem("models", "publish", "mlp", str(tmp_path / "none.safetensors"), *common)
     assert missing.returncode == 2 and "not a readable safetensors file" in missing.stderr
+
+
+async def test_a_decision_lost_to_a_restart_is_taken_at_start(tmp_path: Path, certs_dir: Path) -> None:
+    """A job that completed just before the coordinator stopped (no decision recorded)
+    gets its promotion decision when the coordinator starts again."""
+    config = CloudConfig(listen="127.0.0.1:0", certs=certs_dir, state=tmp_path / "state", grace=0.5)
+    first = Coordinator(config)
+    await first.start()
+    try:
+        row = await first.models.publish("mlp", arrays_for("mlp", 3), "job-1", 1)
+        first.store.create_job("job-1", JobSpec(model="mlp", rounds=1, min_clients=1).to_dict(), row.version)
+        first.store.set_job_state("job-1", JobState.COMPLETED)
+    finally:
+        await first.stop()
+    again = Coordinator(config)
+    await again.start()
+    try:
+        await wait_for(lambda: again.models.serving("mlp") is not None, timeout=30, message="the decision")
+        job = again.store.get_job("job-1")
+        assert job is not None and job.promotion == "promoted" and "no serving version" in job.message
+    finally:
+        await again.stop()
