@@ -112,9 +112,9 @@ class JobManager:
         actor = f"job {row.job_id}"
         final = self._models.version(spec.model, row.version)
         promote, reason = await self._policy(spec, final)
-        if promote:
-            if self._models.serving(spec.model) is not None and self._models.serving(spec.model) == final:
-                promote, reason = False, f"v{final.version} already serves"
+        serving = self._models.serving(spec.model)
+        if promote and serving is not None and serving.version == final.version:
+            promote, reason = False, f"v{final.version} already serves"
         if promote:
             self._models.promote(spec.model, final.version, actor, reason)
             message = f"promoted {spec.model} v{final.version}: {reason}"

@@ -204,6 +204,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         placement: PlacementController,
     ) -> None:
         self._placement = placement
+        self._installed: frozenset[str] | None = None  # the tasks installed here, for ListModelVersions
         self._store = store
         self._registry = registry
         self._models = models
@@ -295,7 +296,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         response = admin_pb2.ListModelVersionsResponse(
             versions=[_model_version(v, stages[v.model].get(v.version, Stage.CANDIDATE)) for v in rows]
         )
-        installed = set(tasks.names())
+        if self._installed is None:  # read once: an installed task is loaded for good (tandem.tasks)
+            self._installed = frozenset(tasks.names())
+        installed = self._installed
         for name in sorted(installed | set(self._store.version_models())):
             if request.model and name != request.model:
                 continue
