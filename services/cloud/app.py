@@ -65,8 +65,9 @@ class Coordinator:
         self.serving = ModelServer(self.models, cfg.serving)
         source: Source = PrometheusSource(cfg.prometheus_url) if cfg.prometheus_url else DirectSource(heartbeats(self.registry))
         self.placement = PlacementController(source, self.registry, self.store, cfg.placement or ControllerConfig())
-        self.models.add_listener(self.serving.published)
+        self.models.add_serving_listener(self.serving.serving_changed)
         self.models.add_listener(self._announce)
+        self.models.add_serving_listener(lambda _, row: self._announce(row, serving=True))
         self.limits = AgentLimits(cfg.limits)
         self.server = grpcserver.create_server([metrics.MetricsInterceptor(), self.limits])
         self.disk = DiskMonitor(cfg.state, cfg.disk_reserve)
@@ -103,7 +104,7 @@ class Coordinator:
             self.store.close()
             self.lock.release()
             raise
-        await self.serving.start(self.serving.served)  # newest versions loaded before serving
+        await self.serving.start(self.serving.served)  # serving versions loaded before serving
         resumed = self.jobs.resume()  # before serving: uploads find their round's runner
         if resumed:
             log.info("resumed jobs %s", resumed)
@@ -122,10 +123,11 @@ class Coordinator:
             status = health_pb2.HealthCheckResponse.NOT_SERVING if low else health_pb2.HealthCheckResponse.SERVING
             await self.health.set(HEALTH_NAME, status)
 
-    def _announce(self, row: VersionRow) -> None:
-        """Tell every connected agent of a new version (edges serving it fetch it)."""
+    def _announce(self, row: VersionRow, serving: bool = False) -> None:
+        """Tell every connected agent of a new version, and of a new serving version
+        (edges serving the model switch to it)."""
         notice = coordinator_pb2.ModelNotice(model=row.model, version=row.version, sha256=row.sha256,
-                                             job_id=row.job_id or "")
+                                             job_id=row.job_id or "", serving=serving)
         self.registry.broadcast(coordinator_pb2.CoordinatorMessage(model=notice))
 
     async def stop(self) -> None:

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from cloud import evaluation, privacy
 from cloud.models import ModelRepository
 from cloud.open_round import OpenRound
 from cloud.registry import Registry
 from cloud.rounds import JobRunner
-from cloud.spec import JobSpec
-from cloud.store import JobRow, JobState, RoundState, Store
+from cloud.spec import SERVING, JobSpec, promote_metric_parts
+from cloud.store import JobRow, JobState, RoundState, Store, VersionRow
+from cloud.tensorfile import read_tensors
 from tandem.errors import FailedPrecondition, InvalidArgument, NotFound
 from tandem.timestamps import timestamp
 from tandem.v1 import admin_pb2
 from tandem.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 _STATES = {
     JobState.RUNNING: admin_pb2.JOB_STATE_RUNNING,
@@ -32,6 +37,7 @@ class JobManager:
         self._registry = registry
         self._models = models
         self._runners: dict[str, JobRunner] = {}
+        self._watchers: set[asyncio.Task[None]] = set()  # each running job's promotion at completion
         # Called with (job id, round) when a round ends: closed, or its job stopped,
         # completed or failed (the update intake frees what it kept for that round).
         self._round_end_listeners: list[Callable[[str, int], None]] = []
@@ -47,6 +53,9 @@ class JobManager:
         """Start a runner for every job the store says is running; returns their ids."""
         for row in self._store.list_jobs(JobState.RUNNING):
             self._launch(row.job_id, row.spec)
+        for row in self._store.list_jobs(JobState.COMPLETED):
+            if row.promotion is None:  # completed just before a restart: its decision is taken now
+                self._watch(row.job_id, None)
         return sorted(self._runners)
 
     async def start_job(self, spec: JobSpec) -> str:
@@ -56,9 +65,19 @@ class JobManager:
             except evaluation.EvalDataError as exc:
                 raise InvalidArgument(str(exc)) from None
         job_id = uuid.uuid4().hex[:12]
-        # Not held here: the initial model is freed once written, before the first task goes out.
-        initial = await asyncio.to_thread(self._models.initial_arrays, spec.model, spec.seed)  # builds the model
-        version = await self._models.publish(spec.model, initial, job_id, 0)
+        if spec.from_version:  # warm start: the first round trains from an existing version
+            if spec.from_version == SERVING:
+                version = self._models.serving(spec.model)
+                if version is None:
+                    raise FailedPrecondition(f"model {spec.model!r} has no serving version to start from; "
+                                             f"name a version (--from-version N) or promote one first")
+            else:
+                version = self._models.version(spec.model, spec.from_version_number or 0)
+        else:
+            # A candidate (origin "initial"): never served by default. Not held here: the
+            # initial model is freed once written, before the first task goes out.
+            initial = await asyncio.to_thread(self._models.initial_arrays, spec.model, spec.seed)  # builds it
+            version = await self._models.publish(spec.model, initial, job_id, 0)
         self._store.create_job(job_id, spec.to_dict(), version.version)
         self._launch(job_id, spec)
         return job_id
@@ -67,6 +86,76 @@ class JobManager:
         runner = JobRunner(job_id, spec, self._store, self._registry, self._models, self._round_ended)
         self._runners[job_id] = runner
         runner.start()
+        self._watch(job_id, runner)
+
+    def _watch(self, job_id: str, runner: JobRunner | None) -> None:
+        """Once the job's runner ends: if the job completed, its promotion decision."""
+        async def watch() -> None:
+            if runner is not None:
+                await runner.finished()
+            row = self._store.get_job(job_id)
+            if row is not None and row.state == JobState.COMPLETED and row.promotion is None:
+                try:
+                    await self._decide(row)
+                except Exception as exc:  # noqa: BLE001 - the job has completed; the decision is reported
+                    log.exception("job %s: the promotion decision failed", job_id)
+                    self._store.set_promotion(job_id, "failed", f"promotion decision failed: {exc}")
+
+        task = asyncio.create_task(watch(), name=f"promotion-{job_id}")
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _decide(self, row: JobRow) -> None:
+        """The job's --promote policy applied to its final version, recorded in the job
+        (its message) and in the model's history (docs/lifecycle.md)."""
+        spec = row.spec
+        actor = f"job {row.job_id}"
+        final = self._models.version(spec.model, row.version)
+        promote, reason = await self._policy(spec, final)
+        serving = self._models.serving(spec.model)
+        if promote and serving is not None and serving.version == final.version:
+            promote, reason = False, f"v{final.version} already serves"
+        if promote:
+            self._models.promote(spec.model, final.version, actor, reason)
+            message = f"promoted {spec.model} v{final.version}: {reason}"
+        else:
+            self._models.keep(spec.model, final.version, actor, reason)
+            message = f"not promoted ({spec.model} v{final.version} stays a candidate): {reason}"
+        self._store.set_promotion(row.job_id, "promoted" if promote else "kept", message)
+        log.info("job %s: %s", row.job_id, message)
+
+    async def _policy(self, spec: JobSpec, final: VersionRow) -> tuple[bool, str]:
+        if spec.promote == "never":
+            return False, "the job's policy is --promote never"
+        if spec.promote == "on-complete":
+            return True, "the job's policy is --promote on-complete"
+        serving = self._models.serving(spec.model)
+        if serving is None:
+            return True, "if-better: the model had no serving version"
+        if not spec.eval:
+            return False, (f"if-better: the job has no --eval data to compare with the serving v{serving.version}; "
+                           f"promote by hand (tandem models promote {spec.model} {final.version})")
+        mine = await self._evaluated(spec, final)
+        theirs = await self._evaluated(spec, serving)
+        if spec.promote_metric:
+            parts = promote_metric_parts(spec.promote_metric)
+            assert parts is not None  # checked at start
+            metric, higher = parts
+        else:
+            metric, higher = ("accuracy", True) if "accuracy" in mine else ("loss", False)
+        if metric not in mine or metric not in theirs:
+            return False, f"if-better: metric {metric!r} is not in the task's evaluation ({sorted(mine)})"
+        better = mine[metric] > theirs[metric] if higher else mine[metric] < theirs[metric]
+        compared = (f"{metric} {mine[metric]:.4g} {'>' if higher else '<'}"
+                    f"{'' if better else ' not'} serving v{serving.version}'s {theirs[metric]:.4g} on {spec.eval}")
+        return better, f"if-better: {compared}"
+
+    async def _evaluated(self, spec: JobSpec, row: VersionRow) -> dict[str, float]:
+        """`row`'s evaluation on the job's eval data: recorded with it, or computed now."""
+        if row.eval == spec.eval and row.metrics:
+            return dict(row.metrics)
+        arrays = await asyncio.to_thread(read_tensors, Path(row.path))
+        return await asyncio.to_thread(evaluation.evaluate, spec.model, arrays, spec.eval, spec.task_config())
 
     async def stop_job(self, job_id: str) -> None:
         row = self._job_row(job_id)
@@ -83,6 +172,8 @@ class JobManager:
         for runner in list(self._runners.values()):
             await runner.stop()
         self._runners.clear()
+        for watcher in list(self._watchers):
+            watcher.cancel()
 
     def declined(self, agent: str, message: pb.TaskDeclined) -> None:
         """An agent will not train a job's task: the job's runner excludes it."""

@@ -129,11 +129,42 @@ def _v5_task_metrics(db: sqlite3.Connection) -> None:
     )
 
 
+def _v6_model_lifecycle(db: sqlite3.Connection) -> None:
+    """Version 6 (issue 16: model lifecycle): each version records where it came from
+    (`origin`: round, initial, publish), the evaluation metrics it was published with
+    and the eval spec they were measured on; `model_events` records every change of
+    what is served (promote, rollback) and a job's decision to keep it (kept), with
+    who and when; a job records its promotion decision (NULL: not taken yet).
+
+    What a state directory served before keeps serving: the newest good version of
+    each model is recorded as promoted by "migration 6", and jobs that ended before
+    are marked decided (an empty decision)."""
+    db.execute("ALTER TABLE versions ADD COLUMN origin TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE versions ADD COLUMN metrics TEXT NOT NULL DEFAULT '{}'")
+    db.execute("ALTER TABLE versions ADD COLUMN eval TEXT NOT NULL DEFAULT ''")
+    db.execute("UPDATE versions SET origin = CASE WHEN job_id IS NULL OR job_id = '' THEN 'publish'"
+               " WHEN round = 0 THEN 'initial' ELSE 'round' END")
+    db.execute(
+        """CREATE TABLE model_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, event TEXT NOT NULL,
+            version INTEGER NOT NULL, previous INTEGER NOT NULL, actor TEXT NOT NULL, reason TEXT NOT NULL,
+            at REAL NOT NULL)"""
+    )
+    db.execute(
+        "INSERT INTO model_events (model, event, version, previous, actor, reason, at)"
+        " SELECT model, 'promote', MAX(version), 0, 'migration 6',"
+        " 'the newest version, served by default before model stages existed', strftime('%s', 'now')"
+        " FROM versions v WHERE NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.model = v.model"
+        " AND q.version = v.version AND q.kind = 'model') GROUP BY model ORDER BY model"
+    )
+    db.execute("ALTER TABLE jobs ADD COLUMN promotion TEXT")
+    db.execute("UPDATE jobs SET promotion = '' WHERE state != 'running'")
+
+
 def _v7_task_failures(db: sqlite3.Connection) -> None:
     """Version 7 (issue 16, guards: task failures): what agents reported when they failed
     to train a round (TaskFailed), one row per (job, round, agent) with the latest reason
-    and detail and how many times it was reported. Numbered 7: migration 6 is the model
-    lifecycle's (another branch); until both are merged this one sits in the sixth place."""
+    and detail and how many times it was reported."""
     db.execute(
         """CREATE TABLE task_failures (
             job_id TEXT NOT NULL, round INTEGER NOT NULL, agent TEXT NOT NULL, reason TEXT NOT NULL,
@@ -143,7 +174,7 @@ def _v7_task_failures(db: sqlite3.Connection) -> None:
 
 
 MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_file_integrity, _v4_weight_caps, _v5_task_metrics,
-                               _v7_task_failures]
+                               _v6_model_lifecycle, _v7_task_failures]
 
 
 def schema_version(db: sqlite3.Connection) -> int:

@@ -15,17 +15,28 @@ import numpy as np
 
 from cloud.integrity import Verifier, corrupt_message
 from cloud.spool import Spool
-from cloud.store import FileKind, Store, VersionRow
+from cloud.store import FileKind, ModelEvent, Stage, Store, VersionRow
 from cloud.tensorfile import TensorFile, content_sha256, size_problem, write_tensor_pieces, write_tensors
 from tandem import deltas, metrics, tasks, wire
-from tandem.errors import DataLoss, InvalidArgument, NotFound
+from tandem.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
 
+def no_serving_message(model: str) -> str:
+    """What a request that names no version of a model with no serving version is told."""
+    return (f"model {model!r} has no serving version: a job's versions are candidates until promoted "
+            f"(by the job's --promote policy at completion, or `tandem models promote {model} VERSION`); "
+            f"name a version explicitly to use a candidate")
+
+
 class ModelRepository:
-    """Reads and writes global model versions. Versions are numbered per model name."""
+    """Reads and writes global model versions. Versions are numbered per model name.
+
+    Each model has at most one serving version (docs/lifecycle.md): what a request
+    that names no version gets. A version becomes serving only by `promote` (a job's
+    policy or an operator) or `rollback`; every other version is a candidate."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -34,8 +45,11 @@ class ModelRepository:
         self._specs: dict[str, dict[str, wire.TensorSpec]] = {}
         self._reserved: dict[str, int] = {}
         self._listeners: list[Callable[[VersionRow], None]] = []
+        self._serving_listeners: list[Callable[[str, VersionRow], None]] = []
         self._verifier = Verifier()
         self._scan()
+        for name in store.version_models():
+            metrics.SERVING_VERSION.labels(name).set(store.serving_version(name))
 
     def _scan(self) -> None:
         """Quarantine at once every version whose file is missing or not the size written
@@ -54,6 +68,7 @@ class ModelRepository:
     def quarantine(self, row: VersionRow, reason: str, kind: FileKind = FileKind.MODEL) -> None:
         """Record `row`'s file (or its delta's) as corrupt: never served again. Logged
         and counted once per file, however many requests find it."""
+        was_serving = self._store.serving_version(row.model)
         if not self._store.quarantine(row.model, row.version, kind, reason):
             return
         path = row.path if kind is FileKind.MODEL else row.delta_path
@@ -62,6 +77,13 @@ class ModelRepository:
         metrics.FILES_CORRUPT.labels(kind.value).inc()
         if kind is FileKind.MODEL:
             metrics.VERSIONS_QUARANTINED.labels(row.model).inc()
+            serving = self.serving(row.model)
+            metrics.SERVING_VERSION.labels(row.model).set(serving.version if serving else 0)
+            if row.version == was_serving and serving is not None:  # the one served before it serves again
+                log.warning("%s v%d was serving: %s v%d serves instead", row.model, row.version, row.model,
+                            serving.version)
+                for listener in self._serving_listeners:
+                    listener(row.model, serving)
 
     def corrupt(self, row: VersionRow, reason: str) -> None:
         """A version's file did not load as recorded (inference found it): quarantine it."""
@@ -70,6 +92,61 @@ class ModelRepository:
     def add_listener(self, listener: Callable[[VersionRow], None]) -> None:
         """Call `listener(row)` whenever a version is published (inference swaps it in)."""
         self._listeners.append(listener)
+
+    def add_serving_listener(self, listener: Callable[[str, VersionRow], None]) -> None:
+        """Call `listener(model, row)` whenever a model's serving version changes to `row`."""
+        self._serving_listeners.append(listener)
+
+    # ---- what is served --------------------------------------------------------
+
+    def serving(self, model: str) -> VersionRow | None:
+        """The serving version of `model` (a corrupt one falls back to the one before it)."""
+        version = self._store.serving_version(model)
+        return self._store.get_version(model, version) if version else None
+
+    def stages(self, model: str) -> dict[int, Stage]:
+        return self._store.stages(model)
+
+    def events(self, model: str) -> list[ModelEvent]:
+        return self._store.events(model)
+
+    def promote(self, model: str, version: int, actor: str, reason: str = "") -> tuple[VersionRow, ModelEvent]:
+        """Make `version` the serving one (NOT_FOUND if it does not exist, DATA_LOSS if it
+        is corrupt, FAILED_PRECONDITION if it already serves)."""
+        if version <= 0:
+            raise InvalidArgument(f"promote a version >= 1, got {version}")
+        row = self.version(model, version)
+        current = self._store.serving_version(model)
+        if current == version:
+            raise FailedPrecondition(f"{model} v{version} is already the serving version")
+        return row, self._changed(row, "promote", current, actor, reason)
+
+    def rollback(self, model: str, actor: str, reason: str = "") -> tuple[VersionRow, ModelEvent]:
+        """Serve again the version that served before the current one."""
+        current = self._store.serving_version(model)
+        if not current:
+            self.version(model, 0)  # NOT_FOUND or FAILED_PRECONDITION, saying why
+        stack = [v for v in self._store.serving_stack(model) if self._store.quarantined(model, v) is None]
+        earlier = [v for v in stack[: len(stack) - 1 - stack[::-1].index(current)] if v != current]
+        if not earlier:
+            raise FailedPrecondition(f"{model} v{current} is the first version served: there is nothing to roll "
+                                     f"back to; promote another (`tandem models promote {model} VERSION`)")
+        row = self.version(model, earlier[-1])
+        return row, self._changed(row, "rollback", current, actor, reason)
+
+    def keep(self, model: str, version: int, actor: str, reason: str) -> ModelEvent:
+        """Record a job's decision not to promote `version` (the history shows it)."""
+        return self._store.add_event(model, "kept", version, self._store.serving_version(model), actor, reason)
+
+    def _changed(self, row: VersionRow, event: str, previous: int, actor: str, reason: str) -> ModelEvent:
+        recorded = self._store.add_event(row.model, event, row.version, previous, actor, reason)
+        metrics.SERVING_VERSION.labels(row.model).set(row.version)
+        metrics.MODEL_PROMOTIONS.labels(row.model, event).inc()
+        log.info("%s: %s serves v%d (was %s) by %s%s", event, row.model, row.version,
+                 f"v{previous}" if previous else "none", actor, f": {reason}" if reason else "")
+        for listener in self._serving_listeners:
+            listener(row.model, row)
+        return recorded
 
     def specs(self, model: str) -> dict[str, wire.TensorSpec]:
         """The tensors every version (and every update) of `model` must have."""
@@ -94,7 +171,8 @@ class ModelRepository:
         version = self._reserve(model)
         path = self._store.model_path(model, version)
         size, sha = await asyncio.to_thread(write_tensors, path, arrays)
-        return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
+        origin = ("initial" if round_ == 0 else "round") if job_id else "publish"
+        return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size, origin=origin)
 
     async def write_changed(
         self, model: str, base: TensorFile, change_of: Callable[[str], deltas.Change], job_id: str, round_: int
@@ -116,7 +194,7 @@ class ModelRepository:
         except Exception:  # not on cancellation: the worker thread may still be writing the file
             self._release(model, version)
             raise
-        return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size)
+        return VersionRow(model, version, sha, str(path), job_id, round_, time.time(), size, origin="round")
 
     async def publish(self, model: str, arrays: Mapping[str, np.ndarray], job_id: str = "", round_: int = 0) -> VersionRow:
         """Write, record and announce the next version of `model` made of `arrays`."""
@@ -154,7 +232,8 @@ class ModelRepository:
             await asyncio.to_thread(spool.move, path)
         finally:
             spool.discard()
-        row = VersionRow(header.model, version, sha, str(path), "", 0, time.time(), path.stat().st_size)
+        row = VersionRow(header.model, version, sha, str(path), "", 0, time.time(), path.stat().st_size,
+                         origin="publish")
         self._store.add_version(row)
         self.published(row)
         return row
@@ -193,19 +272,28 @@ class ModelRepository:
             listener(row)
 
     def newest(self, model: str) -> VersionRow | None:
-        """The newest version not quarantined."""
+        """The newest version not quarantined (whatever its stage)."""
         return self._store.get_version(model, 0)
 
-    def newest_notices(self) -> list[pb.ModelNotice]:
-        """The newest version of every model that has one."""
-        rows = [self.newest(name) for name in self._store.version_models()]
-        return [pb.ModelNotice(model=r.model, version=r.version, sha256=r.sha256) for r in rows if r is not None]
+    def serving_notices(self) -> list[pb.ModelNotice]:
+        """The serving version of every model that has one."""
+        rows = [self.serving(name) for name in self._store.version_models()]
+        return [pb.ModelNotice(model=r.model, version=r.version, sha256=r.sha256, job_id=r.job_id or "", serving=True)
+                for r in rows if r is not None]
 
     def version(self, model: str, version: int) -> VersionRow:
+        """Version `version` of `model`; 0: its serving version (FAILED_PRECONDITION,
+        saying how to promote one, if it has none)."""
         if not model:
             raise InvalidArgument("model name is required")
         if version < 0:
             raise InvalidArgument(f"version must be >= 0, got {version}")
+        if version == 0:
+            serving = self.serving(model)
+            if serving is not None:
+                return serving
+            if self._store.get_version(model, 0) is not None:
+                raise FailedPrecondition(no_serving_message(model))
         row = self._store.get_version(model, version)
         if row is None:
             what = "no version" if version == 0 else f"no version {version}"
@@ -215,7 +303,7 @@ class ModelRepository:
         return row
 
     async def servable(self, model: str, version: int) -> VersionRow:
-        """`version` (0: the newest good one) with its file checked against its hash:
+        """`version` (0: the serving one) with its file checked against its hash:
         DataLoss, and quarantined, if it does not match."""
         while True:
             row = self.version(model, version)

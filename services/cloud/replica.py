@@ -2,11 +2,12 @@
 
 The coordinator keeps jobs, rounds and the model store on one volume; inference
 scales apart from it. A replica mirrors the published versions it serves into a
-local cache directory (polling `Admin.ListModelVersions`, downloading with
-`Coordinator.DownloadModel`, as a delta from the version it holds where it can) and
+local cache directory (polling `Admin.ListModelVersions` for each model's serving
+version, downloading with `Coordinator.DownloadModel`, as a delta from the version
+it holds where it can; a rollback to a version still held needs no download) and
 serves them with the same `ModelServer` as the coordinator: batched, hot-swapped,
 on the GPU when there is one. It reports NOT_SERVING until its first mirror pass has
-loaded every model that has a version, so a Kubernetes Service sends it nothing
+loaded every model that has a serving version, so a Kubernetes Service sends it nothing
 before then, and again from SIGTERM on.
 """
 
@@ -23,11 +24,12 @@ import grpc
 from grpc_health.v1 import health
 from safetensors import SafetensorError
 
+from cloud.models import no_serving_message
 from cloud.serving import ModelServer, ServingConfig, served_models
 from cloud.store import VersionRow
 from cloud.tensorfile import read_tensors, write_tensors
 from tandem import grpcserver, inference, metrics, tls, training, wire
-from tandem.errors import InvalidArgument, NotFound
+from tandem.errors import FailedPrecondition, InvalidArgument, NotFound
 from tandem.transfer import Download, HeldVersion  # the client side of a model download, as agents do it
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2_grpc
 
@@ -39,26 +41,28 @@ DOWNLOAD_TIMEOUT = 300.0
 
 
 class ModelMirror:
-    """The published versions of some models, copied into a local directory.
+    """The serving versions of some models, copied into a local directory.
 
-    It answers `ModelServer`'s questions (`newest`, `version`, `add_listener`) from
-    what it holds: the newest version of each model and the ones before it that
-    were newest while this replica ran, up to `keep` per model."""
+    It answers `ModelServer`'s questions (`serving`, `version`, `add_listener`) from
+    what it holds: the serving version of each model and the ones that served before
+    it while this replica ran, up to `keep` per model."""
 
     def __init__(self, cache: Path, models: list[str], keep: int = 4) -> None:
         self._cache = cache
         self._models = models
         self._keep = keep
         self._held: dict[str, dict[int, VersionRow]] = {name: {} for name in models}
-        self._listeners: list[Callable[[VersionRow], None]] = []
+        self._serving: dict[str, int] = {}  # model -> the serving version (held)
+        self._listeners: list[Callable[[str, VersionRow], None]] = []
         self._specs: dict[str, dict[str, wire.TensorSpec]] = {}
 
-    def add_listener(self, listener: Callable[[VersionRow], None]) -> None:
+    def add_listener(self, listener: Callable[[str, VersionRow], None]) -> None:
+        """Call `listener(model, row)` when the serving version changes to `row`."""
         self._listeners.append(listener)
 
-    def newest(self, model: str) -> VersionRow | None:
-        held = self._held.get(model)
-        return held[max(held)] if held else None
+    def serving(self, model: str) -> VersionRow | None:
+        version = self._serving.get(model)
+        return self._held.get(model, {}).get(version) if version is not None else None
 
     def version(self, model: str, version: int) -> VersionRow:
         if not model:
@@ -68,7 +72,12 @@ class ModelMirror:
         if model not in self._held:
             raise NotFound(f"this replica does not serve {model!r}; it serves {self._models}")
         held = self._held[model]
-        row = self.newest(model) if version == 0 else held.get(version)
+        if version == 0:
+            serving = self.serving(model)
+            if serving is None:
+                raise FailedPrecondition(no_serving_message(model))
+            return serving
+        row = held.get(version)
         if row is None:
             have = sorted(held) or "none yet"
             raise NotFound(f"this replica holds versions {have} of {model!r}, not {version}; the coordinator has all")
@@ -81,23 +90,29 @@ class ModelMirror:
         if held.get(row.version) is not row:
             return  # forgotten already: logged once
         del held[row.version]
+        if self._serving.get(row.model) == row.version:
+            del self._serving[row.model]
         Path(row.path).unlink(missing_ok=True)
         metrics.FILES_CORRUPT.labels("model").inc()
         log.warning("mirrored %s v%d is corrupt (%s); dropped, to be fetched again", row.model, row.version, reason)
 
     async def sync(self, admin: admin_pb2_grpc.AdminStub, coordinator: coordinator_pb2_grpc.CoordinatorStub) -> int:
-        """Fetch every served model's newest published version not held yet; returns how many."""
+        """Follow every served model's serving version (fetched unless held); returns how many were fetched."""
         listed = await admin.ListModelVersions(admin_pb2.ListModelVersionsRequest(), timeout=30)
-        newest: dict[str, admin_pb2.ModelVersion] = {}
-        for v in listed.versions:
-            if v.model in self._held and (v.model not in newest or v.version > newest[v.model].version):
-                newest[v.model] = v
+        serving = {v.model: v for v in listed.versions if v.model in self._held and v.stage == "serving"}
         fetched = 0
-        for name, v in newest.items():
-            current = self.newest(name)
-            if current is None or v.version > current.version:
-                self._add(await self._fetch(coordinator, v, current))
+        for name, v in serving.items():
+            if self._serving.get(name) == v.version:
+                continue
+            row = self._held[name].get(v.version)
+            if row is None or row.sha256 != v.sha256:
+                row = await self._fetch(coordinator, v, self.serving(name))
                 fetched += 1
+            self._add(row)
+            self._serving[name] = row.version
+            log.info("replica serves %s v%d", name, row.version)
+            for listener in self._listeners:
+                listener(name, row)
         return fetched
 
     async def _fetch(
@@ -120,12 +135,12 @@ class ModelMirror:
         return self._specs[model]
 
     def _add(self, row: VersionRow) -> None:
+        """Hold `row` (about to serve); the least recently added beyond `keep` go."""
         held = self._held[row.model]
-        held[row.version] = row
-        for old in sorted(held)[: max(0, len(held) - self._keep)]:
+        held.pop(row.version, None)
+        held[row.version] = row  # dicts keep insertion order: the oldest added first
+        for old in list(held)[: max(0, len(held) - self._keep)]:
             Path(held.pop(old).path).unlink(missing_ok=True)
-        for listener in self._listeners:
-            listener(row)
 
 
 def _held(row: VersionRow) -> HeldVersion | None:
@@ -156,7 +171,7 @@ class Replica:
         self.config = cfg = config
         self.mirror = ModelMirror(cfg.cache, self.models)
         self.serving = ModelServer(self.mirror, cfg.serving)
-        self.mirror.add_listener(self.serving.published)
+        self.mirror.add_listener(self.serving.serving_changed)
         self.server = grpcserver.create_server([metrics.MetricsInterceptor()])
         inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.serving), self.server)
         # Bound and opened by `start`:
@@ -193,7 +208,7 @@ class Replica:
                     await grpcserver.set_serving(self.health, SERVICES, True)
                     serving = True
                     log.info("replica serving %s", {m: r.version for m in self.models
-                                                    if (r := self.mirror.newest(m)) is not None})
+                                                    if (r := self.mirror.serving(m)) is not None})
             except grpc.aio.AioRpcError as exc:
                 log.warning("cannot reach the coordinator (%s: %s); serving what is held",
                             exc.code().name, exc.details())
@@ -211,8 +226,8 @@ class Replica:
 
 
 async def _until_loaded(server: ModelServer, mirror: ModelMirror, models: list[str]) -> None:
-    """Every model the mirror holds is loaded (the swaps it triggered have finished)."""
+    """Every model's serving version is loaded (the swaps the mirror triggered have finished)."""
     for name in models:
-        row = mirror.newest(name)
+        row = mirror.serving(name)
         if row is not None:
             await server.get(name, row.version)

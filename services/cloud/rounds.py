@@ -87,6 +87,11 @@ class JobRunner:
     def done(self) -> bool:
         return self._task is not None and self._task.done()
 
+    async def finished(self) -> None:
+        """Until the runner's task has ended, however it ended (never raises)."""
+        if self._task is not None:
+            await asyncio.wait({self._task})
+
     def open_round(self, number: int | None = None) -> OpenRound | None:
         """The round this runner has open (accepting updates or closing), if it is round
         `number` (any round when None): the one answer to "is round N open"."""

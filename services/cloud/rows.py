@@ -45,6 +45,8 @@ class JobRow:
     version: int  # the model version the current round trains from
     message: str
     created: float
+    # The promotion decision taken at completion (migration 6); None: not taken yet.
+    promotion: str | None = None
 
     @property
     def spec(self) -> JobSpec:
@@ -115,6 +117,32 @@ class VersionRow:
     delta_codec: str | None = None
     delta_bytes: int | None = None
     delta_sha256: str | None = None  # the delta file's content hash; None: never served
+    # Migration 6: where it came from ("round", "initial", "publish"), the evaluation it
+    # was published with and the eval spec of that evaluation.
+    origin: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    eval: str = ""
+
+
+class Stage(StrEnum):
+    """A version's stage, derived from the model's promotion events (`Store.stages`)."""
+
+    CANDIDATE = "candidate"  # never served by default; addressable by its number
+    SERVING = "serving"  # what inference answers with when a request names no version
+    RETIRED = "retired"  # served by default before
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """A change of what a model serves (promote, rollback), or a job's decision to keep it."""
+
+    model: str
+    event: str
+    version: int
+    previous: int  # the version serving before (0: none)
+    actor: str  # an admin's identity, or "job JOB_ID"
+    reason: str
+    at: float
 
 
 class FileKind(StrEnum):
@@ -174,7 +202,8 @@ def _record(cls: type[R], row: sqlite3.Row, **parsed: object) -> R:
 
 
 def _job(row: sqlite3.Row) -> JobRow:
-    return _record(JobRow, row, spec_json=row["spec"], state=JobState(row["state"]))
+    return _record(JobRow, row, spec_json=row["spec"], state=JobState(row["state"]),
+                   promotion=row["promotion"] if "promotion" in row.keys() else None)
 
 
 def _round(row: sqlite3.Row) -> RoundRow:
@@ -200,11 +229,16 @@ _SERVED = ("NOT EXISTS (SELECT 1 FROM quarantine q WHERE q.model = versions.mode
 
 
 def _version(row: sqlite3.Row) -> VersionRow:
-    # A read-only store over records older than migration 3 has no delta hashes.
-    return _record(VersionRow, row, **({} if "delta_sha256" in row.keys() else {"delta_sha256": None}))
+    # A read-only store over older records lacks the columns later migrations added.
+    keys = row.keys()
+    return _record(VersionRow, row, **({} if "delta_sha256" in keys else {"delta_sha256": None}),
+                   origin=row["origin"] if "origin" in keys else "",
+                   metrics=json.loads(row["metrics"]) if "metrics" in keys else {},
+                   eval=row["eval"] if "eval" in keys else "")
 
 
 def _version_values(row: VersionRow) -> tuple[object, ...]:
-    return tuple(getattr(row, name) for name in _VERSION_COLUMNS)
+    return tuple(json.dumps(dict(row.metrics)) if name == "metrics" else getattr(row, name)
+                 for name in _VERSION_COLUMNS)
 
 

@@ -17,10 +17,10 @@ from cloud.models import ModelRepository
 from cloud.placement import PlacementController
 from cloud.registry import Registry, Session
 from cloud.spec import JobSpec
-from cloud.store import Store, VersionRow
-from tandem import config, metrics, staged
+from cloud.store import ModelEvent, Stage, Store, VersionRow
+from tandem import config, metrics, staged, tasks
 from tandem.certs import ROLE_ADMIN, ROLE_AGENT, ROLE_REPLICA
-from tandem.errors import InvalidArgument, ResourceExhausted, TandemError, clip, drain, grpc_errors, grpc_stream_errors
+from tandem.errors import InvalidArgument, NotFound, ResourceExhausted, TandemError, clip, drain, grpc_errors, grpc_stream_errors
 from tandem.timestamps import timestamp
 from tandem.tls import Peer, require_peer, require_role
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
@@ -107,7 +107,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             session.send(
                 pb.CoordinatorMessage(
                     welcome=pb.Welcome(agent_id=identity.name, heartbeat_interval_seconds=self._heartbeat_interval,
-                                       models=self._models.newest_notices())
+                                       models=self._models.serving_notices())
                 )
             )
             self._registry.announce(session)
@@ -207,6 +207,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         placement: PlacementController,
     ) -> None:
         self._placement = placement
+        self._installed: frozenset[str] | None = None  # the tasks installed here, for ListModelVersions
         self._store = store
         self._registry = registry
         self._models = models
@@ -266,7 +267,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request_iterator: AsyncIterator[pb.ModelChunk], context: grpc.aio.ServicerContext
     ) -> admin_pb2.ModelVersion:
         require_role(context, ROLE_ADMIN)
-        return _model_version(await self._models.receive(request_iterator))
+        return _model_version(await self._models.receive(request_iterator), Stage.CANDIDATE)
 
     @grpc_errors
     async def ListPlacements(  # noqa: N802
@@ -294,17 +295,75 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def ListModelVersions(  # noqa: N802
         self, request: admin_pb2.ListModelVersionsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListModelVersionsResponse:
-        require_role(context, ROLE_ADMIN, ROLE_REPLICA)  # replicas follow the published versions
-        return admin_pb2.ListModelVersionsResponse(
-            versions=[_model_version(v) for v in self._store.list_versions(request.model)]
+        require_role(context, ROLE_ADMIN, ROLE_REPLICA)  # replicas follow the serving versions
+        rows = self._store.list_versions(request.model)
+        stages = {name: self._store.stages(name) for name in {v.model for v in rows}}
+        response = admin_pb2.ListModelVersionsResponse(
+            versions=[_model_version(v, stages[v.model].get(v.version, Stage.CANDIDATE)) for v in rows]
+        )
+        if self._installed is None:  # read once: an installed task is loaded for good (tandem.tasks)
+            self._installed = frozenset(tasks.names())
+        installed = self._installed
+        for name in sorted(installed | set(self._store.version_models())):
+            if request.model and name != request.model:
+                continue
+            mine = [v.version for v in rows if v.model == name]
+            response.models.append(admin_pb2.ModelSummary(
+                model=name, installed=name in installed, serving_version=self._store.serving_version(name),
+                versions=len(mine), newest_version=max(mine, default=0)))
+        return response
+
+    # ---- model lifecycle (docs/lifecycle.md) ------------------------------------
+
+    @grpc_errors
+    async def PromoteModel(  # noqa: N802
+        self, request: admin_pb2.PromoteModelRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ModelVersion:
+        identity = require_role(context, ROLE_ADMIN)
+        row, _ = self._models.promote(request.model, request.version, identity.name,
+                                      request.reason[:500] or "promoted by an operator")
+        return _model_version(row, Stage.SERVING)
+
+    @grpc_errors
+    async def RollbackModel(  # noqa: N802
+        self, request: admin_pb2.RollbackModelRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ModelVersion:
+        identity = require_role(context, ROLE_ADMIN)
+        if not request.model:
+            raise InvalidArgument("model name is required")
+        row, _ = self._models.rollback(request.model, identity.name, request.reason[:500] or "rolled back by an operator")
+        return _model_version(row, Stage.SERVING)
+
+    @grpc_errors
+    async def GetModelHistory(  # noqa: N802
+        self, request: admin_pb2.GetModelHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ModelHistory:
+        require_role(context, ROLE_ADMIN)
+        if not request.model:
+            raise InvalidArgument("model name is required")
+        rows = self._store.list_versions(request.model, quarantined=True)
+        events = self._models.events(request.model)
+        if not rows and not events:
+            raise NotFound(f"model {request.model!r} has no version")
+        stages = self._store.stages(request.model)
+        return admin_pb2.ModelHistory(
+            model=request.model, serving_version=self._store.serving_version(request.model),
+            versions=[_model_version(v, stages.get(v.version, Stage.CANDIDATE)) for v in rows],
+            events=[_model_event(e) for e in events],
         )
 
 
-def _model_version(v: VersionRow) -> admin_pb2.ModelVersion:
+def _model_version(v: VersionRow, stage: str = "") -> admin_pb2.ModelVersion:
     return admin_pb2.ModelVersion(
         model=v.model, version=v.version, sha256=v.sha256, job_id=v.job_id or "", round=v.round or 0,
-        created=timestamp(v.created), bytes=v.bytes,
+        created=timestamp(v.created), bytes=v.bytes, origin=v.origin, metrics=dict(v.metrics), eval=v.eval,
+        stage=str(stage),
     )
+
+
+def _model_event(e: ModelEvent) -> admin_pb2.ModelEvent:
+    return admin_pb2.ModelEvent(event=e.event, version=e.version, previous=e.previous, actor=e.actor,
+                                reason=e.reason, at=timestamp(e.at))
 
 
 def _check_offers(hello: pb.Hello) -> None:

@@ -1,12 +1,14 @@
 """Cloud inference: every published model version, batched, on the GPU when there is one.
 
-The newest version of each model is loaded as soon as it is published and then
-swapped in: requests that arrive after the swap get it, requests already queued
-finish on the version they were queued for (batches are keyed by version), so a
-swap neither fails nor delays anything in flight. Older versions are loaded on
-request and a few are kept. A version whose file does not load as recorded is
-reported to its owner (who quarantines it) and answered DATA_LOSS; at start, the
-newest good version of each model is served.
+A request that names no version gets the model's serving version (docs/lifecycle.md):
+it is loaded as soon as it is promoted (or rolled back to) and then swapped in:
+requests that arrive after the swap get it, requests already queued finish on the
+version they were queued for (batches are keyed by version), so a swap neither fails
+nor delays anything in flight. A model with no serving version answers such a request
+FAILED_PRECONDITION, saying how to promote one: never from an untrained network.
+Other versions (candidates too) are loaded on request and a few are kept. A version
+whose file does not load as recorded is reported to its owner (who quarantines it)
+and answered DATA_LOSS; the version that served before it serves again.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import numpy as np
 from safetensors import SafetensorError
 
 from cloud.integrity import CorruptFile, corrupt_message
+from cloud.models import no_serving_message
 from cloud.store import VersionRow
 from cloud.tensorfile import content_problem, read_tensors
 from tandem import metrics, staged, tasks, wire
 from tandem.batching import Batcher, keep_profiled
-from tandem.errors import DataLoss, InvalidArgument, NotFound, TandemError
+from tandem.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, TandemError
 from tandem.inference import decode_input, model_info
 from tandem.staged import StagedModel
 from tandem.v1 import inference_pb2 as pb
@@ -43,7 +46,7 @@ class ServingConfig:
     max_delay: float = 0.002  # seconds the oldest request may wait for its batch to fill
     max_queue_rows: int = 8192  # rows waiting, all models together; more is RESOURCE_EXHAUSTED
     max_request_rows: int = 1024  # rows in one request
-    kept_versions: int = 4  # older versions kept loaded per model, besides the newest
+    kept_versions: int = 4  # other versions kept loaded per model, besides the serving one
     models: tuple[str, ...] = ()  # the models served; empty: every registered task that loads
 
 
@@ -69,9 +72,11 @@ def served_models(config: ServingConfig) -> list[str]:
 class Versions(Protocol):
     """Where the served versions are recorded: the coordinator's repository, or a replica's mirror."""
 
-    def newest(self, model: str) -> VersionRow | None: ...
+    def serving(self, model: str) -> VersionRow | None:
+        """The version served when a request names none (None: no serving version)."""
 
-    def version(self, model: str, version: int) -> VersionRow: ...
+    def version(self, model: str, version: int) -> VersionRow:
+        """Version `version` (0: the serving one; FailedPrecondition when there is none)."""
 
     def corrupt(self, row: VersionRow, reason: str) -> None:
         """`row`'s file does not load as recorded: never offer it again (logged once)."""
@@ -99,7 +104,7 @@ class ModelServer:
         self.device = staged.resolve_device(config.device)
         self._models = models
         self.served = served_models(config)
-        self._newest: dict[str, StagedModel] = {}
+        self._serving: dict[str, StagedModel] = {}
         self._older: collections.OrderedDict[tuple[str, int], StagedModel] = collections.OrderedDict()
         self._loading: dict[tuple[str, int], asyncio.Task[StagedModel]] = {}
         self._swaps: set[asyncio.Task[None]] = set()
@@ -108,17 +113,17 @@ class ModelServer:
         metrics.INFER_DEVICE.labels(self.device).set(1)
 
     async def start(self, model_names: list[str], profile_interval: float = 5.0) -> None:
-        """Load the newest version of each model, so the first requests do not wait for it,
+        """Load the serving version of each model, so the first requests do not wait for it,
         and keep every stage's cost measured (placement needs the ones no request runs)."""
         for name in model_names:
-            await self._load_newest(name)
+            await self._load_serving(name)
         self._profiler = asyncio.create_task(
-            keep_profiled(self.batcher, lambda: list(self._newest.values()), profile_interval)
+            keep_profiled(self.batcher, lambda: list(self._serving.values()), profile_interval)
         )
 
-    def published(self, row: VersionRow) -> None:
-        """A new version exists: load it in the background, then swap it in (if it is served)."""
-        if row.model not in self.served:
+    def serving_changed(self, model: str, row: VersionRow) -> None:
+        """`row` is now the model's serving version: load it in the background, then swap it in."""
+        if model not in self.served:
             return
         task = asyncio.create_task(self._swap_in(row), name=f"swap-{row.model}-{row.version}")
         self._swaps.add(task)
@@ -126,21 +131,27 @@ class ModelServer:
 
     async def _swap_in(self, row: VersionRow) -> None:
         try:
-            self._install(await self._load(row))
+            model = await self._load(row)
         except DataLoss:
-            pass  # quarantined and logged by its owner; the previous version stays
+            return  # quarantined and logged by its owner; the one served before it serves
         except Exception:
             log.exception("could not load %s v%d; still serving the previous version", row.model, row.version)
+            return
+        # Still the serving one? (a rollback may have come while it loaded)
+        current = self._models.serving(row.model)
+        self._install(model, serving=current is not None and current.version == model.version)
 
-    def _install(self, model: StagedModel) -> None:
-        current = self._newest.get(model.model)
-        if current is not None and current.version >= model.version:
+    def _install(self, model: StagedModel, serving: bool) -> None:
+        current = self._serving.get(model.model)
+        if not serving or (current is not None and current.version == model.version):
             self._keep(model)
             return
-        self._newest[model.model] = model
+        self._serving[model.model] = model
+        self._older.pop((model.model, model.version), None)
         if current is not None:
             self._keep(current)
         log.info("serving %s v%d on %s", model.model, model.version, self.device)
+        metrics.SERVING_VERSION.labels(model.model).set(model.version)
         self._count(model.model)
 
     def _keep(self, model: StagedModel) -> None:
@@ -153,7 +164,7 @@ class ModelServer:
         self._count(model.model)
 
     def _count(self, name: str) -> None:
-        held = sum(1 for key in self._older if key[0] == name) + (name in self._newest)
+        held = sum(1 for key in self._older if key[0] == name) + (name in self._serving)
         metrics.INFER_LOADED_VERSIONS.labels(name).set(held)
 
     async def _load(self, row: VersionRow) -> StagedModel:
@@ -169,41 +180,41 @@ class ModelServer:
             self._models.corrupt(row, exc.reason)
             raise DataLoss(corrupt_message(row.model, row.version, exc.reason)) from None
 
-    async def _load_newest(self, name: str) -> StagedModel | None:
-        """Load and install the newest good version of `name`: each corrupt one is
-        quarantined by its owner, which then offers the one before."""
+    async def _load_serving(self, name: str) -> StagedModel | None:
+        """Load and install the serving version of `name`: a corrupt one is quarantined
+        by its owner, which then offers the one that served before it."""
         tried: set[int] = set()
-        while (row := self._models.newest(name)) is not None and row.version not in tried:
+        while (row := self._models.serving(name)) is not None and row.version not in tried:
             tried.add(row.version)
             try:
                 model = await self._load(row)
             except DataLoss:
                 continue
-            self._install(model)
-            return self._newest[name]
+            self._install(model, serving=True)
+            return self._serving.get(name)
         return None
 
     async def get(self, name: str, version: int) -> StagedModel:
-        """The loaded model for (name, version); version 0 is the newest being served."""
+        """The loaded model for (name, version); version 0 is the serving one."""
         if name not in self.served:
             raise NotFound(f"this server does not serve {name!r}; it serves {self.served}")
         if version == 0:
-            newest = self._newest.get(name)
-            if newest is None:
-                newest = await self._load_newest(name)
-            if newest is None:
-                self._models.version(name, 0)  # NotFound: no version at all
-                raise NotFound(f"model {name!r} has no version that is not corrupt")
-            return newest
-        newest = self._newest.get(name)
-        if newest is not None and newest.version == version:
-            return newest
+            serving = self._serving.get(name)
+            if serving is None:
+                serving = await self._load_serving(name)
+            if serving is None:
+                self._models.version(name, 0)  # NotFound (no version at all) or FailedPrecondition (none serving)
+                raise FailedPrecondition(no_serving_message(name))
+            return serving
+        serving = self._serving.get(name)
+        if serving is not None and serving.version == version:
+            return serving
         kept = self._older.get((name, version))
         if kept is not None:
             self._older.move_to_end((name, version))
             return kept
         model = await self._load(self._models.version(name, version))
-        self._install(model)
+        self._install(model, serving=False)
         return model
 
     async def infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:

@@ -20,6 +20,8 @@ from tandem.task import ConfigValue
 from tandem.v1 import admin_pb2
 
 AUTO = "auto"
+PROMOTE_POLICIES = ("if-better", "on-complete", "never")
+SERVING = "serving"
 MAX_EVAL_SPEC = 4096
 MAX_AGENT_NAMES = 10_000
 
@@ -143,6 +145,17 @@ class JobSpec:
     selection: Selection = field(default_factory=Selection)
     # The user's config for the task (tandem.config); `task_config` is what the task sees.
     config: dict[str, ConfigValue] = field(default_factory=dict)
+    # Model lifecycle (docs/lifecycle.md): the promotion policy at completion, the metric
+    # if-better compares ("NAME", "NAME:max", "NAME:min"; "": accuracy, else loss), and
+    # the version a warm start trains from ("N", "serving"; "": a seeded build).
+    promote: str = "if-better"
+    promote_metric: str = ""
+    from_version: str = ""
+
+    @property
+    def from_version_number(self) -> int | None:
+        """The warm start's version number (None: none, or "serving")."""
+        return int(self.from_version) if self.from_version and self.from_version != SERVING else None
 
     def task_config(self) -> dict[str, ConfigValue]:
         """The training fields overlaid with the user's config (the user's value wins)."""
@@ -172,6 +185,13 @@ class JobSpec:
         # Below a second a round could not even reach its agents, and retrying it would spin.
         _check(1 <= self.deadline <= 86_400, f"round deadline must be in [1, 86400] seconds, got {self.deadline}")
         _check(len(self.eval) <= MAX_EVAL_SPEC, f"eval: a data spec of at most {MAX_EVAL_SPEC} characters")
+        _check(self.promote in PROMOTE_POLICIES, f"promote must be one of {', '.join(PROMOTE_POLICIES)}, "
+                                                 f"got {self.promote!r}")
+        _check(self.promote_metric == "" or promote_metric_parts(self.promote_metric) is not None,
+               f"promote_metric must be NAME, NAME:max or NAME:min, got {self.promote_metric!r}")
+        _check(self.from_version in ("", SERVING) or (self.from_version.isdigit() and 0 < int(self.from_version)
+                                                       < 1 << 62),
+               f"from_version must be a version number >= 1 or 'serving', got {self.from_version!r}")
         self.selection.validate()
         self.training.validate()
         self._validate_overrides()
@@ -243,6 +263,9 @@ class JobSpec:
             ),
             selection=Selection(select=tuple(msg.select), agents=tuple(msg.agents)),
             config=user_config,
+            promote=msg.promote or "if-better",
+            promote_metric=msg.promote_metric,
+            from_version=msg.from_version,
         ).validate()
 
     def to_proto(self) -> admin_pb2.JobSpec:
@@ -260,19 +283,23 @@ class JobSpec:
             dp_noise_multiplier=defence.dp_noise_multiplier, dp_delta=defence.dp_delta,
             max_examples=defence.max_examples, weight_cap=defence.weight_cap,
             select=self.selection.select, agents=self.selection.agents,
+            promote=self.promote, promote_metric=self.promote_metric, from_version=self.from_version,
         )
         config.to_proto(self.config, message.config)
         return message
 
     def to_dict(self) -> dict[str, Any]:
         """The persisted form: JSON-able, one nested object per group. The task's config
-        and the agent selection (issue 15) are left out while empty, so a job without them
-        is stored as before they existed."""
+        and the agent selection (issue 15), and the lifecycle fields (issue 16), are left
+        out while at their defaults, so a job without them is stored as before they existed."""
         record = asdict(self)
         if not self.config:
             del record["config"]
         if self.selection == Selection():
             del record["selection"]
+        for key in ("promote", "promote_metric", "from_version"):  # issue 16: stored once set
+            if record[key] == getattr(JobSpec, key):
+                del record[key]
         return record
 
     @classmethod
@@ -283,6 +310,19 @@ class JobSpec:
                   "selection": Selection}
         top = {key: value for key, value in data.items() if key not in groups}
         return cls(**top, **{key: group(**data.get(key, {})) for key, group in groups.items()})
+
+
+def promote_metric_parts(text: str) -> tuple[str, bool] | None:
+    """(metric name, higher is better) of a promote_metric, or None if malformed. A bare
+    name is lower-is-better if it is a loss or an error (loss, *_loss, mae, mse, rmse,
+    *error), else higher-is-better."""
+    name, _, direction = text.partition(":")
+    if not 0 < len(name) <= 64 or direction not in ("", "max", "min"):
+        return None
+    if direction:
+        return name, direction == "max"
+    lower = name == "loss" or name.endswith(("_loss", "error")) or name in ("mae", "mse", "rmse")
+    return name, not lower
 
 
 def _check(ok: bool, message: str) -> None:

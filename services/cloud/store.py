@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ from cloud.rows import (
     FileKind,
     JobRow,
     JobState,
+    ModelEvent,
     QuarantineRow,
     RoundRow,
     RoundState,
+    Stage,
     UpdateRow,
     VersionRow,
     _job,
@@ -38,8 +41,8 @@ from cloud.rows import (
     _version_values,
 )
 
-__all__ = ["AgentRow", "Exclusion", "FailureRow", "FileKind", "JobRow", "JobState", "QuarantineRow", "RoundRow", "RoundState",
-           "Store", "UpdateRow", "VersionRow"]
+__all__ = ["AgentRow", "Exclusion", "FailureRow", "FileKind", "JobRow", "JobState", "ModelEvent", "QuarantineRow",
+           "RoundRow", "RoundState", "Stage", "Store", "UpdateRow", "VersionRow"]
 _UPDATE_COLUMNS = "agent, digest, num_examples, local_loss, path, bytes, codec, metrics"
 
 class Store:
@@ -161,14 +164,72 @@ class Store:
         )
         return _record(QuarantineRow, row, kind=FileKind(row["kind"])) if row else None
 
+    # ---- what is served (migration 6) ---------------------------------------
+
+    def add_event(self, model: str, event: str, version: int, previous: int, actor: str, reason: str) -> ModelEvent:
+        """Record a promotion, a rollback or a job's decision to keep what is served."""
+        row = ModelEvent(model, event, version, previous, actor, reason, time.time())
+        with self._tx() as db:
+            db.execute("INSERT INTO model_events (model, event, version, previous, actor, reason, at)"
+                       " VALUES (?,?,?,?,?,?,?)", (model, event, version, previous, actor, reason, row.at))
+        return row
+
+    def events(self, model: str) -> list[ModelEvent]:
+        rows = self._db.execute("SELECT model, event, version, previous, actor, reason, at FROM model_events"
+                                " WHERE model = ? ORDER BY id", (model,))
+        return [_record(ModelEvent, r) for r in rows]
+
+    def _has_events(self) -> bool:
+        """A read-only store older than migration 6 has no promotion events."""
+        return self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'model_events'") is not None
+
+    def serving_stack(self, model: str) -> list[int]:
+        """The versions made serving, in order, a rollback going back down to its target:
+        the last is the one serving."""
+        stack: list[int] = []
+        for event in self.events(model) if self._has_events() else []:
+            if event.event == "promote":
+                stack.append(event.version)
+            elif event.event == "rollback":
+                if event.version in stack:
+                    while stack[-1] != event.version:
+                        stack.pop()
+                else:
+                    stack.append(event.version)
+        return stack
+
+    def serving_version(self, model: str) -> int:
+        """The version inference serves by default (0: none): the last one made serving
+        whose file is not quarantined (a corrupt serving version falls back to the one
+        that served before it)."""
+        for version in reversed(self.serving_stack(model)):
+            if self.quarantined(model, version) is None:
+                return version
+        return 0
+
+    def stages(self, model: str) -> dict[int, Stage]:
+        """Each version's stage (absent: a candidate): retired once it was served."""
+        promoted = {e.version for e in self.events(model) if e.event != "kept"} if self._has_events() else set()
+        stages = {v: Stage.RETIRED for v in promoted}
+        serving = self.serving_version(model)
+        if serving:
+            stages[serving] = Stage.SERVING
+        return stages
+
     # ---- jobs -------------------------------------------------------------
 
     def create_job(self, job_id: str, spec: Mapping[str, Any], version: int) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO jobs (job_id, spec, state, current_round, version, message, created)"
+                " VALUES (?,?,?,?,?,?,?)",
                 (job_id, json.dumps(dict(spec)), JobState.RUNNING.value, 1, version, "", time.time()),
             )
+
+    def set_promotion(self, job_id: str, decision: str, message: str) -> None:
+        """Record a completed job's promotion decision, and say it in its message."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET promotion = ?, message = ? WHERE job_id = ?", (decision, message, job_id))
 
     def get_job(self, job_id: str) -> JobRow | None:
         row = self._one("SELECT * FROM jobs WHERE job_id = ?", job_id)
@@ -229,7 +290,11 @@ class Store:
         """Publish the round's version and advance the job, in one transaction, with the
         cap on claimed example counts the round applied and its metrics."""
         with self._tx() as db:
-            db.execute(_INSERT_VERSION, _version_values(version))
+            # The version carries its round's evaluation, and the eval spec it was measured on.
+            spec = db.execute("SELECT spec FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            eval_spec = str(json.loads(spec[0]).get("eval", "")) if spec is not None else ""
+            db.execute(_INSERT_VERSION, _version_values(
+                replace(version, metrics=dict(eval_metrics or {}), eval=eval_spec if eval_metrics else "")))
             now = time.time()
             db.execute(
                 "UPDATE rounds SET state = 'closed', accuracy = ?, loss = ?, local_loss = ?, seconds = ? - opened,"

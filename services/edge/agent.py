@@ -224,7 +224,8 @@ class Agent:
                 elif kind == "task":
                     self.trainer.on_task(message.task)
                 elif kind == "model":
-                    log.info("new global version: %s v%d", message.model.model, message.model.version)
+                    log.info("%s: %s v%d", "serving version" if message.model.serving else "new candidate version",
+                             message.model.model, message.model.version)
                     self._announced(message.model)
                 elif kind == "placement":
                     await self._place(message.placement)
@@ -281,7 +282,7 @@ class Agent:
 
     def _announced(self, notice: pb.ModelNotice) -> None:
         if self.router is not None:
-            self.models.announce(notice.model, notice.version, notice.sha256)
+            self.models.announce(notice.model, notice.version, notice.sha256, notice.serving)
 
     async def _fetch_for_serving(
         self, model: str, version: int, sha: str, held: transfer.HeldVersion | None

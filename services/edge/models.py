@@ -1,9 +1,11 @@
 """The model versions an edge agent serves locally.
 
-The agent learns of versions from the coordinator (its Welcome and ModelNotices),
-fetches the newest version of every model it serves (as deltas from the one it
-holds where it can) and swaps it in; requests in flight finish on the version they
-started with. A model nobody asked for is fetched on its first request.
+The agent learns of serving versions from the coordinator (its Welcome and the
+ModelNotices marked `serving`: a promotion or a rollback), fetches the serving
+version of every model it serves (as deltas from the one it holds where it can) and
+swaps it in; requests in flight finish on the version they started with. Candidates
+(notices not marked serving) are never served here. A model nobody asked for is
+fetched on its first request; one with no serving version is FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tandem import metrics
-from tandem.errors import NotFound, Unavailable
+from tandem import metrics, tasks
+from tandem.errors import FailedPrecondition, NotFound, Unavailable
 from tandem.staged import StagedModel
 from tandem.transfer import HeldVersion
 
@@ -42,7 +44,7 @@ class EdgeModels:
     def __init__(self, fetch: Fetch, device: str = "cpu") -> None:
         self._fetch = fetch
         self._device = device
-        self._known: dict[str, tuple[int, str]] = {}  # model -> newest (version, sha256) announced
+        self._known: dict[str, tuple[int, str]] = {}  # model -> serving (version, sha256) announced
         self._served: dict[str, _Served] = {}
         self._wanted: set[str] = set()
         self._updating: dict[str, asyncio.Task[None]] = {}
@@ -53,10 +55,12 @@ class EdgeModels:
         for name in names:
             self._refresh(name)
 
-    def announce(self, name: str, version: int, sha256: str) -> None:
-        """The coordinator has published `version` of `name`."""
-        if version > self._known.get(name, (0, ""))[0]:
-            self._known[name] = (version, sha256)
+    def announce(self, name: str, version: int, sha256: str, serving: bool = True) -> None:
+        """The coordinator has published `version` of `name`; with `serving`, it is now
+        the model's serving version (higher or lower than the one held: a rollback)."""
+        if not serving:
+            return  # a candidate: served at the coordinator by explicit version only
+        self._known[name] = (version, sha256)
         if name in self._wanted:
             self._refresh(name)
 
@@ -70,7 +74,7 @@ class EdgeModels:
     def _refresh(self, name: str) -> None:
         known = self._known.get(name)
         running = self._updating.get(name)
-        if known is None or known[0] <= self.held_version(name) or (running is not None and not running.done()):
+        if known is None or known[0] == self.held_version(name) or (running is not None and not running.done()):
             return
         self._updating[name] = asyncio.create_task(self._update(name), name=f"fetch-{name}")
 
@@ -79,22 +83,27 @@ class EdgeModels:
             while True:
                 version, sha = self._known[name]
                 served = self._served.get(name)
-                if served is not None and served.model.version >= version:
+                if served is not None and served.model.version == version:
                     return
                 arrays = await self._fetch(name, version, sha, served.held if served is not None else None)
                 model = await asyncio.to_thread(_ready, name, version, sha, arrays, self._device)
                 self._served[name] = _Served(model, HeldVersion(version, sha, arrays))
                 metrics.MODEL_VERSION.labels(name).set(version)
+                metrics.SERVING_VERSION.labels(name).set(version)
                 log.info("serving %s v%d at the edge", name, version)
         except Exception as exc:  # noqa: BLE001 - the next announcement, request or reconnect tries again
             log.warning("could not fetch %s for serving: %s", name, exc)
 
     async def get(self, name: str, version: int) -> StagedModel:
-        """The version of `name` to answer with here (0: the newest held)."""
+        """The version of `name` to answer with here (0: the serving one held)."""
         served = self._served.get(name)
         if served is None:
             if name not in self._known:
-                raise NotFound(f"this agent knows no published version of model {name!r}")
+                if not tasks.is_known(name):
+                    raise NotFound(f"this agent knows no model {name!r}")
+                raise FailedPrecondition(
+                    f"model {name!r} has no serving version that this agent knows of: promote one "
+                    f"(`tandem models promote {name} VERSION`)")
             self.want([name])
             task = self._updating.get(name)
             if task is not None:

@@ -78,6 +78,15 @@ ROUND_SECONDS = Histogram(
     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
 )
 MODEL_VERSION = Gauge("tandem_model_version", "Newest model version published (cloud) or held (edge).", ["model"])
+SERVING_VERSION = Gauge(
+    "tandem_model_serving_version",
+    "The version served when a request names none (0: none promoted yet); at the edge, the serving version held.",
+    ["model"],
+)
+MODEL_PROMOTIONS = Counter(
+    "tandem_model_promotions_total", "Changes of a model's serving version, by kind (promote, rollback).",
+    ["model", "kind"],
+)
 # Labelled `job_id`: Prometheus' own `job` label (the scrape job) would shadow `job`.
 ROUND_ACCURACY = Gauge(
     "tandem_coordinator_round_accuracy_ratio", "Test accuracy after the last closed round.", ["job_id"]

@@ -34,6 +34,16 @@ def publish_messages(model: str, arrays: dict[str, np.ndarray], sha256: str | No
     return [cpb.ModelChunk(header=header), *(cpb.ModelChunk(tensor=c) for c in wire.iter_chunks(arrays))]
 
 
+async def publish_serving(
+    stub: admin_pb2_grpc.AdminStub, model: str, arrays: dict[str, np.ndarray], timeout: float | None = None
+) -> admin_pb2.ModelVersion:
+    """Publish a version and make it the serving one (`tandem models publish --promote`)."""
+    version: admin_pb2.ModelVersion = await stub.PublishModel(iter(publish_messages(model, arrays)), timeout=timeout)
+    await stub.PromoteModel(admin_pb2.PromoteModelRequest(model=model, version=version.version,
+                                                          reason="published with --promote"), timeout=timeout)
+    return version
+
+
 def admin_channel(cloud: str, certs: Path) -> grpc.aio.Channel:
     return grpcserver.secure_channel(cloud, tls.admin_credentials(certs))
 
@@ -74,6 +84,7 @@ async def wait_job(
     and a terminal on stderr, draw a progress bar of its rounds there; with `echo`,
     print each round as it closes."""
     start = time.monotonic()
+    completed: float | None = None  # when the job was first seen completed
     printed = 0
     bar: tqdm[Any] | None = None
     if progress and sys.stderr.isatty():
@@ -92,8 +103,14 @@ async def wait_job(
                 bar.total = job["spec"]["rounds"]
                 bar.update(len(job["rounds"]) - printed)
             printed = len(job["rounds"])
-            if job["state"] in TERMINAL or (timeout and time.monotonic() - start > timeout):
+            if timeout and time.monotonic() - start > timeout:
                 return job
+            if job["state"] in TERMINAL:
+                # A completed job's promotion decision (its message) follows within moments:
+                # the serving version may be evaluated first (docs/lifecycle.md).
+                completed = completed if completed is not None else time.monotonic()
+                if job["state"] != "completed" or job["message"] or time.monotonic() - completed > 30:
+                    return job
             await asyncio.sleep(0.25)
     finally:
         if bar is not None:
@@ -198,8 +215,13 @@ def agent_line(row: dict[str, Any]) -> str:
 
 async def model_rows(stub: admin_pb2_grpc.AdminStub, model: str = "") -> list[dict[str, Any]]:
     versions = (await stub.ListModelVersions(admin_pb2.ListModelVersionsRequest(model=model))).versions
-    return [{"model": v.model, "version": v.version, "sha256": v.sha256, "job_id": v.job_id,
-             "round": v.round, "bytes": v.bytes} for v in versions]
+    return [version_dict(v) for v in versions]
+
+
+def version_dict(v: admin_pb2.ModelVersion) -> dict[str, Any]:
+    return {"model": v.model, "version": v.version, "sha256": v.sha256, "job_id": v.job_id,
+            "round": v.round, "bytes": v.bytes, "origin": v.origin, "stage": v.stage,
+            "metrics": dict(v.metrics), "eval": v.eval}
 
 
 async def placement_rows(stub: admin_pb2_grpc.AdminStub, agent: str = "", model: str = "") -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ from tandem import certs, data, grpcserver, tls, training, zoo
 from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
 from tandem_cli import procs
-from tandem_cli.admin import publish_messages
+from tandem_cli.admin import publish_serving
 from tandem_lab import loadgen
 from tandem_lab.bench import _target, machine
 
@@ -123,8 +123,7 @@ class Bench:
     async def publish(self, server: Server, model: str, arrays: dict[str, np.ndarray]) -> int:
         """Publish a version through Admin and wait until the server answers with it."""
         async with grpcserver.secure_channel(server.target, tls.admin_credentials(self.certs)) as channel:
-            version = int((await admin_pb2_grpc.AdminStub(channel).PublishModel(
-                iter(publish_messages(model, arrays)))).version)
+            version = int((await publish_serving(admin_pb2_grpc.AdminStub(channel), model, arrays)).version)
             stub = inference_pb2_grpc.InferenceStub(channel)
             deadline = time.monotonic() + 60
             while (await stub.GetModelInfo(pb.ModelInfoRequest(model=model))).version < version:

@@ -81,11 +81,11 @@ class Edge:
 async def publish(target: str, certs_dir: Path) -> None:
     from tandem import training, zoo
     from tandem.v1 import admin_pb2_grpc
-    from tandem_cli.admin import admin_channel, publish_messages
+    from tandem_cli.admin import admin_channel, publish_serving
 
-    messages = publish_messages(MODEL, training.state_arrays(zoo.build_model(MODEL, seed=1)))
+    arrays = training.state_arrays(zoo.build_model(MODEL, seed=1))
     async with admin_channel(target, certs_dir) as channel:
-        await admin_pb2_grpc.AdminStub(channel).PublishModel(iter(messages))
+        await publish_serving(admin_pb2_grpc.AdminStub(channel), MODEL, arrays)
 
 
 def scrape_cloud(port: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from tandem import certs, grpcserver, tls, training, wire, zoo
 from tandem.errors import peer_error
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
-from tandem_cli.admin import publish_messages
+from tandem_cli.admin import publish_messages, publish_serving
 from tandem_lab.fuzz_cases import MODEL, Context, Seeds, message_strategy, mutated, serialize, spliced
 
 AGENTS = [f"agent-{i}" for i in range(6)]
@@ -177,7 +177,7 @@ class Harness:
         """Publish the models that cases name; with `job`, open a round that agent-0 may upload to."""
         admin = admin_pb2_grpc.AdminStub(self.channel("cloud", "admin"))
         for name in (MODEL, "mlp"):
-            await admin.PublishModel(iter(publish_messages(name, _arrays(name, 1))), timeout=60)
+            await publish_serving(admin, name, _arrays(name, 1), timeout=60)
         x = wire.to_proto(np.zeros((2, 64), np.float32))
         infer = inference_pb2.InferRequest(request_id="r", model=MODEL, input=x)
         other = inference_pb2.InferRequest(model="mlp", version=1, input=x, deadline_ms=50)

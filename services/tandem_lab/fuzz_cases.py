@@ -76,15 +76,23 @@ def _empty(desc: Descriptor) -> st.SearchStrategy[Message]:
     return st.just(None).map(lambda _: cls())
 
 
+def _zero(f: FieldDescriptor) -> Any:
+    """A function making the zero value of field `f`'s type (an empty message for a message)."""
+    if f.message_type is not None:
+        cls = message_factory.GetMessageClass(f.message_type)
+        return lambda: cls()
+    zero: Any = {FieldDescriptor.TYPE_STRING: "", FieldDescriptor.TYPE_BYTES: b"",
+                 FieldDescriptor.TYPE_BOOL: False}.get(f.type, 0)
+    return lambda: zero
+
+
 def field_strategy(f: FieldDescriptor, ctx: Context, depth: int = 0) -> st.SearchStrategy[Any]:
     """A hostile value for field `f`: a scalar, a message, a list or a dict, as the field is."""
     if f.message_type is not None and f.message_type.GetOptions().map_entry:
         key, value = f.message_type.fields_by_name["key"], f.message_type.fields_by_name["value"]
         name = (lambda i: f"k{i}") if key.type == key.TYPE_STRING else (lambda i: i)
-        # Many entries of the value type's zero (for a map of messages, empty ones: `assign`).
-        fill: Any = None if value.message_type is not None else (
-            "" if value.type == value.TYPE_STRING else b"" if value.type == value.TYPE_BYTES else 0)
-        many = st.integers(0, 5000).map(lambda n: {name(i): fill for i in range(n)})
+        zero = _zero(value)
+        many = st.integers(0, 5000).map(lambda n: {name(i): zero() for i in range(n)})
         return st.one_of(st.dictionaries(_scalar(key, ctx), _single(value, ctx, depth), max_size=3), many)
     if f.is_repeated:
         small = _SMALL.get(f.type) or (_empty(f.message_type) if f.message_type else _scalar(f, ctx))

@@ -25,7 +25,7 @@ from tandem import certs, grpcserver, tls, training, wire, zoo
 from tandem.staged import StagedModel
 from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as pb
-from tandem_cli.admin import publish_messages
+from tandem_cli.admin import publish_serving
 from tandem_lab.bench import machine
 
 MODELS = ("mlp", "mlp-heavy")
@@ -63,7 +63,7 @@ async def check(device: str, work: Path) -> dict[str, Any]:
             rng = np.random.default_rng(0)
             for name in MODELS:
                 arrays = training.state_arrays(zoo.build_model(name, seed=7))
-                await admin.PublishModel(iter(publish_messages(name, arrays)))
+                await publish_serving(admin, name, arrays)
                 reference = StagedModel(name, 1, "", arrays, "cpu")
                 errors: dict[str, float] = {}
                 # Batching: 64 concurrent single-row requests, gathered into batches on the device.

@@ -29,7 +29,7 @@ from tandem.v1 import admin_pb2, coordinator_pb2_grpc, inference_pb2_grpc
 from tandem.v1 import coordinator_pb2 as cpb
 from tandem.v1 import inference_pb2 as ipb
 from tandem_cli import procs
-from tandem_cli.admin import admin_channel, admin_stub, publish_messages
+from tandem_cli.admin import admin_channel, admin_stub, publish_serving
 from tandem_lab.fleet import make_certs
 
 CLIENT = "corrupt-client"
@@ -38,8 +38,8 @@ CLIENT = "corrupt-client"
 async def _publish(target: str, certs: Path, model: str, count: int) -> list[admin_pb2.ModelVersion]:
     async with admin_channel(target, certs) as channel:
         stub = admin_stub(channel)
-        return [await stub.PublishModel(iter(publish_messages(model, training.state_arrays(
-            zoo.build_model(model, seed=seed)))), timeout=300) for seed in range(1, count + 1)]
+        return [await publish_serving(stub, model, training.state_arrays(zoo.build_model(model, seed=seed)), timeout=300)
+                for seed in range(1, count + 1)]
 
 
 def invert(path: Path, at: int = -64, count: int = 16) -> None:

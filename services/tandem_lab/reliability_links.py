@@ -21,7 +21,7 @@ from tandem import certs, grpcserver, tls, training, wire, zoo
 from tandem.v1 import admin_pb2, inference_pb2_grpc
 from tandem.v1 import inference_pb2 as ipb
 from tandem_cli import procs
-from tandem_cli.admin import admin_channel, admin_stub, publish_messages, wait_connected, wait_job
+from tandem_cli.admin import admin_channel, admin_stub, publish_serving, wait_connected, wait_job
 from tandem_lab.faults import FaultRelay
 
 APP = "camera"
@@ -67,7 +67,7 @@ async def run(work: Path, rounds: int = 10, mean_fault_interval: float = 10.0, r
         async with admin_channel(direct, certs_dir) as channel:
             stub = admin_stub(channel)
             initial = training.state_arrays(zoo.build_model("mlp", seed=1))
-            await stub.PublishModel(iter(publish_messages("mlp", initial)))
+            await publish_serving(stub, "mlp", initial)
             flaky, ready = procs.start_serving_agent(
                 f"localhost:{relay.port}", certs_dir, "flaky-0", "digits:0/2", work / "flaky-0.log",
                 ["mlp=split:1"], extra=["--cloud-timeout", "0.5"])

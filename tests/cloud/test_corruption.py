@@ -40,9 +40,14 @@ async def running(state: Path, certs_dir: Path) -> AsyncIterator[Coordinator]:
 
 
 async def published(state: Path, certs_dir: Path, count: int) -> list[VersionRow]:
-    """`count` versions of mlp published on a coordinator that is then stopped."""
+    """`count` versions of mlp published, each promoted in turn (the last serves), on a
+    coordinator that is then stopped."""
     async with running(state, certs_dir) as cloud:
-        return [await cloud.models.publish("mlp", arrays_for("mlp", seed=i)) for i in range(1, count + 1)]
+        rows = []
+        for i in range(1, count + 1):
+            rows.append(await cloud.models.publish("mlp", arrays_for("mlp", seed=i)))
+            cloud.models.promote("mlp", rows[-1].version, "test")
+        return rows
 
 
 def truncate(row: VersionRow) -> None:
@@ -81,6 +86,7 @@ async def test_a_truncated_newest_version_is_quarantined_and_the_previous_one_se
     truncate(rows[-1])
     async with running(state, certs_dir) as cloud, agent_channel(cloud.port, certs_dir, "agent-0") as channel:
         assert cloud.models.newest("mlp") == rows[1]
+        assert cloud.models.serving("mlp") == rows[1]  # the one that served before the corrupt one
         quarantined = cloud.store.quarantined("mlp", 3)
         assert quarantined is not None and "bytes" in quarantined.reason
         response = await inference_pb2_grpc.InferenceStub(channel).Infer(request("mlp", inputs(2)), timeout=30)
@@ -173,10 +179,12 @@ def test_tandem_cloud_starts_on_a_truncated_newest_version(tmp_path: Path, certs
 
 
 def _write_version(store: Store, number: int) -> VersionRow:
+    """Version `number` of mlp recorded, and promoted (the last written serves)."""
     path = store.model_path("mlp", number)
     size, sha = write_tensors(path, arrays_for("mlp", seed=number))
     row = VersionRow("mlp", number, sha, str(path), None, None, 0.0, size)
     store.add_version(row)
+    store.add_event("mlp", "promote", number, number - 1, "test", "")
     return row
 
 

@@ -16,10 +16,10 @@ from prometheus_client import REGISTRY, generate_latest
 from cloud.app import CloudConfig, Coordinator
 from cloud.serving import ServingConfig
 from tandem import wire
-from tandem.v1 import admin_pb2_grpc, inference_pb2_grpc, tensor_pb2
+from tandem.v1 import admin_pb2, admin_pb2_grpc, inference_pb2_grpc, tensor_pb2
 from tandem.v1 import inference_pb2 as pb
 from tests.support.clients import admin_channel, agent_channel
-from tests.support.inference import arrays_for, forward, inputs, publish_messages, request
+from tests.support.inference import arrays_for, forward, inputs, publish_messages, request, serve
 
 Served = tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]
 
@@ -28,7 +28,7 @@ Served = tuple[inference_pb2_grpc.InferenceStub, dict[str, np.ndarray]]
 async def served(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[Served]:
     """The coordinator with mlp v1 published, and an agent's Inference stub."""
     arrays = arrays_for("mlp", seed=1)
-    await coordinator.models.publish("mlp", arrays)
+    await serve(coordinator.models, "mlp", arrays)
     async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
         yield inference_pb2_grpc.InferenceStub(channel), arrays
 
@@ -151,7 +151,7 @@ async def test_hot_swap_under_load_fails_nothing_and_keeps_old_versions(
 
     clients = [asyncio.create_task(client()) for _ in range(8)]
     await asyncio.sleep(0.3)
-    await coordinator.models.publish("mlp", v2)
+    await serve(coordinator.models, "mlp", v2)
     for _ in range(100):
         if seen and seen[-1] == 2:
             break
@@ -174,7 +174,7 @@ async def test_overload_is_refused_not_queued(tmp_path: Path, certs_dir: Path) -
     server = Coordinator(config)
     await server.start()
     try:
-        await server.models.publish("mlp", arrays_for("mlp", seed=1))
+        await serve(server.models, "mlp", arrays_for("mlp", seed=1))
         await server.serving.get("mlp", 0)
         async with agent_channel(server.port, certs_dir, "agent-0") as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
@@ -215,8 +215,17 @@ async def test_publish_model_checks_everything_and_swaps_it_in(
             await admin.PublishModel(iter(publish_messages("nope", arrays)))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         version = await admin.PublishModel(iter(publish_messages("mlp-small", arrays)))
-        assert (version.model, version.version) == ("mlp-small", 1)
+        assert (version.model, version.version, version.stage, version.origin) == ("mlp-small", 1, "candidate",
+                                                                                   "publish")
         stub = inference_pb2_grpc.InferenceStub(channel)  # an admin may call inference too
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # a candidate: served by explicit version only
+            await stub.Infer(request("mlp-small", x))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "tandem models promote mlp-small" in (err.value.details() or "")
+        candidate = await stub.Infer(request("mlp-small", x, version=1))
+        np.testing.assert_allclose(wire.from_proto(candidate.output), forward("mlp-small", arrays, x), rtol=1e-5,
+                                   atol=1e-6)
+        await admin.PromoteModel(admin_pb2.PromoteModelRequest(model="mlp-small", version=1))
         response = await stub.Infer(request("mlp-small", x))
         np.testing.assert_allclose(wire.from_proto(response.output), forward("mlp-small", arrays, x), rtol=1e-5, atol=1e-6)
     async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:

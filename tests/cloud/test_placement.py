@@ -19,7 +19,7 @@ from cloud.store import Store
 from edge.app import EdgeApp
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tests.support.clients import admin_channel, agent_channel
-from tests.support.inference import arrays_for, start_edge
+from tests.support.inference import arrays_for, serve, start_edge
 from tests.support.waiting import wait_for
 
 
@@ -32,7 +32,7 @@ async def placed(tmp_path: Path, certs_dir: Path) -> AsyncIterator[tuple[Coordin
     )
     coordinator = Coordinator(config)
     await coordinator.start()
-    await coordinator.models.publish("cnn", arrays_for("cnn", seed=1))
+    await serve(coordinator.models, "cnn", arrays_for("cnn", seed=1))
     app = await start_edge(coordinator.port, certs_dir, ("cnn=edge",))
     stop = asyncio.Event()
     runner = asyncio.create_task(app.run(stop))

@@ -94,6 +94,18 @@ async def test_replica_serves_the_newest_version_and_swaps(
         close(await stub.Infer(request("mlp", x), timeout=10), forward("mlp", v2, x))
         pinned = await stub.Infer(request("mlp", x, version=1), timeout=10)  # kept while it was the newest
         close(pinned, forward("mlp", v1, x))
+
+        # Issue 16: a candidate is not mirrored for default answers; a rollback is followed.
+        await publish(cloud, certs_dir, "mlp", arrays_for("mlp", seed=3), promote=False)
+        await asyncio.sleep(1.0)  # several mirror passes
+        assert (await stub.Infer(request("mlp", x), timeout=10)).version == 2
+        coordinator.models.rollback("mlp", "test")
+
+        async def rolled_back() -> bool:
+            return bool((await stub.Infer(request("mlp", x), timeout=10)).version == 1)
+
+        await wait_for(rolled_back, timeout=30, interval=0.2, message="the replica to answer with version 1 again")
+        close(await stub.Infer(request("mlp", x), timeout=10), forward("mlp", v1, x))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Infer(request("cnn", np.zeros((1, 3, 96, 96), np.float32)), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND

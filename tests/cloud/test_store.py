@@ -198,7 +198,8 @@ def test_migration_3_adds_delta_hashes_and_a_quarantine_kept_out_of_serving(tmp_
                         "d2" if number == 2 else None, 1 if number == 2 else None, None, None))
 
     store = Store(tmp_path)
-    assert store.get_version("mlp", 2) == VersionRow("mlp", 2, "sha-2", "v2", "job-1", 1, 1.0, 100, "d2", 1)
+    assert store.get_version("mlp", 2) == VersionRow("mlp", 2, "sha-2", "v2", "job-1", 1, 1.0, 100, "d2", 1,
+                                                     origin="round")  # migration 6 derives the origin
     assert store.get_version("mlp", 2).delta_sha256 is None  # type: ignore[union-attr]  # deltas before it: never served
     store.set_delta_sha256("mlp", 2, "delta-sha")
     assert store.get_version("mlp", 2).delta_sha256 == "delta-sha"  # type: ignore[union-attr]
@@ -347,3 +348,44 @@ def test_tandem_cloud_refuses_a_newer_database_in_one_line(tmp_path: Path) -> No
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and "newer tandem" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_migration_6_records_origins_and_keeps_serving_what_was_served(tmp_path: Path) -> None:
+    """A version-5 directory (issue 16): each version gets the origin its job and round
+    imply; the newest good version of each model stays what is served (recorded as
+    promoted by "migration 6"); jobs that had ended are marked decided."""
+    with _raw(tmp_path) as db:
+        db.executescript(UNVERSIONED_SCHEMA)
+        db.execute("PRAGMA user_version = 2")
+    Store(tmp_path, MIGRATIONS[:5]).close()
+    with _raw(tmp_path) as db:
+        for model, number, job, round_ in (("mlp", 1, "job-1", 0), ("mlp", 2, "job-1", 1), ("mlp", 3, None, None),
+                                           ("cnn", 1, None, None)):
+            db.execute("INSERT INTO versions (model, version, sha256, path, job_id, round, created, bytes)"
+                       " VALUES (?,?,?,?,?,?,?,?)", (model, number, f"sha-{number}", f"v{number}", job, round_, 1.0, 9))
+        db.execute("INSERT INTO quarantine VALUES ('mlp', 3, 'model', 'corrupt', 1.0)")
+        db.execute("INSERT INTO jobs (job_id, spec, state, current_round, version, message, created)"
+                   " VALUES ('job-1', ?, 'completed', 2, 2, '', 1.0)", (json.dumps(SPEC.to_dict()),))
+        db.execute("INSERT INTO jobs (job_id, spec, state, current_round, version, message, created)"
+                   " VALUES ('job-2', ?, 'running', 1, 2, '', 1.0)", (json.dumps(SPEC.to_dict()),))
+
+    store = Store(tmp_path)
+    assert store.schema_version == len(MIGRATIONS) >= 6
+    assert [(v.version, v.origin) for v in store.list_versions("mlp", quarantined=True)] == [
+        (1, "initial"), (2, "round"), (3, "publish")]
+    assert (store.serving_version("mlp"), store.serving_version("cnn")) == (2, 1)  # v3 is quarantined
+    [event] = store.events("mlp")
+    assert (event.event, event.version, event.previous, event.actor) == ("promote", 2, 0, "migration 6")
+    assert store.stages("mlp") == {2: "serving"}
+    assert [store.get_job(j).promotion for j in ("job-1", "job-2")] == ["", None]  # type: ignore[union-attr]
+    # Rounds closed after the upgrade record their evaluation and its eval spec with the version.
+    store.open_round("job-2", 1, 1, 2, ["agent-0"], deadline=50.0)
+    store.close_round("job-2", 1, _version(4), accuracy=0.9, loss=0.3, local_loss=0.5, final=False,
+                      eval_metrics={"accuracy": 0.9, "loss": 0.3})
+    recorded = store.get_version("mlp", 4)
+    assert recorded is not None and (dict(recorded.metrics), recorded.eval) == ({"accuracy": 0.9, "loss": 0.3},
+                                                                                 SPEC.eval)
+    store.add_event("mlp", "promote", 4, 2, "admin", "")
+    store.add_event("mlp", "rollback", 2, 4, "admin", "")
+    assert store.serving_stack("mlp") == [2] and store.stages("mlp") == {2: "serving", 4: "retired"}
+    store.close()

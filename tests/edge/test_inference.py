@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 
 from cloud.app import Coordinator
+from cloud.spec import JobSpec
 from edge.app import EdgeApp
 from tandem import grpcserver, tls
 from tandem.placement import parse
@@ -27,6 +28,7 @@ from tests.support.inference import (
     forward,
     inputs,
     request,
+    serve,
     start_edge,
 )
 from tests.support.waiting import wait_for
@@ -35,9 +37,9 @@ from tests.support.waiting import wait_for
 @pytest_asyncio.fixture
 async def edge(coordinator: Coordinator, certs_dir: Path) -> AsyncIterator[tuple[EdgeApp, inference_pb2_grpc.InferenceStub]]:
     """mlp v1 and mlp-heavy v1 published; an agent serving mlp (edge) and mlp-small (cascade)."""
-    await coordinator.models.publish("mlp", arrays_for("mlp", seed=1))
-    await coordinator.models.publish("mlp-small", arrays_for("mlp-small", seed=1))
-    await coordinator.models.publish("mlp-heavy", arrays_for("mlp-heavy", seed=1))
+    await serve(coordinator.models, "mlp", arrays_for("mlp", seed=1))
+    await serve(coordinator.models, "mlp-small", arrays_for("mlp-small", seed=1))
+    await serve(coordinator.models, "mlp-heavy", arrays_for("mlp-heavy", seed=1))
     app = await start_edge(coordinator.port, certs_dir, ("mlp=edge", "mlp-small=cascade:0.5:mlp-heavy"))
     stop = asyncio.Event()
     runner = asyncio.create_task(app.run(stop))
@@ -91,7 +93,7 @@ async def test_new_versions_are_fetched_and_served(
 ) -> None:
     app, stub = edge
     x = inputs(2)
-    await coordinator.models.publish("mlp", arrays_for("mlp", seed=2))
+    await serve(coordinator.models, "mlp", arrays_for("mlp", seed=2))
     await wait_for(lambda: app.agent.models.held_version("mlp") == 2)
     response = await stub.Infer(request("mlp", x))
     assert response.version == 2
@@ -140,3 +142,26 @@ async def test_an_agent_certificate_serves_and_a_foreign_client_is_refused(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await inference_pb2_grpc.InferenceStub(channel).Infer(request("mlp", inputs(1)), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake fails
+
+
+async def test_an_agent_follows_the_serving_version_not_the_newest(
+    coordinator: Coordinator, edge: tuple[EdgeApp, inference_pb2_grpc.InferenceStub]
+) -> None:
+    """Issue 16: a candidate (a job's initial model, a publish) never reaches the edge's
+    default answers; a promotion does, and so does a rollback to a lower version."""
+    app, stub = edge
+    app.agent.router.set_placement("mlp", parse("mlp", "edge"), 3)  # type: ignore[union-attr]
+    x = inputs(2)
+    candidate = await coordinator.models.publish("mlp", arrays_for("mlp", seed=7))
+    await coordinator.jobs.start_job(JobSpec(model="mlp", rounds=1, min_clients=5))  # its initial model: a candidate
+    await asyncio.sleep(1.0)  # the notices have arrived (the heartbeat interval is 0.5 s)
+    assert app.agent.models.held_version("mlp") == 1
+    close(await stub.Infer(request("mlp", x)), forward("mlp", arrays_for("mlp", 1), x))
+    coordinator.models.promote("mlp", candidate.version, "test")
+    await wait_for(lambda: app.agent.models.held_version("mlp") == candidate.version)
+    close(await stub.Infer(request("mlp", x)), forward("mlp", arrays_for("mlp", 7), x))
+    coordinator.models.rollback("mlp", "test")
+    await wait_for(lambda: app.agent.models.held_version("mlp") == 1)
+    response = await stub.Infer(request("mlp", x))
+    assert response.version == 1
+    close(response, forward("mlp", arrays_for("mlp", 1), x))

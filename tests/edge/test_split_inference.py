@@ -19,7 +19,7 @@ from tandem import tasks, wire
 from tandem.placement import parse
 from tandem.v1 import inference_pb2 as pb
 from tandem.v1 import inference_pb2_grpc
-from tests.support.inference import app_stub, request, start_edge
+from tests.support.inference import app_stub, request, serve, start_edge
 from tests.support.tasks import RESIDUAL, UNTRACEABLE
 from tests.support.waiting import wait_for
 
@@ -48,7 +48,7 @@ async def served(tmp_path: Path, certs_dir: Path) -> AsyncIterator[Served]:
     await cloud.start()
     arrays = {name: arrays_of(name, seed=1) for name in (RESIDUAL, UNTRACEABLE)}
     for name, state in arrays.items():
-        await cloud.models.publish(name, state)
+        await serve(cloud.models, name, state)
     app = await start_edge(cloud.port, certs_dir, (f"{RESIDUAL}=edge", f"{UNTRACEABLE}=edge"))
     stop = asyncio.Event()
     runner = asyncio.create_task(app.run(stop))

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from prometheus_client import REGISTRY
 
+from cloud.models import ModelRepository
+from cloud.store import VersionRow
 from edge.agent import AgentConfig
 from edge.app import EdgeApp
 from tandem import grpcserver, tls, training, wire, zoo
@@ -49,13 +51,25 @@ def inputs(rows: int, width: int = 64) -> np.ndarray:
     return RNG.normal(size=(rows, width)).astype(np.float32)
 
 
-async def publish(target: str, certs_dir: Path, model: str, arrays: dict[str, np.ndarray]) -> admin_pb2.ModelVersion:
-    """Publish a version through the Admin API, as an operator would."""
+async def publish(
+    target: str, certs_dir: Path, model: str, arrays: dict[str, np.ndarray], promote: bool = True
+) -> admin_pb2.ModelVersion:
+    """Publish a version through the Admin API and (unless `promote` is False) make it the
+    serving one, as an operator would with `tandem models publish --promote`."""
     async with grpcserver.secure_channel(target, tls.admin_credentials(certs_dir)) as channel:
-        version: admin_pb2.ModelVersion = await admin_pb2_grpc.AdminStub(channel).PublishModel(
-            iter(publish_messages(model, arrays))
-        )
+        stub = admin_pb2_grpc.AdminStub(channel)
+        version: admin_pb2.ModelVersion = await stub.PublishModel(iter(publish_messages(model, arrays)))
+        if promote:
+            await stub.PromoteModel(admin_pb2.PromoteModelRequest(model=model, version=version.version))
         return version
+
+
+async def serve(models: ModelRepository, model: str, arrays: dict[str, np.ndarray]) -> VersionRow:
+    """Publish a version in this process and make it the serving one (what `tandem models
+    publish --promote` does): inference without a version answers from the serving version."""
+    row = await models.publish(model, arrays)
+    models.promote(model, row.version, "test")
+    return row
 
 
 def fallbacks(model: str, reason: str) -> float:

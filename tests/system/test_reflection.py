@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from cloud.app import Coordinator
 from tandem import certs
-from tests.support.inference import arrays_for
+from tests.support.inference import arrays_for, serve
 
 EXPECTED = {"tandem.v1.Coordinator", "tandem.v1.Admin", "tandem.v1.Inference", "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection"}
@@ -64,7 +64,7 @@ def session(coordinator: Coordinator, certs_dir: Path, cert: Path, key: Path) ->
 
 
 async def test_list_describe_and_call_like_grpcurl(coordinator: Coordinator, certs_dir: Path) -> None:
-    await coordinator.models.publish("mlp", arrays_for("mlp", seed=1))
+    await serve(coordinator.models, "mlp", arrays_for("mlp", seed=1))
     zeros = base64.b64encode(bytes(256)).decode()  # the README's $(head -c 256 /dev/zero | base64 -w0)
 
     def run() -> None:

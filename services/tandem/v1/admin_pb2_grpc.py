@@ -86,6 +86,21 @@ class AdminStub:
                 request_serializer=tandem_dot_v1_dot_admin__pb2.UnpinPlacementRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_admin__pb2.PlacementInfo.FromString,
                 _registered_method=True)
+        self.PromoteModel = channel.unary_unary(
+                '/tandem.v1.Admin/PromoteModel',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.PromoteModelRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.RollbackModel = channel.unary_unary(
+                '/tandem.v1.Admin/RollbackModel',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.RollbackModelRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.ModelVersion.FromString,
+                _registered_method=True)
+        self.GetModelHistory = channel.unary_unary(
+                '/tandem.v1.Admin/GetModelHistory',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.GetModelHistoryRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.ModelHistory.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -160,6 +175,29 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PromoteModel(self, request, context):
+        """Model lifecycle (docs/lifecycle.md). Make a version the model's serving one: what
+        inference answers with when a request names no version (recorded with the admin
+        certificate's identity and the time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackModel(self, request, context):
+        """Back to the version that was serving before the current one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelHistory(self, request, context):
+        """A model's versions (origin, metrics, stage) and its promotion events, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +250,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.UnpinPlacement,
                     request_deserializer=tandem_dot_v1_dot_admin__pb2.UnpinPlacementRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_admin__pb2.PlacementInfo.SerializeToString,
+            ),
+            'PromoteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteModel,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.PromoteModelRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.ModelVersion.SerializeToString,
+            ),
+            'RollbackModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackModel,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.RollbackModelRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.ModelVersion.SerializeToString,
+            ),
+            'GetModelHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelHistory,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.GetModelHistoryRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.ModelHistory.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +538,87 @@ class Admin:
             '/tandem.v1.Admin/UnpinPlacement',
             tandem_dot_v1_dot_admin__pb2.UnpinPlacementRequest.SerializeToString,
             tandem_dot_v1_dot_admin__pb2.PlacementInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/PromoteModel',
+            tandem_dot_v1_dot_admin__pb2.PromoteModelRequest.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/RollbackModel',
+            tandem_dot_v1_dot_admin__pb2.RollbackModelRequest.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.ModelVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/GetModelHistory',
+            tandem_dot_v1_dot_admin__pb2.GetModelHistoryRequest.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.ModelHistory.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,16 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and agent selection")
     p.add_argument("--max-update-bytes", type=int, default=0, help="largest update accepted (0: 256 MiB)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end, with a progress bar on a terminal")
+    life = p.add_argument_group("model lifecycle (docs/lifecycle.md)")
+    life.add_argument("--promote", default="if-better", choices=("if-better", "on-complete", "never"),
+                      help="at completion: if-better promotes the final version to serving if the model has none, "
+                           "or if it beats the serving version on the --eval data; on-complete always; never leaves "
+                           "it a candidate (default: if-better)")
+    life.add_argument("--promote-metric", default="", metavar="NAME[:max|:min]",
+                      help="the metric if-better compares (default: accuracy, higher is better, when the task's "
+                           "evaluation has it, else loss, lower is better)")
+    life.add_argument("--from-version", default="", metavar="N|serving",
+                      help="warm start: train from this version instead of a seeded build")
     group = p.add_argument_group("defences against hostile agents, and privacy")
     group.add_argument("--aggregator", default="mean",
                        choices=aggregation.names(),
@@ -108,6 +118,7 @@ async def _start(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> in
         hostile_agents=args.hostile, krum_selected=args.krum_selected, clip_norm=args.clip_norm,
         clip_to_median=args.clip_to_median, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta,
         max_examples=args.max_examples, weight_cap=args.weight_cap, select=args.select, agents=args.agent_names,
+        promote=args.promote, promote_metric=args.promote_metric, from_version=args.from_version,
     )
     task_config.to_proto(args.task_config, spec.config)
     job = await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))
@@ -116,6 +127,8 @@ async def _start(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> in
         return 0
     done = await wait_job(stub, job.job_id, 0, echo=False, progress=True)
     print(f"job {done['job_id']}: {done['state']}, version {done['version']}")
+    if done.get("message"):  # the promotion decision, or why it failed
+        print(f"  {done['message']}")
     return 0 if done["state"] == "completed" else 1
 
 
@@ -138,6 +151,8 @@ async def _wait(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int
     job = await wait_job(stub, args.job_id, args.timeout, echo=not args.json, progress=not args.json)
     if not args.json:  # the rounds were printed as they closed
         print(f"job {job['job_id']}: {job['state']}, version {job['version']}")
+        if job.get("message"):
+            print(f"  {job['message']}")
         return 0 if job["state"] == "completed" else 1
     _print_job(job, args.json)
     return _exit_code(job)

@@ -1,4 +1,5 @@
-"""`tandem status`: agents, jobs, the newest version of each model and the placements, on one screen."""
+"""`tandem status`: agents, jobs, the newest and the serving version of each model and the
+placements, on one screen."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ async def _status(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> i
         agent_rows(stub), model_rows(stub), placement_rows(stub), stub.ListJobs(admin_pb2.ListJobsRequest()))
     jobs = [job_dict(j) for j in listed.jobs]
     newest: dict[str, dict[str, Any]] = {}
+    serving = {row["model"]: row["version"] for row in models if row["stage"] == "serving"}
     for row in models:
         if row["version"] > newest.get(row["model"], {"version": 0})["version"]:
-            newest[row["model"]] = row
+            newest[row["model"]] = {**row, "serving_version": serving.get(row["model"], 0)}
     if args.json:
         print(json.dumps({"cloud": args.cloud, "agents": agents, "jobs": jobs,
                           "models": sorted(newest.values(), key=lambda r: r["model"]),
@@ -45,7 +47,8 @@ async def _status(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> i
               f"{accuracy}")
     print(f"models: {len(newest)} published")
     for row in sorted(newest.values(), key=lambda r: r["model"]):
-        print(f"  {row['model']:<10} v{row['version']:<5} {row['sha256'][:16]}")
+        served = f"serving v{row['serving_version']}" if row["serving_version"] else "none serving"
+        print(f"  {row['model']:<10} newest v{row['version']:<5} {served:<16} {row['sha256'][:16]}")
     print(f"placements: {len(placements)}")
     for p in placements:
         print(f"  {p['agent']:<20} {p['model']:<10} {p['placement']}{'  (pinned)' if p['pinned'] else ''}")
