@@ -123,7 +123,10 @@ async def test_flipped_bytes_in_an_older_version_never_reach_a_client(
         assert cloud.store.quarantined("mlp", 1) is not None
     said = [r for r in caplog.records if "mlp v1" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING, [r.getMessage() for r in said]
-    assert not [r for r in caplog.records if r.exc_info], "no traceback for a corrupt file"
+    # The coordinator's own loggers: asyncio's reports of tasks an earlier test left to the
+    # garbage collector can land in any test's capture.
+    ours = [r for r in caplog.records if r.name.split(".")[0] in ("cloud", "tandem", "edge")]
+    assert not [r for r in ours if r.exc_info], "no traceback for a corrupt file"
 
 
 async def test_a_file_changed_after_it_was_verified_is_verified_again(tmp_path: Path, certs_dir: Path) -> None:
