@@ -104,6 +104,12 @@ class EdgeModels:
                 raise FailedPrecondition(
                     f"model {name!r} has no serving version that this agent knows of: promote one "
                     f"(`tandem models promote {name} VERSION`)")
+            try:  # a task not installed here could never be fetched: say so, not "try again"
+                await asyncio.to_thread(tasks.get, name)
+            except tasks.UnknownTask as exc:
+                raise NotFound(f"model {name!r} cannot be served at this agent: {exc}") from None
+            except tasks.TaskError as exc:
+                raise FailedPrecondition(f"model {name!r} cannot be served at this agent: {exc}") from None
             self.want([name])
             task = self._updating.get(name)
             if task is not None:

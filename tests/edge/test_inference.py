@@ -165,3 +165,18 @@ async def test_an_agent_follows_the_serving_version_not_the_newest(
     response = await stub.Infer(request("mlp", x))
     assert response.version == 1
     close(response, forward("mlp", arrays_for("mlp", 1), x))
+
+
+async def test_a_model_whose_task_is_not_installed_here_is_not_found_not_try_again() -> None:
+    """The coordinator announces a model whose task this agent lacks: its requests are
+    NOT_FOUND saying so (UNAVAILABLE "try again" would have clients retry forever)."""
+    from edge.models import EdgeModels
+    from tandem.errors import NotFound
+
+    async def fetch(*_: object) -> dict[str, np.ndarray]:
+        raise AssertionError("nothing to fetch: the task is not installed")
+
+    models = EdgeModels(fetch)
+    models.announce("no_such_package_xyz.tasks:Model", 1, "0" * 64)
+    with pytest.raises(NotFound, match="not installed here"):
+        await models.get("no_such_package_xyz.tasks:Model", 0)
