@@ -2,7 +2,9 @@
 regression (float targets, MSE, its own loop, MAE), with batch norm (so its model
 holds an integer counter, num_batches_tracked, that must never leave an agent).
 
-`tests/support/tasks_v2` holds the same module at another version: another fingerprint.
+`tests/support/tasks_v2/tandem_testtask` is this package again (a symbolic link), at
+another version: the version is the N of the `tasks_vN` directory it is imported from,
+so that one source plays both installations (and their two fingerprints).
 Data specs: `regression:I/N` (partition I of N of the training set) and
 `regression:test` (the held-out set). Train and evaluate require the config key
 `marker` and report it back as a metric, so a test sees the config arrive.
@@ -10,6 +12,7 @@ Data specs: `regression:I/N` (partition I of N of the training set) and
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +21,7 @@ from torch import nn
 
 from tandem import Signature, Task, TrainContext, TrainResult
 
-VERSION = "1"
+VERSION = Path(__file__).parents[1].name.removeprefix("tasks_v")  # "1" or "2": see above
 FEATURES = 4
 _WEIGHTS = np.array([1.5, -2.0, 0.5, 3.0], np.float32)
 
