@@ -73,7 +73,7 @@ class ListAgentsResponse(_message.Message):
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "rounds", "min_clients", "clients_per_round", "round_deadline_seconds", "eval", "epochs", "batch_size", "learning_rate", "codec", "seed", "max_update_bytes", "strategy", "mu", "server_lr", "downlink_codec", "target_upload_seconds", "aggregator", "trim_fraction", "hostile_agents", "krum_selected", "clip_norm", "clip_to_median", "dp_noise_multiplier", "dp_delta", "max_examples", "weight_cap", "config", "select", "agents", "promote", "promote_metric", "from_version")
+    __slots__ = ("model", "rounds", "min_clients", "clients_per_round", "round_deadline_seconds", "eval", "epochs", "batch_size", "learning_rate", "codec", "seed", "max_update_bytes", "strategy", "mu", "server_lr", "downlink_codec", "target_upload_seconds", "aggregator", "trim_fraction", "hostile_agents", "krum_selected", "clip_norm", "clip_to_median", "dp_noise_multiplier", "dp_delta", "max_examples", "weight_cap", "config", "select", "agents", "promote", "promote_metric", "from_version", "rollout")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class JobSpec(_message.Message):
     PROMOTE_FIELD_NUMBER: _ClassVar[int]
     PROMOTE_METRIC_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     model: str
     rounds: int
     min_clients: int
@@ -147,7 +148,54 @@ class JobSpec(_message.Message):
     promote: str
     promote_metric: str
     from_version: str
-    def __init__(self, model: _Optional[str] = ..., rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., eval: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., codec: _Optional[str] = ..., seed: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., strategy: _Optional[str] = ..., mu: _Optional[float] = ..., server_lr: _Optional[float] = ..., downlink_codec: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ..., aggregator: _Optional[str] = ..., trim_fraction: _Optional[float] = ..., hostile_agents: _Optional[int] = ..., krum_selected: _Optional[int] = ..., clip_norm: _Optional[float] = ..., clip_to_median: _Optional[bool] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_delta: _Optional[float] = ..., max_examples: _Optional[int] = ..., weight_cap: _Optional[float] = ..., config: _Optional[_Mapping[str, _coordinator_pb2.ConfigValue]] = ..., select: _Optional[_Iterable[str]] = ..., agents: _Optional[_Iterable[str]] = ..., promote: _Optional[str] = ..., promote_metric: _Optional[str] = ..., from_version: _Optional[str] = ...) -> None: ...
+    rollout: RolloutPolicy
+    def __init__(self, model: _Optional[str] = ..., rounds: _Optional[int] = ..., min_clients: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., round_deadline_seconds: _Optional[float] = ..., eval: _Optional[str] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., codec: _Optional[str] = ..., seed: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., strategy: _Optional[str] = ..., mu: _Optional[float] = ..., server_lr: _Optional[float] = ..., downlink_codec: _Optional[str] = ..., target_upload_seconds: _Optional[float] = ..., aggregator: _Optional[str] = ..., trim_fraction: _Optional[float] = ..., hostile_agents: _Optional[int] = ..., krum_selected: _Optional[int] = ..., clip_norm: _Optional[float] = ..., clip_to_median: _Optional[bool] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_delta: _Optional[float] = ..., max_examples: _Optional[int] = ..., weight_cap: _Optional[float] = ..., config: _Optional[_Mapping[str, _coordinator_pb2.ConfigValue]] = ..., select: _Optional[_Iterable[str]] = ..., agents: _Optional[_Iterable[str]] = ..., promote: _Optional[str] = ..., promote_metric: _Optional[str] = ..., from_version: _Optional[str] = ..., rollout: _Optional[_Union[RolloutPolicy, _Mapping]] = ...) -> None: ...
+
+class RolloutPolicy(_message.Message):
+    __slots__ = ("canary", "window_seconds", "min_requests", "max_error_rate", "max_latency_ratio", "min_agreement", "max_confidence_drop")
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MIN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONFIDENCE_DROP_FIELD_NUMBER: _ClassVar[int]
+    canary: str
+    window_seconds: float
+    min_requests: int
+    max_error_rate: float
+    max_latency_ratio: float
+    min_agreement: float
+    max_confidence_drop: float
+    def __init__(self, canary: _Optional[str] = ..., window_seconds: _Optional[float] = ..., min_requests: _Optional[int] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_agreement: _Optional[float] = ..., max_confidence_drop: _Optional[float] = ...) -> None: ...
+
+class RolloutStatus(_message.Message):
+    __slots__ = ("model", "version", "previous", "canary_agents", "state", "policy", "started", "ended", "actor", "reason", "canary", "baseline")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_AGENTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    previous: int
+    canary_agents: _containers.RepeatedScalarFieldContainer[str]
+    state: str
+    policy: RolloutPolicy
+    started: _timestamp_pb2.Timestamp
+    ended: _timestamp_pb2.Timestamp
+    actor: str
+    reason: str
+    canary: _coordinator_pb2.ServingSignals
+    baseline: _coordinator_pb2.ServingSignals
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., previous: _Optional[int] = ..., canary_agents: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., policy: _Optional[_Union[RolloutPolicy, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., canary: _Optional[_Union[_coordinator_pb2.ServingSignals, _Mapping]] = ..., baseline: _Optional[_Union[_coordinator_pb2.ServingSignals, _Mapping]] = ...) -> None: ...
 
 class StartJobRequest(_message.Message):
     __slots__ = ("spec",)
@@ -350,18 +398,20 @@ class ModelVersion(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bytes: _Optional[int] = ..., origin: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., eval: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("model", "installed", "serving_version", "versions", "newest_version")
+    __slots__ = ("model", "installed", "serving_version", "versions", "newest_version", "rollout")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTALLED_FIELD_NUMBER: _ClassVar[int]
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     NEWEST_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     model: str
     installed: bool
     serving_version: int
     versions: int
     newest_version: int
-    def __init__(self, model: _Optional[str] = ..., installed: _Optional[bool] = ..., serving_version: _Optional[int] = ..., versions: _Optional[int] = ..., newest_version: _Optional[int] = ...) -> None: ...
+    rollout: RolloutStatus
+    def __init__(self, model: _Optional[str] = ..., installed: _Optional[bool] = ..., serving_version: _Optional[int] = ..., versions: _Optional[int] = ..., newest_version: _Optional[int] = ..., rollout: _Optional[_Union[RolloutStatus, _Mapping]] = ...) -> None: ...
 
 class ListModelVersionsResponse(_message.Message):
     __slots__ = ("versions", "models")
@@ -372,14 +422,16 @@ class ListModelVersionsResponse(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
 
 class PromoteModelRequest(_message.Message):
-    __slots__ = ("model", "version", "reason")
+    __slots__ = ("model", "version", "reason", "rollout")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     reason: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    rollout: RolloutPolicy
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ..., rollout: _Optional[_Union[RolloutPolicy, _Mapping]] = ...) -> None: ...
 
 class RollbackModelRequest(_message.Message):
     __slots__ = ("model", "reason")
@@ -412,16 +464,18 @@ class ModelEvent(_message.Message):
     def __init__(self, event: _Optional[str] = ..., version: _Optional[int] = ..., previous: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelHistory(_message.Message):
-    __slots__ = ("model", "serving_version", "versions", "events")
+    __slots__ = ("model", "serving_version", "versions", "events", "rollouts")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     serving_version: int
     versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
     events: _containers.RepeatedCompositeFieldContainer[ModelEvent]
-    def __init__(self, model: _Optional[str] = ..., serving_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[ModelEvent, _Mapping]]] = ...) -> None: ...
+    rollouts: _containers.RepeatedCompositeFieldContainer[RolloutStatus]
+    def __init__(self, model: _Optional[str] = ..., serving_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[ModelEvent, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[RolloutStatus, _Mapping]]] = ...) -> None: ...
 
 class ListPlacementsRequest(_message.Message):
     __slots__ = ("agent", "model")

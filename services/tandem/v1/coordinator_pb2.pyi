@@ -121,7 +121,7 @@ class Hello(_message.Message):
     def __init__(self, agent_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., device: _Optional[str] = ..., models: _Optional[_Mapping[str, int]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tasks: _Optional[_Iterable[_Union[TaskOffer, _Mapping]]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("seq", "measurements")
+    __slots__ = ("seq", "measurements", "serving")
     class MeasurementsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,9 +131,35 @@ class Heartbeat(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SEQ_FIELD_NUMBER: _ClassVar[int]
     MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     seq: int
     measurements: _containers.ScalarMap[str, float]
-    def __init__(self, seq: _Optional[int] = ..., measurements: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    serving: _containers.RepeatedCompositeFieldContainer[ServingSignals]
+    def __init__(self, seq: _Optional[int] = ..., measurements: _Optional[_Mapping[str, float]] = ..., serving: _Optional[_Iterable[_Union[ServingSignals, _Mapping]]] = ...) -> None: ...
+
+class ServingSignals(_message.Message):
+    __slots__ = ("model", "version", "requests", "errors", "latency_seconds", "previous_version", "compared", "agreed", "confidence", "previous_confidence")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    AGREED_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    requests: int
+    errors: int
+    latency_seconds: float
+    previous_version: int
+    compared: int
+    agreed: int
+    confidence: float
+    previous_confidence: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., latency_seconds: _Optional[float] = ..., previous_version: _Optional[int] = ..., compared: _Optional[int] = ..., agreed: _Optional[int] = ..., confidence: _Optional[float] = ..., previous_confidence: _Optional[float] = ...) -> None: ...
 
 class CoordinatorMessage(_message.Message):
     __slots__ = ("welcome", "task", "model", "shutdown", "placement", "heartbeat_ack")
@@ -227,18 +253,20 @@ class TrainTask(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., model: _Optional[str] = ..., base_version: _Optional[int] = ..., base_sha256: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., codec: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., base_seed: _Optional[int] = ..., config: _Optional[_Mapping[str, ConfigValue]] = ..., task_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ModelNotice(_message.Message):
-    __slots__ = ("model", "version", "sha256", "job_id", "serving")
+    __slots__ = ("model", "version", "sha256", "job_id", "serving", "canary")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     sha256: str
     job_id: str
     serving: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., job_id: _Optional[str] = ..., serving: _Optional[bool] = ...) -> None: ...
+    canary: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., job_id: _Optional[str] = ..., serving: _Optional[bool] = ..., canary: _Optional[bool] = ...) -> None: ...
 
 class Shutdown(_message.Message):
     __slots__ = ("reason",)
