@@ -18,6 +18,7 @@ from cloud.models import ModelRepository
 from cloud.observations import DirectSource, PrometheusSource, Source, heartbeats
 from cloud.placement import ControllerConfig, PlacementController
 from cloud.registry import Registry
+from cloud.rollouts import Rollouts
 from cloud.service import AdminService, CoordinatorService
 from cloud.serving import ModelServer, ServingConfig
 from cloud.statelock import StateLock
@@ -61,7 +62,8 @@ class Coordinator:
         self.store = Store(cfg.state)
         self.registry = Registry(stale_after=2 * cfg.heartbeat_interval)
         self.models = ModelRepository(self.store)
-        self.jobs = JobManager(self.store, self.registry, self.models)
+        self.rollouts = Rollouts(self.store, self.registry, self.models)
+        self.jobs = JobManager(self.store, self.registry, self.models, self.rollouts)
         self.serving = ModelServer(self.models, cfg.serving)
         source: Source = PrometheusSource(cfg.prometheus_url) if cfg.prometheus_url else DirectSource(heartbeats(self.registry))
         self.placement = PlacementController(source, self.registry, self.store, cfg.placement or ControllerConfig())
@@ -73,12 +75,12 @@ class Coordinator:
         self.disk = DiskMonitor(cfg.state, cfg.disk_reserve)
         intake = UpdateIntake(self.store, self.jobs, self.models, self.disk, cfg.upload_idle_seconds)
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
-            CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, cfg.heartbeat_interval,
-                               limits=self.limits),
+            CoordinatorService(self.store, self.registry, self.models, self.jobs, intake, self.rollouts,
+                               cfg.heartbeat_interval, limits=self.limits),
             self.server,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminService(self.store, self.registry, self.models, self.jobs, self.placement), self.server
+            AdminService(self.store, self.registry, self.models, self.jobs, self.placement, self.rollouts), self.server
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(inference.InferenceService(self.serving), self.server)
         # Bound and started by `start`:
@@ -89,6 +91,7 @@ class Coordinator:
         self.health_server: grpc.aio.Server | None = None
         self._controller: asyncio.Task[None] | None = None
         self._disk_watch: asyncio.Task[None] | None = None
+        self._rollout_judge: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -112,6 +115,7 @@ class Coordinator:
         self._controller = asyncio.create_task(self.placement.run()) if cfg.placement else None
         await grpcserver.set_serving(self.health, SERVICES, True)
         self._disk_watch = asyncio.create_task(self.disk.run(self._disk_health))
+        self._rollout_judge = asyncio.create_task(self.rollouts.run(), name="rollouts")
         log.info("coordinator listening on port %d", self.port)
 
     async def _disk_health(self, low: bool) -> None:
@@ -139,8 +143,9 @@ class Coordinator:
         await self.jobs.shutdown()
         if self._controller is not None:
             self._controller.cancel()
-        if self._disk_watch is not None:
-            self._disk_watch.cancel()
+        for task in (self._disk_watch, self._rollout_judge):
+            if task is not None:
+                task.cancel()
         await self.serving.close()
         if self.health_server is not None:
             await self.health_server.stop(0)

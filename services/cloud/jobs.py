@@ -12,6 +12,7 @@ from cloud import evaluation, privacy
 from cloud.models import ModelRepository
 from cloud.open_round import OpenRound
 from cloud.registry import Registry
+from cloud.rollouts import NothingToCanary, Rollouts
 from cloud.rounds import JobRunner
 from cloud.spec import SERVING, JobSpec, promote_metric_parts
 from cloud.store import JobRow, JobState, RoundState, Store, VersionRow
@@ -32,8 +33,9 @@ _STATES = {
 
 
 class JobManager:
-    def __init__(self, store: Store, registry: Registry, models: ModelRepository) -> None:
+    def __init__(self, store: Store, registry: Registry, models: ModelRepository, rollouts: Rollouts) -> None:
         self._store = store
+        self._rollouts = rollouts
         self._registry = registry
         self._models = models
         self._runners: dict[str, JobRunner] = {}
@@ -116,13 +118,28 @@ class JobManager:
         if promote and serving is not None and serving.version == final.version:
             promote, reason = False, f"v{final.version} already serves"
         if promote:
-            self._models.promote(spec.model, final.version, actor, reason)
-            message = f"promoted {spec.model} v{final.version}: {reason}"
+            promote, message = self._promote(spec, final.version, actor, reason)
         else:
             self._models.keep(spec.model, final.version, actor, reason)
             message = f"not promoted ({spec.model} v{final.version} stays a candidate): {reason}"
         self._store.set_promotion(row.job_id, "promoted" if promote else "kept", message)
         log.info("job %s: %s", row.job_id, message)
+
+    def _promote(self, spec: JobSpec, version: int, actor: str, reason: str) -> tuple[bool, str]:
+        """Promote the final version as the job's rollout policy says: everywhere at once,
+        or to a canary first (cloud.rollouts). (promoted or staged, the job's message)"""
+        try:
+            rollout = self._rollouts.promote(spec.model, version, spec.rollout, actor, reason)
+        except NothingToCanary as exc:  # the first serving version, or no agent serving the model
+            self._models.promote(spec.model, version, actor, f"{reason} (at once: {exc})")
+            return True, f"promoted {spec.model} v{version} at once ({exc}): {reason}"
+        except FailedPrecondition as exc:  # a rollout of another version is in progress
+            self._models.keep(spec.model, version, actor, f"{reason}, but {exc}")
+            return False, f"not promoted ({spec.model} v{version} stays a candidate): {exc}"
+        if rollout is None:
+            return True, f"promoted {spec.model} v{version}: {reason}"
+        return True, (f"rolling out {spec.model} v{version} to a canary ({', '.join(rollout.agents)}) for at least "
+                      f"{spec.rollout.window:g} s, then everyone if it does not regress: {reason}")
 
     async def _policy(self, spec: JobSpec, final: VersionRow) -> tuple[bool, str]:
         if spec.promote == "never":

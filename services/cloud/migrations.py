@@ -173,8 +173,21 @@ def _v7_task_failures(db: sqlite3.Connection) -> None:
     )
 
 
+def _v8_rollouts(db: sqlite3.Connection) -> None:
+    """Version 8 (issue 16: staged rollouts): one row per rollout of a model version to
+    a canary share of the agents, its policy (JSON), the canary agents (a JSON list),
+    its state (canary, promoted, rolled-back, aborted) and why it ended. A rollout in
+    state canary when the coordinator stops resumes at start."""
+    db.execute(
+        """CREATE TABLE rollouts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version INTEGER NOT NULL,
+            previous INTEGER NOT NULL, agents TEXT NOT NULL, policy TEXT NOT NULL, state TEXT NOT NULL,
+            actor TEXT NOT NULL, reason TEXT NOT NULL, started REAL NOT NULL, ended REAL)"""
+    )
+
+
 MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_file_integrity, _v4_weight_caps, _v5_task_metrics,
-                               _v6_model_lifecycle, _v7_task_failures]
+                               _v6_model_lifecycle, _v7_task_failures, _v8_rollouts]
 
 
 def schema_version(db: sqlite3.Connection) -> int:

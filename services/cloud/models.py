@@ -136,7 +136,12 @@ class ModelRepository:
 
     def keep(self, model: str, version: int, actor: str, reason: str) -> ModelEvent:
         """Record a job's decision not to promote `version` (the history shows it)."""
-        return self._store.add_event(model, "kept", version, self._store.serving_version(model), actor, reason)
+        return self.note(model, "kept", version, actor, reason)
+
+    def note(self, model: str, event: str, version: int, actor: str, reason: str) -> ModelEvent:
+        """Record an event about `version` that does not change what is served (a job's
+        decision to keep it; a staged rollout's start or end, cloud.rollouts)."""
+        return self._store.add_event(model, event, version, self._store.serving_version(model), actor, reason)
 
     def _changed(self, row: VersionRow, event: str, previous: int, actor: str, reason: str) -> ModelEvent:
         recorded = self._store.add_event(row.model, event, row.version, previous, actor, reason)

@@ -8,7 +8,7 @@ import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -145,6 +145,31 @@ class ModelEvent:
     at: float
 
 
+class RolloutState(StrEnum):
+    CANARY = "canary"  # in progress: the canary agents serve the new version
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled-back"  # the canary regressed
+    ABORTED = "aborted"  # an operator stopped it
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    """A staged rollout of `version` (docs/lifecycle.md): `agents` serve it first while
+    the rest keep `previous`."""
+
+    id: int
+    model: str
+    version: int
+    previous: int
+    agents: tuple[str, ...]
+    policy: dict[str, Any]  # cloud.canary.RolloutPolicy's fields
+    state: RolloutState
+    actor: str
+    reason: str
+    started: float
+    ended: float | None
+
+
 class FileKind(StrEnum):
     """Which file of a version a quarantine record is about."""
 
@@ -199,6 +224,11 @@ def _record(cls: type[R], row: sqlite3.Row, **parsed: object) -> R:
     """A `cls` from the columns named like its fields, `parsed` replacing some. Only
     those columns: one that a later migration adds is read by the code that knows it."""
     return cls(**{f.name: parsed[f.name] if f.name in parsed else row[f.name] for f in fields(cls)})
+
+
+def _rollout(row: sqlite3.Row) -> RolloutRow:
+    return _record(RolloutRow, row, agents=tuple(json.loads(row["agents"])), policy=json.loads(row["policy"]),
+                   state=RolloutState(row["state"]))
 
 
 def _job(row: sqlite3.Row) -> JobRow:

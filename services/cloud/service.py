@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import grpc
 
+from cloud.canary import RolloutPolicy
 from cloud.intake import UpdateIntake
 from cloud.jobs import JobManager
 from cloud.limits import AgentLimits
@@ -16,6 +17,7 @@ from cloud.limits import Peer as LimitPeer
 from cloud.models import ModelRepository
 from cloud.placement import PlacementController
 from cloud.registry import Registry, Session
+from cloud.rollouts import Rollouts
 from cloud.spec import JobSpec
 from cloud.store import ModelEvent, Stage, Store, VersionRow
 from tandem import config, metrics, staged, tasks
@@ -34,6 +36,7 @@ MAX_HELLO_EXAMPLES = 10**9
 MAX_PROBE_BYTES = 1 << 20
 REFUSAL_DELAY_SECONDS = 1.0  # a control stream over its agent's rates ends this late
 MAX_MEASUREMENTS = 256  # link, and per served model its stage times and request rate
+MAX_SIGNALS = 256  # serving signals per heartbeat: one per model version served
 # A shorter round cannot be met by any agent, and a round that misses its quorum is
 # retried at once: with a deadline of nothing, the retries never yield the event loop.
 
@@ -48,9 +51,10 @@ def _merge_measurements(into: dict[str, float], new: Mapping[str, float]) -> Non
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(
         self, store: Store, registry: Registry, models: ModelRepository, jobs: JobManager, intake: UpdateIntake,
-        heartbeat_interval: float, limits: AgentLimits | None = None,
+        rollouts: Rollouts, heartbeat_interval: float, limits: AgentLimits | None = None,
     ) -> None:
         self._limits = limits  # Connect and heartbeat rates per agent; None: unlimited
+        self._rollouts = rollouts
         self._store = store
         self._registry = registry
         self._models = models
@@ -107,7 +111,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             session.send(
                 pb.CoordinatorMessage(
                     welcome=pb.Welcome(agent_id=identity.name, heartbeat_interval_seconds=self._heartbeat_interval,
-                                       models=self._models.serving_notices())
+                                       models=self._rollouts.notices(identity.name))
                 )
             )
             self._registry.announce(session)
@@ -139,6 +143,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                         self._limits.heartbeat(counters)
                     session.last_seen = time.time()
                     _merge_measurements(session.measurements, message.heartbeat.measurements)
+                    self._rollouts.observe(session.agent_id, message.heartbeat.serving[:MAX_SIGNALS])
                     session.send(pb.CoordinatorMessage(heartbeat_ack=pb.HeartbeatAck(seq=message.heartbeat.seq)))
                 elif message.HasField("declined"):
                     peer.check()
@@ -204,9 +209,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(
         self, store: Store, registry: Registry, models: ModelRepository, jobs: JobManager,
-        placement: PlacementController,
+        placement: PlacementController, rollouts: Rollouts,
     ) -> None:
         self._placement = placement
+        self._rollouts = rollouts
         self._installed: frozenset[str] | None = None  # the tasks installed here, for ListModelVersions
         self._store = store
         self._registry = registry
@@ -299,7 +305,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         rows = self._store.list_versions(request.model)
         stages = {name: self._store.stages(name) for name in {v.model for v in rows}}
         response = admin_pb2.ListModelVersionsResponse(
-            versions=[_model_version(v, stages[v.model].get(v.version, Stage.CANDIDATE)) for v in rows]
+            versions=[_model_version(v, self._stage(stages[v.model], v)) for v in rows]
         )
         if self._installed is None:  # read once: an installed task is loaded for good (tandem.tasks)
             self._installed = frozenset(tasks.names())
@@ -310,8 +316,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             mine = [v.version for v in rows if v.model == name]
             response.models.append(admin_pb2.ModelSummary(
                 model=name, installed=name in installed, serving_version=self._store.serving_version(name),
-                versions=len(mine), newest_version=max(mine, default=0)))
+                versions=len(mine), newest_version=max(mine, default=0), rollout=self._rollouts.status(name)))
         return response
+
+    def _stage(self, stages: Mapping[int, Stage], v: VersionRow) -> str:
+        rollout = self._rollouts.in_progress(v.model)
+        return "canary" if rollout is not None and rollout.version == v.version else stages.get(v.version, Stage.CANDIDATE)
 
     # ---- model lifecycle (docs/lifecycle.md) ------------------------------------
 
@@ -320,9 +330,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.PromoteModelRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ModelVersion:
         identity = require_role(context, ROLE_ADMIN)
-        row, _ = self._models.promote(request.model, request.version, identity.name,
-                                      request.reason[:500] or "promoted by an operator")
-        return _model_version(row, Stage.SERVING)
+        if not request.model:
+            raise InvalidArgument("model name is required")
+        policy = RolloutPolicy.from_proto(request.rollout)
+        staged = self._rollouts.promote(request.model, request.version, policy, identity.name,
+                                        request.reason[:500] or "promoted by an operator")
+        return _model_version(self._models.version(request.model, request.version),
+                              "canary" if staged is not None else Stage.SERVING)
 
     @grpc_errors
     async def RollbackModel(  # noqa: N802
@@ -331,7 +345,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         identity = require_role(context, ROLE_ADMIN)
         if not request.model:
             raise InvalidArgument("model name is required")
-        row, _ = self._models.rollback(request.model, identity.name, request.reason[:500] or "rolled back by an operator")
+        reason = request.reason[:500] or "rolled back by an operator"
+        if self._rollouts.in_progress(request.model) is not None:  # abort it: the canary serves what everyone does
+            rollout = self._rollouts.abort(request.model, identity.name, reason)
+            return _model_version(self._models.version(request.model, rollout.previous), Stage.SERVING)
+        row, _ = self._models.rollback(request.model, identity.name, reason)
         return _model_version(row, Stage.SERVING)
 
     @grpc_errors
@@ -348,8 +366,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         stages = self._store.stages(request.model)
         return admin_pb2.ModelHistory(
             model=request.model, serving_version=self._store.serving_version(request.model),
-            versions=[_model_version(v, stages.get(v.version, Stage.CANDIDATE)) for v in rows],
-            events=[_model_event(e) for e in events],
+            versions=[_model_version(v, self._stage(stages, v)) for v in rows],
+            events=[_model_event(e) for e in events], rollouts=self._rollouts.history(request.model),
         )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from cloud import strategies
 from cloud.aggregation import Defence
+from cloud.canary import RolloutPolicy
 from tandem import compression, config, tasks
 from tandem.errors import InvalidArgument, NotFound
 from tandem.task import ConfigValue
@@ -151,6 +152,7 @@ class JobSpec:
     promote: str = "if-better"
     promote_metric: str = ""
     from_version: str = ""
+    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)  # how a promotion reaches the edge
 
     @property
     def from_version_number(self) -> int | None:
@@ -193,6 +195,7 @@ class JobSpec:
                                                        < 1 << 62),
                f"from_version must be a version number >= 1 or 'serving', got {self.from_version!r}")
         self.selection.validate()
+        self.rollout.validate()
         self.training.validate()
         self._validate_overrides()
         self.transport.validate()
@@ -266,6 +269,7 @@ class JobSpec:
             promote=msg.promote or "if-better",
             promote_metric=msg.promote_metric,
             from_version=msg.from_version,
+            rollout=RolloutPolicy.from_proto(msg.rollout),
         ).validate()
 
     def to_proto(self) -> admin_pb2.JobSpec:
@@ -284,6 +288,7 @@ class JobSpec:
             max_examples=defence.max_examples, weight_cap=defence.weight_cap,
             select=self.selection.select, agents=self.selection.agents,
             promote=self.promote, promote_metric=self.promote_metric, from_version=self.from_version,
+            rollout=self.rollout.to_proto(),
         )
         config.to_proto(self.config, message.config)
         return message
@@ -297,6 +302,8 @@ class JobSpec:
             del record["config"]
         if self.selection == Selection():
             del record["selection"]
+        if self.rollout == RolloutPolicy():
+            del record["rollout"]
         for key in ("promote", "promote_metric", "from_version"):  # issue 16: stored once set
             if record[key] == getattr(JobSpec, key):
                 del record[key]
@@ -307,7 +314,7 @@ class JobSpec:
         """Read `to_dict`'s form. A group absent from `data` takes its defaults, so a group
         added later with defaults needs no migration; flat specs are migration 2's job."""
         groups = {"training": LocalTraining, "strategy": ServerStrategy, "transport": Transport, "defence": Defence,
-                  "selection": Selection}
+                  "selection": Selection, "rollout": RolloutPolicy}
         top = {key: value for key, value in data.items() if key not in groups}
         return cls(**top, **{key: group(**data.get(key, {})) for key, group in groups.items()})
 

@@ -28,6 +28,8 @@ from cloud.rows import (
     JobState,
     ModelEvent,
     QuarantineRow,
+    RolloutRow,
+    RolloutState,
     RoundRow,
     RoundState,
     Stage,
@@ -35,6 +37,7 @@ from cloud.rows import (
     VersionRow,
     _job,
     _record,
+    _rollout,
     _round,
     _update,
     _version,
@@ -42,7 +45,7 @@ from cloud.rows import (
 )
 
 __all__ = ["AgentRow", "Exclusion", "FailureRow", "FileKind", "JobRow", "JobState", "ModelEvent", "QuarantineRow",
-           "RoundRow", "RoundState", "Stage", "Store", "UpdateRow", "VersionRow"]
+           "RolloutRow", "RolloutState", "RoundRow", "RoundState", "Stage", "Store", "UpdateRow", "VersionRow"]
 _UPDATE_COLUMNS = "agent, digest, num_examples, local_loss, path, bytes, codec, metrics"
 
 class Store:
@@ -209,12 +212,43 @@ class Store:
 
     def stages(self, model: str) -> dict[int, Stage]:
         """Each version's stage (absent: a candidate): retired once it was served."""
-        promoted = {e.version for e in self.events(model) if e.event != "kept"} if self._has_events() else set()
+        served = ("promote", "rollback")
+        promoted = {e.version for e in self.events(model) if e.event in served} if self._has_events() else set()
         stages = {v: Stage.RETIRED for v in promoted}
         serving = self.serving_version(model)
         if serving:
             stages[serving] = Stage.SERVING
         return stages
+
+    # ---- staged rollouts (migration 8) ----------------------------------------
+
+    def add_rollout(self, model: str, version: int, previous: int, agents: Sequence[str], policy: Mapping[str, Any],
+                    actor: str, reason: str) -> RolloutRow:
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO rollouts (model, version, previous, agents, policy, state, actor, reason, started)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (model, version, previous, json.dumps(list(agents)), json.dumps(dict(policy)),
+                 RolloutState.CANARY.value, actor, reason, time.time()))
+        return self._rollout_row(cursor.lastrowid)
+
+    def end_rollout(self, rollout_id: int, state: RolloutState, reason: str) -> RolloutRow:
+        with self._tx() as db:
+            db.execute("UPDATE rollouts SET state = ?, reason = ?, ended = ? WHERE id = ?",
+                       (state.value, reason, time.time(), rollout_id))
+        return self._rollout_row(rollout_id)
+
+    def _rollout_row(self, rollout_id: int | None) -> RolloutRow:
+        row = self._one("SELECT * FROM rollouts WHERE id = ?", rollout_id)
+        assert row is not None, rollout_id  # written by this connection just before
+        return _rollout(row)
+
+    def rollouts(self, model: str = "", state: RolloutState | None = None) -> list[RolloutRow]:
+        query, args = "SELECT * FROM rollouts WHERE (? = '' OR model = ?)", [model, model]
+        if state is not None:
+            query += " AND state = ?"
+            args.append(state.value)
+        return [_rollout(r) for r in self._db.execute(query + " ORDER BY id", args)]
 
     # ---- jobs -------------------------------------------------------------
 

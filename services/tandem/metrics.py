@@ -87,6 +87,15 @@ MODEL_PROMOTIONS = Counter(
     "tandem_model_promotions_total", "Changes of a model's serving version, by kind (promote, rollback).",
     ["model", "kind"],
 )
+ROLLOUTS = Counter(
+    "tandem_rollouts_total",
+    "Staged rollouts that ended, by outcome (promoted, rolled-back: the canary regressed, aborted: by an operator).",
+    ["model", "outcome"],
+)
+CANARY_VERSION = Gauge(
+    "tandem_rollout_canary_version", "The version a staged rollout is testing on a canary share of agents (0: none).",
+    ["model"],
+)
 # Labelled `job_id`: Prometheus' own `job` label (the scrape job) would shadow `job`.
 ROUND_ACCURACY = Gauge(
     "tandem_coordinator_round_accuracy_ratio", "Test accuracy after the last closed round.", ["job_id"]
