@@ -81,6 +81,10 @@ class ControlStream:
                 if message.WhichOneof("kind") == kind:
                     return message
 
+    def heartbeat(self, seq: int, serving: Iterable[pb.ServingSignals] = ()) -> None:
+        """Send a heartbeat carrying these serving signals (what an agent with --listen sends)."""
+        self._outgoing.put_nowait(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=seq, serving=list(serving))))
+
     async def close(self) -> None:
         self._outgoing.put_nowait(None)
         if self._reader is not None:
