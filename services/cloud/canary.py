@@ -29,7 +29,7 @@ _AGENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 @dataclass(frozen=True)
 class RolloutPolicy:
     """Who serves a promoted version first, for how long, and what counts as a regression
-    (`admin_pb2.RolloutPolicy`; zero numbers there take these defaults)."""
+    (`admin_pb2.RolloutPolicy`; numbers left unset there take these defaults)."""
 
     canary: str = ""  # "N%" of the agents serving the model, or "a,b": agent names; "": no canary
     window: float = 60.0
@@ -75,12 +75,17 @@ class RolloutPolicy:
     @classmethod
     def from_proto(cls, msg: admin_pb2.RolloutPolicy) -> RolloutPolicy:
         d = cls()
+
+        def given(name: str, default: float) -> float:
+            return float(getattr(msg, name)) if msg.HasField(name) else default
+
         return cls(
-            canary=msg.canary.strip(), window=msg.window_seconds or d.window,
-            min_requests=msg.min_requests or d.min_requests, max_error_rate=msg.max_error_rate or d.max_error_rate,
-            max_latency_ratio=msg.max_latency_ratio or d.max_latency_ratio,
-            min_agreement=msg.min_agreement or d.min_agreement,
-            max_confidence_drop=msg.max_confidence_drop or d.max_confidence_drop,
+            canary=msg.canary.strip(), window=given("window_seconds", d.window),
+            min_requests=int(given("min_requests", d.min_requests)),
+            max_error_rate=given("max_error_rate", d.max_error_rate),
+            max_latency_ratio=given("max_latency_ratio", d.max_latency_ratio),
+            min_agreement=given("min_agreement", d.min_agreement),
+            max_confidence_drop=given("max_confidence_drop", d.max_confidence_drop),
         ).validate()
 
     def to_proto(self) -> admin_pb2.RolloutPolicy:

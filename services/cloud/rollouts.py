@@ -49,7 +49,9 @@ class _Active:
     policy: RolloutPolicy
     canary: Totals = field(default_factory=Totals)  # the canary agents, on the new version
     baseline: Totals = field(default_factory=Totals)  # the other agents, on the previous version
-    status: str = ""  # the last verdict's reason
+
+    def verdict(self) -> tuple[Verdict, str]:
+        return judge(self.policy, self.canary, self.baseline, time.time() - self.row.started)
 
 
 class Rollouts:
@@ -183,8 +185,7 @@ class Rollouts:
     def check(self) -> None:
         """Judge every rollout in progress; end those that are decided."""
         for active in list(self._active.values()):
-            verdict, reason = judge(active.policy, active.canary, active.baseline, time.time() - active.row.started)
-            active.status = reason
+            verdict, reason = active.verdict()
             if verdict is Verdict.ROLL_BACK:
                 self._end(active, RolloutState.ROLLED_BACK, ROLLOUT_ACTOR, f"the canary regressed: {reason}")
             elif verdict is Verdict.PROCEED:
@@ -231,7 +232,7 @@ class Rollouts:
         status = admin_pb2.RolloutStatus(
             model=row.model, version=row.version, previous=row.previous, canary_agents=row.agents,
             state=row.state.value, policy=RolloutPolicy(**row.policy).to_proto(), started=timestamp(row.started),
-            actor=row.actor, reason=active.status if active is not None else row.reason)
+            actor=row.actor, reason=active.verdict()[1] if active is not None else row.reason)
         if row.ended is not None:
             status.ended.CopyFrom(timestamp(row.ended))
         if active is not None:

@@ -224,6 +224,29 @@ def version_dict(v: admin_pb2.ModelVersion) -> dict[str, Any]:
             "metrics": dict(v.metrics), "eval": v.eval}
 
 
+def rollout_dict(r: admin_pb2.RolloutStatus) -> dict[str, Any]:
+    canary, baseline = r.canary, r.baseline
+    return {"model": r.model, "version": r.version, "previous": r.previous, "state": r.state,
+            "canary_agents": list(r.canary_agents), "actor": r.actor, "reason": r.reason,
+            "started": r.started.ToDatetime().isoformat(timespec="seconds") + "Z",
+            "ended": r.ended.ToDatetime().isoformat(timespec="seconds") + "Z" if r.HasField("ended") else None,
+            "canary": {"requests": canary.requests, "errors": canary.errors, "compared": canary.compared,
+                       "agreed": canary.agreed},
+            "baseline": {"requests": baseline.requests, "errors": baseline.errors}}
+
+
+def rollout_line(r: dict[str, Any]) -> str:
+    """One line: what is rolling out where, and how it stands (or how it ended)."""
+    return (f"rollout of {r['model']} v{r['version']} (serving v{r['previous']}) on {', '.join(r['canary_agents'])}: "
+            f"{r['state']}: {r['reason']}")
+
+
+async def rollout_rows(stub: admin_pb2_grpc.AdminStub, model: str = "") -> list[dict[str, Any]]:
+    """The staged rollouts in progress."""
+    found = await stub.ListModelVersions(admin_pb2.ListModelVersionsRequest(model=model))
+    return [rollout_dict(m.rollout) for m in found.models if m.HasField("rollout")]
+
+
 async def placement_rows(stub: admin_pb2_grpc.AdminStub, agent: str = "", model: str = "") -> list[dict[str, Any]]:
     infos = (await stub.ListPlacements(admin_pb2.ListPlacementsRequest(agent=agent, model=model))).placements
     return [placement_row(p) for p in infos]

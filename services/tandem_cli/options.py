@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     from cloud.serving import ServingConfig
+    from tandem.v1 import admin_pb2
 
 # A string, so the private generic is only subscripted by the type checker.
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -39,6 +40,40 @@ def client_args(parser: argparse.ArgumentParser) -> None:
                         help="coordinator address HOST:PORT (env TANDEM_CLOUD; default %(default)s)")
     parser.add_argument("--certs", type=Path, default=certs_default(),
                         help="deployment certificate directory (env TANDEM_CERTS; default %(default)s)")
+
+
+def rollout_args(parser: argparse.ArgumentParser) -> None:
+    """--canary and its thresholds: how a promotion reaches the edge (read by `rollout_policy`)."""
+    from cloud.canary import RolloutPolicy  # plain values: no torch, no SQLite
+
+    d = RolloutPolicy()
+    group = parser.add_argument_group("staged rollout to the edge (docs/lifecycle.md)")
+    group.add_argument("--canary", default="", metavar="N%|A,B",
+                       help="serve the promoted version on N%% of the agents serving the model (at least one), or "
+                            "on these agents, first; it reaches everyone only if it does not regress within the "
+                            "window, and is rolled back automatically otherwise (default: everyone at once)")
+    group.add_argument("--canary-window", type=float, default=d.window, metavar="SECONDS",
+                       help="the canary serves at least this long before the rollout proceeds")
+    group.add_argument("--canary-min-requests", type=int, default=d.min_requests, metavar="N",
+                       help="... and answers at least this many requests; no verdict before")
+    group.add_argument("--canary-max-error-rate", type=float, default=d.max_error_rate, metavar="RATE",
+                       help="roll back if the canary's error rate exceeds the other agents' by more than this")
+    group.add_argument("--canary-max-latency-ratio", type=float, default=d.max_latency_ratio, metavar="X",
+                       help="roll back if the canary's mean latency exceeds X times the other agents'")
+    group.add_argument("--canary-min-agreement", type=float, default=d.min_agreement, metavar="FRACTION",
+                       help="roll back if the canary agrees with the previous version on fewer of the same inputs")
+    group.add_argument("--canary-max-confidence-drop", type=float, default=d.max_confidence_drop, metavar="DROP",
+                       help="roll back if the canary's mean top-class confidence falls more than this below the "
+                            "previous version's on the same inputs")
+
+
+def rollout_policy(args: argparse.Namespace) -> admin_pb2.RolloutPolicy:
+    from tandem.v1 import admin_pb2
+
+    return admin_pb2.RolloutPolicy(
+        canary=args.canary, window_seconds=args.canary_window, min_requests=args.canary_min_requests,
+        max_error_rate=args.canary_max_error_rate, max_latency_ratio=args.canary_max_latency_ratio,
+        min_agreement=args.canary_min_agreement, max_confidence_drop=args.canary_max_confidence_drop)
 
 
 def serving_args(parser: argparse.ArgumentParser, device: str = "auto") -> None:

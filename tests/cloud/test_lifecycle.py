@@ -237,7 +237,8 @@ async def test_the_models_commands(coordinator: Coordinator, certs_dir: Path, tm
     assert [e["event"] for e in as_json["events"]] == ["promote", "promote", "rollback"]
     assert [v["stage"] for v in as_json["versions"]] == ["retired", "serving"]
     summary = json.loads((await tandem("models", "--json", *common)).stdout)["models"]
-    assert {"model": "mlp", "installed": True, "serving_version": 2, "versions": 2, "newest_version": 2} in summary
+    assert {"model": "mlp", "installed": True, "serving_version": 2, "versions": 2, "newest_version": 2,
+            "rollout": None} in summary
     assert any(m["model"] == "cnn" and m["installed"] and m["versions"] == 0 for m in summary)
     wrong = tmp_path / "cnn.safetensors"
     write_tensors(wrong, arrays_for("cnn", 1))

@@ -6,6 +6,7 @@ Before the fix a promotion reached every agent at once and nothing watched it.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from cloud.store import VersionRow
 from tandem.errors import InvalidArgument
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
-from tests.cloud.test_lifecycle import history, sample
+from tests.cloud.test_lifecycle import history, sample, tandem
 from tests.support.clients import ControlStream, admin_channel, streams
 from tests.support.inference import arrays_for, serve
 from tests.support.waiting import wait_for
@@ -204,3 +205,30 @@ async def test_a_rollout_survives_a_coordinator_restart(fleet: Fleet, coordinato
     assert (welcome.version, welcome.canary) == (2, True)
     [welcome] = [n for n in reread.notices("agent-1") if n.model == "mlp"]
     assert (welcome.version, welcome.canary) == (1, False)
+
+
+@pytest.mark.process
+async def test_the_rollout_commands(fleet: Fleet) -> None:
+    common = ["--cloud", f"localhost:{fleet.coordinator.port}", "--certs", str(fleet.certs_dir)]
+    started = await tandem("models", "promote", "mlp", "2", "--canary", "agent-1", "--canary-window", "600", *common)
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == ("mlp v2 is rolling out: on agent-1 first, the rest serve v1 "
+                                      "(`tandem models` shows how it stands)")
+    for command in (["models"], ["status"]):
+        shown = await tandem(*command, *common)
+        assert shown.returncode == 0, shown.stderr
+        assert "rollout of mlp v2 (serving v1) on agent-1: canary: waiting for traffic: the canary answered 0 of 20" \
+            in shown.stdout, shown.stdout
+    status = json.loads((await tandem("status", "--json", *common)).stdout)
+    assert [(r["model"], r["version"], r["state"]) for r in status["rollouts"]] == [("mlp", 2, "canary")]
+    for wrong, why in [(["--canary", "ten%"], "canary must be 'N%' or agent names"),
+                       (["--canary", "50%", "--canary-window", "0"], "canary window must be in (0, 604800]")]:
+        refused = await tandem("models", "promote", "mlp", "2", *wrong, *common)
+        assert refused.returncode == 1 and why in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    busy = await tandem("models", "promote", "mlp", "1", "--canary", "50%", *common)
+    assert busy.returncode == 1 and "a rollout of mlp v2 is in progress" in busy.stderr, busy.stderr
+    aborted = await tandem("models", "rollback", "mlp", *common)
+    assert aborted.returncode == 0 and "mlp v1 is serving again" in aborted.stdout, aborted.stderr
+    shown = await tandem("models", "history", "mlp", *common)
+    assert "canary-aborted" in shown.stdout and "on agent-1: aborted: rolled back by an operator" in shown.stdout

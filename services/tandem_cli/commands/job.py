@@ -11,7 +11,7 @@ from cloud import aggregation, strategies  # the registered names are the choice
 from tandem import config as task_config
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tandem_cli.admin import admin_command, job_dict, round_line, round_progress, wait_job
-from tandem_cli.options import Subparsers, client_args
+from tandem_cli.options import Subparsers, client_args, rollout_args, rollout_policy
 
 
 def register(subparsers: Subparsers) -> None:
@@ -62,6 +62,7 @@ def register(subparsers: Subparsers) -> None:
                            "evaluation has it, else loss, lower is better)")
     life.add_argument("--from-version", default="", metavar="N|serving",
                       help="warm start: train from this version instead of a seeded build")
+    rollout_args(p)
     group = p.add_argument_group("defences against hostile agents, and privacy")
     group.add_argument("--aggregator", default="mean",
                        choices=aggregation.names(),
@@ -119,6 +120,7 @@ async def _start(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> in
         clip_to_median=args.clip_to_median, dp_noise_multiplier=args.dp_noise_multiplier, dp_delta=args.dp_delta,
         max_examples=args.max_examples, weight_cap=args.weight_cap, select=args.select, agents=args.agent_names,
         promote=args.promote, promote_metric=args.promote_metric, from_version=args.from_version,
+        rollout=rollout_policy(args),
     )
     task_config.to_proto(args.task_config, spec.config)
     job = await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))

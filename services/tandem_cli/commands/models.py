@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from tandem.v1 import admin_pb2, admin_pb2_grpc
-from tandem_cli.admin import admin_command, model_rows, publish_messages
-from tandem_cli.options import Subparsers, client_args
-
-DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
+from tandem_cli.admin import admin_command, model_rows, publish_messages, rollout_dict, rollout_line
+from tandem_cli.options import Subparsers, client_args, rollout_args, rollout_policy
 
 
 def register(subparsers: Subparsers) -> None:
@@ -28,28 +26,31 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=admin_command(_models))
     actions = p.add_subparsers(dest="models_command", metavar="ACTION")
-    a = actions.add_parser("promote", help="make a version the model's serving one", formatter_class=DEFAULTS,
+    a = actions.add_parser("promote", help="make a version the model's serving one",
                            description="Serve VERSION by default: the cloud, replicas and edge agents that serve "
-                                       "the model switch to it. Recorded with your certificate's identity.")
+                                       "the model switch to it. Recorded with your certificate's identity. With "
+                                       "--canary, a share of the edge agents serves it first (a staged rollout); "
+                                       "promoting the version in canary without --canary completes its rollout now.")
     client_args(a)
     a.add_argument("model")
     a.add_argument("version", type=int)
     a.add_argument("--reason", default="", help="why, for the history")
+    rollout_args(a)
     a.set_defaults(func=admin_command(_promote))
     a = actions.add_parser("rollback", help="serve again the version that served before the current one",
-                           formatter_class=DEFAULTS)
+                           description="Serve again the version that served before the current one; during a "
+                                       "staged rollout, abort it instead (its canary agents serve the serving "
+                                       "version again).")
     client_args(a)
     a.add_argument("model")
     a.add_argument("--reason", default="", help="why, for the history")
     a.set_defaults(func=admin_command(_rollback))
-    a = actions.add_parser("history", help="a model's versions (origin, metrics, stage) and promotion events",
-                           formatter_class=DEFAULTS)
+    a = actions.add_parser("history", help="a model's versions (origin, metrics, stage) and promotion events")
     client_args(a)
     a.add_argument("model")
     a.add_argument("--json", action="store_true", help="print JSON")
     a.set_defaults(func=admin_command(_history))
     a = actions.add_parser("publish", help="publish a safetensors file as a new candidate version",
-                           formatter_class=DEFAULTS,
                            description="Upload FILE (the task's federated tensors, float32, as `tandem tasks` "
                                        "counts them) through Admin.PublishModel; the coordinator checks it against "
                                        "the task. It becomes a candidate; --promote serves it at once.")
@@ -83,7 +84,8 @@ def _version_line(row: dict[str, Any]) -> str:
 async def _models(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
     response = await stub.ListModelVersions(admin_pb2.ListModelVersionsRequest(model=args.model))
     summaries = [{"model": m.model, "installed": m.installed, "serving_version": m.serving_version,
-                  "versions": m.versions, "newest_version": m.newest_version} for m in response.models]
+                  "versions": m.versions, "newest_version": m.newest_version,
+                  "rollout": rollout_dict(m.rollout) if m.HasField("rollout") else None} for m in response.models]
     rows = await model_rows(stub, args.model)
     if args.json:
         print(json.dumps({"models": summaries, "versions": rows}, indent=2))
@@ -92,6 +94,9 @@ async def _models(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> i
     for m in summaries:
         serving = f"v{m['serving_version']}" if m["serving_version"] else "none"
         print(f"{m['model']:<24} {'yes' if m['installed'] else 'no':<9} {serving:<8} {m['versions']}")
+    for m in summaries:
+        if m["rollout"] is not None:
+            print(rollout_line(m["rollout"]))
     if rows:
         print()
     for row in rows:
@@ -101,8 +106,13 @@ async def _models(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> i
 
 async def _promote(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
     v = await stub.PromoteModel(admin_pb2.PromoteModelRequest(model=args.model, version=args.version,
-                                                              reason=args.reason))
-    print(f"{v.model} v{v.version} is serving")
+                                                              reason=args.reason, rollout=rollout_policy(args)))
+    if v.stage == "canary":
+        [summary] = (await stub.ListModelVersions(admin_pb2.ListModelVersionsRequest(model=v.model))).models
+        print(f"{v.model} v{v.version} is rolling out: on {', '.join(summary.rollout.canary_agents)} first, the rest "
+              f"serve v{summary.serving_version} (`tandem models` shows how it stands)")
+    else:
+        print(f"{v.model} v{v.version} is serving")
     return 0
 
 
@@ -120,9 +130,10 @@ async def _history(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
     events = [{"event": e.event, "version": e.version, "previous": e.previous, "actor": e.actor,
                "reason": e.reason, "at": e.at.ToDatetime().isoformat(timespec="seconds") + "Z"}
               for e in history.events]
+    rollouts = [rollout_dict(r) for r in history.rollouts]
     if args.json:
         print(json.dumps({"model": history.model, "serving_version": history.serving_version,
-                          "versions": versions, "events": events}, indent=2))
+                          "versions": versions, "events": events, "rollouts": rollouts}, indent=2))
         return 0
     serving = f"v{history.serving_version}" if history.serving_version else "none"
     print(f"{history.model}: serving {serving}")
@@ -131,6 +142,8 @@ async def _history(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
     for e in events:
         was = f"v{e['previous']}" if e["previous"] else "none"
         print(f"  {e['at']}  {e['event']:<8} v{e['version']:<5} (was {was}) by {e['actor']}: {e['reason']}")
+    for r in rollouts:
+        print(f"  {r['started']}  {rollout_line(r)}")
     return 0
 
 

@@ -9,7 +9,17 @@ import json
 from typing import Any
 
 from tandem.v1 import admin_pb2, admin_pb2_grpc
-from tandem_cli.admin import admin_command, agent_line, agent_rows, job_dict, model_rows, placement_rows, round_progress
+from tandem_cli.admin import (
+    admin_command,
+    agent_line,
+    agent_rows,
+    job_dict,
+    model_rows,
+    placement_rows,
+    rollout_line,
+    rollout_rows,
+    round_progress,
+)
 from tandem_cli.options import Subparsers, client_args
 
 
@@ -21,8 +31,9 @@ def register(subparsers: Subparsers) -> None:
 
 
 async def _status(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> int:
-    agents, models, placements, listed = await asyncio.gather(  # four independent calls: one round trip's wait
-        agent_rows(stub), model_rows(stub), placement_rows(stub), stub.ListJobs(admin_pb2.ListJobsRequest()))
+    agents, models, placements, listed, rollouts = await asyncio.gather(  # independent calls: one round trip's wait
+        agent_rows(stub), model_rows(stub), placement_rows(stub), stub.ListJobs(admin_pb2.ListJobsRequest()),
+        rollout_rows(stub))
     jobs = [job_dict(j) for j in listed.jobs]
     newest: dict[str, dict[str, Any]] = {}
     serving = {row["model"]: row["version"] for row in models if row["stage"] == "serving"}
@@ -32,7 +43,7 @@ async def _status(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> i
     if args.json:
         print(json.dumps({"cloud": args.cloud, "agents": agents, "jobs": jobs,
                           "models": sorted(newest.values(), key=lambda r: r["model"]),
-                          "placements": placements}, indent=2))
+                          "placements": placements, "rollouts": rollouts}, indent=2))
         return 0
     connected = sum(a["connected"] for a in agents)
     print(f"Tandem at {args.cloud}")
@@ -49,6 +60,8 @@ async def _status(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> i
     for row in sorted(newest.values(), key=lambda r: r["model"]):
         served = f"serving v{row['serving_version']}" if row["serving_version"] else "none serving"
         print(f"  {row['model']:<10} newest v{row['version']:<5} {served:<16} {row['sha256'][:16]}")
+    for r in rollouts:
+        print("  " + rollout_line(r))
     print(f"placements: {len(placements)}")
     for p in placements:
         print(f"  {p['agent']:<20} {p['model']:<10} {p['placement']}{'  (pinned)' if p['pinned'] else ''}")
