@@ -107,6 +107,8 @@ class Rollouts:
                           f"staged rollout to {', '.join(agents)} for at least {policy.window:g} s"
                           + (f": {reason}" if reason else ""))
         metrics.CANARY_VERSION.labels(model).set(version)
+        for state in (RolloutState.PROMOTED, RolloutState.ROLLED_BACK, RolloutState.ABORTED):
+            metrics.ROLLOUTS.labels(model, state.value)  # at 0 from now: an alert's increase() sees the first
         log.info("rollout of %s v%d (serving v%d) to a canary: %s, by %s", model, version, serving.version,
                  ", ".join(agents), actor)
         self._tell(agents, row.model, row.version, row.sha256, canary=True)

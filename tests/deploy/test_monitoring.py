@@ -28,7 +28,7 @@ PANELS = {"Rounds and accuracy", "Bytes per round", "Inference latency by placem
           "Placement decisions per agent", "Edge fallbacks", "Inference queue depth"}
 ALERTS = {"TandemCoordinatorDown", "TandemNoAgentConnected", "TandemRoundsFailingQuorum",
           "TandemUpdatesRejectedSpike", "TandemInferenceLatencyHigh", "TandemEdgeFallbackRateHigh",
-          "TandemStateVolumeLow", "TandemStateVolumeFillingUp"}
+          "TandemStateVolumeLow", "TandemStateVolumeFillingUp", "TandemRolloutRolledBack"}
 # Sample names per family type, as prometheus_client exposes them.
 SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created")}
 
