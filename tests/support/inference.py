@@ -77,11 +77,11 @@ def fallbacks(model: str, reason: str) -> float:
 
 
 async def start_edge(cloud_port: int, certs_dir: Path, placements: tuple[str, ...], **extra: object) -> EdgeApp:
-    config = AgentConfig(
+    fields: dict[str, object] = dict(
         cloud=f"localhost:{cloud_port}", certs=certs_dir, agent_id="agent-5", data="digits:0/4",
         listen="127.0.0.1:0", placements=placements, backoff_initial=0.1, backoff_max=0.5, probe_interval=0.2,
-        **extra,  # type: ignore[arg-type]
     )
+    config = AgentConfig(**{**fields, **extra})  # type: ignore[arg-type]
     app = EdgeApp(config)
     await app.start()
     return app
