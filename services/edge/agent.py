@@ -172,6 +172,8 @@ class Agent:
                     self._use(channels)
         finally:
             self.trainer.cancel()
+            if self.router is not None:
+                self.router.close()
             for background in (prober, profiler):
                 if background is not None:
                     background.cancel()
@@ -224,8 +226,10 @@ class Agent:
                 elif kind == "task":
                     self.trainer.on_task(message.task)
                 elif kind == "model":
-                    log.info("%s: %s v%d", "serving version" if message.model.serving else "new candidate version",
-                             message.model.model, message.model.version)
+                    what = "new candidate version"
+                    if message.model.serving:
+                        what = "canary of a staged rollout" if message.model.canary else "serving version"
+                    log.info("%s: %s v%d", what, message.model.model, message.model.version)
                     self._announced(message.model)
                 elif kind == "placement":
                     await self._place(message.placement)
@@ -258,9 +262,12 @@ class Agent:
             self._measured.clear()
             seq += 1
             self._measurements.update(self.trainer.measurements())
+            serving: list[pb.ServingSignals] = []
             if self.router is not None:
                 self._measurements.update(self.router.measurements())
-            outgoing.put_nowait(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=seq, measurements=self._measurements)))
+                serving = self.router.signals.drain()  # what the canary judgement of a rollout reads
+            outgoing.put_nowait(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=seq, measurements=self._measurements,
+                                                                       serving=serving)))
 
     # ---- inference -------------------------------------------------------------
 
@@ -282,7 +289,7 @@ class Agent:
 
     def _announced(self, notice: pb.ModelNotice) -> None:
         if self.router is not None:
-            self.models.announce(notice.model, notice.version, notice.sha256, notice.serving)
+            self.models.announce(notice.model, notice.version, notice.sha256, notice.serving, notice.canary)
 
     async def _fetch_for_serving(
         self, model: str, version: int, sha: str, held: transfer.HeldVersion | None

@@ -6,6 +6,12 @@ version of every model it serves (as deltas from the one it holds where it can) 
 swaps it in; requests in flight finish on the version they started with. Candidates
 (notices not marked serving) are never served here. A model nobody asked for is
 fetched on its first request; one with no serving version is FAILED_PRECONDITION.
+
+Staged rollouts (issue 16): the version served before a swap stays in memory (one per
+model), so that a rollback, of a canary or of a promotion, is a swap back with no
+download; and a notice marked `canary` makes this agent a canary of the new version,
+which compares it with that previous one (`previous`, edge.shadow) until a later
+serving notice without the mark (the rollout proceeded, or rolled back).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class EdgeModels:
         self._device = device
         self._known: dict[str, tuple[int, str]] = {}  # model -> serving (version, sha256) announced
         self._served: dict[str, _Served] = {}
+        self._previous: dict[str, _Served] = {}  # model -> the version served before the current one
+        self._canary: dict[str, int] = {}  # model -> the version this agent is a canary of
         self._wanted: set[str] = set()
         self._updating: dict[str, asyncio.Task[None]] = {}
 
@@ -55,21 +63,56 @@ class EdgeModels:
         for name in names:
             self._refresh(name)
 
-    def announce(self, name: str, version: int, sha256: str, serving: bool = True) -> None:
+    def announce(self, name: str, version: int, sha256: str, serving: bool = True, canary: bool = False) -> None:
         """The coordinator has published `version` of `name`; with `serving`, it is now
-        the model's serving version (higher or lower than the one held: a rollback)."""
+        the model's serving version (higher or lower than the one held: a rollback), and
+        with `canary` too, this agent is a canary of it. The previous version, if that is
+        the one named, is swapped back in at once."""
         if not serving:
             return  # a candidate: served at the coordinator by explicit version only
         self._known[name] = (version, sha256)
+        if canary:
+            self._canary[name] = version
+        else:
+            self._canary.pop(name, None)
         if name in self._wanted:
+            self._swap_back(name)
             self._refresh(name)
 
     def served(self) -> list[StagedModel]:
         return [s.model for s in self._served.values()]
 
     def held_version(self, name: str) -> int:
+        """The version of `name` served here (0: none yet)."""
         served = self._served.get(name)
         return served.model.version if served is not None else 0
+
+    def previous(self, name: str) -> StagedModel | None:
+        """The version served before, while this agent is a canary of the one it serves now:
+        what the canary's answers are compared with."""
+        served, previous = self._served.get(name), self._previous.get(name)
+        if served is None or previous is None or self._canary.get(name) != served.model.version:
+            return None
+        return previous.model
+
+    def _swap_back(self, name: str) -> bool:
+        """Serve the previous version again if it is the one announced (no download)."""
+        previous, known = self._previous.get(name), self._known.get(name)
+        if previous is None or known != (previous.model.version, previous.held.sha256):
+            return False
+        self._swap_in(name, previous)
+        return True
+
+    def _swap_in(self, name: str, new: _Served) -> None:
+        """Serve `new`, keeping the version it replaces as the previous one."""
+        old = self._served.get(name)
+        self._served[name] = new
+        if old is not None and old.model.version != new.model.version:
+            self._previous[name] = old
+        metrics.MODEL_VERSION.labels(name).set(new.model.version)
+        metrics.SERVING_VERSION.labels(name).set(new.model.version)
+        log.info("serving %s v%d at the edge%s", name, new.model.version,
+                 " (a canary)" if self._canary.get(name) == new.model.version else "")
 
     def _refresh(self, name: str) -> None:
         known = self._known.get(name)
@@ -83,14 +126,13 @@ class EdgeModels:
             while True:
                 version, sha = self._known[name]
                 served = self._served.get(name)
-                if served is not None and served.model.version == version:
+                if (served is not None and served.model.version == version) or self._swap_back(name):
                     return
                 arrays = await self._fetch(name, version, sha, served.held if served is not None else None)
                 model = await asyncio.to_thread(_ready, name, version, sha, arrays, self._device)
-                self._served[name] = _Served(model, HeldVersion(version, sha, arrays))
-                metrics.MODEL_VERSION.labels(name).set(version)
-                metrics.SERVING_VERSION.labels(name).set(version)
-                log.info("serving %s v%d at the edge", name, version)
+                if self._known[name] != (version, sha):
+                    continue  # another version was announced meanwhile: serve that one, not this
+                self._swap_in(name, _Served(model, HeldVersion(version, sha, arrays)))
         except Exception as exc:  # noqa: BLE001 - the next announcement, request or reconnect tries again
             log.warning("could not fetch %s for serving: %s", name, exc)
 

@@ -2,6 +2,8 @@
 between the two, or as a cascade, as the model's placement says, and answer
 locally whenever the cloud cannot answer in time. No request fails because the link
 did: the agent holds every model it serves, so it can always finish the work itself.
+Each answer is counted against the version that gave it (edge.signals), and a canary's
+full local answers are compared with the previous version's (edge.shadow).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import numpy as np
 
 from edge.link import LinkMonitor
 from edge.models import EdgeModels
+from edge.shadow import Shadow, top_probability
+from edge.signals import Signals
 from tandem import metrics, wire
 from tandem.batching import Batcher
-from tandem.errors import InvalidArgument
+from tandem.errors import InvalidArgument, ResourceExhausted
 from tandem.inference import decode_input, model_info
 from tandem.measurements import LINK_UP, ConfidenceBelow, ExamplesPerSecond, StageSeconds
 from tandem.placement import EDGE, Placement
@@ -38,10 +42,10 @@ class RouterConfig:
 CONFIDENCE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
-def _softmax_confidence(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(shifted)
-    return np.asarray(p.max(axis=1) / p.sum(axis=1))
+def _finite(out: np.ndarray) -> bool:
+    # A float64 sum of float32 values cannot overflow: finite exactly when every value is.
+    with np.errstate(invalid="ignore"):
+        return bool(np.isfinite(out.sum(dtype=np.float64)))
 
 
 class EdgeRouter:
@@ -57,6 +61,8 @@ class EdgeRouter:
         self._examples: dict[str, int] = {}  # model -> rows served, for the request rate
         self._rates: dict[str, tuple[float, int]] = {}  # model -> (when, rows) at the last report
         self._confidence: dict[str, np.ndarray] = {}  # model -> [answers, below each grid level]
+        self.signals = Signals(models.served)  # drained into each heartbeat
+        self.shadow = Shadow(batcher, self.signals)
 
     def placement(self, model: str) -> Placement:
         return self._placements.get(model, EDGE)
@@ -95,10 +101,29 @@ class EdgeRouter:
         counts[0] += len(confidence)
         counts[1:] += (confidence[:, None] < np.asarray(CONFIDENCE_GRID)[None, :]).sum(axis=0)
 
+    def close(self) -> None:
+        """Stop the canary comparisons in flight."""
+        self.shadow.close()
+
     async def infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
+        begin = time.perf_counter()
         x = decode_input(request, self.config.max_request_rows)
         model = await self.models.get(request.model, request.version)
-        model.check_input(x, request.start_layer)
+        model.check_input(x, request.start_layer)  # a bad input is the caller's doing: not counted
+        try:
+            response, out = await self._route(request, model, x, deadline)
+        except ResourceExhausted:
+            raise  # refused for load before any version ran it: not the version's doing either
+        except Exception:
+            self.signals.answered(model.model, model.version, time.perf_counter() - begin, failed=True)
+            raise
+        self.signals.answered(model.model, model.version, time.perf_counter() - begin, failed=not _finite(out))
+        return response
+
+    async def _route(
+        self, request: pb.InferRequest, model: StagedModel, x: np.ndarray, deadline: float | None
+    ) -> tuple[pb.InferResponse, np.ndarray]:
+        """The answer, and its output as an array."""
         self._examples[model.model] = self._examples.get(model.model, 0) + len(x)
         metrics.EDGE_EXAMPLES.labels(model.model).inc(len(x))
         placement = self.placement(request.model)
@@ -117,24 +142,27 @@ class EdgeRouter:
                 return pb.InferResponse(
                     request_id=request.request_id, model=model.model, version=answer[0],
                     output=wire.to_proto(answer[1]), placement=pb.PLACEMENT_SPLIT if here > 0 else pb.PLACEMENT_CLOUD,
-                )
+                ), answer[1]
             h = await self._local(model, h, here, last)
         if h.ndim == 2:  # class scores: how sure the edge is tells what a cascade would send up
-            self._count_confidence(model.model, _softmax_confidence(h))
-        return self._answer(request, model, h, pb.PLACEMENT_EDGE)
+            self._count_confidence(model.model, top_probability(h))
+        if start == 0:
+            self._compare_later(model, x, h)
+        return self._answer(request, model, h, pb.PLACEMENT_EDGE), h
 
     async def _cascade(
         self, request: pb.InferRequest, model: StagedModel, x: np.ndarray, placement: Placement, deadline: float | None
-    ) -> pb.InferResponse:
+    ) -> tuple[pb.InferResponse, np.ndarray]:
         if placement.threshold > 1:  # everything goes up: nothing to compute here first
             answer = await self._cloud(request.request_id, model.model, 0, x, 0, deadline,
                                        sum(model.seconds_per_example()) * len(x),
                                        (len(x), *model.stages[-1].output_shape), cloud_model=placement.cloud_model)
             if answer is not None:
                 metrics.EDGE_CASCADE_ROWS.labels(model.model, "cloud").inc(len(x))
-                return self._answer(request, model, answer[1], pb.PLACEMENT_CASCADE)
+                return self._answer(request, model, answer[1], pb.PLACEMENT_CASCADE), answer[1]
         logits = await self._local(model, x, 0, model.num_stages)
-        confidence = _softmax_confidence(logits)
+        self._compare_later(model, x, logits)  # the edge's own answer, before any row is replaced
+        confidence = top_probability(logits)
         self._count_confidence(model.model, confidence)
         unsure = np.flatnonzero(confidence < placement.threshold)
         if placement.threshold > 1:
@@ -152,13 +180,20 @@ class EdgeRouter:
         up = int(unsure.size) if sent_up else 0
         metrics.EDGE_CASCADE_ROWS.labels(model.model, "cloud").inc(up)
         metrics.EDGE_CASCADE_ROWS.labels(model.model, "edge").inc(len(x) - up)
-        return self._answer(request, model, logits, pb.PLACEMENT_CASCADE if sent_up else pb.PLACEMENT_EDGE)
+        return self._answer(request, model, logits, pb.PLACEMENT_CASCADE if sent_up else pb.PLACEMENT_EDGE), logits
 
     def _answer(
         self, request: pb.InferRequest, model: StagedModel, out: np.ndarray, where: pb.Placement
     ) -> pb.InferResponse:
         return pb.InferResponse(request_id=request.request_id, model=model.model, version=model.version,
                                 output=wire.to_proto(out), placement=where)
+
+    def _compare_later(self, model: StagedModel, x: np.ndarray, out: np.ndarray) -> None:
+        """`out` is `model`'s full local answer to `x`: if `model` is a canary, have the
+        version it replaced answer `x` too, after this request, and compare (edge.shadow)."""
+        previous = self.models.previous(model.model)
+        if previous is not None and self.models.held_version(model.model) == model.version:
+            self.shadow.compare(model, previous, x, out)
 
     async def _local(self, model: StagedModel, x: np.ndarray, start: int, end: int) -> np.ndarray:
         run = functools.partial(model.run, start_layer=start, end_layer=end)

@@ -210,6 +210,11 @@ EDGE_CONFIDENCE_BELOW = Gauge(
     "Fraction of recent answers whose confidence was below a level: what a cascade would send up.",
     ["model", "threshold"],
 )
+EDGE_CANARY_AGREEMENT = Gauge(
+    "tandem_edge_canary_agreement_ratio",
+    "Fraction of compared rows on which a canary version agreed with the version it replaced, last heartbeat interval.",
+    ["model"],
+)
 EDGE_LINK_UP = Gauge("tandem_edge_link_up", "1 while the agent believes the cloud reachable for inference.")
 EDGE_PLACEMENT = Gauge(
     "tandem_edge_placement_split_layer",
