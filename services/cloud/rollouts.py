@@ -156,8 +156,8 @@ class Rollouts:
             return ended
         event = "canary-rolled-back" if state is RolloutState.ROLLED_BACK else "canary-aborted"
         self._models.note(row.model, event, row.version, actor, reason)
-        log.warning("rollout of %s v%d %s by %s: %s; %s serve v%d again", row.model, row.version, state.value, actor,
-                    reason, ", ".join(row.agents), row.previous)
+        log.warning("rollout of %s v%d %s by %s: %s; its canary (%s) serves v%d again", row.model, row.version,
+                    state.value, actor, reason, ", ".join(row.agents), row.previous)
         previous = self._models.serving(row.model)
         if previous is not None:
             self._tell(list(row.agents), previous.model, previous.version, previous.sha256, canary=False)

@@ -149,6 +149,22 @@ def test_add_agent_without_a_deployment_exits_2(tmp_path: Path, capsys: pytest.C
     assert "tandem certs init" in capsys.readouterr().err
 
 
+def test_certs_commands_default_to_where_every_other_command_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tandem certs init` without --dir writes .certs (or $TANDEM_CERTS), which `tandem
+    cloud`, `tandem edge` and the admin commands read by default; --dir was required."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TANDEM_CERTS", raising=False)
+    assert main(["certs", "init", "--agents", "edge-1"]) == 0
+    assert (tmp_path / ".certs" / "ca.pem").exists() and (tmp_path / ".certs" / "agents" / "edge-1.pem").exists()
+    assert main(["certs", "add-agent", "edge-2"]) == 0
+    assert (tmp_path / ".certs" / "agents" / "edge-2.pem").exists()
+    monkeypatch.setenv("TANDEM_CERTS", str(tmp_path / "elsewhere"))
+    assert main(["certs", "init"]) == 0
+    assert (tmp_path / "elsewhere" / "ca.pem").exists()
+
+
 def test_readme_configuration_reference_matches_the_parser(monkeypatch: pytest.MonkeyPatch) -> None:
     from tandem_cli import docs
 

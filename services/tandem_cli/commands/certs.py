@@ -7,14 +7,16 @@ import os
 from pathlib import Path
 
 from tandem import certs
-from tandem_cli.options import Subparsers
+from tandem_cli.options import Subparsers, certs_default
 
 
 def register(subparsers: Subparsers) -> None:
     p_certs = subparsers.add_parser("certs", help="make the deployment's CA and certificates")
     certs_sub = p_certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
     p = certs_sub.add_parser("init", help="create a CA, the cloud's server certificate, the admin's and agents'")
-    p.add_argument("--dir", type=Path, required=True, help="directory to write (must not hold a CA yet)")
+    p.add_argument("--dir", type=Path, default=certs_default(),
+                   help="directory to write (must not hold a CA yet; env TANDEM_CERTS; default %(default)s, where "
+                        "every other command looks)")
     p.add_argument("--agents", default="", help="comma-separated agent names")
     p.add_argument("--hosts", default="", help="extra server names or IPs for the cloud certificate, comma-separated")
     p.add_argument("--days", type=int, default=365, help="validity of the leaf certificates")
@@ -24,20 +26,23 @@ def register(subparsers: Subparsers) -> None:
     p.set_defaults(func=_init)
     p = certs_sub.add_parser("add-agent", help="issue a certificate for one more agent")
     p.add_argument("name", help="the agent's name: its identity everywhere")
-    p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
+    p.add_argument("--dir", type=Path, default=certs_default(),
+                   help="the deployment's certificate directory (env TANDEM_CERTS; default %(default)s)")
     p.add_argument("--days", type=int, default=365, help="validity of the certificate, in days")
     p.add_argument("--hosts", default="", help="names or IPs local applications reach the agent by, comma-separated")
     p.set_defaults(func=_add_agent)
     p = certs_sub.add_parser("add-client", help="issue a certificate for a local application that calls Inference")
     p.add_argument("name", help="the application's name")
-    p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
+    p.add_argument("--dir", type=Path, default=certs_default(),
+                   help="the deployment's certificate directory (env TANDEM_CERTS; default %(default)s)")
     p.add_argument("--days", type=int, default=365, help="validity of the certificate, in days")
     p.set_defaults(func=_add_client)
 
     p = certs_sub.add_parser("revoke", help="deny an agent's or application's certificate on every server, "
                                             "without a restart")
     p.add_argument("name", help="the agent's or application's name")
-    p.add_argument("--dir", type=Path, required=True, help="the deployment's certificate directory")
+    p.add_argument("--dir", type=Path, default=certs_default(),
+                   help="the deployment's certificate directory (env TANDEM_CERTS; default %(default)s)")
     p.add_argument("--role", choices=certs.REVOCABLE_ROLES, default=None,
                    help="needed only when the name is both an agent and a client, or its certificate is gone")
     p.set_defaults(func=_revoke)

@@ -59,7 +59,7 @@ def register(subparsers: Subparsers) -> None:
                         help="print the model's stages (names, output shapes, timings) and split note instead")
     p.add_argument("--rows", type=int, metavar="N",
                    help=f"send the first N rows (default: {DATA_ROWS} of --data, all of --input)")
-    p.add_argument("--version", type=int, default=0, metavar="V", help="model version (default %(default)s: the newest)")
+    p.add_argument("--version", type=int, default=0, metavar="V", help="model version (default %(default)s: the serving one)")
     p.add_argument("--start-layer", type=int, default=0, metavar="K",
                    help="the input is the activation after stage K, and the server runs the stages after it "
                         "(default %(default)s: the model's input; see --info)")

@@ -141,7 +141,7 @@ async def _history(args: argparse.Namespace, stub: admin_pb2_grpc.AdminStub) -> 
         print("  " + _version_line(row))
     for e in events:
         was = f"v{e['previous']}" if e["previous"] else "none"
-        print(f"  {e['at']}  {e['event']:<8} v{e['version']:<5} (was {was}) by {e['actor']}: {e['reason']}")
+        print(f"  {e['at']}  {e['event']:<18} v{e['version']:<5} (was {was}) by {e['actor']}: {e['reason']}")
     for r in rollouts:
         print(f"  {r['started']}  {rollout_line(r)}")
     return 0
