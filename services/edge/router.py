@@ -21,7 +21,7 @@ from edge.shadow import Shadow, top_probability
 from edge.signals import Signals
 from tandem import metrics, wire
 from tandem.batching import Batcher
-from tandem.errors import InvalidArgument, ResourceExhausted
+from tandem.errors import InvalidArgument, ResourceExhausted, TandemError, Unavailable
 from tandem.inference import decode_input, model_info
 from tandem.measurements import LINK_UP, ConfidenceBelow, ExamplesPerSecond, StageSeconds
 from tandem.placement import EDGE, Placement
@@ -108,6 +108,8 @@ class EdgeRouter:
     async def infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
         begin = time.perf_counter()
         x = decode_input(request, self.config.max_request_rows)
+        if request.version and request.version != self.models.held_version(request.model):
+            return await self._not_held(request, x, deadline)
         model = await self.models.get(request.model, request.version)
         model.check_input(x, request.start_layer)  # a bad input is the caller's doing: not counted
         try:
@@ -119,6 +121,29 @@ class EdgeRouter:
             raise
         self.signals.answered(model.model, model.version, time.perf_counter() - begin, failed=not _finite(out))
         return response
+
+    async def _not_held(self, request: pb.InferRequest, x: np.ndarray, deadline: float | None) -> pb.InferResponse:
+        """A version named explicitly that this agent does not serve (a candidate, or one
+        retired): the cloud holds every version, so it answers, with its own status when
+        it cannot (NOT_FOUND for a version that does not exist)."""
+        held = await self.models.get(request.model, 0)  # the shapes to expect, and a check of the input
+        held.check_input(x, request.start_layer)
+        if self.cloud is None or not self.link.available():
+            raise Unavailable(f"this agent serves {held.model} v{held.version}; v{request.version} is answered by "
+                              "the cloud, which cannot be reached now")
+        timeout = self.config.cloud_timeout if deadline is None else max(deadline - time.monotonic(), 0.001)
+        forwarded = pb.InferRequest(request_id=request.request_id, model=held.model, version=request.version,
+                                    input=wire.to_proto(x), start_layer=request.start_layer,
+                                    deadline_ms=max(1, int(timeout * 1000)))
+        try:
+            answer: pb.InferResponse = await self.cloud.Infer(forwarded, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            error = TandemError(f"the cloud, asked for {held.model} v{request.version} (this agent serves "
+                                f"v{held.version}): {exc.details()}")
+            error.code = exc.code()
+            raise error from None
+        return pb.InferResponse(request_id=request.request_id, model=held.model, version=answer.version,
+                                output=answer.output, placement=pb.PLACEMENT_CLOUD)
 
     async def _route(
         self, request: pb.InferRequest, model: StagedModel, x: np.ndarray, deadline: float | None

@@ -148,7 +148,8 @@ async def test_an_agent_follows_the_serving_version_not_the_newest(
     coordinator: Coordinator, edge: tuple[EdgeApp, inference_pb2_grpc.InferenceStub]
 ) -> None:
     """Issue 16: a candidate (a job's initial model, a publish) never reaches the edge's
-    default answers; a promotion does, and so does a rollback to a lower version."""
+    default answers, but answers a request that names it (through the cloud); a
+    promotion does, and so does a rollback to a lower version."""
     app, stub = edge
     app.agent.router.set_placement("mlp", parse("mlp", "edge"), 3)  # type: ignore[union-attr]
     x = inputs(2)
@@ -157,6 +158,10 @@ async def test_an_agent_follows_the_serving_version_not_the_newest(
     await asyncio.sleep(1.0)  # the notices have arrived (the heartbeat interval is 0.5 s)
     assert app.agent.models.held_version("mlp") == 1
     close(await stub.Infer(request("mlp", x)), forward("mlp", arrays_for("mlp", 1), x))
+    # A candidate stays addressable by its number at the edge too: the cloud answers it.
+    named = await stub.Infer(request("mlp", x, version=candidate.version))
+    assert (named.version, named.placement) == (candidate.version, pb.PLACEMENT_CLOUD)
+    close(named, forward("mlp", arrays_for("mlp", 7), x))
     coordinator.models.promote("mlp", candidate.version, "test")
     await wait_for(lambda: app.agent.models.held_version("mlp") == candidate.version)
     close(await stub.Infer(request("mlp", x)), forward("mlp", arrays_for("mlp", 7), x))
