@@ -8,7 +8,7 @@ CERTS  ?= .certs
 AGENTS ?= edge-1,edge-2,edge-3,edge-4
 # Task packages to copy (examples/*/README.md), installed editable beside Tandem: their
 # entry points (tandem.tasks) make `resnet` and `forecast` known to the cloud and agents.
-EXAMPLES := examples/resnet examples/forecast
+EXAMPLES := examples/resnet examples/forecast examples/traffic
 
 .PHONY: install protos certs run test test-quick lint typecheck bench-fl bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
 
@@ -16,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml $(EXAMPLES:%=%/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,traffic]'
 	$(PY) -m pip install --quiet --disable-pip-version-check $(EXAMPLES:%=-e %)
 	touch $(STAMP)
 
