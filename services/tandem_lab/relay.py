@@ -1,5 +1,6 @@
 """A byte-counting TCP relay: put it between agents and the coordinator to measure
-what really crosses the wire (TLS records, HTTP/2 framing and all)."""
+what really crosses the wire (TLS records, HTTP/2 framing and all), and to cut the
+link: `cut()` closes every connection through it and refuses new ones until `restore()`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ class Relay:
         self.down = 0  # server -> client bytes
         self._server: asyncio.Server | None = None
         self.port = 0
+        self.is_cut = False
+        self._open: set[asyncio.StreamWriter] = set()  # both ends of every relayed connection
 
     async def start(self, host: str = "127.0.0.1") -> None:
         self._server = await asyncio.start_server(self._handle, host, 0)
@@ -23,6 +26,15 @@ class Relay:
     def reset(self) -> None:
         self.up = self.down = 0
 
+    def cut(self) -> None:
+        """The link goes down: every connection ends, and new ones are closed at once."""
+        self.is_cut = True
+        for writer in list(self._open):
+            writer.close()
+
+    def restore(self) -> None:
+        self.is_cut = False
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -30,11 +42,15 @@ class Relay:
                 await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.is_cut:
+            writer.close()
+            return
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
         except OSError:
             writer.close()
             return
+        self._open.update((writer, upstream_writer))
         try:
             await asyncio.gather(
                 self._pipe(reader, upstream_writer, up=True), self._pipe(upstream_reader, writer, up=False)
@@ -42,6 +58,8 @@ class Relay:
         except asyncio.CancelledError:  # the relay is closing
             for w in (writer, upstream_writer):
                 w.close()
+        finally:
+            self._open.difference_update((writer, upstream_writer))
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool) -> None:
         async def count(data: bytes) -> None:
