@@ -174,7 +174,7 @@ def run_strategy(name: str, network: Network, demand: Demand, districts: list[li
         elif name == "free_flow":
             planner = planners.free_flow(network)
         elif name == "oracle":
-            planner = planners.oracle(network)
+            planner = planners.oracle(sim)
         else:
             cloud, links = CloudView(), [Link() for _ in districts]
             units = [RoadSideUnit(i, edges, network, f"localhost:{fleet.inference_ports[i]}", fleet.certs, CLIENT,
@@ -254,7 +254,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 compare.compare, [data / f"district-{i}.npz" for i in range(args.districts)],
                 [data / f"district-{i}-test.npz" for i in range(args.districts)], data / "all.npz",
                 data / "all-test.npz", weights, args.seed, args.rounds * args.epochs)
-            demand = Demand.generate(network, seed=history.test_seed(args.seed), minutes=args.minutes)
+            demand = Demand.generate(network, seed=args.seed + args.days, minutes=args.minutes)
             peak = peak_window(args.minutes)
             cut = (peak[0] + (peak[1] - peak[0]) / 3, peak[1])
             day_intervals = int(args.minutes * 60 // 60)
