@@ -55,12 +55,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--network", default="braunschweig", choices=("braunschweig", "osm"),
                    help="the road network shipped with SUMO (default %(default)s)")
     p.add_argument("--districts", type=int, default=3, help="districts, one edge agent each (default %(default)s)")
-    p.add_argument("--days", type=int, default=6, help="simulated days of history (default %(default)s)")
+    p.add_argument("--days", type=int, default=10, help="simulated days of history (default %(default)s)")
     p.add_argument("--minutes", type=int, default=60, help="simulated minutes per day (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the history and the held-out day (default %(default)s)")
     p.add_argument("--connected-share", type=float, default=0.3,
                    help="share of vehicles that ask for routes (default %(default)s)")
-    p.add_argument("--rounds", type=int, default=6, help="federated rounds (default %(default)s)")
+    p.add_argument("--planning-days", type=int, default=3,
+                   help="held-out days each strategy is simulated on (travel times vary much from day to day; "
+                        "default %(default)s)")
+    p.add_argument("--rounds", type=int, default=8, help="federated rounds (default %(default)s)")
     p.add_argument("--epochs", type=int, default=2, help="local epochs per round (default %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/results/traffic.json"), help="JSON (default %(default)s)")
     p.add_argument("--work", type=Path, default=None, help="keep the run's files here (default: a temporary directory)")
@@ -160,6 +163,30 @@ def summarise(result: Result, demand: Demand, network: Network, window: tuple[fl
     }
 
 
+def pooled(days: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each strategy over every planning day: means of the days' means (weighted by vehicles),
+    p95 as the days' mean p95, counts and delays summed."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in days[0]:
+        runs = [d[name] for d in days]
+        entry: dict[str, Any] = {}
+        for period in ("all", "congested", "cut"):
+            parts = [r[period] for r in runs if r[period]["vehicles"]]
+            vehicles = sum(p["vehicles"] for p in parts)
+            entry[period] = {
+                "vehicles": vehicles,
+                "mean": sum(p["mean"] * p["vehicles"] for p in parts) / vehicles if vehicles else float("nan"),
+                "p95": float(np.mean([p["p95"] for p in parts])) if parts else float("nan"),
+                "total_delay": float(sum(p["total_delay"] for p in parts)),
+            }
+        for key in ("requests", "failed_requests", "failed_requests_during_cut", "teleports"):
+            entry[key] = sum(r[key] for r in runs)
+        series = np.array([r["travel_time_by_departure_5min"] for r in runs], dtype=float)
+        entry["travel_time_by_departure_5min"] = [float(v) for v in np.nanmean(series, axis=0)]
+        out[name] = entry
+    return out
+
+
 def run_strategy(name: str, network: Network, demand: Demand, districts: list[list[str]], fleet: Fleet,
                  args: argparse.Namespace, cut: tuple[float, float], loop: asyncio.AbstractEventLoop,
                  day_intervals: int) -> tuple[Result, dict[str, Any]]:
@@ -224,10 +251,10 @@ def targets(summary: dict[str, dict[str, Any]], forecast: dict[str, Any]) -> dic
     out["forecast_mae_vs_central"] = _target(
         regimes["federated"]["mae"] / regimes["central"]["mae"], 1.10, "<=",
         "federated MAE (km/h, held-out day, every district) / centrally trained MAE")
-    local_best = min(d["mae"] for d in regimes["local"]["districts"].values())
     out["forecast_mae_vs_local"] = _target(
-        regimes["federated"]["mae"] / local_best, 1.0, "<=",
-        "federated MAE / the best district's model trained alone (each on its own district's held-out day)")
+        max(regimes["federated"]["districts"][d]["mae"] / local["mae"] for d, local in regimes["local"]["districts"].items()),
+        1.0, "<=", "federated MAE / the district's own model trained alone, on that district's held-out day: the "
+                   "worst district")
     out["failed_route_requests_during_cut"] = _target(
         float(collab["failed_requests_during_cut"]), 0.0, "<=",
         "collaborative route requests from the cut district, during the cut, that got no route")
@@ -254,17 +281,21 @@ async def main_async(args: argparse.Namespace) -> int:
                 compare.compare, [data / f"district-{i}.npz" for i in range(args.districts)],
                 [data / f"district-{i}-test.npz" for i in range(args.districts)], data / "all.npz",
                 data / "all-test.npz", weights, args.seed, args.rounds * args.epochs)
-            demand = Demand.generate(network, seed=args.seed + args.days, minutes=args.minutes)
             peak = peak_window(args.minutes)
             cut = (peak[0] + (peak[1] - peak[0]) / 3, peak[1])
             day_intervals = int(args.minutes * 60 // 60)
             loop = asyncio.get_running_loop()
-            summary: dict[str, dict[str, Any]] = {}
-            for name in STRATEGIES:
-                print(f"planning: {name} ...", flush=True)
-                result, extra = await asyncio.to_thread(run_strategy, name, network, demand, districts, fleet, args,
-                                                        cut, loop, day_intervals)
-                summary[name] = {**summarise(result, demand, network, peak, cut, 0), **extra}
+            days: list[dict[str, dict[str, Any]]] = []
+            for day in range(args.planning_days):  # the held-out day first, then days never seen at all
+                demand = Demand.generate(network, seed=args.seed + args.days + day, minutes=args.minutes)
+                summary: dict[str, dict[str, Any]] = {}
+                for name in STRATEGIES:
+                    print(f"planning, day {day + 1} of {args.planning_days}: {name} ...", flush=True)
+                    result, extra = await asyncio.to_thread(run_strategy, name, network, demand, districts, fleet,
+                                                            args, cut, loop, day_intervals)
+                    summary[name] = {**summarise(result, demand, network, peak, cut, 0), **extra}
+                days.append(summary)
+            summary = pooled(days)
         finally:
             await fleet.close()
     output: dict[str, Any] = {
@@ -272,7 +303,8 @@ async def main_async(args: argparse.Namespace) -> int:
         "machine": machine(), "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "peak_seconds": list(peak), "cut_seconds": list(cut), "cut_district": 0,
         "forecast": forecast, "federated_job": {"rounds": job["rounds"], "version": job["version"]},
-        "planning": summary, "targets": targets(summary, forecast), "wall_seconds": time.monotonic() - started,
+        "planning": summary, "planning_days": days, "targets": targets(summary, forecast),
+        "wall_seconds": time.monotonic() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(output, indent=2, default=float))
