@@ -206,7 +206,8 @@ def run_strategy(name: str, network: Network, demand: Demand, districts: list[li
             cloud, links = CloudView(), [Link() for _ in districts]
             units = [RoadSideUnit(i, edges, network, f"localhost:{fleet.inference_ports[i]}", fleet.certs, CLIENT,
                                   links[i], cloud, day_intervals) for i, edges in enumerate(districts)]
-            plans = Planners(network, units, cloud, lambda: sim.readings, lambda: sim.time, sim.interval)
+            plans = Planners(network, units, cloud, lambda: sim.readings, lambda: sim.time, sim.interval,
+                             sim.remaining_route)
             chosen = {"edge": plans.edge, "cloud": plans.cloud_only, "collaborative": plans.collaborative}[name]
 
             def planner_with_cut(request: Any) -> list[str] | None:

@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 MODEL = "traffic-speed"
 HORIZON = 1  # the forecast 5 minutes ahead (windows.HORIZONS[1]) prices the edges
 MIN_SPEED = 0.5  # m/s: a forecast of standstill still lets a route through, slowly
+# A vehicle changes route only for one at least this much faster on the same costs: with
+# 30% of vehicles guided, switching on any gain herds them from one street to the next
+# (measured on three held-out days: 0.15 beat both 0 and 0.3 on each).
+HYSTERESIS = 0.15
 
 
 @dataclass
@@ -151,6 +155,7 @@ class Planners:
     readings: Callable[[], Readings]
     now: Callable[[], float]
     interval: float
+    current_route: Callable[[str], Sequence[str]]  # a vehicle's remaining route, from its current edge
     _refreshed: int = field(default=-1)
 
     def tick(self) -> None:
@@ -164,19 +169,27 @@ class Planners:
 
     def edge(self, request: RouteRequest) -> list[str] | None:
         self.tick()
-        unit = self.units[request.district]
-        return self.network.shortest_path(request.edge, request.destination, costs(self.network, unit.speeds()))
+        return self._plan(request, self.units[request.district].speeds())
 
     def cloud_only(self, request: RouteRequest) -> list[str] | None:
         self.tick()
         if not self.units[request.district].link.up:
             return None  # the request cannot reach the cloud
-        return self.network.shortest_path(request.edge, request.destination, costs(self.network, self.cloud.speeds()))
+        return self._plan(request, self.cloud.speeds())
 
     def collaborative(self, request: RouteRequest) -> list[str] | None:
         route = self.edge(request)
         if self.units[request.district].link.up:
-            refined = self.network.shortest_path(request.edge, request.destination,
-                                                 costs(self.network, self.cloud.speeds()))
-            route = refined or route
+            route = self._plan(request, self.cloud.speeds()) or route
         return route
+
+    def _plan(self, request: RouteRequest, speeds: Mapping[str, float]) -> list[str] | None:
+        """The fastest route on these speeds, unless the vehicle's own route is within
+        HYSTERESIS of it (then its own: the vehicle tells its route with its request)."""
+        cost = costs(self.network, speeds)
+        best = self.network.shortest_path(request.edge, request.destination, cost)
+        own = list(self.current_route(request.vehicle))
+        if best is not None and own and own[0] == request.edge and own[-1] == request.destination \
+                and self.network.route_cost(own, cost) <= (1 + HYSTERESIS) * self.network.route_cost(best, cost):
+            return own
+        return best

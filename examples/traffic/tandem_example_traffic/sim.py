@@ -213,6 +213,14 @@ class Simulation:
             live[i] = min(live[i], incident.speed)  # the cut speed limit is known at once, as a closure would be
         return live
 
+    def remaining_route(self, vehicle: str) -> tuple[str, ...]:
+        """The edges `vehicle` still has to drive, its current one first (empty if it is not driving)."""
+        try:
+            route, index = traci.vehicle.getRoute(vehicle), traci.vehicle.getRouteIndex(vehicle)
+        except traci.TraCIException:
+            return ()
+        return tuple(route[index:]) if index >= 0 else ()
+
     def run(self, until: float | None = None) -> Result:
         """Advance to `until` seconds; None: to the day's end and then until every vehicle has arrived
         (at most `max_drain` seconds more). May be called again to continue."""
