@@ -179,8 +179,13 @@ def pooled(days: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
                 "p95": float(np.mean([p["p95"] for p in parts])) if parts else float("nan"),
                 "total_delay": float(sum(p["total_delay"] for p in parts)),
             }
-        for key in ("requests", "failed_requests", "failed_requests_during_cut", "teleports"):
-            entry[key] = sum(r[key] for r in runs)
+        for key in ("requests", "failed_requests", "failed_requests_during_cut", "teleports", "inference_failures"):
+            if key in runs[0]:
+                entry[key] = sum(r[key] for r in runs)
+        if "placements" in runs[0]:  # where the district agents answered the forecasts, per district
+            entry["placements"] = [{k: sum(r["placements"][i].get(k, 0) for r in runs)
+                                    for k in {k for r in runs for k in r["placements"][i]}}
+                                   for i in range(len(runs[0]["placements"]))]
         series = np.array([r["travel_time_by_departure_5min"] for r in runs], dtype=float)
         entry["travel_time_by_departure_5min"] = [float(v) for v in np.nanmean(series, axis=0)]
         out[name] = entry
