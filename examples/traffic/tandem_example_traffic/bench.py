@@ -60,7 +60,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the history and the held-out day (default %(default)s)")
     p.add_argument("--connected-share", type=float, default=0.3,
                    help="share of vehicles that ask for routes (default %(default)s)")
-    p.add_argument("--planning-days", type=int, default=3,
+    p.add_argument("--planning-days", type=int, default=10,
                    help="held-out days each strategy is simulated on (travel times vary much from day to day; "
                         "default %(default)s)")
     p.add_argument("--rounds", type=int, default=8, help="federated rounds (default %(default)s)")
