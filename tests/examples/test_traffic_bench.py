@@ -42,3 +42,14 @@ def test_a_short_run_plans_every_strategy_and_loses_no_request_during_the_cut(tm
                                       "travel_time_vs_best_single", "forecast_mae_vs_central",
                                       "forecast_mae_vs_local", "failed_route_requests_during_cut"}
     assert out.with_suffix(".png").exists() or "matplotlib is not installed" in done.stderr
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(("flags", "why"), [(["--districts", "0"], "--districts must be at least 1"),
+                                             (["--minutes", "5"], "--minutes must be at least 20"),
+                                             (["--connected-share", "2"], "--connected-share must be between 0 and 1"),
+                                             (["--network", "nope"], "invalid choice: 'nope'")])
+def test_wrong_options_are_one_line_and_exit_2(flags: list[str], why: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "tandem_example_traffic.bench", *flags], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and why in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -46,6 +46,7 @@ from tandem_lab.relay import Relay
 log = logging.getLogger(__name__)
 
 CLIENT = "rsu"  # the road-side units' certificate toward their agents
+MIN_MINUTES = 20  # windows.min_intervals() at one-minute intervals
 STRATEGIES = ("no_guidance", "free_flow", "edge", "cloud", "collaborative", "oracle")
 
 
@@ -67,7 +68,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="local epochs per round (default %(default)s)")
     p.add_argument("--out", type=Path, default=Path("bench/results/traffic.json"), help="JSON (default %(default)s)")
     p.add_argument("--work", type=Path, default=None, help="keep the run's files here (default: a temporary directory)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, low in (("districts", 1), ("days", 1), ("planning_days", 1), ("rounds", 1), ("epochs", 1),
+                      ("minutes", MIN_MINUTES)):
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}"
+                    + (" (a forecast needs 10 minutes of history and 10 ahead)" if name == "minutes" else ""))
+    if not 0 <= args.connected_share <= 1:
+        p.error("--connected-share must be between 0 and 1")
+    return args
 
 
 async def _download(target: str, certs_dir: Path, model: str, version: int) -> dict[str, np.ndarray]:
@@ -363,7 +372,12 @@ def print_table(output: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return asyncio.run(main_async(parse(sys.argv[1:] if argv is None else argv)))
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        return asyncio.run(main_async(args))
+    except (RuntimeError, ValueError, OSError) as exc:  # a failed run: one line, its logs named in it
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
