@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from tandem import certs, wire
+from tandem import certs, tasks
+from tandem.transfer import Download
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc
-from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli import procs
 from tandem_cli.admin import admin_channel, admin_stub, wait_connected, wait_job
 from tandem_example_traffic import compare, history, planners
@@ -80,17 +80,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 async def _download(target: str, certs_dir: Path, model: str, version: int) -> dict[str, np.ndarray]:
+    """The version's tensors, checked against its recorded sha256 (tandem.transfer, as agents fetch)."""
     async with admin_channel(target, certs_dir) as channel:
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        assembler: wire.ChunkAssembler | None = None
-        async for message in stub.DownloadModel(pb.ModelRequest(model=model, version=version)):
-            if message.HasField("header"):
-                assembler = wire.ChunkAssembler({t.name: wire.spec_from_proto(t, 1 << 30)
-                                                 for t in message.header.tensors})
-            elif assembler is not None:
-                assembler.add(message.tensor)
-    assert assembler is not None
-    return assembler.result()
+        listed = await admin_stub(channel).ListModelVersions(admin_pb2.ListModelVersionsRequest(model=model))
+        [row] = [v for v in listed.versions if v.version == version]
+        download = Download(model, version, row.sha256, tasks.get(model).specs)
+        return await download.run(coordinator_pb2_grpc.CoordinatorStub(channel), timeout=120)
 
 
 class Fleet:

@@ -40,6 +40,7 @@ from tandem import tls, wire
 from tandem.v1 import inference_pb2 as ipb
 from tandem.v1 import inference_pb2_grpc
 from tandem_example_traffic.network import Network
+from tandem_example_traffic.planners import MIN_SPEED, costs_from_speeds
 from tandem_example_traffic.sim import Readings, RouteRequest
 from tandem_example_traffic.windows import WINDOW, window_features
 
@@ -51,7 +52,6 @@ MODEL = "traffic-speed"
 # forecasts regress towards the day's pattern, and a route is re-planned every 2 minutes
 # anyway), while the latest speeds with a hysteresis beat it (docs/traffic.md).
 HORIZON = 0
-MIN_SPEED = 0.5  # m/s: a forecast of standstill still lets a route through, slowly
 # A vehicle changes route only for one at least this much faster on the same costs: with
 # 30% of vehicles guided, switching on any gain herds them from one street to the next
 # (measured on three held-out days: 0.15 beat both 0 and 0.3 on each).
@@ -141,14 +141,6 @@ class RoadSideUnit:
         self._channel.close()
 
 
-def costs(network: Network, speeds: Mapping[str, float]) -> dict[str, float]:
-    """Seconds per edge: its length at the known speed, at the speed limit otherwise."""
-    cost = network.free_flow_cost()
-    for edge, speed in speeds.items():
-        cost[edge] = float(network.length[network.index[edge]]) / max(speed, MIN_SPEED)
-    return cost
-
-
 @dataclass
 class Planners:
     """The three Tandem strategies over one set of road-side units and the cloud view."""
@@ -190,7 +182,7 @@ class Planners:
     def _plan(self, request: RouteRequest, speeds: Mapping[str, float]) -> list[str] | None:
         """The fastest route on these speeds, unless the vehicle's own route is within
         HYSTERESIS of it (then its own: the vehicle tells its route with its request)."""
-        cost = costs(self.network, speeds)
+        cost = costs_from_speeds(self.network, speeds)  # the speed limit where nothing is known
         best = self.network.shortest_path(request.edge, request.destination, cost)
         own = list(self.current_route(request.vehicle))
         if best is not None and own and own[0] == request.edge and own[-1] == request.destination \
