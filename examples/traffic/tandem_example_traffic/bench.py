@@ -61,7 +61,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the history and the held-out day (default %(default)s)")
     p.add_argument("--connected-share", type=float, default=0.3,
                    help="share of vehicles that ask for routes (default %(default)s)")
-    p.add_argument("--planning-days", type=int, default=10,
+    p.add_argument("--planning-days", type=int, default=20,
                    help="held-out days each strategy is simulated on (travel times vary much from day to day; "
                         "default %(default)s)")
     p.add_argument("--rounds", type=int, default=8, help="federated rounds (default %(default)s)")
@@ -214,7 +214,8 @@ def run_strategy(name: str, network: Network, demand: Demand, districts: list[li
         else:
             cloud, links = CloudView(), [Link() for _ in districts]
             units = [RoadSideUnit(i, edges, network, f"localhost:{fleet.inference_ports[i]}", fleet.certs, CLIENT,
-                                  links[i], cloud, day_intervals) for i, edges in enumerate(districts)]
+                                  links[i], cloud, day_intervals, lambda: sim.detector_speed)
+                     for i, edges in enumerate(districts)]
             plans = Planners(network, units, cloud, lambda: sim.readings, lambda: sim.time, sim.interval,
                              sim.remaining_route)
             chosen = {"edge": plans.edge, "cloud": plans.cloud_only, "collaborative": plans.collaborative}[name]

@@ -1,29 +1,34 @@
 """Route planning across road-side units (edge) and the cloud, from Tandem-served forecasts.
 
-Each district's road-side unit (`RoadSideUnit`) reads only its own district's detectors.
-Every interval it asks its own `tandem edge` agent (Inference, model `traffic-speed`)
-for speed forecasts of its edges: the inputs are the last readings of its detectors,
-which never leave the district for anything but that agent. It pushes its forecasts
-(not its readings) up to the cloud when its link is up, and pulls the cloud's view of
-the other districts every `sync_every` seconds: its view of them is stale by up to that
-long, and frozen while its link is cut.
+Each district's road-side unit (`RoadSideUnit`) reads only its own district's detectors:
+continuously (the smoothed speed of each of its edges now) and per interval (the readings
+its forecaster takes). Every interval it asks its own `tandem edge` agent (Inference,
+model `traffic-speed`) for forecasts of its edges 1, 5 and 10 minutes ahead: the inputs are
+its last readings, which never leave the district for anything but that agent. While its
+link is up it reports to the cloud every `PUSH_EVERY` seconds (its edges' speeds now and its
+latest forecasts: never the readings) and pulls the cloud's view of the other districts
+every `SYNC_EVERY` seconds, so its view of them is up to that stale, and frozen while its
+link is cut.
 
-`CloudView` is the cloud's global view: every district's latest forecasts, as fresh as
-each district's link lets them be.
+A view of a district that is stale is where the federated forecaster earns its place:
+`estimate` prices such a district's edges with the forecast whose horizon is nearest to the
+report's age (a report 5 minutes old: the 5-minute forecast made with it), and a fresh one
+with its speeds now (fresher than any forecast: the 1-minute forecast planned worse than
+the latest speeds, docs/traffic.md).
 
-Planning is a shortest path (network.shortest_path) on edge costs: the edge's length
-over its forecast speed 1 minute ahead (see HORIZON), the speed limit where nothing is
-known; a vehicle keeps its own route unless another is HYSTERESIS faster. The strategies:
+Planning is a shortest path (network.shortest_path) on edge costs: length over the estimated
+speed, the speed limit where nothing is known. The strategies:
 
-- `edge`: the district's unit plans with its own fresh forecasts and its stale copy of
-  the others'; it always answers (its agent answers locally whatever the link).
-- `cloud`: the cloud plans with the global view; a request from a district whose link
-  is cut cannot reach it and fails.
-- `collaborative`: a cascade: the edge answers first (a route the vehicle can always
-  use), and when the district's link is up the cloud refines it with the global view.
-  The cloud's view is never worse than the edge's (it holds the same district's fresh
-  forecasts, and fresher ones of the others), so refining whenever the link allows can
-  only help, and a cut link costs nothing but that refinement.
+- `edge`: the district's unit plans with its own speeds now and its stale copy of the
+  others' reports; it always answers (its agent answers locally whatever the link).
+- `cloud`: the cloud plans with every district's latest report; a request from a district
+  whose link is cut cannot reach it and fails.
+- `collaborative`, a cascade: the edge answers first (a route the vehicle can always use),
+  and when the district's link is up the cloud refines it with the global view. The cloud
+  holds the same district's speeds (at most PUSH_EVERY old) and fresher reports of the
+  others, so refining whenever the link allows cannot make its information worse, and a cut
+  link costs only the refinement. While a district's link is cut the cloud's view of it
+  ages, and the cloud prices it with that district's last forecasts.
 """
 
 from __future__ import annotations
@@ -42,28 +47,49 @@ from tandem.v1 import inference_pb2_grpc
 from tandem_example_traffic.network import Network
 from tandem_example_traffic.planners import MIN_SPEED, costs_from_speeds
 from tandem_example_traffic.sim import Readings, RouteRequest
-from tandem_example_traffic.windows import WINDOW, window_features
+from tandem_example_traffic.windows import HORIZONS, WINDOW, window_features
 
 log = logging.getLogger(__name__)
 
 MODEL = "traffic-speed"
-# The forecast 1 minute ahead (windows.HORIZONS[0]) prices the edges: routing every guided
-# vehicle on the 5-minute forecast was worse than free flow on the benchmark's days (the
-# forecasts regress towards the day's pattern, and a route is re-planned every 2 minutes
-# anyway), while the latest speeds with a hysteresis beat it (docs/traffic.md).
-HORIZON = 0
-# A vehicle changes route only for one at least this much faster on the same costs: with
-# 30% of vehicles guided, switching on any gain herds them from one street to the next
-# (measured on three held-out days: 0.15 beat both 0 and 0.3 on each).
-HYSTERESIS = 0.15
+PUSH_EVERY = 1.0
+"""Seconds between a unit's reports to the cloud while its link is up (one number per edge
+of the district: a few hundred bytes)."""
+SYNC_EVERY = 300.0
+"""Seconds between a unit's pulls of the cloud's view of the other districts."""
+FRESH = 60.0
+"""A report younger than this is priced with its speeds now; older, with its forecasts."""
+HYSTERESIS = 0.0
+"""A vehicle keeps its own route unless another is this much faster on the same costs. 0:
+with speeds refreshed every second a margin only holds vehicles on routes that have become
+slower (the oracle: 0.81 of free flow's peak travel time without one, 0.86 with 15%, over 10
+days). It paid only while costs changed once a minute and every vehicle that asked in that
+minute was sent the same way (docs/traffic.md)."""
 
 
-@dataclass
-class Forecast:
-    """Forecast speeds (m/s) of some edges, made at `time` (simulated seconds)."""
+@dataclass(frozen=True)
+class Report:
+    """What a unit sends up: its edges' speeds (m/s) at `time`, and the forecasts it made at
+    `forecast_time` (minutes ahead -> edge -> m/s; empty before its first forecast)."""
 
     time: float
-    speeds: dict[str, float]
+    speeds: Mapping[str, float]
+    forecast_time: float = -1.0
+    ahead: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+
+
+def estimate(reports: Mapping[int, Report], now: float) -> dict[str, float]:
+    """The best estimate now of every reported edge's speed: a report younger than FRESH
+    gives its speeds; an older one the forecast whose horizon is nearest to the forecast's
+    age (its speeds if it holds no forecast)."""
+    out: dict[str, float] = {}
+    for report in reports.values():
+        if now - report.time < FRESH or not report.ahead:
+            out.update(report.speeds)
+            continue
+        age = (now - report.forecast_time) / 60
+        out.update(report.ahead[min(report.ahead, key=lambda minutes: abs(minutes - age))])
+    return out
 
 
 @dataclass
@@ -75,67 +101,86 @@ class Link:
 
 
 class CloudView:
-    """The cloud's global view: each district's latest forecasts, pushed by its unit."""
+    """The cloud's global view: each district's latest report."""
 
     def __init__(self) -> None:
-        self.districts: dict[int, Forecast] = {}
+        self.reports: dict[int, Report] = {}
 
-    def push(self, district: int, forecast: Forecast) -> None:
-        self.districts[district] = forecast
+    def push(self, district: int, report: Report) -> None:
+        self.reports[district] = report
 
-    def speeds(self) -> dict[str, float]:
-        return {edge: v for f in self.districts.values() for edge, v in f.speeds.items()}
+    def snapshot(self, exclude: int) -> dict[int, Report]:
+        """The reports of every district but `exclude` (what a unit pulls)."""
+        return {d: r for d, r in self.reports.items() if d != exclude}
+
+    def speeds(self, now: float) -> dict[str, float]:
+        return estimate(self.reports, now)
 
     def age(self, district: int, now: float) -> float:
         """How stale the cloud's view of `district` is (inf: never heard)."""
-        known = self.districts.get(district)
+        known = self.reports.get(district)
         return now - known.time if known else float("inf")
 
 
 class RoadSideUnit:
-    """One district's unit: forecasts from its agent, its view of the others."""
+    """One district's unit: its detectors, forecasts from its agent, its view of the others."""
 
     def __init__(self, district: int, edges: Sequence[str], network: Network, target: str, certs: Path,
-                 client: str, link: Link, cloud: CloudView, day_intervals: int, sync_every: float = 300.0) -> None:
+                 client: str, link: Link, cloud: CloudView, day_intervals: int,
+                 detectors: Callable[[], np.ndarray]) -> None:
         self.district, self.edges, self.link, self.cloud = district, list(edges), link, cloud
         self.day_intervals = day_intervals  # T of the training days: time of day is a fraction of it
+        self.detectors = detectors  # every edge's detector speed now, [E]: the unit reads its own columns
         self._index = np.array([network.index[e] for e in self.edges])
         self._free = network.speed_limit[self._index].astype(np.float32)
         self._channel = grpc.secure_channel(target, tls.app_credentials(certs, client))
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
-        self.sync_every = sync_every
-        self.own = Forecast(-1.0, {})
-        self.others = Forecast(-1.0, {})  # the cloud's view of the other districts, as last synced
+        self.forecast_time = -1.0
+        self.ahead: dict[int, dict[str, float]] = {}
+        self.others: dict[int, Report] = {}  # the cloud's reports of the other districts, as last pulled
+        self._pushed = self._pulled = -float("inf")
         self.inference_failures = 0
         self.placements: dict[str, int] = {}  # where the agent answered: edge, cloud, split
 
-    def refresh(self, readings: Readings, now: float) -> None:
-        """Forecast this district's edges from its last WINDOW intervals, push them up and
-        pull the others' when the link is up."""
+    def forecast(self, readings: Readings, now: float) -> None:
+        """Forecast this district's edges from its last WINDOW intervals."""
         t = readings.speed.shape[0]
-        if t >= WINDOW:
-            rows = slice(t - WINDOW, t)
-            x = window_features(readings.speed[rows][:, self._index], readings.occupancy[rows][:, self._index],
-                                readings.flow[rows][:, self._index], self._free, t - 1, self.day_intervals)
-            try:
-                answer = self._stub.Infer(ipb.InferRequest(model=MODEL, input=wire.to_proto(x.astype(np.float32))),
-                                          timeout=10)
-                ratios = wire.from_proto(answer.output)[:, HORIZON]
-                where = ipb.Placement.Name(answer.placement).removeprefix("PLACEMENT_").lower()
-                self.placements[where] = self.placements.get(where, 0) + 1
-                self.own = Forecast(now, {e: float(max(r * f, MIN_SPEED))
-                                          for e, r, f in zip(self.edges, ratios, self._free)})
-            except grpc.RpcError as exc:
-                self.inference_failures += 1
-                log.warning("district %d: its agent did not forecast: %s", self.district, exc)
-        if self.link.up:
-            if self.own.time >= 0:
-                self.cloud.push(self.district, self.own)
-            if now - self.others.time >= self.sync_every:
-                self.others = Forecast(now, self.cloud.speeds())
+        if t < WINDOW:
+            return
+        rows = slice(t - WINDOW, t)
+        x = window_features(readings.speed[rows][:, self._index], readings.occupancy[rows][:, self._index],
+                            readings.flow[rows][:, self._index], self._free, t - 1, self.day_intervals)
+        try:
+            answer = self._stub.Infer(ipb.InferRequest(model=MODEL, input=wire.to_proto(x)), timeout=10)
+        except grpc.RpcError as exc:
+            self.inference_failures += 1
+            log.warning("district %d: its agent did not forecast: %s", self.district, exc)
+            return
+        ratios = wire.from_proto(answer.output)
+        where = ipb.Placement.Name(answer.placement).removeprefix("PLACEMENT_").lower()
+        self.placements[where] = self.placements.get(where, 0) + 1
+        minutes = [int(h * readings.interval // 60) for h in HORIZONS]
+        self.forecast_time = now
+        self.ahead = {m: {e: float(max(r * f, MIN_SPEED)) for e, r, f in zip(self.edges, ratios[:, k], self._free)}
+                      for k, m in enumerate(minutes)}
 
-    def speeds(self) -> dict[str, float]:
-        return {**self.others.speeds, **self.own.speeds}
+    def own(self) -> dict[str, float]:
+        """Its edges' detector speeds now."""
+        return dict(zip(self.edges, self.detectors()[self._index].tolist()))
+
+    def sync(self, now: float) -> None:
+        """Report to the cloud and pull the others' reports when due and the link is up."""
+        if not self.link.up:
+            return
+        if now - self._pushed >= PUSH_EVERY:
+            self._pushed = now
+            self.cloud.push(self.district, Report(now, self.own(), self.forecast_time, self.ahead))
+        if now - self._pulled >= SYNC_EVERY:
+            self._pulled = now
+            self.others = self.cloud.snapshot(exclude=self.district)
+
+    def speeds(self, now: float) -> dict[str, float]:
+        return {**estimate(self.others, now), **self.own()}
 
     def close(self) -> None:
         self._channel.close()
@@ -152,31 +197,34 @@ class Planners:
     now: Callable[[], float]
     interval: float
     current_route: Callable[[str], Sequence[str]]  # a vehicle's remaining route, from its current edge
-    _refreshed: int = field(default=-1)
+    _forecast: int = field(default=-1)
 
     def tick(self) -> None:
-        """Refresh every unit once per completed interval."""
-        done = int(self.now() // self.interval)
-        if done != self._refreshed:
-            self._refreshed = done
+        """Forecast once per completed interval; report and pull when due."""
+        now = self.now()
+        done = int(now // self.interval)
+        if done != self._forecast:
+            self._forecast = done
             readings = self.readings()
             for unit in self.units:
-                unit.refresh(readings, self.now())
+                unit.forecast(readings, now)
+        for unit in self.units:
+            unit.sync(now)
 
     def edge(self, request: RouteRequest) -> list[str] | None:
         self.tick()
-        return self._plan(request, self.units[request.district].speeds())
+        return self._plan(request, self.units[request.district].speeds(self.now()))
 
     def cloud_only(self, request: RouteRequest) -> list[str] | None:
         self.tick()
         if not self.units[request.district].link.up:
             return None  # the request cannot reach the cloud
-        return self._plan(request, self.cloud.speeds())
+        return self._plan(request, self.cloud.speeds(self.now()))
 
     def collaborative(self, request: RouteRequest) -> list[str] | None:
         route = self.edge(request)
         if self.units[request.district].link.up:
-            route = self._plan(request, self.cloud.speeds()) or route
+            route = self._plan(request, self.cloud.speeds(self.now())) or route
         return route
 
     def _plan(self, request: RouteRequest, speeds: Mapping[str, float]) -> list[str] | None:
@@ -184,6 +232,8 @@ class Planners:
         HYSTERESIS of it (then its own: the vehicle tells its route with its request)."""
         cost = costs_from_speeds(self.network, speeds)  # the speed limit where nothing is known
         best = self.network.shortest_path(request.edge, request.destination, cost)
+        if not HYSTERESIS:
+            return best
         own = list(self.current_route(request.vehicle))
         if best is not None and own and own[0] == request.edge and own[-1] == request.destination \
                 and self.network.route_cost(own, cost) <= (1 + HYSTERESIS) * self.network.route_cost(best, cost):

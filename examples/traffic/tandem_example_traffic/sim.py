@@ -201,11 +201,18 @@ class Simulation:
         return Readings(rows["speed"], rows["occupancy"], rows["flow"], self.interval, self.network.edges)
 
     @property
+    def detector_speed(self) -> np.ndarray:
+        """What the road-side detectors read now (m/s, [E]): SUMO's per-step mean speed (the
+        speed limit when empty), smoothed exponentially over `smoothing` seconds so that one
+        car waiting at a red light does not make its road look closed. A road-side unit reads
+        its own district's columns of this continuously (the per-interval `readings` are the
+        same detectors averaged over each interval)."""
+        return self._live.copy()
+
+    @property
     def live_speed(self) -> np.ndarray:
-        """Each monitored edge's speed now (m/s, [E]): SUMO's per-step mean speed (the speed limit
-        when empty), smoothed exponentially over `smoothing` seconds so that one car waiting
-        at a red light does not make its road look closed; an edge under an incident's speed
-        limit reads at most that limit from the incident's first second."""
+        """The oracle's view (m/s, [E]): `detector_speed` everywhere, and an edge under an
+        incident's speed limit at most that limit from the incident's first second."""
         live = self._live.copy()
         incident = self.demand.incident
         if incident is not None and incident.active(self._time):
