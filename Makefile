@@ -10,7 +10,7 @@ AGENTS ?= edge-1,edge-2,edge-3,edge-4
 # entry points (tandem.tasks) make `resnet` and `forecast` known to the cloud and agents.
 EXAMPLES := examples/resnet examples/forecast examples/traffic
 
-.PHONY: install protos certs run test test-quick lint typecheck traffic bench-fl bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
+.PHONY: install protos certs run test test-quick lint typecheck traffic traffic-ablation bench-fl bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
 
 install: $(STAMP)
 
@@ -49,10 +49,15 @@ test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not process"
 
 # The traffic application (docs/traffic.md): SUMO history, federated forecaster across the
-# district agents, every planning strategy, district 0's link cut (about 10 minutes on 2 cores).
+# district agents, every planning strategy on 20 days, district 0's link cut (12-17 minutes on 2 cores).
 traffic: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,traffic]'
 	$(PY) -m tandem_example_traffic.bench --out bench/results/traffic.json
+
+# What planning needs: the planner's inputs varied one at a time on 20 days, in process (~15 minutes).
+traffic-ablation: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,traffic]'
+	$(PY) -m tandem_example_traffic.ablation --days 20 --out bench/results/traffic-ablation.json
 
 # Federated training per codec with real processes (not part of `make test`).
 bench-fl: $(STAMP)

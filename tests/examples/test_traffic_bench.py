@@ -53,3 +53,12 @@ def test_wrong_options_are_one_line_and_exit_2(flags: list[str], why: str) -> No
     done = subprocess.run([sys.executable, "-m", "tandem_example_traffic.bench", *flags], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and why in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(("flags", "why"), [(["--variants", "oracle,nope"], "unknown variants ['nope']"),
+                                             (["--days", "1"], "--days must be at least 2")])
+def test_the_ablation_refuses_wrong_options_in_one_line(flags: list[str], why: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "tandem_example_traffic.ablation", *flags], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and why in done.stderr and "Traceback" not in done.stderr, done.stderr
