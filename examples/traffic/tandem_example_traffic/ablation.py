@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 from collections.abc import Callable
@@ -92,6 +93,7 @@ def run_day(job: tuple[int, str, str | None]) -> tuple[int, str, float, int]:
     day, name, model_path = job
     network = load_network("braunschweig")
     demand = Demand.generate(network, seed=day, minutes=MINUTES)
+    torch.set_num_threads(1)  # as many simulations as cores run at once
     model = torch.load(model_path, weights_only=False) if model_path else None
     with Simulation(network, demand, districts=network.districts(3), connected_share=0.3) as sim:
         chosen: Callable[[], Planner] = {
@@ -133,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tandem-ablation-") as tmp:
         model = str(train_forecaster(load_network("braunschweig"), Path(tmp))) if "forecast_each_minute" in names else None
         jobs = [(day, name, model) for day in range(FIRST_DAY, FIRST_DAY + args.days) for name in names]
-        with ProcessPoolExecutor(args.workers) as pool:
+        # spawn, not fork: a forked child of a process whose torch has started its threads hangs in its first forward pass
+        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for day, name, mean, vehicles in pool.map(run_day, jobs):
                 per_day[name][day] = mean
                 print(f"day {day} {name}: {mean:.1f} s over {vehicles} connected vehicles", flush=True)
