@@ -36,7 +36,8 @@ def machine() -> dict[str, Any]:
     except (OSError, StopIteration):
         cpu = platform.processor()
     return {
-        "cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
+        "cores": os.cpu_count(), "cpu": cpu, "load_average": list(os.getloadavg()),
+        "python": platform.python_version(), "torch": torch.__version__,
         "grpcio": grpc_module.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
@@ -130,6 +131,9 @@ def summarise(run: dict[str, Any], clients: int, full: int) -> dict[str, Any]:
         "bytes_down_per_round_after_first": statistics.mean(r["bytes_down"] for r in later),
         "wire_bytes_per_round": (run["wire_bytes_up"] + run["wire_bytes_down"]) / len(rounds),
         "median_round_seconds": statistics.median(r["seconds"] for r in later),
+        "mean_round_seconds": statistics.mean(r["seconds"] for r in rounds),
+        "first_round_seconds": rounds[0]["seconds"],
+        "first_round_vs_median": rounds[0]["seconds"] / statistics.median(r["seconds"] for r in rounds),
         "round_budget_seconds": slowest_train + run["model_transfer_seconds"],
         "dense_exchange_bytes_per_round": 2 * clients * full,
     }
@@ -153,6 +157,11 @@ def targets(summary: dict[str, dict[str, Any]], clients: int, full: int) -> dict
             sparse["wire_bytes_per_round"] / sparse["dense_exchange_bytes_per_round"], 1 / 30, "<=",
             "topk:0.01+int8 bytes per round through the TCP relay (TLS included) / dense float32 model up+down "
             "for every agent")
+    if summary:
+        worst = max(summary.values(), key=lambda s: float(s["first_round_vs_median"]))
+        out["first_round_vs_median"] = _target(
+            worst["first_round_vs_median"], 1.5, "<=",
+            f"round 1 wall seconds / the median round's (every round), the worse codec ({worst['codec']})")
     for name, s in summary.items():
         out[f"round_overhead[{name}]"] = _target(
             s["median_round_seconds"] / s["round_budget_seconds"], 1.2, "<=",
