@@ -266,7 +266,7 @@ class JobManager:
                     delta_bytes=(published.delta_bytes or 0) if published else 0,
                     epsilon=privacy.epsilon(spec.defence.dp_noise_multiplier, r.round, spec.defence.dp_delta),
                     example_cap=r.example_cap or 0.0, capped_agents=list(r.capped),
-                    train_metrics=r.train_metrics, eval_metrics=r.eval_metrics,
+                    train_metrics=r.train_metrics, eval_metrics=r.eval_metrics, phases=r.phases,
                 )
             )
         job.excluded.extend(admin_pb2.Exclusion(agent=e.agent, code=e.code, reason=e.reason)

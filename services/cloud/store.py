@@ -320,9 +320,11 @@ class Store:
         self, job_id: str, round_: int, version: VersionRow, accuracy: float | None, loss: float | None,
         local_loss: float, final: bool, example_cap: float | None = None, capped: Sequence[str] = (),
         train_metrics: Mapping[str, float] | None = None, eval_metrics: Mapping[str, float] | None = None,
+        phases: Mapping[str, float] | None = None,
     ) -> None:
         """Publish the round's version and advance the job, in one transaction, with the
-        cap on claimed example counts the round applied and its metrics."""
+        cap on claimed example counts the round applied, its metrics and where its time
+        went (cloud.phases)."""
         with self._tx() as db:
             # The version carries its round's evaluation, and the eval spec it was measured on.
             spec = db.execute("SELECT spec FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -333,10 +335,10 @@ class Store:
             db.execute(
                 "UPDATE rounds SET state = 'closed', accuracy = ?, loss = ?, local_loss = ?, seconds = ? - opened,"
                 " version = ?, sha256 = ?, closed = ?, example_cap = ?, capped = ?, train_metrics = ?,"
-                " eval_metrics = ? WHERE job_id = ? AND round = ?",
+                " eval_metrics = ?, phases = ? WHERE job_id = ? AND round = ?",
                 (accuracy, loss, local_loss, now, version.version, version.sha256, now, example_cap,
                  json.dumps(sorted(capped)), json.dumps(dict(train_metrics or {})),
-                 json.dumps(dict(eval_metrics or {})), job_id, round_),
+                 json.dumps(dict(eval_metrics or {})), json.dumps(dict(phases or {})), job_id, round_),
             )
             db.execute(
                 "UPDATE jobs SET current_round = ?, version = ?, state = ? WHERE job_id = ?",
