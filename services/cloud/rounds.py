@@ -445,7 +445,7 @@ class JobRunner:
         opened = self._store.get_round(self.job_id, rnd.number)
         phases = rnd.clock.breakdown(time.time() - opened.opened) if opened is not None else {}
         self._store.close_round(self.job_id, rnd.number, version, accuracy, loss, trained.get("loss", local_loss),
-                                final, weights.cap, weights.capped, trained, evaluated, phases)
+                                final, weights.cap, weights.capped, trained, evaluated, phases, rnd.bytes_down)
         for update in updates:  # an agent that delivered is no longer failing "in a row"
             self._streaks.pop(update.agent, None)
         self._unrecorded = None

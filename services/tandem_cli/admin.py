@@ -197,6 +197,16 @@ def round_line(r: dict[str, Any]) -> str:
     )
 
 
+# The order of a round's phases (admin.proto RoundResult.phases; cloud.phases.ORDER).
+PHASES = ("dispatch", "download", "train", "encode", "upload", "validate", "fold", "wait", "close", "evaluate",
+          "publish")
+
+
+def _ordered(phases: dict[str, float]) -> dict[str, float]:
+    rank = {name: index for index, name in enumerate(PHASES)}
+    return dict(sorted(phases.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
+
+
 def phase_lines(rounds: list[dict[str, Any]]) -> list[str]:
     """Where the rounds' time went (RoundResult.phases): round 1's, and the median of
     each phase over the later rounds; none for rounds closed before phases were measured."""
@@ -205,7 +215,7 @@ def phase_lines(rounds: list[dict[str, Any]]) -> list[str]:
         return []
 
     def line(title: str, phases: dict[str, float], seconds: float) -> str:
-        parts = "  ".join(f"{name} {value:.3f}" for name, value in phases.items())
+        parts = "  ".join(f"{name} {value:.3f}" for name, value in _ordered(phases).items())
         return f"time by phase, {title} ({seconds:.2f} s): {parts}"
 
     lines = [line(f"round {timed[0]['round']}", timed[0]["phases"], timed[0]["seconds"])]

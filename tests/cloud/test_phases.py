@@ -9,6 +9,7 @@ import pytest
 
 from cloud import phases
 from cloud.app import Coordinator
+from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc
 from tandem_cli.admin import job_dict, phase_lines
 from tests.support.clients import (
@@ -74,3 +75,37 @@ async def test_job_status_breaks_each_round_down_by_phase(coordinator: Coordinat
     assert sum(found.values()) == pytest.approx(result.seconds, abs=0.05)
     assert job_dict(status)["rounds"][0]["phases"] == found  # `tandem job status --json`
 
+
+
+async def test_download_bytes_are_recorded_with_the_close_not_per_download(
+    coordinator: Coordinator, certs_dir: Path
+) -> None:
+    """A commit per download held the event loop at each round's start: the bytes are
+    counted in memory and written with the round's close."""
+    a, b = await streams(coordinator.port, certs_dir, ["agent-0", "agent-1"])
+    try:
+        job = await start_job(coordinator.port, certs_dir, model="mlp", rounds=1, min_clients=2,
+                              round_deadline_seconds=60)
+        tasks = [(await s.next("task")).task for s in (a, b)]
+        sent = 0
+        async with agent_channel(coordinator.port, certs_dir, "agent-0") as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            async for message in stub.DownloadModel(pb.ModelRequest(model="mlp", version=tasks[0].base_version)):
+                sent += message.ByteSize()
+        opened = coordinator.store.get_round(job.job_id, 1)
+        assert opened is not None and opened.bytes_down == 0  # nothing written while the round is open
+        for name, task, value in (("agent-0", tasks[0], 0.01), ("agent-1", tasks[1], 0.02)):
+            async with agent_channel(coordinator.port, certs_dir, name) as channel:
+                await upload(coordinator_pb2_grpc.CoordinatorStub(channel), update_messages(header_for(task),
+                                                                                              delta(value)))
+        result = (await wait_rounds(coordinator.port, certs_dir, job.job_id, 1)).rounds[0]
+    finally:
+        for s in (a, b):
+            await s.close()
+    assert result.bytes_down == sent > 1_000_000
+
+
+def test_the_cli_and_the_coordinator_order_phases_alike() -> None:
+    from tandem_cli.admin import PHASES
+
+    assert PHASES == phases.ORDER
