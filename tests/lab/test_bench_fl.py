@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from tandem_lab.bench import summarise, targets
 
@@ -20,3 +23,24 @@ def test_a_cold_first_round_misses_the_target() -> None:
     assert line["measured"] == 12.0 and line["goal"] == 1.5 and line["op"] == "<=" and not line["met"]
     warm = summarise(_run([0.6, 0.5, 0.4, 0.6, 0.5]), clients=2, full=1000)
     assert targets({"none": warm}, clients=2, full=1000)["first_round_vs_median"]["met"]
+
+
+def test_flower_is_compared_on_mean_seconds_per_round_first_round_included() -> None:
+    from tandem_lab.bench import flower_targets
+
+    tandem = summarise(_run([0.6, 0.5, 0.4, 0.6, 0.5]), clients=2, full=1000)  # mean 0.52
+    lines = flower_targets({"none": tandem}, {"flwr": "1.42.0", "round_seconds": [2.0, 0.3, 0.3, 0.3, 0.3]})
+    line = lines["seconds_per_round_vs_flower[none]"]
+    assert abs(line["measured"] - 0.52 / 0.64) < 1e-9 and line["goal"] == 1.0 and line["met"]
+
+
+def test_flower_reads_the_reference_partitions(tmp_path: Path) -> None:
+    from tandem import data
+    from tandem_lab.bench_flower import write_data
+
+    write_data(tmp_path, 3)
+    with np.load(tmp_path / "client-1.npz") as written:
+        part = data.load_data("digits:1/3")
+        assert np.array_equal(written["x"], part.x) and np.array_equal(written["y"], part.y)
+    with np.load(tmp_path / "test.npz") as written:
+        assert written["x"].shape == (450, 64)
