@@ -85,7 +85,3 @@ class Stopwatch:
         now = time.perf_counter()
         self.phases[name] = self.phases.get(name, 0.0) + now - self._last
         self._last = now
-
-    def skip(self) -> None:
-        """Time since the last lap belongs to no phase."""
-        self._last = time.perf_counter()
