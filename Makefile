@@ -59,10 +59,12 @@ traffic-ablation: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,traffic]'
 	$(PY) -m tandem_example_traffic.ablation --days 20 --out bench/results/traffic-ablation.json
 
-# Federated training per codec with real processes (not part of `make test`).
+# Federated training per codec with real processes (not part of `make test`). FLOWER=PYTHON (an
+# interpreter with flwr==1.42.0 and torch==2.13.0, e.g. a venv of its own) runs Flower beside it.
+FLOWER ?=
 bench-fl: $(STAMP)
 	$(PY) -m tandem_lab bench fl --clients 8 --rounds 20 --codec none,topk:0.01+int8 --rss-agents 64 \
-		--out bench/results/fl.json
+		$(if $(FLOWER),--flower $(FLOWER)) --out bench/results/fl.json
 
 # Codec auto with two agents behind a bandwidth-shaped link (needs root for ip netns).
 bench-auto: $(STAMP)

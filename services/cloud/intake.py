@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from cloud.disk import DiskMonitor
 from cloud.jobs import JobManager
 from cloud.models import ModelRepository
+from cloud.phases import Stopwatch, agent_reported
 from cloud.rounds import JobRunner
 from cloud.spec import JobSpec
 from cloud.spool import Spool
@@ -133,13 +134,14 @@ class UpdateIntake:
             metrics.UPDATES_REJECTED.labels("malformed").inc()
             raise EndsStream(InvalidArgument("an upload starts with an UpdateHeader", reason="malformed"))
         header = first.header
+        watch = Stopwatch()  # from the header on: upload, validate (cloud.phases)
         key = (header.job_id, header.round, agent)
         wire_bytes = first.ByteSize()
         try:
             if self._disk is not None:
                 self._disk.check()
             async with self._lock(key):
-                receipt = await self._receive(key, header, messages)
+                receipt = await self._receive(key, header, messages, watch)
         except (TandemError, wire.WireError, compression.CompressionError, DecodeError) as exc:
             error = exc if isinstance(exc, TandemError) else InvalidArgument(
                 str(exc) if not isinstance(exc, DecodeError) else f"malformed message: {exc}", reason="malformed")
@@ -163,7 +165,7 @@ class UpdateIntake:
             ) from None
 
     async def _receive(
-        self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk]
+        self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk], watch: Stopwatch
     ) -> pb.UpdateReceipt:
         agent = key[2]
         if not header.job_id:
@@ -188,12 +190,12 @@ class UpdateIntake:
             raise InvalidArgument(str(exc), reason="malformed") from None
         spec = runner.spec if runner is not None else job.spec  # parsed once, by the runner
         specs = self._models.specs(spec.model)
-        return await self._assemble(key, header, messages, spec, specs, update_codec, existing, runner)
+        return await self._assemble(key, header, messages, spec, specs, update_codec, existing, runner, watch)
 
     async def _assemble(
         self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk], spec: JobSpec,
         specs: dict[str, wire.TensorSpec], update_codec: compression.Codec, existing: UpdateRow | None,
-        runner: JobRunner | None,
+        runner: JobRunner | None, watch: Stopwatch,
     ) -> pb.UpdateReceipt:
         partial = self._resume(key, header, specs, update_codec)
         spool = partial.spool
@@ -223,22 +225,24 @@ class UpdateIntake:
             self._keep(key, partial)
             raise wire.WireError(f"update incomplete: missing or truncated tensors {spool.missing()}")
         try:
-            return await self._accept(key, header, partial, specs, update_codec, existing, runner)
+            return await self._accept(key, header, partial, specs, update_codec, existing, runner, watch)
         finally:
             spool.discard()  # unless accepted, when the file has moved to its final name
 
     async def _accept(
         self, key: UploadKey, header: pb.UpdateHeader, partial: Partial, specs: dict[str, wire.TensorSpec],
-        update_codec: compression.Codec, existing: UpdateRow | None, runner: JobRunner | None,
+        update_codec: compression.Codec, existing: UpdateRow | None, runner: JobRunner | None, watch: Stopwatch,
     ) -> pb.UpdateReceipt:
         """Check a complete upload, then record it, or answer a re-send as a duplicate."""
         agent = key[2]
         file = await asyncio.to_thread(partial.spool.finish)
+        watch.lap("upload")  # the chunks received and the file complete on disk
         content = partial.spool.content_sha256()
         if header.content_sha256 and content != header.content_sha256:
             raise InvalidArgument("the update's content does not match its content_sha256", reason="malformed")
         async with self._decoding:  # bounds the memory of dense decodes running at once
             await asyncio.to_thread(_validate, file.arrays(), specs, update_codec, header.num_examples)
+        watch.lap("validate")
         digest = update_digest(header, content)
         receipt = pb.UpdateReceipt(
             job_id=header.job_id, round=header.round, agent_id=agent, digest=digest, bytes_received=partial.wire_bytes
@@ -261,7 +265,8 @@ class UpdateIntake:
                             header.codec, dict(header.metrics))
             # Once the record is committed the update must be folded in and counted,
             # even if this call is cancelled meanwhile: shield the three together.
-            await asyncio.shield(rnd.commit(row, partial.wire_bytes, TensorFile(path).arrays(), update_codec))
+            phases = {**agent_reported(header.phase_seconds), **watch.phases}
+            await asyncio.shield(rnd.commit(row, partial.wire_bytes, TensorFile(path).arrays(), update_codec, phases))
         except TandemError:
             path.unlink(missing_ok=True)
             raise

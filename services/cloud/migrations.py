@@ -186,8 +186,14 @@ def _v8_rollouts(db: sqlite3.Connection) -> None:
     )
 
 
+def _v9_round_phases(db: sqlite3.Connection) -> None:
+    """Version 9 (issue 18: where a round's time goes): a closed round records its wall
+    time by phase (a JSON object of seconds, cloud.phases; empty for rounds closed before)."""
+    db.execute("ALTER TABLE rounds ADD COLUMN phases TEXT NOT NULL DEFAULT '{}'")
+
+
 MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_file_integrity, _v4_weight_caps, _v5_task_metrics,
-                               _v6_model_lifecycle, _v7_task_failures, _v8_rollouts]
+                               _v6_model_lifecycle, _v7_task_failures, _v8_rollouts, _v9_round_phases]
 
 
 def schema_version(db: sqlite3.Connection) -> int:

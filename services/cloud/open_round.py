@@ -26,6 +26,7 @@ import numpy as np
 
 from cloud.accumulator import Accumulator
 from cloud.aggregation import Weighting, weighting
+from cloud.phases import RoundClock
 from cloud.store import UpdateRow, VersionRow
 from cloud.tensorfile import TensorFile
 from tandem import compression
@@ -75,6 +76,11 @@ class OpenRound:
         # The most an update is folded with before the close (None: its claim); see the module's docstring.
         self._provisional_cap: float | None = None
         self._folded: dict[str, float] = {}  # agent -> the weight its update is in the sum with
+        self.clock = RoundClock()  # where the round's time goes (cloud.phases)
+        # Bytes of model downloads that trained this round, recorded with its close: a
+        # commit (an fsync) per download held the event loop 3-8 ms at each round's start.
+        # A round that never closes (its job stopped, a restart) does not record them.
+        self.bytes_down = 0
 
     # ---- queries -------------------------------------------------------------
 
@@ -249,12 +255,15 @@ class OpenRound:
             raise InvalidArgument(f"codec {codec!r} where the task asked for {expected!r}")
 
     async def commit(
-        self, row: UpdateRow, wire_bytes: int, components: Mapping[str, np.ndarray], codec: Codec
+        self, row: UpdateRow, wire_bytes: int, components: Mapping[str, np.ndarray], codec: Codec,
+        phases: Mapping[str, float] | None = None,
     ) -> None:
         """Record the update in the store, fold it into the sum and count it as
         submitted, all under the lock; refused once the close has begun. After it
-        returns the update may be acknowledged."""
+        returns the update may be acknowledged. `phases`: the update's timings so far
+        (cloud.phases), to which the fold's is added."""
         async with self._lock:
+            started = time.perf_counter()
             if not self._accepting:
                 raise FailedPrecondition(f"round {self._number} closed while the update arrived", reason="stale")
             if row.agent in self._submitted:  # the intake answers re-sends before: never folded twice
@@ -268,4 +277,5 @@ class OpenRound:
             self._folded[row.agent] = weight
             self._submitted.add(row.agent)
             self._codecs[row.agent] = row.codec
+            self.clock.arrived(row.agent, {**(phases or {}), "fold": time.perf_counter() - started})
             self._arrived.set()

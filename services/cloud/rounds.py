@@ -26,6 +26,7 @@ from cloud.aggregation.weights import cap_of
 from cloud.eligibility import Eligibility
 from cloud.models import ModelRepository
 from cloud.open_round import OpenRound
+from cloud.phases import Stopwatch
 from cloud.registry import Registry, Session
 from cloud.spec import AUTO, JobSpec
 from cloud.store import JobState, Store, UpdateRow, VersionRow
@@ -214,12 +215,14 @@ class JobRunner:
         while True:
             attempt = rnd.next_attempt()
             await self._wait_for_agents(rnd)
+            selecting = time.time()
             rnd.select(self._select(number, attempt, rnd.submitted), time.time() + self.spec.deadline)
             rnd.bound_weights(self._predicted_cap(rnd.selected))
             log.info("job %s round %d attempt %d: selected %s", self.job_id, number, attempt, rnd.selected)
             for agent in rnd.selected:
                 if agent not in rnd.submitted:
                     self._registry.send(agent, self._task_message(rnd, agent))
+            rnd.clock.dispatching(selecting)
             await rnd.wait()
             if len(rnd.submitted) >= self.spec.min_clients:
                 await self._close(rnd)
@@ -383,6 +386,7 @@ class JobRunner:
     # ---- closing -------------------------------------------------------------
 
     async def _close(self, rnd: OpenRound) -> None:
+        watch = Stopwatch()  # close, evaluate, publish: where the round's time goes (cloud.phases)
         await rnd.close()
         updates = self._store.list_updates(self.job_id, rnd.number)
         _, base = self._models.file(self.spec.model, rnd.base.version)
@@ -408,6 +412,7 @@ class JobRunner:
         self._unrecorded = version  # until close_round commits: what `_defer` removes if the close fails
         del change_of, mean
         await rnd.release()
+        watch.lap("close")
         evaluated: dict[str, float] = {}
         if self.spec.eval:
             new = await asyncio.to_thread(read_tensors, Path(version.path))
@@ -419,6 +424,7 @@ class JobRunner:
                             self.job_id, rnd.number, type(exc).__name__, str(exc)[:300])
                 self._say(f"round {rnd.number}: evaluate failed: {type(exc).__name__}: {str(exc)[:200]}")
             del new
+            watch.lap("evaluate")
         if delta is not None:
             path = self._store.delta_path(self.spec.model, version.version)
             _, delta_sha256 = await asyncio.to_thread(write_tensors, path, delta)  # hashed as written
@@ -434,8 +440,12 @@ class JobRunner:
         trained = evaluation.weighted({u.agent: (weights.weights.get(u.agent, 0.0), u.metrics) for u in updates})
         accuracy, loss = evaluated.get("accuracy"), evaluated.get("loss")
         final = rnd.number >= self.spec.rounds
+        watch.lap("publish")
+        rnd.clock.closing.update(watch.phases)
+        opened = self._store.get_round(self.job_id, rnd.number)
+        phases = rnd.clock.breakdown(time.time() - opened.opened) if opened is not None else {}
         self._store.close_round(self.job_id, rnd.number, version, accuracy, loss, trained.get("loss", local_loss),
-                                final, weights.cap, weights.capped, trained, evaluated)
+                                final, weights.cap, weights.capped, trained, evaluated, phases, rnd.bytes_down)
         for update in updates:  # an agent that delivered is no longer failing "in a row"
             self._streaks.pop(update.agent, None)
         self._unrecorded = None

@@ -87,6 +87,8 @@ class RoundRow:
     # The agents' training metrics weighted by examples, and the cloud's evaluation (migration 5).
     train_metrics: Mapping[str, float] = field(default_factory=dict)
     eval_metrics: Mapping[str, float] = field(default_factory=dict)
+    # Where the round's wall time went, seconds by phase (cloud.phases; migration 9).
+    phases: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,8 @@ def _round(row: sqlite3.Row) -> RoundRow:
     return _record(RoundRow, row, state=RoundState(row["state"]), selected=tuple(json.loads(row["selected"])),
                    capped=tuple(json.loads(row["capped"])) if "capped" in keys else (),
                    train_metrics=json.loads(row["train_metrics"]) if "train_metrics" in keys else {},
-                   eval_metrics=json.loads(row["eval_metrics"]) if "eval_metrics" in keys else {})
+                   eval_metrics=json.loads(row["eval_metrics"]) if "eval_metrics" in keys else {},
+                   phases=json.loads(row["phases"]) if "phases" in keys else {})
 
 
 def _update(row: sqlite3.Row) -> UpdateRow:

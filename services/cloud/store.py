@@ -320,9 +320,11 @@ class Store:
         self, job_id: str, round_: int, version: VersionRow, accuracy: float | None, loss: float | None,
         local_loss: float, final: bool, example_cap: float | None = None, capped: Sequence[str] = (),
         train_metrics: Mapping[str, float] | None = None, eval_metrics: Mapping[str, float] | None = None,
+        phases: Mapping[str, float] | None = None, bytes_down: int = 0,
     ) -> None:
         """Publish the round's version and advance the job, in one transaction, with the
-        cap on claimed example counts the round applied and its metrics."""
+        cap on claimed example counts the round applied, its metrics, where its time
+        went (cloud.phases) and the bytes of downloads counted in memory while it was open."""
         with self._tx() as db:
             # The version carries its round's evaluation, and the eval spec it was measured on.
             spec = db.execute("SELECT spec FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -333,10 +335,10 @@ class Store:
             db.execute(
                 "UPDATE rounds SET state = 'closed', accuracy = ?, loss = ?, local_loss = ?, seconds = ? - opened,"
                 " version = ?, sha256 = ?, closed = ?, example_cap = ?, capped = ?, train_metrics = ?,"
-                " eval_metrics = ? WHERE job_id = ? AND round = ?",
+                " eval_metrics = ?, phases = ?, bytes_down = bytes_down + ? WHERE job_id = ? AND round = ?",
                 (accuracy, loss, local_loss, now, version.version, version.sha256, now, example_cap,
                  json.dumps(sorted(capped)), json.dumps(dict(train_metrics or {})),
-                 json.dumps(dict(eval_metrics or {})), job_id, round_),
+                 json.dumps(dict(eval_metrics or {})), json.dumps(dict(phases or {})), bytes_down, job_id, round_),
             )
             db.execute(
                 "UPDATE jobs SET current_round = ?, version = ?, state = ? WHERE job_id = ?",
@@ -366,6 +368,16 @@ class Store:
             f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE job_id = ? AND round = ? ORDER BY agent", (job_id, round_)
         )
         return [_update(r) for r in rows]
+
+    def updates_by_round(self, job_id: str) -> dict[int, list[UpdateRow]]:
+        """Every update of a job, by round (one query: a job's status lists them all)."""
+        rows = self._db.execute(
+            f"SELECT round, {_UPDATE_COLUMNS} FROM updates WHERE job_id = ? ORDER BY round, agent", (job_id,)
+        )
+        found: dict[int, list[UpdateRow]] = {}
+        for r in rows:
+            found.setdefault(int(r["round"]), []).append(_update(r))
+        return found
 
     def forget_update_files(self, job_id: str, round_: int) -> None:
         with self._tx() as db:

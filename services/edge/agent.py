@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from edge import warmup
 from edge.channels import REFUSED, Backoff, CloudChannels
 from edge.link import LinkMonitor
 from edge.models import EdgeModels
@@ -53,6 +54,7 @@ class AgentConfig:
     # Training: the tasks this agent may train (None: every registered one) and its labels.
     tasks: tuple[str, ...] | None = None
     labels: tuple[tuple[str, str], ...] = ()
+    warmup: bool = True  # pay torch's first-use costs at start (edge.warmup), not in the first round
 
 
 class Agent:
@@ -62,6 +64,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self._offers: Offers | None = None  # the tasks offered, prepared once by `prepare`
+        self.warmup_seconds = 0.0  # what `prepare` spent warming torch and the tasks up
         self.welcomed = asyncio.Event()  # set while the control stream is up
         self._stub: coordinator_pb2_grpc.CoordinatorStub | None = None  # once run() has opened the channels
         self._outgoing: asyncio.Queue[pb.AgentMessage] | None = None  # the open control stream's queue
@@ -78,11 +81,14 @@ class Agent:
         self.router = self._router() if config.listen else None
 
     async def prepare(self) -> Offers:
-        """Load the allowed tasks and the data for each, once, off the event loop
-        (tasks.UnknownTask for a task named in --tasks that is not installed)."""
+        """Load the allowed tasks and the data for each, once, off the event loop, and
+        warm torch and them up (tasks.UnknownTask for a task named in --tasks that is not
+        installed)."""
         if self._offers is None:
             tasks = list(self.config.tasks) if self.config.tasks is not None else None
             self._offers = await asyncio.to_thread(Offers.prepare, tasks, self.config.data)
+            if self.config.warmup:  # before the hello: a job's first task then costs what later ones do
+                self.warmup_seconds = await asyncio.to_thread(warmup.warm, self._offers)
             self._measurements[measurements.EXAMPLES] = float(self._offers.num_examples)
             ready = [o.name for o in self._offers.offers() if o.ready]
             log.info("offering tasks %s (ready: %s), %d examples", [o.name for o in self._offers.offers()], ready,

@@ -98,6 +98,8 @@ class Trainer:
         self._uploads: dict[tuple[str, int], tuple[transfer.Upload, dict[str, np.ndarray]]] = {}
         # (job, round) -> the training's metrics and example count, for the update's header.
         self._results: dict[tuple[str, int], tuple[dict[str, float], int]] = {}
+        # (job, round) -> seconds by phase (download, train, encode), for the update's header.
+        self._phases: dict[tuple[str, int], dict[str, float]] = {}
         # job -> this agent's tensors that never leave it (local layers, integer counters),
         # kept from round to round in memory.
         self._local: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # job -> (round, tensors kept here)
@@ -157,8 +159,11 @@ class Trainer:
     async def _train_and_upload(self, key: tuple[str, int]) -> None:
         task = self._tasks[key]
         try:
+            started = time.perf_counter()
             base = await self._retry(key, "download", lambda: self._ensure_model(task))
+            phases = self._phases[key] = {"download": time.perf_counter() - started}
             delta, loss, seconds = await self._train_step(task, base)
+            phases["train"] = seconds
             receipt = await self._retry(key, "upload", lambda: self._upload(key, delta, loss))
             self._done.add(key)
             metrics.EDGE_TASKS.labels("duplicate" if receipt.duplicate else "uploaded").inc()
@@ -179,6 +184,7 @@ class Trainer:
             self._tasks = {k: v for k, v in self._tasks.items() if k[0] != key[0] or k[1] >= key[1]}
             self._uploads.pop(key, None)
             self._results.pop(key, None)
+            self._phases.pop(key, None)
 
     def _failed(self, task: pb.TrainTask, exc: Exception) -> None:
         """One log line per failure (a traceback once per kind, at debug level), and the
@@ -255,13 +261,16 @@ class Trainer:
             # has the update (and not at all if this task is cancelled meanwhile).
             trial = compression.ErrorFeedback(compression.parse_codec(task.codec))
             trial.load_state(feedback.residual)
+            started = time.perf_counter()
             components, _ = await asyncio.to_thread(trial.compress, delta)
+            phases = self._phases.setdefault(key, {})
+            phases["encode"] = time.perf_counter() - started
             after = trial.residual
             trained, examples = self._results.get(key, ({}, self._offers().num_examples))
             header = pb.UpdateHeader(
                 job_id=task.job_id, round=task.round, base_version=task.base_version,
                 num_examples=examples, codec=task.codec, local_loss=loss, metrics=trained,
-                task_fingerprint=self.prepared(task).offer.fingerprint,
+                task_fingerprint=self.prepared(task).offer.fingerprint, phase_seconds=phases,
             )
             pending = self._uploads[key] = (transfer.Upload(header, components), after)
         upload, after = pending

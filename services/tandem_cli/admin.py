@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -164,6 +165,7 @@ def job_dict(job: admin_pb2.Job) -> dict[str, Any]:
                 "delta_bytes": r.delta_bytes, "epsilon": r.epsilon,
                 "example_cap": r.example_cap, "capped_agents": list(r.capped_agents),
                 "train_metrics": dict(r.train_metrics), "eval_metrics": dict(r.eval_metrics),
+                "phases": dict(r.phases),
             }
             for r in job.rounds
         ],
@@ -193,6 +195,37 @@ def round_line(r: dict[str, Any]) -> str:
         f"down {r['bytes_down'] / 1e6:7.2f} MB  ({r['accepted']} updates)"
         + (f"  epsilon {r['epsilon']:.3f}" if r.get("epsilon") else "")
     )
+
+
+# The order of a round's phases (admin.proto RoundResult.phases; cloud.phases.ORDER).
+PHASES = ("dispatch", "download", "train", "encode", "upload", "validate", "fold", "wait", "close", "evaluate",
+          "publish")
+
+
+def _ordered(phases: dict[str, float]) -> dict[str, float]:
+    rank = {name: index for index, name in enumerate(PHASES)}
+    return dict(sorted(phases.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
+
+
+def phase_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    """Where the rounds' time went (RoundResult.phases): round 1's, and the median of
+    each phase over the later rounds; none for rounds closed before phases were measured."""
+    timed = [r for r in rounds if r.get("phases")]
+    if not timed:
+        return []
+
+    def line(title: str, phases: dict[str, float], seconds: float) -> str:
+        parts = "  ".join(f"{name} {value:.3f}" for name, value in _ordered(phases).items())
+        return f"time by phase, {title} ({seconds:.2f} s): {parts}"
+
+    lines = [line(f"round {timed[0]['round']}", timed[0]["phases"], timed[0]["seconds"])]
+    later = timed[1:]
+    if later:
+        names = list(dict.fromkeys(name for r in later for name in r["phases"]))
+        median = {name: statistics.median(r["phases"].get(name, 0.0) for r in later) for name in names}
+        lines.append(line(f"median of rounds {later[0]['round']}-{later[-1]['round']}", median,
+                          statistics.median(r["seconds"] for r in later)))
+    return lines
 
 
 async def agent_rows(stub: admin_pb2_grpc.AdminStub) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from tandem import certs, training, wire, zoo
 from tandem.v1 import admin_pb2, coordinator_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli import procs
-from tandem_cli.admin import admin_channel, admin_stub, wait_connected, wait_job
+from tandem_cli.admin import admin_channel, admin_stub, phase_lines, wait_connected, wait_job
 from tandem_lab.relay import Relay
 
 
@@ -36,7 +36,8 @@ def machine() -> dict[str, Any]:
     except (OSError, StopIteration):
         cpu = platform.processor()
     return {
-        "cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
+        "cores": os.cpu_count(), "cpu": cpu, "load_average": list(os.getloadavg()),
+        "python": platform.python_version(), "torch": torch.__version__,
         "grpcio": grpc_module.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
@@ -130,6 +131,9 @@ def summarise(run: dict[str, Any], clients: int, full: int) -> dict[str, Any]:
         "bytes_down_per_round_after_first": statistics.mean(r["bytes_down"] for r in later),
         "wire_bytes_per_round": (run["wire_bytes_up"] + run["wire_bytes_down"]) / len(rounds),
         "median_round_seconds": statistics.median(r["seconds"] for r in later),
+        "mean_round_seconds": statistics.mean(r["seconds"] for r in rounds),
+        "first_round_seconds": rounds[0]["seconds"],
+        "first_round_vs_median": rounds[0]["seconds"] / statistics.median(r["seconds"] for r in rounds),
         "round_budget_seconds": slowest_train + run["model_transfer_seconds"],
         "dense_exchange_bytes_per_round": 2 * clients * full,
     }
@@ -153,11 +157,28 @@ def targets(summary: dict[str, dict[str, Any]], clients: int, full: int) -> dict
             sparse["wire_bytes_per_round"] / sparse["dense_exchange_bytes_per_round"], 1 / 30, "<=",
             "topk:0.01+int8 bytes per round through the TCP relay (TLS included) / dense float32 model up+down "
             "for every agent")
+    if summary:
+        worst = max(summary.values(), key=lambda s: float(s["first_round_vs_median"]))
+        out["first_round_vs_median"] = _target(
+            worst["first_round_vs_median"], 1.5, "<=",
+            f"round 1 wall seconds / the median round's (every round), the worse codec ({worst['codec']})")
     for name, s in summary.items():
         out[f"round_overhead[{name}]"] = _target(
             s["median_round_seconds"] / s["round_budget_seconds"], 1.2, "<=",
             "median round wall seconds (after round 1) / (slowest agent's mean local training + one whole-model "
             "download through the relay)")
+    return out
+
+
+def flower_targets(summary: dict[str, dict[str, Any]], flower: dict[str, Any]) -> dict[str, Any]:
+    """Tandem's mean seconds per round (first round included) against Flower's, same run."""
+    theirs = statistics.mean(flower["round_seconds"])
+    out: dict[str, Any] = {}
+    for name, s in summary.items():
+        out[f"seconds_per_round_vs_flower[{name}]"] = _target(
+            s["mean_round_seconds"] / theirs, 1.0, "<=",
+            f"Tandem {name} mean round seconds (round 1 included) / Flower {flower.get('flwr', '')}'s (dense "
+            "float32 FedAvg, start_server/start_client over TLS), loopback through a relay, same run")
     return out
 
 
@@ -173,12 +194,21 @@ async def run_bench_fl(args: argparse.Namespace) -> int:
         for update_codec in codecs:
             print(f"running {update_codec}: {args.clients} agents x {args.rounds} rounds ...", flush=True)
             runs[update_codec] = await run_codec(work, certs_dir, args.clients, args.rounds, update_codec, extra)
+        flower = None
+        if args.flower:
+            from tandem_lab.bench_flower import run_flower
+
+            print(f"running Flower ({args.flower}): {args.clients} clients x {args.rounds} rounds ...", flush=True)
+            flower = await run_flower(args.flower, work, certs_dir, args.clients, args.rounds)
     summary = {c: summarise(r, args.clients, full) for c, r in runs.items()}
     result: dict[str, Any] = {
         "name": "fl", "command": " ".join(["python -m tandem_lab", *sys.argv[1:]]), "machine": machine(),
         "config": {"clients": args.clients, "rounds": args.rounds, "model": "mlp", "model_bytes": full},
         "summary": summary, "runs": runs, "targets": targets(summary, args.clients, full),
     }
+    if flower is not None:
+        result["flower"] = flower
+        result["targets"].update(flower_targets(summary, flower))
     if args.rss_agents:
         from tandem_lab.bench_rss import run_rss
 
@@ -200,6 +230,17 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{name:<16} {s['final_accuracy']:>8.4f} {s['bytes_up_per_round']:>12,.0f} "
               f"{s['bytes_down_per_round_after_first']:>12,.0f} {s['wire_bytes_per_round']:>12,.0f} "
               f"{s['median_round_seconds']:>8.2f}")
+    flower = result.get("flower")
+    if flower:
+        rounds = flower["round_seconds"]
+        print(f"{'Flower ' + flower.get('flwr', ''):<16} {flower['accuracy'][-1]:>8.4f} "
+              f"{flower['wire_bytes_up'] / len(rounds):>12,.0f} {flower['wire_bytes_down'] / len(rounds):>12,.0f} "
+              f"{(flower['wire_bytes_up'] + flower['wire_bytes_down']) / len(rounds):>12,.0f} "
+              f"{statistics.median(rounds[1:] or rounds):>8.2f}  (bytes: through the relay)")
+    print()
+    for name, run in result["runs"].items():
+        for line in phase_lines(run["rounds"]):
+            print(f"{name}: {line}")
     print()
     for name, t in result["targets"].items():
         print(f"{'met ' if t['met'] else 'MISS'} {name:<28} {t['measured']:.4g} {t['op']} {t['goal']:.4g}")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import grpc
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from cloud.observations import DirectSource, agent_view, stage_bytes
+from cloud.observations import DirectSource, agent_view, local_exposition, stage_bytes
 from edge.link import RTT_SAMPLES, THROUGHPUT_SAMPLES, LinkMonitor
+from tandem import metrics
 
 
 def test_agent_view_reads_the_heartbeat_names() -> None:
@@ -96,3 +98,15 @@ def test_link_estimates_ignore_late_samples_and_follow_lasting_changes() -> None
     assert link.bytes_per_second["up"] == 200_000
     link.success(0.080 + 0.400, sent=100_000)  # 250 KB/s
     assert abs(link.bytes_per_second["up"] - 250_000) < 1.0
+
+
+def test_the_default_source_renders_only_what_the_policy_reads() -> None:
+    """Issue 18: rendering and parsing the coordinator's whole /metrics took 80 ms a tick
+    on its event loop; only the three families the policy reads are rendered now."""
+    metrics.INFER_STAGE_SECONDS_PER_EXAMPLE.labels("cnn", "1").set(0.002)
+    metrics.ROUNDS.labels("closed").inc(0)  # a family of the process the policy does not read
+    read = ("tandem_inference_stage_seconds_per_example", "tandem_inference_queue_wait_seconds",
+            "tandem_inference_stage_duration_seconds")
+    families = {f.name for f in text_string_to_metric_families(local_exposition())}
+    assert set(read) <= families
+    assert all(name.startswith(read) for name in families), families  # (and their `_created` series)

@@ -86,6 +86,7 @@ def test_records_round_trip_typed(tmp_path: Path) -> None:
         RoundState.OPEN, 1, 1, ("agent-1", "agent-0"))
     assert (opened.bytes_up, opened.bytes_down, opened.rejected, opened.version, opened.seconds) == (44, 7, 1, None, None)
     assert store.get_update("job-1", 1, "agent-0") == UpdateRow("agent-0", "d0", 10, 0.5, "u0", 40, "int8")
+    assert store.updates_by_round("job-1") == {1: [UpdateRow("agent-0", "d0", 10, 0.5, "u0", 40, "int8")]}
 
     store.close_round("job-1", 1, _version(2), accuracy=0.9, loss=0.3, local_loss=0.5, final=False)
     [closed] = store.closed_rounds("job-1")

@@ -226,7 +226,7 @@ class StopJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class RoundResult(_message.Message):
-    __slots__ = ("round", "accuracy", "loss", "local_loss", "seconds", "bytes_up", "bytes_down", "accepted", "rejected", "version", "sha256", "attempts", "agents", "codecs", "delta_bytes", "epsilon", "example_cap", "capped_agents", "train_metrics", "eval_metrics")
+    __slots__ = ("round", "accuracy", "loss", "local_loss", "seconds", "bytes_up", "bytes_down", "accepted", "rejected", "version", "sha256", "attempts", "agents", "codecs", "delta_bytes", "epsilon", "example_cap", "capped_agents", "train_metrics", "eval_metrics", "phases")
     class CodecsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,13 @@ class RoundResult(_message.Message):
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     class EvalMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class PhasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +275,7 @@ class RoundResult(_message.Message):
     CAPPED_AGENTS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_METRICS_FIELD_NUMBER: _ClassVar[int]
     EVAL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    PHASES_FIELD_NUMBER: _ClassVar[int]
     round: int
     accuracy: float
     loss: float
@@ -288,7 +296,8 @@ class RoundResult(_message.Message):
     capped_agents: _containers.RepeatedScalarFieldContainer[str]
     train_metrics: _containers.ScalarMap[str, float]
     eval_metrics: _containers.ScalarMap[str, float]
-    def __init__(self, round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., local_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., attempts: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ..., codecs: _Optional[_Mapping[str, str]] = ..., delta_bytes: _Optional[int] = ..., epsilon: _Optional[float] = ..., example_cap: _Optional[float] = ..., capped_agents: _Optional[_Iterable[str]] = ..., train_metrics: _Optional[_Mapping[str, float]] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    phases: _containers.ScalarMap[str, float]
+    def __init__(self, round: _Optional[int] = ..., accuracy: _Optional[float] = ..., loss: _Optional[float] = ..., local_loss: _Optional[float] = ..., seconds: _Optional[float] = ..., bytes_up: _Optional[int] = ..., bytes_down: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., version: _Optional[int] = ..., sha256: _Optional[str] = ..., attempts: _Optional[int] = ..., agents: _Optional[_Iterable[str]] = ..., codecs: _Optional[_Mapping[str, str]] = ..., delta_bytes: _Optional[int] = ..., epsilon: _Optional[float] = ..., example_cap: _Optional[float] = ..., capped_agents: _Optional[_Iterable[str]] = ..., train_metrics: _Optional[_Mapping[str, float]] = ..., eval_metrics: _Optional[_Mapping[str, float]] = ..., phases: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Exclusion(_message.Message):
     __slots__ = ("agent", "code", "reason")

@@ -283,8 +283,15 @@ class UpdateChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("job_id", "round", "base_version", "num_examples", "codec", "local_loss", "content_sha256", "skip_chunks", "metrics", "task_fingerprint")
+    __slots__ = ("job_id", "round", "base_version", "num_examples", "codec", "local_loss", "content_sha256", "skip_chunks", "metrics", "task_fingerprint", "phase_seconds")
     class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class PhaseSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +308,7 @@ class UpdateHeader(_message.Message):
     SKIP_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TASK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     base_version: int
@@ -311,7 +319,8 @@ class UpdateHeader(_message.Message):
     skip_chunks: int
     metrics: _containers.ScalarMap[str, float]
     task_fingerprint: str
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., codec: _Optional[str] = ..., local_loss: _Optional[float] = ..., content_sha256: _Optional[str] = ..., skip_chunks: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., task_fingerprint: _Optional[str] = ...) -> None: ...
+    phase_seconds: _containers.ScalarMap[str, float]
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., codec: _Optional[str] = ..., local_loss: _Optional[float] = ..., content_sha256: _Optional[str] = ..., skip_chunks: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., task_fingerprint: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class UpdateReceipt(_message.Message):
     __slots__ = ("job_id", "round", "agent_id", "digest", "duplicate", "bytes_received")

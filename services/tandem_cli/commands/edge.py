@@ -25,6 +25,9 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--metrics", default=None, help="Prometheus metrics address HOST:PORT")
     p.add_argument("--health", default=None, help="plaintext gRPC health-only address HOST:PORT, for probes")
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip warming torch and the tasks up at start (by default the agent pays torch's first-use "
+                        "costs before it connects, so that a job's first round is as fast as the others)")
     p.add_argument("--listen", default=None,
                    help="serve Inference (mutual TLS) to local applications at HOST:PORT")
     p.add_argument("--placement", action="append", default=[], metavar="MODEL=MODE",
@@ -70,6 +73,7 @@ async def run_edge(args: argparse.Namespace) -> int:
         cloud_timeout=args.cloud_timeout, tasks=names, labels=tuple(sorted(labels.items())),
         probe_interval=args.probe_interval, device=args.device, max_batch=args.max_batch,
         max_delay=args.max_delay_ms / 1000, max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
+        warmup=args.warmup,
     )
     app = EdgeApp(config)
     stop = lifecycle.stop_event()

@@ -10,7 +10,7 @@ from typing import Any
 from cloud import aggregation, strategies  # the registered names are the choices
 from tandem import config as task_config
 from tandem.v1 import admin_pb2, admin_pb2_grpc
-from tandem_cli.admin import admin_command, job_dict, round_line, round_progress, wait_job
+from tandem_cli.admin import admin_command, job_dict, phase_lines, round_line, round_progress, wait_job
 from tandem_cli.options import Subparsers, client_args, rollout_args, rollout_policy
 
 
@@ -178,6 +178,8 @@ def _print_job(job: dict[str, Any], as_json: bool) -> None:
     print("  config: " + " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(job["config"].items())))
     for r in job["rounds"]:
         print("  " + round_line(r))
+    for line in phase_lines(job["rounds"]):
+        print("  " + line)
     for f in job["failures"]:
         times = f" ({f['count']} times)" if f["count"] > 1 else ""
         print(f"  round {f['round']}: {f['agent']} failed{times}: {f['reason']}: {f['detail']}")

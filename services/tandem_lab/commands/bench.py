@@ -18,6 +18,9 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--codec", default="none,topk:0.01+int8", help="comma-separated codecs to run")
     p.add_argument("--server-lr", type=float, default=0.0, help="override the strategy's server step")
     p.add_argument("--rss-agents", type=int, default=0, help="also measure coordinator memory with this many agents")
+    p.add_argument("--flower", default=None, metavar="PYTHON",
+                   help="also run the workload on Flower with this interpreter (one with flwr==1.42.0 and "
+                        "torch==2.13.0 installed): seconds per round against Flower's")
     p.add_argument("--out", type=Path, default=Path("bench/results/fl.json"))
     p.set_defaults(func=_fl)
 
