@@ -8,6 +8,14 @@ the recent samples and the throughput the greatest (BBR's min-RTT and max-bandwi
 filters); an average would price the cloud by how busy the edge is, and keep an agent
 computing at the edge from ever seeing that the cloud is cheaper.
 
+Requests of more than MEASURABLE_BYTES measure throughput, not the round trip, so
+while they keep the link busy a small probe still goes every `interval` to refresh
+the round trip (which also splits each request's time into waiting and moving). And
+a min filter would see a longer round trip only once every shorter sample had left
+its window: when the last RTT_CHANGE_SAMPLES samples are all well above the estimate,
+the path changed (a change point, not a late answer), and the window restarts from
+them.
+
 After a call fails for a link reason the link counts as down for a short, growing
 while: requests then go local at once instead of each waiting out a timeout. A
 probe that succeeds brings it back.
@@ -41,6 +49,11 @@ THROUGHPUT_EVERY = 5  # probe intervals
 # most that many (a deadline miss caps the uplink at once), a late sample not at all.
 RTT_SAMPLES = 10  # 5 s of idle probes at a 0.5 s interval (the bench's), 20 s at the default 2 s
 THROUGHPUT_SAMPLES = 3  # a second of requests at 3 a second; at the edge, three throughput probes
+# A longer round trip shows at once when this many samples in a row exceed the estimate
+# by the ratio and the margin (a weak agent answers one probe late, rarely three).
+RTT_CHANGE_SAMPLES = 3
+RTT_CHANGE_RATIO = 1.5
+RTT_CHANGE_SECONDS = 0.005
 
 
 class LinkMonitor:
@@ -59,6 +72,7 @@ class LinkMonitor:
         self._down_for = 0.0
         self._last_measured = 0.0
         self._last_throughput = 0.0
+        self._last_rtt = 0.0
         metrics.EDGE_LINK_UP.set(1)
 
     def available(self) -> bool:
@@ -72,7 +86,13 @@ class LinkMonitor:
         self._down_until, self._down_for = 0.0, 0.0
         metrics.EDGE_LINK_UP.set(1)
         if max(sent, received) < MEASURABLE_BYTES:
+            self._last_rtt = self._last_measured
             self._rtts.append(seconds)
+            recent = list(self._rtts)[-RTT_CHANGE_SAMPLES:]
+            if self.rtt is not None and len(self._rtts) > RTT_CHANGE_SAMPLES and \
+                    min(recent) > max(RTT_CHANGE_RATIO * self.rtt, self.rtt + RTT_CHANGE_SECONDS):
+                log.info("round trip went up: %.1f ms -> %.1f ms", 1000 * self.rtt, 1000 * min(recent))
+                self._rtts = deque(recent, maxlen=RTT_SAMPLES)
             self.rtt = min(self._rtts)
             metrics.EDGE_LINK_RTT.set(self.rtt)
             self._report(measurements.RTT_SECONDS, self.rtt)
@@ -114,13 +134,14 @@ class LinkMonitor:
             self._on_measure(name, value)
 
     async def run(self) -> None:
-        """Probe whenever no request has measured the link for `interval`, or it is down;
-        send a larger probe when no request has measured its throughput for a while."""
+        """Probe whenever no call has measured the round trip for `interval` (requests
+        too large to measure it may keep the link busy), or the link is down; send a
+        larger probe when no call has measured its throughput for a while."""
         while True:
             await asyncio.sleep(self.interval / 4)
             now = time.monotonic()
-            idle = now - self._last_measured >= self.interval
-            if not (idle or (not self.available() and self._down_for)):
+            stale = now - self._last_rtt >= self.interval
+            if not (stale or (not self.available() and self._down_for)):
                 continue
             size = THROUGHPUT_PROBE_BYTES if now - self._last_throughput >= THROUGHPUT_EVERY * self.interval else 0
             start = time.perf_counter()
