@@ -10,11 +10,11 @@ computing at the edge from ever seeing that the cloud is cheaper.
 
 Requests of more than MEASURABLE_BYTES measure throughput, not the round trip, so
 while they keep the link busy a small probe still goes every `interval` to refresh
-the round trip (which also splits each request's time into waiting and moving). And
-a min filter would see a longer round trip only once every shorter sample had left
-its window: when the last RTT_CHANGE_SAMPLES samples are all well above the estimate,
-the path changed (a change point, not a late answer), and the window restarts from
-them.
+the round trip (which also splits each request's time into waiting and moving).
+A longer round trip shows only once the shorter samples have left the window: a test
+that moved it sooner (three samples in a row well above it) fired on a weak agent
+busy at the edge, whose answers run late for seconds at a time. The controller tests
+for change points on what this reports (cloud.placement_filter).
 
 After a call fails for a link reason the link counts as down for a short, growing
 while: requests then go local at once instead of each waiting out a timeout. A
@@ -49,11 +49,6 @@ THROUGHPUT_EVERY = 5  # probe intervals
 # most that many (a deadline miss caps the uplink at once), a late sample not at all.
 RTT_SAMPLES = 10  # 5 s of idle probes at a 0.5 s interval (the bench's), 20 s at the default 2 s
 THROUGHPUT_SAMPLES = 3  # a second of requests at 3 a second; at the edge, three throughput probes
-# A longer round trip shows at once when this many samples in a row exceed the estimate
-# by the ratio and the margin (a weak agent answers one probe late, rarely three).
-RTT_CHANGE_SAMPLES = 3
-RTT_CHANGE_RATIO = 1.5
-RTT_CHANGE_SECONDS = 0.005
 
 
 class LinkMonitor:
@@ -88,11 +83,6 @@ class LinkMonitor:
         if max(sent, received) < MEASURABLE_BYTES:
             self._last_rtt = self._last_measured
             self._rtts.append(seconds)
-            recent = list(self._rtts)[-RTT_CHANGE_SAMPLES:]
-            if self.rtt is not None and len(self._rtts) > RTT_CHANGE_SAMPLES and \
-                    min(recent) > max(RTT_CHANGE_RATIO * self.rtt, self.rtt + RTT_CHANGE_SECONDS):
-                log.info("round trip went up: %.1f ms -> %.1f ms", 1000 * self.rtt, 1000 * min(recent))
-                self._rtts = deque(recent, maxlen=RTT_SAMPLES)
             self.rtt = min(self._rtts)
             metrics.EDGE_LINK_RTT.set(self.rtt)
             self._report(measurements.RTT_SECONDS, self.rtt)
