@@ -1,6 +1,7 @@
 """The placement controller: observe, decide, push down the control stream, export.
 
-Every `interval` it reads observations (Prometheus or the direct source), asks the
+Every `interval` it reads observations (Prometheus or the direct source), filters them
+(cloud.placement_filter: stage times over recent ticks, link change points), asks the
 policy for decisions and sends each agent the placements that changed (and all of
 them when it reconnects). An operator's pin overrides the policy for that agent and
 model until unpinned; pins are kept in the store, so they survive restarts.
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from cloud.observations import Source
+from cloud.placement_filter import ObservationFilter
 from cloud.placement_policy import Decision, PolicyConfig, decide
 from cloud.registry import Registry, Session
 from cloud.store import Store
@@ -52,6 +54,7 @@ class PlacementController:
         self._pins = store.pins()
         self._sent: dict[Key, str] = {}  # what each agent was last told
         self._since: dict[Key, float] = {}  # wall time of the last change, for Admin
+        self._filter = ObservationFilter()
         registry.add_listener(self._on_connect)
 
     def _on_connect(self, session: Session) -> None:
@@ -77,9 +80,9 @@ class PlacementController:
             await asyncio.sleep(self.config.interval)
 
     async def tick(self) -> None:
-        observations = await self._source.observe()
+        observations, changed = self._filter.apply(await self._source.observe())
         await staged.prepare(model for _, model in self._pins)  # pins loaded from the store
-        self.decisions = decide(observations, self.decisions, self.config.policy, frozenset(self._pins))
+        self.decisions = decide(observations, self.decisions, self.config.policy, frozenset(self._pins), changed)
         connected = set(self._registry.connected())
         if log.isEnabledFor(logging.DEBUG):  # the prices behind decisions that did not change, too
             for key, held in sorted(self.decisions.items()):

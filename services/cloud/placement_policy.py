@@ -8,10 +8,14 @@ rest in the cloud is predicted to cost
 
 seconds per request (alpha in seconds per byte prices the link). The cloud's queue
 wait is predicted from the load that the plan itself puts on the cloud, so sending
-everyone up raises everyone's cost. Two guards keep decisions steady: a switch must
-gain a margin over the current placement (relative and absolute), and an agent
-keeps a placement for a minimum time. At most a fraction of the fleet switches per
-tick, largest gains first, so agents do not all move in the same instant.
+everyone up raises everyone's cost. Three guards keep decisions steady: a switch must
+gain a margin over the current placement (relative and absolute) on `confirm_ticks`
+consecutive ticks, and then goes to the option cheapest summed over those ticks (two
+options within a millisecond of each other on one tick do not decide it); and an
+agent keeps a placement for a minimum time, unless its link changed at a point since
+(cloud.placement_filter), in which case the ticks before the change do not count
+either. At most a fraction of the fleet switches per tick, largest gains first, so
+agents do not all move in the same instant.
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ class Decision:
     since: float  # when it was taken
     cost: float  # predicted J at the time
     costs: tuple[float, ...] = ()  # J(k) for every k, for the log
+    streak: int = 0  # consecutive ticks on which another option beat this one by the margin
+    pending: tuple[float, ...] = ()  # J(k) summed over those ticks
+    link_changed: float = -math.inf  # time of the agent's last link change point
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,8 @@ class PolicyConfig:
     alpha_per_model: dict[str, float] = field(default_factory=dict)
     min_gain: float = 0.10  # a switch must cut predicted cost by this fraction ...
     min_gain_seconds: float = 0.001  # ... and by this much
-    min_dwell: float = 5.0  # seconds a placement is kept at least
+    min_dwell: float = 5.0  # seconds a placement is kept at least, unless the link changes at a point
+    confirm_ticks: int = 2  # consecutive ticks on which a switch must gain the margin
     max_switch_fraction: float = 0.25  # of the agents serving a model, per tick
     cascades: dict[str, CascadeOption] = field(default_factory=dict)
 
@@ -219,9 +227,10 @@ def _price(
 
 def decide(
     obs: Observations, current: dict[tuple[str, str], Decision], config: PolicyConfig,
-    pinned: frozenset[tuple[str, str]] = frozenset(),
+    pinned: frozenset[tuple[str, str]] = frozenset(), changed: frozenset[str] = frozenset(),
 ) -> dict[tuple[str, str], Decision]:
-    """New decisions for every (agent, model) that the observations cover."""
+    """New decisions for every (agent, model) that the observations cover; `changed`:
+    the agents whose link changed at a point since the last call."""
     plan = {key: d.split for key, d in current.items()}
     queue = QueueModel.calibrate(obs, _load(obs, config, plan))
     decisions = dict(current)
@@ -240,13 +249,20 @@ def decide(
             if old is None or old.split >= count:
                 decisions[key], plan[key] = fresh, best
                 continue
-            decisions[key] = replace(old, costs=tuple(options))
             unreachable = not view.reachable and old.split != profile.num_stages and best == profile.num_stages
-            gain = options[old.split] - options[best]
-            worth = gain > max(config.min_gain * options[old.split], config.min_gain_seconds)
-            settled = obs.time - old.since >= config.min_dwell
-            if best != old.split and (unreachable or (worth and settled)):
-                candidates.append((math.inf if unreachable else gain, key, fresh))
+            if unreachable:
+                decisions[key] = replace(old, costs=tuple(options), streak=0, pending=())
+                candidates.append((math.inf, key, fresh))
+                continue
+            held = _held(old, options, best, config, obs.time if agent in changed else None)
+            decisions[key] = held
+            settled = obs.time - old.since >= config.min_dwell or held.link_changed > old.since
+            if held.streak >= config.confirm_ticks and settled:
+                # The option cheapest over the streak, not on this tick alone.
+                pick = min(range(count), key=lambda k: (held.pending[k], -k))
+                if pick != old.split:
+                    chosen = Decision(pick, obs.time, options[pick], tuple(options), link_changed=held.link_changed)
+                    candidates.append((options[old.split] - options[pick], key, chosen))
     # Largest gains first, a bounded number per tick: no herd moves at once.
     candidates.sort(key=lambda c: -c[0])
     per_model: dict[str, int] = {}
@@ -264,3 +280,19 @@ def decide(
         plan[key] = fresh.split
         per_model[model] = per_model.get(model, 0) + 1
     return decisions
+
+
+def _held(
+    old: Decision, options: list[float], best: int, config: PolicyConfig, change_point: float | None
+) -> Decision:
+    """The placement held, with its streak carried on (another option gained the margin
+    on this tick too), restarted (the link changed at a point) or ended."""
+    gain = options[old.split] - options[best]
+    worth = gain > max(config.min_gain * options[old.split], config.min_gain_seconds)
+    link_changed = old.link_changed if change_point is None else change_point
+    if not worth:
+        return replace(old, costs=tuple(options), streak=0, pending=(), link_changed=link_changed)
+    if change_point is not None or not old.streak or len(old.pending) != len(options):
+        return replace(old, costs=tuple(options), streak=1, pending=tuple(options), link_changed=link_changed)
+    pending = tuple(a + b for a, b in zip(old.pending, options))
+    return replace(old, costs=tuple(options), streak=old.streak + 1, pending=pending, link_changed=link_changed)

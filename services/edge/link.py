@@ -8,6 +8,14 @@ the recent samples and the throughput the greatest (BBR's min-RTT and max-bandwi
 filters); an average would price the cloud by how busy the edge is, and keep an agent
 computing at the edge from ever seeing that the cloud is cheaper.
 
+Requests of more than MEASURABLE_BYTES measure throughput, not the round trip, so
+while they keep the link busy a small probe still goes every `interval` to refresh
+the round trip (which also splits each request's time into waiting and moving).
+A longer round trip shows only once the shorter samples have left the window: a test
+that moved it sooner (three samples in a row well above it) fired on a weak agent
+busy at the edge, whose answers run late for seconds at a time. The controller tests
+for change points on what this reports (cloud.placement_filter).
+
 After a call fails for a link reason the link counts as down for a short, growing
 while: requests then go local at once instead of each waiting out a timeout. A
 probe that succeeds brings it back.
@@ -59,6 +67,7 @@ class LinkMonitor:
         self._down_for = 0.0
         self._last_measured = 0.0
         self._last_throughput = 0.0
+        self._last_rtt = 0.0
         metrics.EDGE_LINK_UP.set(1)
 
     def available(self) -> bool:
@@ -72,6 +81,7 @@ class LinkMonitor:
         self._down_until, self._down_for = 0.0, 0.0
         metrics.EDGE_LINK_UP.set(1)
         if max(sent, received) < MEASURABLE_BYTES:
+            self._last_rtt = self._last_measured
             self._rtts.append(seconds)
             self.rtt = min(self._rtts)
             metrics.EDGE_LINK_RTT.set(self.rtt)
@@ -114,13 +124,14 @@ class LinkMonitor:
             self._on_measure(name, value)
 
     async def run(self) -> None:
-        """Probe whenever no request has measured the link for `interval`, or it is down;
-        send a larger probe when no request has measured its throughput for a while."""
+        """Probe whenever no call has measured the round trip for `interval` (requests
+        too large to measure it may keep the link busy), or the link is down; send a
+        larger probe when no call has measured its throughput for a while."""
         while True:
             await asyncio.sleep(self.interval / 4)
             now = time.monotonic()
-            idle = now - self._last_measured >= self.interval
-            if not (idle or (not self.available() and self._down_for)):
+            stale = now - self._last_rtt >= self.interval
+            if not (stale or (not self.available() and self._down_for)):
                 continue
             size = THROUGHPUT_PROBE_BYTES if now - self._last_throughput >= THROUGHPUT_EVERY * self.interval else 0
             start = time.perf_counter()

@@ -209,7 +209,8 @@ async def run_one(work: Path, certs_dir: Path, mode: str, agents: int, args: arg
     phases = trace(args.phase_seconds, args.cut_seconds)
     adaptive = mode == "adaptive"
     flags = ["--placement-interval", "1", "--min-dwell", str(args.min_dwell), "--min-gain", str(args.min_gain),
-             "--alpha", str(args.alpha)] if adaptive else ["--placement-interval", "0"]
+             "--confirm-ticks", str(args.confirm_ticks), "--alpha", str(args.alpha)]
+    flags = flags if adaptive else ["--placement-interval", "0"]
     initial = args.initial if adaptive else mode
     edges: list[Edge] = []
     cloud_samples: list[list[Any]] = []
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-interval", dest="probe", type=float, default=0.5, help="agents' link probe interval")
     p.add_argument("--min-dwell", type=float, default=5.0, help="controller's --min-dwell")
     p.add_argument("--min-gain", type=float, default=0.1, help="controller's --min-gain")
+    p.add_argument("--confirm-ticks", type=int, default=2, help="controller's --confirm-ticks")
     p.add_argument("--alpha", type=float, default=0.0, help="controller's price of a byte, seconds")
     p.add_argument("--initial", default="edge", help="the adaptive agents' placement flag before the first decision")
     p.add_argument("--warmup", type=float, default=15.0, help="seconds before the trace starts")

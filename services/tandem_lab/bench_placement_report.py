@@ -185,7 +185,7 @@ def build(runs: list[dict[str, Any]], args: argparse.Namespace, machine: dict[st
         result["oracle"]["phases"] = [static[m]["phases"][i] if m else None for i, m in enumerate(oracle)]
     if single is not None and "trace" in result["oracle"]:
         targets["latency_vs_oracle"] = _target(
-            single["trace"]["mean_ms"] / result["oracle"]["trace"]["mean_ms"], 1.15, "<=",
+            single["trace"]["mean_ms"] / result["oracle"]["trace"]["mean_ms"], 1.10, "<=",
             "adaptive mean latency over the trace without the cut / the per-phase oracle's (best static placement "
             "of each phase, chosen after the fact, same trace)")
     ends = [static[m]["trace"]["mean_ms"] for m in ("edge", "cloud") if m in static]
@@ -201,7 +201,7 @@ def build(runs: list[dict[str, Any]], args: argparse.Namespace, machine: dict[st
         result["adaptation"] = adapt
         reactions = [x for a in adapt.values() for x in a["reaction_seconds"]]
         targets["reaction_seconds"] = _target(
-            max(reactions, default=0.0), 10.0, "<=",
+            max(reactions, default=0.0), 5.0, "<=",
             "slowest time from a phase change to the agent's first new placement, over the phase changes where "
             f"the placement in force did >{MARGIN:.2f}x worse than the phase's best static placement (all runs)")
         targets["switches_per_phase"] = _target(

@@ -88,7 +88,8 @@ def test_a_real_change_switches_after_the_dwell_time() -> None:
     slow = view(WEAK, mbit=2, rtt=0.080)
     early = decide(Observations(time=2.0, models={"cnn": CNN}, agents={"a": slow}), decisions, config)
     assert early[("a", "cnn")].split == start  # too soon after the last switch
-    late = decide(Observations(time=6.0, models={"cnn": CNN}, agents={"a": slow}), decisions, config)
+    assert early[("a", "cnn")].streak == 1  # but the gain is counted from now
+    late = decide(Observations(time=6.0, models={"cnn": CNN}, agents={"a": slow}), early, config)
     assert late[("a", "cnn")].split == L != start
 
 
@@ -166,6 +167,9 @@ def test_an_agent_busy_at_the_edge_still_sees_that_the_cloud_is_cheaper() -> Non
     measurements["examples_per_second:cnn"] = 3.0
     cloud = replace(CNN, cloud_seconds=(0.006, 0.005, 0.004, 0.003, 0.002))  # the bench cloud's 20 ms
     obs = Observations(time=60.0, models={"cnn": cloud}, agents={"a": agent_view(measurements)})
-    decided = decide(obs, {("a", "cnn"): Decision(L, 0.0, sum(edge))}, PolicyConfig(min_dwell=5.0))[("a", "cnn")]
+    held = {("a", "cnn"): Decision(L, 0.0, sum(edge))}
+    for tick in range(PolicyConfig().confirm_ticks):  # a gain must hold on consecutive ticks
+        held = decide(replace(obs, time=60.0 + tick), held, PolicyConfig(min_dwell=5.0))
+    decided = held[("a", "cnn")]
     assert decided.split == 0, [round(1000 * c) for c in decided.costs]
     assert 0.090 < decided.cost < 0.105  # 30 ms + 110 KB at 2.5 MB/s + 20 ms, give or take the probes' floor

@@ -39,7 +39,10 @@ def register(subparsers: Subparsers) -> None:
                        help="the price for one model; repeatable")
     group.add_argument("--cascade", action="append", default=[], metavar="MODEL=T[:CLOUD_MODEL]",
                        help="offer a cascade for MODEL as an option besides the split points; repeatable")
-    group.add_argument("--min-dwell", type=float, default=5.0, help="seconds a placement is kept at least")
+    group.add_argument("--min-dwell", type=float, default=5.0,
+                       help="seconds a placement is kept at least, unless the agent's link changes at a point")
+    group.add_argument("--confirm-ticks", type=int, default=2,
+                       help="consecutive controller ticks on which a switch must save --min-gain")
     group.add_argument("--min-gain", type=float, default=0.10,
                        help="fraction of predicted latency a switch must save")
     group = p.add_argument_group("limits per agent (beyond them calls get RESOURCE_EXHAUSTED; others are not slowed)")
@@ -101,7 +104,7 @@ async def run_cloud(args: argparse.Namespace) -> int:
             raise ValueError(f"--cascade {item!r} is not MODEL=T[:CLOUD_MODEL]")
         cascades[model] = CascadeOption(chosen.threshold, chosen.cloud_model)
     policy = PolicyConfig(alpha=args.alpha, alpha_per_model=alphas, min_dwell=args.min_dwell, min_gain=args.min_gain,
-                          cascades=cascades)
+                          confirm_ticks=args.confirm_ticks, cascades=cascades)
     placement = ControllerConfig(interval=args.placement_interval, policy=policy) if args.placement_interval > 0 else None
 
     if not args.upload_idle_seconds > 0:
