@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 from tandem import tls
 from tandem.certs import ROLE_AGENT, Identity
 from tandem.errors import Malformed, ResourceExhausted, TandemError, drain
-from tandem.interceptors import guarded
+from tandem.interceptors import Wrapped, guarded
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ class AgentLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc shi
         self.config = config
         self._clock = clock
         self._peers: dict[tuple[str, str], Peer] = {}
+        self._wrapped = Wrapped()
 
     def _peer(self, role: str, name: str) -> Peer:
         key = (role, name)
@@ -138,9 +139,10 @@ class AgentLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc shi
             raise _refused("heartbeats", f"{peer.who} is over its limit of {cfg.heartbeats_per_second:g} heartbeats "
                            f"per second (bursts of {cfg.heartbeat_burst}); its control stream is closed")
 
-    def admit(self, context: grpc.aio.ServicerContext, streaming: bool, size: int) -> Peer | None:
+    def admit(self, context: grpc.aio.ServicerContext, streaming: bool, size: int | Callable[[], int]) -> Peer | None:
         """The caller's counters with this call counted in, or None when it is not limited.
-        Raises ResourceExhausted, saying which limit, when the call is over one."""
+        Raises ResourceExhausted, saying which limit, when the call is over one. `size` may
+        be a function, called only for a limited caller (a message's size costs a walk of it)."""
         try:
             identity = tls.peer_identity(context)
         except TandemError:
@@ -153,7 +155,7 @@ class AgentLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc shi
         if not peer.requests.take(1, now):
             raise _refused("requests", f"{peer.who} is over its limit of {cfg.requests_per_second:g} requests per "
                            f"second (bursts of {cfg.request_burst}); retry in {peer.requests.wait(1):.2f} s")
-        self.charge(peer, size)
+        self.charge(peer, size() if callable(size) else size)
         if streaming:
             peer.streams += 1
         return peer
@@ -173,12 +175,15 @@ class AgentLimits(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc shi
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        return self._wrapped.get(handler_call_details.method, handler, lambda: self._limited(handler))
+
+    def _limited(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         client_stream = bool(handler.request_streaming)
         streaming = client_stream or bool(handler.response_streaming)
 
         async def enter(request: Any, context: grpc.aio.ServicerContext) -> tuple[Peer | None, Any]:
             try:
-                peer = self.admit(context, streaming, 0 if client_stream else _size(request))
+                peer = self.admit(context, streaming, 0 if client_stream else lambda: _size(request))
             except ResourceExhausted as exc:
                 if client_stream:  # read a little of what is on its way, so the client sees this status
                     await drain(request, context, limit_bytes=8 << 20, seconds=0.5)

@@ -49,6 +49,7 @@ class AgentConfig:
     device: str = "cpu"
     max_batch: int = 64
     max_delay: float = 0.002
+    inline_below: float = 0.001  # seconds: a cheaper batch runs on the event loop (tandem.batching)
     max_queue_rows: int = 8192
     max_request_rows: int = 1024
     # Training: the tasks this agent may train (None: every registered one) and its labels.
@@ -122,7 +123,8 @@ class Agent:
         placements = placement.parse_all(list(cfg.placements))
         link = LinkMonitor(self._probe, cfg.probe_interval, on_measure=self._measure_link)
         router = EdgeRouter(
-            self.models, link, Batcher(cfg.max_batch, cfg.max_delay, cfg.max_queue_rows, name="edge-infer"),
+            self.models, link, Batcher(cfg.max_batch, cfg.max_delay, cfg.max_queue_rows, name="edge-infer",
+                                      inline_below=cfg.inline_below if cfg.device == "cpu" else 0.0),
             placements, RouterConfig(max_request_rows=cfg.max_request_rows, cloud_timeout=cfg.cloud_timeout),
         )
         for name, chosen in placements.items():

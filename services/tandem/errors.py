@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from tandem.compression import CompressionError
-from tandem.interceptors import guarded
+from tandem.interceptors import Wrapped, guarded
 from tandem.wire import WireError
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,9 @@ class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
     """INVALID_ARGUMENT for a unary request that does not parse (gRPC itself would answer
     UNKNOWN, with the parser's exception, before any servicer could translate it)."""
 
+    def __init__(self) -> None:
+        self._wrapped = Wrapped()
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -304,11 +307,16 @@ class MalformedRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
+        return self._wrapped.get(handler_call_details.method, handler, lambda: _checked(handler))
 
-        @contextlib.asynccontextmanager
-        async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            if isinstance(request, Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, clip(f"malformed message: {request.error}"))
-            yield request
 
-        return guarded(handler, checked, _lenient(handler.request_deserializer))
+def _checked(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """`handler` answering INVALID_ARGUMENT to a request that does not parse."""
+
+    @contextlib.asynccontextmanager
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, clip(f"malformed message: {request.error}"))
+        yield request
+
+    return guarded(handler, checked, _lenient(handler.request_deserializer))

@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from tandem.interceptors import guarded
+from tandem.interceptors import Wrapped, guarded
 
 # ---- every server: gRPC -----------------------------------------------------
 
@@ -299,6 +299,9 @@ def _observed(service: str, method: str, context: grpc.aio.ServicerContext) -> I
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types
     """Counts and times every RPC, unary and streaming alike."""
 
+    def __init__(self) -> None:
+        self._wrapped = Wrapped()
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -307,14 +310,17 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # g
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, method = _split(handler_call_details.method)
+        return self._wrapped.get(handler_call_details.method, handler,
+                                 lambda: _counted(handler, *_split(handler_call_details.method)))
 
-        @contextlib.asynccontextmanager
-        async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            with _observed(service, method, context):
-                yield request
 
-        return guarded(handler, observed)
+def _counted(handler: grpc.RpcMethodHandler, service: str, method: str) -> grpc.RpcMethodHandler:
+    @contextlib.asynccontextmanager
+    async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        with _observed(service, method, context):
+            yield request
+
+    return guarded(handler, observed)
 
 # ---- issue 14, items 1, 5 and 7: claimed example counts, stalled and refused uploads ----
 

@@ -206,6 +206,12 @@ class StagedModel:
         shape = self.input_shape_at(start)
         self.run(np.zeros((1, *shape), self.input_dtype if start == 0 else np.float32), start, end)
 
+    def predicted_seconds(self, rows: int, start_layer: int = 0, end_layer: int | None = None) -> float:
+        """Seconds that stages start_layer+1..end_layer should take on `rows` rows, from the
+        stage profile (0 until the stages have been timed)."""
+        with self._lock:
+            return rows * sum(self._seconds_per_example[start_layer:end_layer])
+
     def seconds_per_example(self) -> list[float]:
         """Measured compute time per example of each stage (0 until a batch has run)."""
         with self._lock:

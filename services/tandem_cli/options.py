@@ -86,6 +86,9 @@ def serving_args(parser: argparse.ArgumentParser, device: str = "auto") -> None:
     group.add_argument("--max-queue-rows", type=int, default=8192,
                        help="rows waiting at most; beyond it requests get RESOURCE_EXHAUSTED")
     group.add_argument("--max-request-rows", type=int, default=1024, help="rows one request may carry")
+    group.add_argument("--inline-below-ms", type=float, default=1.0,
+                       help="a batch predicted to take less runs on the event loop, not the worker thread "
+                            "(CPU only; 0: never)")
     group.add_argument("--torch-threads", type=int, default=0,
                        help="torch intra-op threads (0: one fewer than the cores, leaving one to gRPC)")
 
@@ -97,7 +100,7 @@ def serving_config(args: argparse.Namespace) -> ServingConfig:
     return ServingConfig(
         device=args.device, max_batch=args.max_batch, max_delay=args.max_delay_ms / 1000,
         max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
-        models=tuple(m for m in args.models.split(",") if m),
+        inline_below=args.inline_below_ms / 1000, models=tuple(m for m in args.models.split(",") if m),
     )
 
 

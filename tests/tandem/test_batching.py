@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -83,6 +84,60 @@ async def test_a_failing_forward_pass_fails_only_its_batch() -> None:
     out = await batcher.submit("good", np.ones((1, 2), np.float32), Recorder(), "m")
     np.testing.assert_array_equal(out, np.full((1, 2), 2, np.float32))
     await batcher.close()
+
+
+async def test_a_batch_predicted_expensive_runs_on_the_worker_and_a_cheap_one_inline() -> None:
+    batcher = Batcher(max_batch=64, max_delay=0.0, max_queue_rows=1000, inline_below=0.001)
+    cheap, dear = Recorder(), Recorder()
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    out_cheap = await batcher.submit("cheap", x, cheap, "m", cost=lambda rows: rows * 1e-6)
+    out_dear = await batcher.submit("dear", x, dear, "m", cost=lambda rows: rows * 0.01)
+    loop_thread = threading.current_thread().name
+    assert cheap.threads == {loop_thread}
+    assert dear.threads and loop_thread not in dear.threads
+    np.testing.assert_array_equal(out_cheap, out_dear)
+    assert batcher.inline_batches == 1
+    await batcher.close()
+
+
+async def test_a_batch_measured_expensive_leaves_the_loop_whatever_the_prediction_said() -> None:
+    """The prediction only decides until a batch has been measured: a lane whose batches
+    cost more CPU than the threshold goes to the worker even if its profile says cheap."""
+    batcher = Batcher(max_batch=64, max_delay=0.0, max_queue_rows=1000, inline_below=0.001)
+    threads: list[str] = []
+
+    def heavy(x: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        end = time.thread_time() + 0.005  # 5 ms of CPU: five times the threshold
+        while time.thread_time() < end:
+            pass
+        return x + 1
+
+    for _ in range(3):
+        await batcher.submit("k", np.ones((1, 2), np.float32), heavy, "m", cost=lambda rows: 0.0)
+    loop_thread = threading.current_thread().name
+    # An unknown cost (0: not profiled yet) never runs inline; once measured, still the worker.
+    assert loop_thread not in threads
+    await batcher.submit("k2", np.ones((1, 2), np.float32), heavy, "m", cost=lambda rows: 1e-6)
+    await batcher.submit("k2", np.ones((1, 2), np.float32), heavy, "m", cost=lambda rows: 1e-6)
+    assert threads[3] == loop_thread and threads[4] != loop_thread
+    await batcher.close()
+
+
+async def test_a_staged_model_answers_the_same_inline_and_on_the_worker() -> None:
+    arrays = training.state_arrays(zoo.build_model("mlp", seed=3))
+    model = staged.StagedModel("mlp", 1, "", arrays, "cpu")
+    model.profile(0, model.num_stages)
+    assert 0 < model.predicted_seconds(1) < model.predicted_seconds(8)
+    x = np.random.default_rng(1).normal(size=(8, 64)).astype(np.float32)
+    inline = Batcher(max_batch=64, max_delay=0.0, max_queue_rows=1000, inline_below=10.0)
+    worker = Batcher(max_batch=64, max_delay=0.0, max_queue_rows=1000)
+    a = await inline.submit("k", x, model.run, "mlp", model.predicted_seconds)
+    b = await worker.submit("k", x, model.run, "mlp", model.predicted_seconds)
+    assert inline.inline_batches == 1 and worker.inline_batches == 0
+    np.testing.assert_array_equal(a, b)
+    await inline.close()
+    await worker.close()
 
 
 def test_staged_model_runs_any_range_and_checks_inputs() -> None:

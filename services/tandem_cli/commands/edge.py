@@ -73,7 +73,7 @@ async def run_edge(args: argparse.Namespace) -> int:
         cloud_timeout=args.cloud_timeout, tasks=names, labels=tuple(sorted(labels.items())),
         probe_interval=args.probe_interval, device=args.device, max_batch=args.max_batch,
         max_delay=args.max_delay_ms / 1000, max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
-        warmup=args.warmup,
+        inline_below=args.inline_below_ms / 1000, warmup=args.warmup,
     )
     app = EdgeApp(config)
     stop = lifecycle.stop_event()

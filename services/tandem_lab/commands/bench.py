@@ -41,6 +41,10 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--big-rows", type=int, default=256, help="rows per request of the large-request run")
     p.add_argument("--big-clients", type=int, default=8, help="concurrent clients of the large-request run")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="the cloud's batching delay")
+    p.add_argument("--inline-below-ms", type=float, default=None,
+                   help="the cloud's --inline-below-ms (default: the cloud's own default)")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch threads of the cloud and of the compute ceiling (0: one fewer than the cores)")
     p.add_argument("--edge-clients", type=int, default=16, help="concurrent clients of runs through the edge")
     p.add_argument("--thresholds", type=lambda s: [float(t) for t in s.split(",") if t],
                    default=[0.0, 0.5, 0.7, 0.9, 0.99, 1.01], help="cascade thresholds, comma-separated")
