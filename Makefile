@@ -10,7 +10,7 @@ AGENTS ?= edge-1,edge-2,edge-3,edge-4
 # entry points (tandem.tasks) make `resnet` and `forecast` known to the cloud and agents.
 EXAMPLES := examples/resnet examples/forecast examples/traffic
 
-.PHONY: install protos certs run test test-quick lint typecheck traffic traffic-ablation bench-fl bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
+.PHONY: install protos certs run test test-quick lint typecheck traffic traffic-ablation bench-fl bench-fl-shaped bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
 
 install: $(STAMP)
 
@@ -65,6 +65,13 @@ FLOWER ?=
 bench-fl: $(STAMP)
 	$(PY) -m tandem_lab bench fl --clients 8 --rounds 20 --codec none,topk:0.01+int8 --rss-agents 64 \
 		$(if $(FLOWER),--flower $(FLOWER)) --out bench/results/fl.json
+
+# The same workload with every agent and every Flower client in a network namespace of its own
+# behind a 20 Mbit/s link with 40 ms of round-trip time (needs root for ip netns and tc; refuses,
+# exit 2, otherwise). FLOWER=PYTHON as above: without it only Tandem runs.
+bench-fl-shaped: $(STAMP)
+	$(PY) -m tandem_lab bench fl --clients 8 --rounds 20 --codec none,topk:0.01+int8 --rate 20mbit --rtt 40ms \
+		$(if $(FLOWER),--flower $(FLOWER)) --out bench/results/fl-shaped.json
 
 # Codec auto with two agents behind a bandwidth-shaped link (needs root for ip netns).
 bench-auto: $(STAMP)

@@ -14,7 +14,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,6 +24,9 @@ from tandem.v1 import coordinator_pb2 as pb
 from tandem_cli import procs
 from tandem_cli.admin import admin_channel, admin_stub, phase_lines, wait_connected, wait_job
 from tandem_lab.relay import Relay
+
+if TYPE_CHECKING:
+    from tandem_lab.bench_shaped import ShapedFleet
 
 
 def machine() -> dict[str, Any]:
@@ -46,9 +49,9 @@ def model_bytes(model: str) -> int:
     return sum(spec.nbytes for spec in wire.specs_of(training.state_arrays(zoo.build_model(model))).values())
 
 
-def _train_seconds(port: int) -> float:
+def _train_seconds(port: int, host: str = "127.0.0.1") -> float:
     """Mean local training time per task of one agent, from its own metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     count = values.get("tandem_edge_train_duration_seconds_count", 0.0)
     return values.get("tandem_edge_train_duration_seconds_sum", 0.0) / count if count else 0.0
@@ -68,18 +71,22 @@ async def _download_seconds(target: str, certs_dir: Path, model: str, version: i
 
 
 async def run_codec(
-    work: Path, certs_dir: Path, clients: int, rounds: int, update_codec: str, extra: dict[str, Any]
+    work: Path, certs_dir: Path, clients: int, rounds: int, update_codec: str, extra: dict[str, Any],
+    fleet: ShapedFleet | None = None,
 ) -> dict[str, Any]:
+    """One job; with `fleet`, each agent runs in its own shaped namespace and dials its DelayRelay."""
     name = update_codec.replace(":", "_").replace("+", "_")
     run = work / name
     run.mkdir()
     cloud, ports = procs.start_cloud(certs_dir, run / "state", run / "cloud.log")
     relay = Relay("127.0.0.1", ports["port"])
     await relay.start()
+    addresses = await fleet.open(relay.port) if fleet else [f"localhost:{relay.port}"] * clients
+    metrics_hosts = [fleet.peer_ip(i) if fleet else "127.0.0.1" for i in range(clients)]
     metrics_ports = [procs.free_port() for _ in range(clients)]
     agents = [
-        procs.start_agent(f"localhost:{relay.port}", certs_dir, f"bench-{i}", f"digits:{i}/{clients}",
-                          run / f"bench-{i}.log", metrics=f"127.0.0.1:{metrics_ports[i]}")
+        procs.start_agent(addresses[i], certs_dir, f"bench-{i}", f"digits:{i}/{clients}", run / f"bench-{i}.log",
+                          metrics=f"{metrics_hosts[i]}:{metrics_ports[i]}", prefix=fleet.prefix(i) if fleet else None)
         for i in range(clients)
     ]
     direct = f"localhost:{ports['port']}"
@@ -97,11 +104,18 @@ async def run_codec(
             if job["state"] != "completed":
                 raise RuntimeError(f"job {job['state']}: {job['message']}; logs in {run}")
         wire_up, wire_down = relay.up, relay.down
-        transfer = await _download_seconds(f"localhost:{relay.port}", certs_dir, "mlp", job["version"])
-        train = [_train_seconds(port) for port in metrics_ports]
+        if fleet:
+            from tandem_lab.bench_shaped import download_seconds
+
+            transfer = await download_seconds(fleet, addresses[0], certs_dir, "mlp", job["version"])
+        else:
+            transfer = await _download_seconds(addresses[0], certs_dir, "mlp", job["version"])
+        train = [_train_seconds(port, host) for port, host in zip(metrics_ports, metrics_hosts, strict=True)]
     finally:
         for proc in [*agents, cloud]:
             procs.stop(proc)
+        if fleet:
+            await fleet.close()
         await relay.close()
     totals = {
         "bytes_up": sum(r["bytes_up"] for r in job["rounds"]), "bytes_down": sum(r["bytes_down"] for r in job["rounds"]),
@@ -170,15 +184,23 @@ def targets(summary: dict[str, dict[str, Any]], clients: int, full: int) -> dict
     return out
 
 
-def flower_targets(summary: dict[str, dict[str, Any]], flower: dict[str, Any]) -> dict[str, Any]:
-    """Tandem's mean seconds per round (first round included) against Flower's, same run."""
+def flower_targets(summary: dict[str, dict[str, Any]], flower: dict[str, Any],
+                   shaped: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tandem's mean seconds per round (first round included) against Flower's, same run; with
+    `shaped` (rate, rtt), both behind the same shaped links: compressed codecs' goal is 0.3x."""
     theirs = statistics.mean(flower["round_seconds"])
     out: dict[str, Any] = {}
     for name, s in summary.items():
-        out[f"seconds_per_round_vs_flower[{name}]"] = _target(
-            s["mean_round_seconds"] / theirs, 1.0, "<=",
-            f"Tandem {name} mean round seconds (round 1 included) / Flower {flower.get('flwr', '')}'s (dense "
-            "float32 FedAvg, start_server/start_client over TLS), loopback through a relay, same run")
+        system = (f"Tandem {name} mean round seconds (round 1 included) / Flower {flower.get('flwr', '')}'s (dense "
+                  "float32 FedAvg, start_server/start_client over TLS)")
+        if shaped is None:
+            out[f"seconds_per_round_vs_flower[{name}]"] = _target(
+                s["mean_round_seconds"] / theirs, 1.0, "<=", f"{system}, loopback through a relay, same run")
+        else:
+            out[f"seconds_per_round_vs_flower_shaped[{name}]"] = _target(
+                s["mean_round_seconds"] / theirs, 1.0 if name == "none" else 0.3, "<=",
+                f"{system}, every agent and client behind its own {shaped['rate']} link with {shaped['rtt']} of "
+                "round-trip time, same run")
     return out
 
 
@@ -187,28 +209,44 @@ async def run_bench_fl(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {"server_lr": args.server_lr} if args.server_lr else {}
     full = model_bytes("mlp")
     runs: dict[str, Any] = {}
+    shaped = {"rate": args.rate, "rtt": args.rtt or "0ms"} if getattr(args, "rate", None) else None
+    fleet = None
+    if shaped:
+        from tandem_lab.bench_shaped import ShapedFleet, parse_rtt
+
+        fleet = ShapedFleet(args.clients, shaped["rate"], parse_rtt(shaped["rtt"]))
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
         work = Path(tmp)
         certs_dir = work / "certs"
-        certs.init_deployment(certs_dir, [f"bench-{i}" for i in range(args.clients)])
-        for update_codec in codecs:
-            print(f"running {update_codec}: {args.clients} agents x {args.rounds} rounds ...", flush=True)
-            runs[update_codec] = await run_codec(work, certs_dir, args.clients, args.rounds, update_codec, extra)
-        flower = None
-        if args.flower:
-            from tandem_lab.bench_flower import run_flower
+        certs.init_deployment(certs_dir, [f"bench-{i}" for i in range(args.clients)], hosts=fleet.hosts if fleet else ())
+        link = f" behind {shaped['rate']}, {shaped['rtt']} RTT links" if shaped else ""
+        try:
+            if fleet:
+                fleet.up()
+            for update_codec in codecs:
+                print(f"running {update_codec}: {args.clients} agents x {args.rounds} rounds{link} ...", flush=True)
+                runs[update_codec] = await run_codec(work, certs_dir, args.clients, args.rounds, update_codec, extra,
+                                                     fleet)
+            flower = None
+            if args.flower:
+                from tandem_lab.bench_flower import run_flower
 
-            print(f"running Flower ({args.flower}): {args.clients} clients x {args.rounds} rounds ...", flush=True)
-            flower = await run_flower(args.flower, work, certs_dir, args.clients, args.rounds)
+                print(f"running Flower ({args.flower}): {args.clients} clients x {args.rounds} rounds{link} ...",
+                      flush=True)
+                flower = await run_flower(args.flower, work, certs_dir, args.clients, args.rounds, fleet=fleet)
+        finally:
+            if fleet:
+                fleet.down()
     summary = {c: summarise(r, args.clients, full) for c, r in runs.items()}
     result: dict[str, Any] = {
         "name": "fl", "command": " ".join(["python -m tandem_lab", *sys.argv[1:]]), "machine": machine(),
-        "config": {"clients": args.clients, "rounds": args.rounds, "model": "mlp", "model_bytes": full},
+        "config": {"clients": args.clients, "rounds": args.rounds, "model": "mlp", "model_bytes": full,
+                   "shaped": shaped},
         "summary": summary, "runs": runs, "targets": targets(summary, args.clients, full),
     }
     if flower is not None:
         result["flower"] = flower
-        result["targets"].update(flower_targets(summary, flower))
+        result["targets"].update(flower_targets(summary, flower, shaped))
     if args.rss_agents:
         from tandem_lab.bench_rss import run_rss
 

@@ -12,13 +12,16 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tandem import data
 from tandem_cli import procs
 from tandem_lab.relay import Relay
+
+if TYPE_CHECKING:
+    from tandem_lab.bench_shaped import ShapedFleet
 
 PEER = Path(__file__).with_name("flower_peer.py")  # run as a script: no Tandem import in that interpreter
 
@@ -39,8 +42,9 @@ def _listening(port: int) -> bool:
 
 
 async def run_flower(python: str, work: Path, certs_dir: Path, clients: int, rounds: int,
-                     timeout: float = 1800) -> dict[str, Any]:
-    """One Flower run; its rounds' seconds, accuracy and the bytes through the relay."""
+                     timeout: float = 1800, fleet: ShapedFleet | None = None) -> dict[str, Any]:
+    """One Flower run; its rounds' seconds, accuracy and the bytes through the relay. With
+    `fleet`, each client runs in its own shaped namespace and dials its DelayRelay, as Tandem's agents."""
     run = work / "flower"
     write_data(run / "data", clients)
     port = procs.free_port()
@@ -60,7 +64,9 @@ async def run_flower(python: str, work: Path, certs_dir: Path, clients: int, rou
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the Flower server did not start; see {run / 'server.log'}")
             await asyncio.sleep(0.2)
-        children = [subprocess.Popen([python, str(PEER), "client", "--address", f"localhost:{relay.port}",
+        addresses = await fleet.open(relay.port) if fleet else [f"localhost:{relay.port}"] * clients
+        children = [subprocess.Popen([*(fleet.prefix(i) if fleet else []), python, str(PEER), "client",
+                                      "--address", addresses[i],
                                       "--index", str(i), *common[:1], str(run / "data" / f"client-{i}.npz"),
                                       *common[2:]],
                                      stdout=logs[i + 1], stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
@@ -76,6 +82,8 @@ async def run_flower(python: str, work: Path, certs_dir: Path, clients: int, rou
     finally:
         for proc in [*children, server]:
             procs.stop(proc)
+        if fleet:
+            await fleet.close()
         await relay.close()
         for log in logs:
             log.close()

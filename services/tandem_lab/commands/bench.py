@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 
 from tandem_cli.options import Subparsers
@@ -21,6 +22,11 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--flower", default=None, metavar="PYTHON",
                    help="also run the workload on Flower with this interpreter (one with flwr==1.42.0 and "
                         "torch==2.13.0 installed): seconds per round against Flower's")
+    p.add_argument("--rate", default=None, metavar="RATE",
+                   help="put every agent and every Flower client in a network namespace of its own behind a link "
+                        "shaped to RATE both ways (tc syntax, e.g. 20mbit; needs root)")
+    p.add_argument("--rtt", default=None, metavar="RTT",
+                   help="with --rate: round-trip time added on each link (e.g. 40ms), by a delay relay")
     p.add_argument("--out", type=Path, default=Path("bench/results/fl.json"))
     p.set_defaults(func=_fl)
 
@@ -60,6 +66,13 @@ def register(subparsers: Subparsers) -> None:
 
 # The benchmarks import torch and the servers: only when one runs, not for --help.
 def _fl(args: argparse.Namespace) -> int:
+    if args.rate or args.rtt:
+        from tandem_lab.bench_shaped import refusal
+
+        reason = refusal(args.rate, args.rtt, args.clients)
+        if reason:
+            print(f"bench fl: cannot shape the links: {reason}", file=sys.stderr)
+            return 2
     from tandem_lab.bench import run_bench_fl
 
     return asyncio.run(run_bench_fl(args))
