@@ -114,6 +114,12 @@ class PolicyConfig:
     max_switch_fraction: float = 0.25  # of the agents serving a model, per tick
     cascades: dict[str, CascadeOption] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.confirm_ticks < 1:
+            raise ValueError(f"--confirm-ticks must be at least 1, got {self.confirm_ticks}")
+        if not self.min_dwell >= 0:
+            raise ValueError(f"--min-dwell must be >= 0 seconds, got {self.min_dwell:g}")
+
     def alpha_for(self, model: str) -> float:
         return self.alpha_per_model.get(model, self.alpha)
 

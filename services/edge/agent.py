@@ -124,7 +124,7 @@ class Agent:
         link = LinkMonitor(self._probe, cfg.probe_interval, on_measure=self._measure_link)
         router = EdgeRouter(
             self.models, link, Batcher(cfg.max_batch, cfg.max_delay, cfg.max_queue_rows, name="edge-infer",
-                                      inline_below=cfg.inline_below if cfg.device == "cpu" else 0.0),
+                                      inline_below=cfg.inline_below if staged.resolve_device(cfg.device) == "cpu" else 0.0),
             placements, RouterConfig(max_request_rows=cfg.max_request_rows, cloud_timeout=cfg.cloud_timeout),
         )
         for name, chosen in placements.items():

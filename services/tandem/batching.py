@@ -67,6 +67,8 @@ class Batcher:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_delay < 0:
             raise ValueError(f"max_delay must be >= 0, got {max_delay}")
+        if not inline_below >= 0:
+            raise ValueError(f"--inline-below-ms must be >= 0 (0: never inline), got {inline_below * 1000:g}")
         self.max_batch, self.max_delay, self.max_queue_rows = max_batch, max_delay, max_queue_rows
         self.inline_below = inline_below  # seconds; 0: every batch on the worker thread
         # One thread: batches run one after another, each with all of torch's threads.

@@ -180,3 +180,21 @@ def test_a_finished_job_never_shows_a_round_past_its_last() -> None:
 
     assert round_progress({"current_round": 11, "spec": {"rounds": 10}}) == "round 10/10"  # completed: 11 on the wire
     assert round_progress({"current_round": 3, "spec": {"rounds": 10}}) == "round 3/10"
+
+
+@pytest.mark.parametrize(("command", "flags", "why"), [
+    ("cloud", ["--inline-below-ms", "-1"], "--inline-below-ms must be >= 0"),
+    ("cloud", ["--torch-threads", "-2"], "--torch-threads must be >= 0"),
+    ("cloud", ["--confirm-ticks", "0"], "--confirm-ticks must be at least 1"),
+    ("cloud", ["--min-dwell", "-1"], "--min-dwell must be >= 0"),
+    ("edge", ["--inline-below-ms", "-1"], "--inline-below-ms must be >= 0"),
+    ("edge", ["--torch-threads", "-2"], "--torch-threads must be >= 0"),
+])
+def test_serving_and_placement_numbers_out_of_range_are_one_line_and_exit_2(
+        deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, flags: list[str],
+        why: str) -> None:
+    where = ["--state", str(tmp_path / "state")] if command == "cloud" else \
+        ["--id", "ok", "--cloud", "localhost:1", "--data", "digits:0/2"]
+    assert main([command, "--certs", str(deployment), *where, *flags]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "Traceback" not in err, err

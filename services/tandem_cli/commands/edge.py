@@ -66,6 +66,8 @@ async def run_edge(args: argparse.Namespace) -> int:
     lifecycle.CoreLog().install()
     # --threads (training, 1 by default, which keeps local training reproducible) unless
     # --torch-threads says otherwise.
+    if not args.inline_below_ms >= 0:
+        raise ValueError(f"--inline-below-ms must be >= 0 (0: never inline), got {args.inline_below_ms:g}")
     lifecycle.tune_for_serving(args.torch_threads or max(1, args.threads))
     config = AgentConfig(
         cloud=args.cloud, certs=args.certs, agent_id=args.id, data=args.data, metrics=args.metrics, health=args.health,
