@@ -14,7 +14,7 @@ def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser("ca", help="run the enrollment service that issues agent certificates for tokens")
     p.add_argument("--dir", type=Path, required=True,
                    help="the intermediate CA's directory (`tandem certs intermediate --out DIR`); its tokens too")
-    p.add_argument("--listen", default="0.0.0.0:7444", help="address HOST:PORT to serve enrollment on (TLS)")
+    p.add_argument("--listen", default="0.0.0.0:7445", help="address HOST:PORT to serve enrollment on (TLS)")
     p.add_argument("--hosts", default="",
                    help="names or IPs agents reach this service by, comma-separated (localhost and 127.0.0.1 always)")
     p.add_argument("--cert-hours", type=float, default=24.0, help="lifetime of the agent certificates it issues")
