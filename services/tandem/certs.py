@@ -140,7 +140,8 @@ def _new_ca(days: int) -> _Issuer:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _CLOCK_SKEW)
         .not_valid_after(now + datetime.timedelta(days=max(days, _CA_MIN_DAYS)))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        # One level below: the intermediate CA for enrolled agents (`tandem certs intermediate`).
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,

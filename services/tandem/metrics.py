@@ -42,6 +42,15 @@ MAX_CONNECTIONS = Gauge(
     "tandem_rpc_server_max_connections", "Connections a server accepts at once; more are closed at accept."
 )
 
+# ---- enrollment (`tandem ca`) -------------------------------------------------
+
+ENROLLMENTS = Counter(
+    "tandem_enrollments_total",
+    "Enrollment requests by outcome: issued, or why they were refused (unknown_token, replayed, expired, "
+    "wrong_name, bad_request).",
+    ["outcome"],
+)
+
 # ---- coordinator ------------------------------------------------------------
 
 CONNECTED_AGENTS = Gauge("tandem_coordinator_connected_agents", "Agents with an open control stream.")

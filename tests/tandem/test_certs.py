@@ -89,7 +89,7 @@ def test_client_certificates_for_local_applications(deployment: Path) -> None:
 def test_ca_and_chain(deployment: Path) -> None:
     ca = _cert(deployment / "ca.pem")
     bc = ca.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    assert bc.critical and bc.value.ca and bc.value.path_length == 1  # room for the agents' intermediate (enrollment)
     ku = ca.extensions.get_extension_for_class(x509.KeyUsage)
     assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign
     ca.verify_directly_issued_by(ca)

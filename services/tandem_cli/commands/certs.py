@@ -1,4 +1,5 @@
-"""`tandem certs init|add-agent|add-client|revoke`: the deployment's CA and certificates."""
+"""`tandem certs init|add-agent|add-client|revoke|intermediate|token`: the deployment's CA, its
+certificates, and what enrollment needs (an intermediate CA for agents, one-time tokens)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,22 @@ def register(subparsers: Subparsers) -> None:
                    help="needed only when the name is both an agent and a client, or its certificate is gone")
     p.set_defaults(func=_revoke)
 
+    p = certs_sub.add_parser("intermediate", help="sign an intermediate CA for enrolled agents with the root "
+                                                  "(run once, where the root key is)")
+    p.add_argument("--dir", type=Path, default=certs_default(),
+                   help="the deployment's certificate directory, with the root CA (env TANDEM_CERTS; "
+                        "default %(default)s)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory for the intermediate CA: only `tandem ca` reads it")
+    p.add_argument("--days", type=int, default=365, help="validity of the intermediate CA, in days")
+    p.set_defaults(func=_intermediate)
+    p = certs_sub.add_parser("token", help="print a one-time enrollment token for one agent name")
+    p.add_argument("name", help="the agent's name: the token enrols this name only")
+    p.add_argument("--ca-dir", type=Path, required=True, help="the intermediate CA's directory (`tandem ca --dir`)")
+    p.add_argument("--ttl", type=_duration, default=3600.0, metavar="DURATION",
+                   help="how long the token is valid: seconds, or a number with s, m, h or d (default 1h)")
+    p.set_defaults(func=_token)
+
 
 def _init(args: argparse.Namespace) -> int:
     agents = [a for a in args.agents.split(",") if a]
@@ -86,6 +103,41 @@ def _revoke(args: argparse.Namespace) -> int:
 
         _write_k8s_secrets(args.dir, *k8s_secrets.deployed(secrets_file))
         print(f"rewrote {secrets_file} with the deny list: kubectl apply -f {secrets_file}")
+    return 0
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        value = float(number) * unit
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 30m, 1h or 2d")
+    return value
+
+
+def _intermediate(args: argparse.Namespace) -> int:
+    from tandem import enrollment
+
+    path = enrollment.create_intermediate(args.dir, args.out, days=args.days)
+    print(f"wrote {path} and its key to {args.out}; run `tandem ca --dir {args.out}` there, and keep "
+          f"{args.dir / 'ca.key'} offline from now on")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from tandem import enrollment
+
+    if not (args.ca_dir / enrollment.INTERMEDIATE_CERT).is_file():
+        raise FileNotFoundError(f"no intermediate CA in {args.ca_dir} (run `tandem certs intermediate --out "
+                                f"{args.ca_dir}` first)")
+    store = enrollment.TokenStore(args.ca_dir)
+    try:
+        print(store.create(args.name, args.ttl))
+    finally:
+        store.close()
     return 0
 
 

@@ -43,6 +43,15 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--probe-interval", type=float, default=2.0,
                    help="seconds between link probes while no request measures the link")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
+    p.add_argument("--enroll", default=None, metavar="HOST:PORT",
+                   help="enrol at this `tandem ca` service when CERTS has no certificate for --id: the agent makes its "
+                        "own key (0600, never sent) and gets a short-lived certificate (needs --enroll-token-file "
+                        "and --ca-file)")
+    p.add_argument("--enroll-token-file", type=Path, default=None, metavar="FILE",
+                   help="file holding the one-time token of `tandem certs token ID`")
+    p.add_argument("--ca-file", type=Path, default=None, metavar="CA.pem",
+                   help="the deployment's root CA bundle, which authenticates the enrollment service; copied to "
+                        "CERTS/ca.pem when that is missing")
     serving_args(p, device="cpu")
     p.set_defaults(func=lambda args: asyncio.run(run_edge(args)))
 
@@ -61,6 +70,8 @@ async def run_edge(args: argparse.Namespace) -> int:
         if not names or bad:
             raise ValueError(f"--tasks {args.tasks!r}: expected comma-separated task names "
                              "(short names or PACKAGE.MODULE:ATTRIBUTE)")
+    if args.enroll is not None:
+        await _enroll_if_needed(args)
     # TLS handshake failures, its port's and its own towards the cloud (a certificate the
     # cloud does not accept fails every reconnect): a count per interval, not a line each.
     lifecycle.CoreLog().install()
@@ -85,3 +96,12 @@ async def run_edge(args: argparse.Namespace) -> int:
                                       "health_port": app.health_port})
     await app.run(stop)
     return 0
+
+
+async def _enroll_if_needed(args: argparse.Namespace) -> None:
+    from edge import enroll
+
+    if args.enroll_token_file is None or args.ca_file is None:
+        raise ValueError("--enroll needs --enroll-token-file and --ca-file")
+    if enroll.needed(args.certs, args.id):
+        await enroll.enroll(args.certs, args.id, enroll.EnrollConfig(args.enroll, args.enroll_token_file, args.ca_file))
