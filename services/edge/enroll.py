@@ -36,10 +36,14 @@ def needed(certs_dir: Path, name: str) -> bool:
 async def enroll(certs_dir: Path, name: str, config: EnrollConfig) -> Path:
     """Enrol agent `name` and write its key, chain and the CA bundle under `certs_dir`;
     returns the certificate's path."""
-    token = config.token_file.read_text().strip()
+    try:
+        token = config.token_file.read_text().strip()
+        ca_pem = config.ca_file.read_bytes()
+    except OSError as exc:
+        flag = "--enroll-token-file" if exc.filename == str(config.token_file) else "--ca-file"
+        raise ValueError(f"{flag} {exc.filename}: {exc.strerror}") from None
     if not token:
         raise ValueError(f"the enrollment token file {config.token_file} is empty")
-    ca_pem = config.ca_file.read_bytes()
     cert_path, key_path = certs.agent_paths(certs_dir, name)
     key, csr_pem = enrollment.make_request(name)
     cert_path.parent.mkdir(parents=True, exist_ok=True)

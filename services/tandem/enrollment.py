@@ -18,6 +18,7 @@ import datetime
 import hashlib
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +136,9 @@ class TokenStore:
         if not self.path.exists():
             certs._write(self.path, b"", certs._KEY_MODE)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # One connection, used from the enrollment service's worker threads: one caller at a time
+        # (two transactions begun on one connection collide: "cannot start a transaction within a transaction").
+        self._lock = threading.Lock()
         self._migrate()
 
     def _migrate(self) -> None:
@@ -158,13 +162,15 @@ class TokenStore:
             raise ValueError(f"a token's lifetime must be positive, got {ttl_seconds} s")
         token = secrets.token_urlsafe(32)
         now = self._clock()
-        self._db.execute("INSERT INTO tokens (digest, name, expires, created) VALUES (?, ?, ?, ?)",
-                         (_digest(token), name, now + ttl_seconds, now))
+        with self._lock:
+            self._db.execute("INSERT INTO tokens (digest, name, expires, created) VALUES (?, ?, ?, ?)",
+                             (_digest(token), name, now + ttl_seconds, now))
         return token
 
     def lookup(self, token: str) -> Token | None:
-        row = self._db.execute("SELECT digest, name, expires, used_at FROM tokens WHERE digest = ?",
-                               (_digest(token),)).fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT digest, name, expires, used_at FROM tokens WHERE digest = ?",
+                                   (_digest(token),)).fetchone()
         return None if row is None else Token(row[0], row[1], row[2], row[3] is not None)
 
     def check(self, token: str, name: str) -> Token:
@@ -183,18 +189,19 @@ class TokenStore:
     def consume(self, token: Token, issue: Callable[[], bytes]) -> bytes:
         """Mark `token` used and run `issue` in one transaction: the certificate exists only if
         the token is spent, and two requests racing with one token get one certificate."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            spent = self._db.execute("UPDATE tokens SET used_at = ? WHERE digest = ? AND used_at IS NULL",
-                                     (self._clock(), token.digest)).rowcount
-            if spent != 1:
-                raise Unauthenticated("this enrollment token has already been used", reason=REPLAYED)
-            result = issue()
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-        return result
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                spent = self._db.execute("UPDATE tokens SET used_at = ? WHERE digest = ? AND used_at IS NULL",
+                                         (self._clock(), token.digest)).rowcount
+                if spent != 1:
+                    raise Unauthenticated("this enrollment token has already been used", reason=REPLAYED)
+                result = issue()
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
 
 
 # --- requests and certificates ---------------------------------------------------------

@@ -215,3 +215,15 @@ async def test_enrolled_agent_is_accepted_by_the_coordinator_and_limited_to_agen
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await admin_pb2_grpc.AdminStub(channel).ListAgents(admin_pb2.ListAgentsRequest(), timeout=5)
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE  # refused at the handshake
+
+
+@pytest.mark.parametrize("missing", ["token", "ca"])
+async def test_a_missing_token_or_ca_file_names_its_flag_and_writes_no_key(tmp_path: Path, missing: str) -> None:
+    token, ca = tmp_path / "token", tmp_path / "ca.pem"
+    token.write_text("t")
+    ca.write_text("not read")
+    (token if missing == "token" else ca).unlink()
+    flag = "--enroll-token-file" if missing == "token" else "--ca-file"
+    with pytest.raises(ValueError, match=f"^{flag} .*: No such file or directory$"):
+        await enroll.enroll(tmp_path / "certs", "edge-1", enroll.EnrollConfig("localhost:1", token, ca))
+    assert not (tmp_path / "certs").exists()
