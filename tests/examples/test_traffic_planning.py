@@ -33,3 +33,30 @@ def test_the_cloud_holds_each_districts_latest_report_and_a_unit_pulls_the_other
     assert cloud.speeds(now=6.0) == {"a": 4.0, "b": 2.0}
     assert set(cloud.snapshot(exclude=0)) == {1}
     assert cloud.age(0, now=6.0) == 1.0 and cloud.age(2, now=6.0) == float("inf")
+
+
+def test_a_vehicle_keeps_its_route_only_within_the_margin_and_only_if_it_still_leads_there() -> None:
+    from tandem_example_traffic.network import load_network
+    from tandem_example_traffic.planners import keep_or_best
+    from tandem_example_traffic.sim import RouteRequest
+
+    network = load_network("braunschweig")
+    cost = network.free_flow_cost()
+
+    def detour(origin: str, destination: str) -> tuple[list[str], list[str]] | None:
+        """The fastest route and another that avoids one of its inner edges, if the network has one."""
+        best = network.shortest_path(origin, destination, cost)
+        for edge in (best or [])[1:-1]:
+            other = network.shortest_path(origin, destination, {**cost, edge: 1e6})
+            if other is not None and edge not in other:
+                return best, other
+        return None
+
+    origin, destination, (best, own) = next((o, d, pair) for o in network.edges[:20] for d in network.edges[20:60]
+                                            if o != d and (pair := detour(o, d)) is not None)
+    ratio = network.route_cost(own, cost) / network.route_cost(best, cost)
+    request = RouteRequest("v", origin, destination, 0.0, 0, "periodic")
+    assert keep_or_best(network, request, best, own, cost, margin=0.0) == best
+    assert keep_or_best(network, request, best, own, cost, margin=ratio - 1 + 1e-9) == own
+    assert keep_or_best(network, request, best, own, cost, margin=(ratio - 1) / 2) == best
+    assert keep_or_best(network, request, best, own[:-1], cost, margin=10.0) == best  # no longer reaches the destination

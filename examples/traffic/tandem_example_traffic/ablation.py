@@ -78,12 +78,9 @@ def _planner(variant: dict[str, Any], sim: Simulation, model: torch.nn.Module | 
             held["slot"], held["cost"] = slot, planners.costs_from_speeds(network, speeds())
         cost = held["cost"]
         best = network.shortest_path(request.edge, request.destination, cost)
-        own = list(sim.remaining_route(request.vehicle))
         margin = variant.get("hysteresis", 0.0)
-        if margin and best is not None and own and own[0] == request.edge and own[-1] == request.destination \
-                and network.route_cost(own, cost) <= (1 + margin) * network.route_cost(best, cost):
-            return own
-        return best
+        own = sim.remaining_route(request.vehicle) if margin else ()
+        return planners.keep_or_best(network, request, best, own, cost, margin)
 
     return plan
 

@@ -17,7 +17,7 @@ baselines bracket what a learned forecast can achieve:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -85,6 +85,16 @@ def _seconds(length: float, speed: float, limit: float) -> float:
     if not np.isfinite(speed):
         speed = limit
     return length / max(speed, MIN_SPEED)
+
+
+def keep_or_best(network: Network, request: RouteRequest, best: list[str] | None, own: Sequence[str],
+                 cost: Mapping[str, float], margin: float) -> list[str] | None:
+    """The vehicle's own remaining route `own` if it still leads from the request's edge to its
+    destination and costs at most (1 + margin) x `best`; otherwise `best`. margin 0: always `best`."""
+    if margin and best is not None and own and own[0] == request.edge and own[-1] == request.destination \
+            and network.route_cost(list(own), cost) <= (1 + margin) * network.route_cost(best, cost):
+        return list(own)
+    return best
 
 
 class ForecastPlanner:

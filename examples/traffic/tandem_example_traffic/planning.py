@@ -45,7 +45,7 @@ from tandem import tls, wire
 from tandem.v1 import inference_pb2 as ipb
 from tandem.v1 import inference_pb2_grpc
 from tandem_example_traffic.network import Network
-from tandem_example_traffic.planners import MIN_SPEED, costs_from_speeds
+from tandem_example_traffic.planners import MIN_SPEED, costs_from_speeds, keep_or_best
 from tandem_example_traffic.sim import Readings, RouteRequest
 from tandem_example_traffic.windows import HORIZONS, WINDOW, window_features
 
@@ -232,10 +232,5 @@ class Planners:
         HYSTERESIS of it (then its own: the vehicle tells its route with its request)."""
         cost = costs_from_speeds(self.network, speeds)  # the speed limit where nothing is known
         best = self.network.shortest_path(request.edge, request.destination, cost)
-        if not HYSTERESIS:
-            return best
-        own = list(self.current_route(request.vehicle))
-        if best is not None and own and own[0] == request.edge and own[-1] == request.destination \
-                and self.network.route_cost(own, cost) <= (1 + HYSTERESIS) * self.network.route_cost(best, cost):
-            return own
-        return best
+        own = self.current_route(request.vehicle) if HYSTERESIS else ()
+        return keep_or_best(self.network, request, best, own, cost, HYSTERESIS)
