@@ -17,6 +17,7 @@ import numpy as np
 
 from edge import warmup
 from edge.channels import REFUSED, Backoff, CloudChannels
+from edge.enroll import Renewer
 from edge.link import LinkMonitor
 from edge.models import EdgeModels
 from edge.offers import Offers
@@ -56,6 +57,7 @@ class AgentConfig:
     tasks: tuple[str, ...] | None = None
     labels: tuple[tuple[str, str], ...] = ()
     warmup: bool = True  # pay torch's first-use costs at start (edge.warmup), not in the first round
+    renew: str | None = None  # HOST:PORT of `tandem ca`'s renewal port: renew the certificate before it expires
 
 
 class Agent:
@@ -140,6 +142,14 @@ class Agent:
         self._use(channels)
         prober: asyncio.Task[None] | None = None
         profiler: asyncio.Task[None] | None = None
+        renewer: asyncio.Task[None] | None = None
+        if self.config.renew is not None:
+            async def renewed() -> None:  # new calls on the new certificate; the control stream stays up
+                if await channels.refresh():
+                    self._use(channels)
+
+            renewer = asyncio.create_task(
+                Renewer(self.config.certs, self.config.agent_id, self.config.renew, renewed).run(), name="renewer")
         if self.router is not None:
             prober = asyncio.create_task(self.router.link.run(), name="link-probe")
             profiler = asyncio.create_task(keep_profiled(self.router.batcher, self.models.served, 5.0))
@@ -178,11 +188,12 @@ class Agent:
                     pass
                 if await channels.refresh():
                     self._use(channels)
+                channels.drop_retired()  # the stream that used them has ended
         finally:
             self.trainer.cancel()
             if self.router is not None:
                 self.router.close()
-            for background in (prober, profiler):
+            for background in (prober, profiler, renewer):
                 if background is not None:
                     background.cancel()
             await channels.close()

@@ -1,10 +1,15 @@
 """How an agent reaches the cloud: channels made from its certificate files and made
-again when they change (a rotated CA bundle or a renewed certificate is picked up at
-the next reconnect, without a restart; while a connection is up the files are not
-looked at), and the backoff between reconnects."""
+again when they change (a rotated CA bundle is picked up at the next reconnect, a
+renewed certificate as soon as it is written; without a restart), and the backoff
+between reconnects.
+
+Channels made again do not cut what runs on the old ones: those are retired, and
+closed once the control stream that was opened on them has ended, with a grace for
+the calls still in flight."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import random
@@ -15,6 +20,8 @@ import grpc
 from tandem import certs, grpcserver, tls
 
 log = logging.getLogger(__name__)
+
+RETIRE_GRACE = 30.0  # seconds calls on retired channels may still take
 
 # How a coordinator that will not talk to this certificate ends the control stream.
 REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
@@ -41,38 +48,54 @@ class CloudChannels:
         self._files = ""
         self.coordinator: grpc.aio.Channel | None = None
         self.inference: grpc.aio.Channel | None = None  # the coordinator's channel unless inference_cloud is set
+        self._retired: list[grpc.aio.Channel] = []
+        self._closing: set[asyncio.Task[None]] = set()
 
-    def _fingerprint(self) -> str:
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        """The CA bundle, certificate and key, checked to belong together (a renewal between
+        its two renames is not: ValueError, and the files are read again next time)."""
         cert, key = certs.agent_paths(self._certs_dir, self._agent_id)
-        digest = hashlib.sha256()
-        for path in (self._certs_dir / "ca.pem", cert, key):
-            digest.update(path.read_bytes())
-        return digest.hexdigest()
+        ca_pem, cert_pem, key_pem = (path.read_bytes() for path in (self._certs_dir / "ca.pem", cert, key))
+        tls.check_pair(cert_pem, key_pem, ca_pem, self._certs_dir)
+        return ca_pem, cert_pem, key_pem
 
     async def open(self) -> None:
-        files = self._fingerprint()
-        credentials = tls.agent_credentials(self._certs_dir, self._agent_id)
+        ca_pem, cert_pem, key_pem = self._read()
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem,
+                                                   certificate_chain=cert_pem)
         self.coordinator = grpcserver.secure_channel(self._cloud, credentials)
         self.inference = self.coordinator
         if self._inference_cloud:
             self.inference = grpcserver.secure_channel(self._inference_cloud, credentials)
-        self._files = files  # only once made: files that could not be used are tried again
+        # Only once made: files that could not be used are tried again.
+        self._files = hashlib.sha256(ca_pem + cert_pem + key_pem).hexdigest()
 
     async def refresh(self) -> bool:
-        """Make the channels again if the certificate files changed; whether they were."""
+        """Make the channels again if the certificate files changed; whether they were.
+        The old ones are retired, not closed: what runs on them goes on (`drop_retired`)."""
         try:
-            if self._fingerprint() == self._files:
+            if hashlib.sha256(b"".join(self._read())).hexdigest() == self._files:
                 return False
             old = (self.coordinator, self.inference)
             await self.open()
         except (OSError, ValueError) as exc:  # caught between the renames of a rotation: next time
-            log.warning("certificate files unreadable (%s); keeping the current channels", exc)
+            log.warning("certificate files unusable (%s); keeping the current channels", exc)
             return False
-        for channel in {c for c in old if c is not None}:
-            await channel.close()
-        log.info("certificate files changed: the cloud channels are made again with them")
+        self._retired += [c for c in dict.fromkeys(old) if c is not None]
+        log.info("certificate files changed: new calls go on channels made with them")
         return True
 
+    def drop_retired(self, grace: float = RETIRE_GRACE) -> None:
+        """Close the retired channels once their calls end (at most `grace` seconds)."""
+        for channel in self._retired:
+            task = asyncio.create_task(channel.close(grace))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        self._retired = []
+
     async def close(self) -> None:
-        for channel in {c for c in (self.coordinator, self.inference) if c is not None}:
+        for channel in {c for c in (self.coordinator, self.inference, *self._retired) if c is not None}:
             await channel.close()
+        self._retired = []
+        for task in list(self._closing):
+            task.cancel()

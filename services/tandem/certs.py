@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tandem import revocation
+from tandem.files import replace_durably
 
 ROLE_AGENT = "agent"
 ROLE_ADMIN = "admin"
@@ -46,12 +47,12 @@ REPLICA_NAME = "inference"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 # Peers whose clocks run a little behind still accept a freshly issued certificate.
-_CLOCK_SKEW = datetime.timedelta(minutes=5)
+CLOCK_SKEW = datetime.timedelta(minutes=5)
 # The CA outlives the leaf certificates it signs, so agents added later still chain.
 _CA_MIN_DAYS = 3650
 
-_KEY_MODE = 0o600
-_CERT_MODE = 0o644
+KEY_MODE = 0o600
+CERT_MODE = 0o644
 
 
 @dataclass(frozen=True)
@@ -85,60 +86,73 @@ def agent_paths(directory: Path, name: str) -> tuple[Path, Path]:
 # --- files --------------------------------------------------------------------------
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` with `mode` set at creation, so a key is never readable by others."""
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to `path` with `mode` set at creation, so a key is never readable by others
+    (in place: `replace_file` for a file that servers may be reading)."""
     with os.fdopen(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, mode), "wb") as f:
         # O_CREAT's mode is masked by the umask and ignored for an existing file.
         os.fchmod(f.fileno(), mode)
         f.write(data)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` with `data` in one rename, durably: a server or an agent reading it
+    sees the old file or the new one, never a part (a renewed certificate or key)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with os.fdopen(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, mode), "wb") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    replace_durably(tmp, path)
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
 def _write_pair(cert_path: Path, key_path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
-    _write(key_path, _key_pem(key), _KEY_MODE)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
+    write_file(key_path, key_pem(key), KEY_MODE)
+    write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)
 
 
 # --- issuing ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class _Issuer:
+class Issuer:
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
 
 
-def _new_key() -> ec.EllipticCurvePrivateKey:
+def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _name(cn: str) -> x509.Name:
+def name_of(cn: str) -> x509.Name:
     return x509.Name(
         [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tandem"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
     )
 
 
-def _check_days(days: int) -> None:
+def check_days(days: int) -> None:
     if days < 1:
         raise ValueError(f"certificate lifetime must be at least 1 day, got {days}")
 
 
-def _new_ca(days: int) -> _Issuer:
-    key = _new_key()
+def _new_ca(days: int) -> Issuer:
+    key = new_key()
     now = datetime.datetime.now(datetime.UTC)
-    subject = _name("Tandem deployment CA")
+    subject = name_of("Tandem deployment CA")
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + datetime.timedelta(days=max(days, _CA_MIN_DAYS)))
         # One level below: the intermediate CA for enrolled agents (`tandem certs intermediate`).
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
@@ -159,11 +173,11 @@ def _new_ca(days: int) -> _Issuer:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    return _Issuer(cert, key)
+    return Issuer(cert, key)
 
 
 def _issue(
-    issuer: _Issuer,
+    issuer: Issuer,
     cn: str,
     identity: Identity,
     usage: x509.ObjectIdentifier | Sequence[x509.ObjectIdentifier],
@@ -172,7 +186,7 @@ def _issue(
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A leaf certificate carrying `identity` as a SAN URI, for the extended key usages given."""
     usages = [usage] if isinstance(usage, x509.ObjectIdentifier) else list(usage)
-    key = _new_key()
+    key = new_key()
     now = datetime.datetime.now(datetime.UTC)
     # Never outlive the CA: a chain with an expired CA fails anyway, and confusingly.
     not_after = min(now + datetime.timedelta(days=days), issuer.cert.not_valid_after_utc)
@@ -181,11 +195,11 @@ def _issue(
     sans: list[x509.GeneralName] = [*hosts, uri]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn))
+        .subject_name(name_of(cn))
         .issuer_name(issuer.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -211,7 +225,7 @@ def _issue(
     return cert, key
 
 
-def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+def host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     """localhost and 127.0.0.1 plus `hosts`, each an IP SAN if it parses as one, else DNS."""
     names: list[x509.GeneralName] = []
     for host in ["localhost", "127.0.0.1", *hosts]:
@@ -227,7 +241,7 @@ def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     return names
 
 
-def _load_issuer(directory: Path) -> _Issuer:
+def load_issuer(directory: Path) -> Issuer:
     ca_pem, ca_key = directory / "ca.pem", directory / "ca.key"
     if not ca_pem.is_file() or not ca_key.is_file():
         raise FileNotFoundError(
@@ -236,7 +250,7 @@ def _load_issuer(directory: Path) -> _Issuer:
     key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{ca_key} is not an EC private key")
-    return _Issuer(x509.load_pem_x509_certificate(ca_pem.read_bytes()), key)
+    return Issuer(x509.load_pem_x509_certificate(ca_pem.read_bytes()), key)
 
 
 # --- public operations -------------------------------------------------------------
@@ -252,14 +266,14 @@ def init_deployment(directory: Path, agents: Sequence[str], hosts: Sequence[str]
     certificates are never silently replaced.
     """
     directory = Path(directory)
-    _check_days(days)
+    check_days(days)
     if isinstance(agents, str):
         raise TypeError("agents must be a sequence of names, not a single string")
     names = [validate_name(a) for a in agents]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"duplicate agent names: {', '.join(duplicates)}")
-    host_names = _host_names(hosts)
+    server_names = host_names(hosts)
     if (directory / "ca.pem").exists():
         raise FileExistsError(
             f"{directory / 'ca.pem'} already exists: refusing to overwrite an existing deployment "
@@ -268,23 +282,23 @@ def init_deployment(directory: Path, agents: Sequence[str], hosts: Sequence[str]
 
     (directory / "agents").mkdir(parents=True, exist_ok=True)
     ca = _new_ca(days)
-    _write(directory / "ca.key", _key_pem(ca.key), _KEY_MODE)
+    write_file(directory / "ca.key", key_pem(ca.key), KEY_MODE)
 
     server = Identity(ROLE_SERVER, SERVER_NAME)
-    cert, key = _issue(ca, SERVER_CN, server, ExtendedKeyUsageOID.SERVER_AUTH, days, host_names)
+    cert, key = _issue(ca, SERVER_CN, server, ExtendedKeyUsageOID.SERVER_AUTH, days, server_names)
     _write_pair(directory / "cloud.pem", directory / "cloud.key", cert, key)
     cert, key = _issue(ca, ADMIN_NAME, Identity(ROLE_ADMIN, ADMIN_NAME), ExtendedKeyUsageOID.CLIENT_AUTH, days)
     _write_pair(directory / "admin.pem", directory / "admin.key", cert, key)
     replica = Identity(ROLE_REPLICA, REPLICA_NAME)
-    cert, key = _issue(ca, REPLICA_NAME, replica, _AGENT_USAGES, days, host_names)
+    cert, key = _issue(ca, REPLICA_NAME, replica, _AGENT_USAGES, days, server_names)
     _write_pair(directory / f"{REPLICA_NAME}.pem", directory / f"{REPLICA_NAME}.key", cert, key)
     for name in names:
-        cert, key = _issue(ca, name, Identity(ROLE_AGENT, name), _AGENT_USAGES, days, _host_names([]))
+        cert, key = _issue(ca, name, Identity(ROLE_AGENT, name), _AGENT_USAGES, days, host_names([]))
         _write_pair(*agent_paths(directory, name), cert, key)
 
     # ca.pem last: its presence marks a complete deployment, so an interrupted init
     # can simply be run again.
-    _write(directory / "ca.pem", ca.cert.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
+    write_file(directory / "ca.pem", ca.cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)
 
 
 def add_agent(directory: Path, name: str, days: int = 365, hosts: Sequence[str] = ()) -> tuple[Path, Path]:
@@ -293,12 +307,12 @@ def add_agent(directory: Path, name: str, days: int = 365, hosts: Sequence[str] 
     It serves Inference to local applications as well, so it names localhost,
     127.0.0.1 and `hosts` like the cloud's server certificate."""
     directory = Path(directory)
-    _check_days(days)
+    check_days(days)
     cert_path, key_path = agent_paths(directory, name)
-    issuer = _load_issuer(directory)
+    issuer = load_issuer(directory)
     if cert_path.exists() or key_path.exists():
         raise FileExistsError(f"agent {name!r} already exists in {directory} ({cert_path})")
-    cert, key = _issue(issuer, name, Identity(ROLE_AGENT, name), _AGENT_USAGES, days, _host_names(hosts))
+    cert, key = _issue(issuer, name, Identity(ROLE_AGENT, name), _AGENT_USAGES, days, host_names(hosts))
     cert_path.parent.mkdir(parents=True, exist_ok=True)
     _write_pair(cert_path, key_path, cert, key)
     return cert_path, key_path
@@ -314,9 +328,9 @@ def client_paths(directory: Path, name: str) -> tuple[Path, Path]:
 def add_client(directory: Path, name: str, days: int = 365) -> tuple[Path, Path]:
     """Issue a certificate for a local application that calls Inference (and nothing else)."""
     directory = Path(directory)
-    _check_days(days)
+    check_days(days)
     cert_path, key_path = client_paths(directory, name)
-    issuer = _load_issuer(directory)
+    issuer = load_issuer(directory)
     if cert_path.exists() or key_path.exists():
         raise FileExistsError(f"client {name!r} already exists in {directory} ({cert_path})")
     cert, key = _issue(issuer, name, Identity(ROLE_CLIENT, name), ExtendedKeyUsageOID.CLIENT_AUTH, days)

@@ -37,16 +37,20 @@ INTERMEDIATE_KEY = "intermediate.key"
 TOKENS_DB = "tokens.sqlite"
 SCHEMA_VERSION = 1
 DEFAULT_CERT_HOURS = 24
+SERVER_CERT_LIFETIME = datetime.timedelta(days=30)  # the service's own, made again halfway
 _MAX_CSR_BYTES = 16 << 10
 
 # Outcomes, as labels of tandem_enrollments_total and reasons of refusals.
 ISSUED = "issued"
+RENEWED = "renewed"
 UNKNOWN_TOKEN = "unknown_token"
 REPLAYED = "replayed"
 EXPIRED = "expired"
 WRONG_NAME = "wrong_name"
 BAD_REQUEST = "bad_request"
-OUTCOMES = (ISSUED, UNKNOWN_TOKEN, REPLAYED, EXPIRED, WRONG_NAME, BAD_REQUEST)
+REVOKED = "revoked"  # a renewal by a revoked agent
+NOT_AGENT = "not_agent"  # a renewal by a certificate of another role
+OUTCOMES = (ISSUED, RENEWED, UNKNOWN_TOKEN, REPLAYED, EXPIRED, WRONG_NAME, BAD_REQUEST, REVOKED, NOT_AGENT)
 
 
 # --- the intermediate CA --------------------------------------------------------------
@@ -56,8 +60,8 @@ def create_intermediate(certs_dir: Path, out: Path, days: int = 365) -> Path:
     """Sign an intermediate CA for agents with the deployment's root (`certs_dir/ca.key`)
     and write it, its key (0600) and a copy of the root to `out`; returns the certificate path."""
     certs_dir, out = Path(certs_dir), Path(out)
-    certs._check_days(days)
-    root = certs._load_issuer(certs_dir)
+    certs.check_days(days)
+    root = certs.load_issuer(certs_dir)
     constraints = root.cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     if constraints.path_length == 0:
         raise ValueError(f"the CA in {certs_dir} was made to sign leaf certificates only (path length 0); "
@@ -66,17 +70,17 @@ def create_intermediate(certs_dir: Path, out: Path, days: int = 365) -> Path:
         raise FileExistsError(f"{out / INTERMEDIATE_CERT} already exists: refusing to replace an intermediate CA")
     out.mkdir(parents=True, exist_ok=True)
     out.chmod(0o700)
-    key = certs._new_key()
+    key = certs.new_key()
     now = datetime.datetime.now(datetime.UTC)
     not_after = min(now + datetime.timedelta(days=days), root.cert.not_valid_after_utc)
     root_ski = root.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
-        .subject_name(certs._name("Tandem agent enrollment CA"))
+        .subject_name(certs.name_of("Tandem agent enrollment CA"))
         .issuer_name(root.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - certs._CLOCK_SKEW)
+        .not_valid_before(now - certs.CLOCK_SKEW)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -94,20 +98,20 @@ def create_intermediate(certs_dir: Path, out: Path, days: int = 365) -> Path:
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski), critical=False)
         .sign(root.key, hashes.SHA256())
     )
-    certs._write(out / INTERMEDIATE_KEY, certs._key_pem(key), certs._KEY_MODE)
-    certs._write(out / "ca.pem", root.cert.public_bytes(serialization.Encoding.PEM), certs._CERT_MODE)
-    certs._write(out / INTERMEDIATE_CERT, cert.public_bytes(serialization.Encoding.PEM), certs._CERT_MODE)
+    certs.write_file(out / INTERMEDIATE_KEY, certs.key_pem(key), certs.KEY_MODE)
+    certs.write_file(out / "ca.pem", root.cert.public_bytes(serialization.Encoding.PEM), certs.CERT_MODE)
+    certs.write_file(out / INTERMEDIATE_CERT, cert.public_bytes(serialization.Encoding.PEM), certs.CERT_MODE)
     return out / INTERMEDIATE_CERT
 
 
-def _load_intermediate(ca_dir: Path) -> certs._Issuer:
+def _load_intermediate(ca_dir: Path) -> certs.Issuer:
     cert_path, key_path = ca_dir / INTERMEDIATE_CERT, ca_dir / INTERMEDIATE_KEY
     if not cert_path.is_file() or not key_path.is_file():
         raise FileNotFoundError(f"no intermediate CA in {ca_dir} (run `tandem certs intermediate --out {ca_dir}`)")
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{key_path} is not an EC private key")
-    return certs._Issuer(x509.load_pem_x509_certificate(cert_path.read_bytes()), key)
+    return certs.Issuer(x509.load_pem_x509_certificate(cert_path.read_bytes()), key)
 
 
 # --- tokens ---------------------------------------------------------------------------
@@ -128,13 +132,14 @@ class Token:
 
 
 class TokenStore:
-    """The one-time tokens of a CA directory, in SQLite (`tokens.sqlite`, 0600)."""
+    """The one-time tokens of a CA, in SQLite (`tokens.sqlite`, 0600) in `state_dir`: the
+    CA's directory unless that is read-only (a mounted Kubernetes Secret)."""
 
-    def __init__(self, ca_dir: Path, clock: Callable[[], float] = time.time) -> None:
-        self.path = Path(ca_dir) / TOKENS_DB
+    def __init__(self, state_dir: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(state_dir) / TOKENS_DB
         self._clock = clock
         if not self.path.exists():
-            certs._write(self.path, b"", certs._KEY_MODE)
+            certs.write_file(self.path, b"", certs.KEY_MODE)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         # One connection, used from the enrollment service's worker threads: one caller at a time
         # (two transactions begun on one connection collide: "cannot start a transaction within a transaction").
@@ -209,7 +214,7 @@ class TokenStore:
 
 def make_request(name: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A new key pair for agent `name` and a CSR signed with it (PEM): what an agent sends."""
-    key = certs._new_key()
+    key = certs.new_key()
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, certs.validate_name(name))]))
@@ -244,15 +249,16 @@ class Issued:
 
 
 class AgentIssuer:
-    """Issues agent certificates from the intermediate CA in `ca_dir` against one-time tokens."""
+    """Issues agent certificates from the intermediate CA in `ca_dir`: against one-time
+    tokens (enrollment), or to an agent whose current certificate proves its name (renewal)."""
 
     def __init__(self, ca_dir: Path, cert_hours: float = DEFAULT_CERT_HOURS,
-                 clock: Callable[[], float] = time.time) -> None:
-        if cert_hours <= 0:
+                 clock: Callable[[], float] = time.time, state_dir: Path | None = None) -> None:
+        if not cert_hours > 0:
             raise ValueError(f"--cert-hours must be positive, got {cert_hours}")
         self.ca_dir = Path(ca_dir)
         self.issuer = _load_intermediate(self.ca_dir)
-        self.tokens = TokenStore(self.ca_dir, clock)
+        self.tokens = TokenStore(self.ca_dir if state_dir is None else Path(state_dir), clock)
         self.lifetime = datetime.timedelta(hours=cert_hours)
 
     def enroll(self, name: str, token: str, csr_pem: bytes) -> Issued:
@@ -272,20 +278,25 @@ class AgentIssuer:
         self.tokens.consume(record, issue)
         return issued[0]
 
+    def renew(self, name: str, csr_pem: bytes) -> Issued:
+        """A new certificate for agent `name`, whose current certificate the caller has
+        proved over mutual TLS (and which is not revoked: the servicer checks that)."""
+        return self._sign(name, check_request(csr_pem, name))
+
     def _sign(self, name: str, public_key: ec.EllipticCurvePublicKey) -> Issued:
         now = datetime.datetime.now(datetime.UTC)
         not_after = min(now + self.lifetime, self.issuer.cert.not_valid_after_utc)
         ca_ski = self.issuer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         uri = x509.UniformResourceIdentifier(f"{certs.URI_SCHEME}{certs.ROLE_AGENT}/{name}")
         # The same names and usages `tandem certs add-agent` gives an agent.
-        sans: list[x509.GeneralName] = [*certs._host_names([]), uri]
+        sans: list[x509.GeneralName] = [*certs.host_names([]), uri]
         cert = (
             x509.CertificateBuilder()
-            .subject_name(certs._name(name))
+            .subject_name(certs.name_of(name))
             .issuer_name(self.issuer.cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - certs._CLOCK_SKEW)
+            .not_valid_before(now - certs.CLOCK_SKEW)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
@@ -306,29 +317,31 @@ class AgentIssuer:
         chain = cert.public_bytes(serialization.Encoding.PEM) + self.issuer.cert.public_bytes(serialization.Encoding.PEM)
         return Issued(chain, not_after)
 
-    def server_certificate(self, hosts: list[str]) -> tuple[bytes, bytes]:
-        """(key PEM, chain PEM) for the enrollment service's own TLS, made at start and kept in memory.
+    def server_certificate(self, hosts: list[str], lifetime: datetime.timedelta = SERVER_CERT_LIFETIME,
+                           ) -> tuple[bytes, bytes, datetime.datetime]:
+        """(key PEM, chain PEM, expiry) for the enrollment service's own TLS, kept in memory
+        and made again before it expires (`cloud.enrollment`).
 
         It carries host names only: the intermediate may not vouch for any Tandem role but agent."""
-        key = certs._new_key()
+        key = certs.new_key()
         now = datetime.datetime.now(datetime.UTC)
         ca_ski = self.issuer.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         cert = (
             x509.CertificateBuilder()
-            .subject_name(certs._name("tandem-enrollment"))
+            .subject_name(certs.name_of("tandem-enrollment"))
             .issuer_name(self.issuer.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - certs._CLOCK_SKEW)
-            .not_valid_after(min(now + datetime.timedelta(days=30), self.issuer.cert.not_valid_after_utc))
+            .not_valid_before(now - certs.CLOCK_SKEW)
+            .not_valid_after(not_after := min(now + lifetime, self.issuer.cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(certs._host_names(hosts)), critical=False)
+            .add_extension(x509.SubjectAlternativeName(certs.host_names(hosts)), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
             .sign(self.issuer.key, hashes.SHA256())
         )
         chain = cert.public_bytes(serialization.Encoding.PEM) + self.issuer.cert.public_bytes(serialization.Encoding.PEM)
-        return certs._key_pem(key), chain
+        return certs.key_pem(key), chain, not_after
 
 
 def write_chain(certs_dir: Path, name: str, chain_pem: bytes, ca_pem: bytes) -> Path:
@@ -337,7 +350,7 @@ def write_chain(certs_dir: Path, name: str, chain_pem: bytes, ca_pem: bytes) -> 
     cert_path, _ = certs.agent_paths(certs_dir, name)
     ca_path = Path(certs_dir) / "ca.pem"
     if not ca_path.exists():
-        certs._write(ca_path, ca_pem, certs._CERT_MODE)
+        certs.write_file(ca_path, ca_pem, certs.CERT_MODE)
     # Last: its presence means enrolled (an agent enrols only while it is missing).
-    certs._write(cert_path, chain_pem, certs._CERT_MODE)
+    certs.write_file(cert_path, chain_pem, certs.CERT_MODE)
     return cert_path

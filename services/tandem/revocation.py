@@ -203,6 +203,39 @@ def _signed_by(pem: bytes, cas: dict[bytes, x509.Certificate]) -> bytes | None:
     return None
 
 
+_MAX_DEPTH = 4  # intermediates between a leaf and its trusted CA that are followed
+
+
+def _anchor(pem: bytes, chain: bytes, cas: dict[bytes, x509.Certificate]) -> bytes | None:
+    """The key id of the CA among `cas` that a certificate chains to through the
+    intermediates of `chain`, each link checked by its signature."""
+    found = _signed_by(pem, cas)
+    if found is not None or not chain:
+        return found
+    try:
+        current = x509.load_pem_x509_certificate(pem)
+        links = x509.load_pem_x509_certificates(chain)
+    except ValueError:
+        return None
+    for _ in range(_MAX_DEPTH):
+        issuer = next((c for c in links if c != current and _issues(c, current)), None)
+        if issuer is None:
+            return None
+        for ca_id, ca in cas.items():
+            if _issues(ca, issuer):
+                return ca_id
+        current = issuer
+    return None
+
+
+def _issues(ca: x509.Certificate, cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 class Registry:
     """The deny lists of the deployments this process serves, by the CAs they trust.
 
@@ -217,7 +250,7 @@ class Registry:
         # Replaced, never mutated, so calls read them without the lock.
         self._by_ca: dict[bytes, tuple[DenyList, ...]] = {}
         self._cas: dict[bytes, x509.Certificate] = {}
-        self._signers: dict[bytes, bytes | None] = {}  # leaf PEM -> CA key id, for leaves without an AKI
+        self._signers: dict[bytes, bytes | None] = {}  # leaf PEM -> CA key id, when its AKI is not a trusted CA
 
     def for_directory(self, directory: Path) -> DenyList:
         """The one deny list of `directory` in this process."""
@@ -237,20 +270,24 @@ class Registry:
                     by_ca[ca_id] = (*by_ca.get(ca_id, ()), deny)
             self._by_ca, self._cas, self._signers = by_ca, {**self._cas, **cas}, {}
 
-    def _signer(self, pem: bytes) -> bytes | None:
+    def _signer(self, pem: bytes, chain: bytes) -> bytes | None:
+        """The key id of the trusted CA a verified certificate chains to: its issuer's, or,
+        for a certificate from an intermediate (an enrolled agent's), the CA above it."""
         ca_id = authority_key_id(pem)
-        if ca_id is None:  # issued by other tooling: find its CA by the signature, once
-            signers = self._signers
-            if pem not in signers:
-                if len(signers) >= 1024:
-                    signers.clear()
-                signers[pem] = _signed_by(pem, self._cas)
-            ca_id = signers[pem]
-        return ca_id
+        if ca_id is not None and ca_id in self._by_ca:
+            return ca_id
+        # Issued by other tooling (no key id) or by an intermediate: found by the signatures, once.
+        signers = self._signers
+        if pem not in signers:
+            if len(signers) >= 1024:
+                signers.clear()
+            signers[pem] = _anchor(pem, chain, self._cas)
+        return signers[pem]
 
-    def revoked(self, entry: str, pem: bytes) -> bool:
-        """Whether `entry` (ROLE/NAME) is denied by the deployment that issued certificate `pem`."""
-        ca_id = self._signer(pem)
+    def revoked(self, entry: str, pem: bytes, chain: bytes = b"") -> bool:
+        """Whether `entry` (ROLE/NAME) is denied by the deployment that issued certificate `pem`
+        (`chain`: the chain the peer presented, which names the intermediates between)."""
+        ca_id = self._signer(pem, chain)
         return ca_id is not None and any(entry in deny for deny in self._by_ca.get(ca_id, ()))
 
 

@@ -47,7 +47,7 @@ def _making(path: Path) -> str:
 # --- server credentials -------------------------------------------------------------
 
 
-def _check_pair(cert_pem: bytes, key_pem: bytes, ca_pem: bytes, where: Path) -> None:
+def check_pair(cert_pem: bytes, key_pem: bytes, ca_pem: bytes, where: Path) -> None:
     """Refuse a certificate and key that do not belong together, or an empty CA bundle:
     caught between the two renames of a rotation, they would fail every handshake."""
     try:
@@ -96,7 +96,7 @@ class _ServerFiles:
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         cert, key, ca = (_read(path) for path in self._paths)
-        _check_pair(cert, key, ca, self._where)
+        check_pair(cert, key, ca, self._where)
         revocation.REGISTRY.trust(ca, self._deny)
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
@@ -175,11 +175,12 @@ class Peer:
 
     identity: certs.Identity
     pem: bytes
+    chain: bytes = b""  # as presented: the intermediates between the certificate and the CA
 
     def check(self) -> None:
         """UNAUTHENTICATED if the deployment has revoked this identity since (a revoked
         identity's certificate no longer proves anything, whatever the call)."""
-        if revocation.REGISTRY.revoked(str(self.identity), self.pem):
+        if revocation.REGISTRY.revoked(str(self.identity), self.pem, self.chain):
             raise Unauthenticated(f"the certificate of {self.identity} has been revoked")
 
 
@@ -196,13 +197,14 @@ def peer(context: grpc.aio.ServicerContext) -> Peer:
     if last is not None and last[0] is context:
         last[1].check()
         return last[1]
-    pems = context.auth_context().get("x509_pem_cert")
+    auth = context.auth_context()
+    pems = auth.get("x509_pem_cert")
     if not pems:
         raise Unauthenticated("a client certificate is required")
     identity = certs.identity_from_pem(pems[0])  # cached by certificate
     if identity is None:
         raise Unauthenticated("the client certificate carries no Tandem identity")
-    found = Peer(identity, pems[0])
+    found = Peer(identity, pems[0], b"".join(auth.get("x509_pem_cert_chain", ())))
     found.check()
     _LAST_PEER.set((context, found))
     return found

@@ -209,7 +209,7 @@ async def test_enrolled_agent_is_accepted_by_the_coordinator_and_limited_to_agen
                              x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, 1)
     chain = cert.public_bytes(serialization.Encoding.PEM) + issuer.cert.public_bytes(serialization.Encoding.PEM)
     (forged / "admin.pem").write_bytes(chain)
-    (forged / "admin.key").write_bytes(certs._key_pem(key))
+    (forged / "admin.key").write_bytes(certs.key_pem(key))
     (forged / "ca.pem").write_bytes((certs_dir / "ca.pem").read_bytes())
     async with grpcserver.secure_channel(f"localhost:{coordinator.port}", tls.admin_credentials(forged)) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as error:

@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/enrollment.proto\x12\ttandem.v1\"=\n\rEnrollRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"B\n\x0e\x45nrollResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\x0c\x12\x11\n\tnot_after\x18\x02 \x01(\x03\x32K\n\nEnrollment\x12=\n\x06\x45nroll\x12\x18.tandem.v1.EnrollRequest\x1a\x19.tandem.v1.EnrollResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/enrollment.proto\x12\ttandem.v1\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"=\n\rEnrollRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"B\n\x0e\x45nrollResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\x0c\x12\x11\n\tnot_after\x18\x02 \x01(\x03\x32K\n\nEnrollment\x12=\n\x06\x45nroll\x12\x18.tandem.v1.EnrollRequest\x1a\x19.tandem.v1.EnrollResponse2F\n\x07Renewal\x12;\n\x05Renew\x12\x17.tandem.v1.RenewRequest\x1a\x19.tandem.v1.EnrollResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.enrollment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENROLLREQUEST']._serialized_start=41
-  _globals['_ENROLLREQUEST']._serialized_end=102
-  _globals['_ENROLLRESPONSE']._serialized_start=104
-  _globals['_ENROLLRESPONSE']._serialized_end=170
-  _globals['_ENROLLMENT']._serialized_start=172
-  _globals['_ENROLLMENT']._serialized_end=247
+  _globals['_RENEWREQUEST']._serialized_start=41
+  _globals['_RENEWREQUEST']._serialized_end=72
+  _globals['_ENROLLREQUEST']._serialized_start=74
+  _globals['_ENROLLREQUEST']._serialized_end=135
+  _globals['_ENROLLRESPONSE']._serialized_start=137
+  _globals['_ENROLLRESPONSE']._serialized_end=203
+  _globals['_ENROLLMENT']._serialized_start=205
+  _globals['_ENROLLMENT']._serialized_end=280
+  _globals['_RENEWAL']._serialized_start=282
+  _globals['_RENEWAL']._serialized_end=352
 # @@protoc_insertion_point(module_scope)

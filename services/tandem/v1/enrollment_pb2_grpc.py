@@ -109,3 +109,90 @@ class Enrollment:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RenewalStub:
+    """Renewal of an agent's certificate before it expires, over mutual TLS (its own port
+    of `tandem ca`, `--renew-listen`): the caller is the agent its current certificate
+    names, and it gets a new certificate for a new key. No token: the certificate is the
+    proof. UNAUTHENTICATED: no agent certificate, or a revoked one; PERMISSION_DENIED:
+    not an agent's certificate; INVALID_ARGUMENT: a bad CSR (its CN must be the caller's name).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Renew = channel.unary_unary(
+                '/tandem.v1.Renewal/Renew',
+                request_serializer=tandem_dot_v1_dot_enrollment__pb2.RenewRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_enrollment__pb2.EnrollResponse.FromString,
+                _registered_method=True)
+
+
+class RenewalServicer:
+    """Renewal of an agent's certificate before it expires, over mutual TLS (its own port
+    of `tandem ca`, `--renew-listen`): the caller is the agent its current certificate
+    names, and it gets a new certificate for a new key. No token: the certificate is the
+    proof. UNAUTHENTICATED: no agent certificate, or a revoked one; PERMISSION_DENIED:
+    not an agent's certificate; INVALID_ARGUMENT: a bad CSR (its CN must be the caller's name).
+    """
+
+    def Renew(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RenewalServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=tandem_dot_v1_dot_enrollment__pb2.RenewRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_enrollment__pb2.EnrollResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tandem.v1.Renewal', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tandem.v1.Renewal', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Renewal:
+    """Renewal of an agent's certificate before it expires, over mutual TLS (its own port
+    of `tandem ca`, `--renew-listen`): the caller is the agent its current certificate
+    names, and it gets a new certificate for a new key. No token: the certificate is the
+    proof. UNAUTHENTICATED: no agent certificate, or a revoked one; PERMISSION_DENIED:
+    not an agent's certificate; INVALID_ARGUMENT: a bad CSR (its CN must be the caller's name).
+    """
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Renewal/Renew',
+            tandem_dot_v1_dot_enrollment__pb2.RenewRequest.SerializeToString,
+            tandem_dot_v1_dot_enrollment__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -45,7 +45,11 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--dir", type=Path, default=certs_default(),
                    help="the deployment's certificate directory (env TANDEM_CERTS; default %(default)s)")
     p.add_argument("--role", choices=certs.REVOCABLE_ROLES, default=None,
-                   help="needed only when the name is both an agent and a client, or its certificate is gone")
+                   help="needed only when the name is both an agent and a client, or its certificate is gone "
+                        "(an enrolled agent's never was in DIR: with --ca-dir, a name with no certificate is an agent)")
+    p.add_argument("--ca-dir", type=Path, default=None,
+                   help="also deny it in the enrollment service's directory (`tandem ca --dir`), so that it cannot "
+                        "renew its certificate")
     p.set_defaults(func=_revoke)
 
     p = certs_sub.add_parser("intermediate", help="sign an intermediate CA for enrolled agents with the root "
@@ -60,6 +64,8 @@ def register(subparsers: Subparsers) -> None:
     p = certs_sub.add_parser("token", help="print a one-time enrollment token for one agent name")
     p.add_argument("name", help="the agent's name: the token enrols this name only")
     p.add_argument("--ca-dir", type=Path, required=True, help="the intermediate CA's directory (`tandem ca --dir`)")
+    p.add_argument("--state", type=Path, default=None,
+                   help="where the service keeps its tokens (`tandem ca --state`; default: --ca-dir)")
     p.add_argument("--ttl", type=_duration, default=3600.0, metavar="DURATION",
                    help="how long the token is valid: seconds, or a number with s, m, h or d (default 1h)")
     p.set_defaults(func=_token)
@@ -94,9 +100,17 @@ def _add_client(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    identity = certs.revoke(args.dir, args.name, role=args.role)
+    role = args.role
+    if role is None and args.ca_dir is not None and not certs.client_paths(args.dir, args.name)[0].exists():
+        role = certs.ROLE_AGENT  # enrolled: its certificate was never in --dir
+    if args.ca_dir is not None and not (args.ca_dir / "ca.pem").is_file():
+        raise FileNotFoundError(f"--ca-dir {args.ca_dir}: no enrollment service's directory there (no ca.pem)")
+    identity = certs.revoke(args.dir, args.name, role=role)
     print(f"revoked {identity}: servers reading {args.dir} refuse its next call within a second "
           f"(copy {args.dir / 'revoked.txt'} to other servers' certificate directories)")
+    if args.ca_dir is not None:
+        certs.revoke(args.ca_dir, args.name, role=identity.role)
+        print(f"and the enrollment service reading {args.ca_dir} refuses to renew its certificate")
     secrets_file = args.dir / "k8s" / "secrets.yaml"
     if secrets_file.exists():
         from tandem import k8s_secrets
@@ -133,7 +147,7 @@ def _token(args: argparse.Namespace) -> int:
     if not (args.ca_dir / enrollment.INTERMEDIATE_CERT).is_file():
         raise FileNotFoundError(f"no intermediate CA in {args.ca_dir} (run `tandem certs intermediate --out "
                                 f"{args.ca_dir}` first)")
-    store = enrollment.TokenStore(args.ca_dir)
+    store = enrollment.TokenStore(args.ca_dir if args.state is None else args.state)
     try:
         print(store.create(args.name, args.ttl))
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from pathlib import Path
 
 from tandem_cli.options import Subparsers, client_args, serving_args, write_ready
@@ -47,6 +48,9 @@ def register(subparsers: Subparsers) -> None:
                    help="enrol at this `tandem ca` service when CERTS has no certificate for --id: the agent makes its "
                         "own key (0600, never sent) and gets a short-lived certificate (needs --enroll-token-file "
                         "and --ca-file)")
+    p.add_argument("--renew", default=None, metavar="HOST:PORT",
+                   help="renew the certificate at this `tandem ca` renewal port once two thirds of its life have "
+                        "passed, without a restart (default with --enroll: its host, the next port)")
     p.add_argument("--enroll-token-file", type=Path, default=None, metavar="FILE",
                    help="file holding the one-time token of `tandem certs token ID`")
     p.add_argument("--ca-file", type=Path, default=None, metavar="CA.pem",
@@ -70,8 +74,14 @@ async def run_edge(args: argparse.Namespace) -> int:
         if not names or bad:
             raise ValueError(f"--tasks {args.tasks!r}: expected comma-separated task names "
                              "(short names or PACKAGE.MODULE:ATTRIBUTE)")
+    renew = args.renew
     if args.enroll is not None:
         await _enroll_if_needed(args)
+        from edge import enroll
+
+        renew = renew or enroll.default_renew_target(args.enroll)
+    else:
+        _check_not_expired(args)
     # TLS handshake failures, its port's and its own towards the cloud (a certificate the
     # cloud does not accept fails every reconnect): a count per interval, not a line each.
     lifecycle.CoreLog().install()
@@ -86,7 +96,7 @@ async def run_edge(args: argparse.Namespace) -> int:
         cloud_timeout=args.cloud_timeout, tasks=names, labels=tuple(sorted(labels.items())),
         probe_interval=args.probe_interval, device=args.device, max_batch=args.max_batch,
         max_delay=args.max_delay_ms / 1000, max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
-        inline_below=args.inline_below_ms / 1000, warmup=args.warmup,
+        inline_below=args.inline_below_ms / 1000, warmup=args.warmup, renew=renew,
     )
     app = EdgeApp(config)
     stop = lifecycle.stop_event()
@@ -103,5 +113,27 @@ async def _enroll_if_needed(args: argparse.Namespace) -> None:
 
     if args.enroll_token_file is None or args.ca_file is None:
         raise ValueError("--enroll needs --enroll-token-file and --ca-file")
-    if enroll.needed(args.certs, args.id):
+    why = enroll.needed(args.certs, args.id)
+    if why is not None:
+        logging.getLogger(__name__).info("agent %r enrols at %s: %s", args.id, args.enroll, why)
         await enroll.enroll(args.certs, args.id, enroll.EnrollConfig(args.enroll, args.enroll_token_file, args.ca_file))
+
+
+def _check_not_expired(args: argparse.Namespace) -> None:
+    """An agent started without --enroll on an expired certificate stops with one line
+    (the coordinator would refuse every reconnect)."""
+    import datetime
+
+    from cryptography import x509
+
+    from tandem import certs
+
+    path = certs.agent_paths(args.certs, args.id)[0]
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return  # missing or unreadable: the channels say which file, as before
+    if cert.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
+        raise ValueError(f"the certificate of agent {args.id!r} ({path}) expired at "
+                         f"{cert.not_valid_after_utc.isoformat(timespec='seconds')}: enrol it again with a new token "
+                         "(--enroll, --enroll-token-file) or issue a new one (`tandem certs add-agent`)")
