@@ -30,6 +30,8 @@ from tandem.v1 import coordinator_pb2_grpc, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+EARLY_HEARTBEAT_GAP = 0.5  # seconds: at most two heartbeats a second for new measurements
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -269,15 +271,22 @@ class Agent:
         return welcomed, code
 
     async def _heartbeats(self, outgoing: asyncio.Queue[pb.AgentMessage], interval: float) -> None:
-        """A heartbeat every `interval`, and at once when a new link measurement is in."""
+        """A heartbeat every `interval`, and sooner when a new measurement is in, but not
+        within `EARLY_HEARTBEAT_GAP` of the last one: an agent uploading several times a
+        second, or forwarding requests that each measure the link, would otherwise go over
+        the coordinator's heartbeat rate and have its control stream closed."""
         self._measured.clear()
         seq = 0
+        loop = asyncio.get_running_loop()
+        last = loop.time() - EARLY_HEARTBEAT_GAP
         while True:
             try:
                 async with asyncio.timeout(interval):
                     await self._measured.wait()
+                await asyncio.sleep(last + EARLY_HEARTBEAT_GAP - loop.time())  # returns at once if negative
             except TimeoutError:
                 pass
+            last = loop.time()
             self._measured.clear()
             seq += 1
             self._measurements.update(self.trainer.measurements())

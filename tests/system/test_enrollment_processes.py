@@ -1,19 +1,28 @@
 """Enrollment end to end with real processes: `tandem ca`, a coordinator, and an agent
-that starts with nothing but a one-time token and the CA bundle."""
+that starts with nothing but a one-time token and the CA bundle; its renewal under
+load, and its return after its certificate expired while it was away."""
 
 from __future__ import annotations
 
+import asyncio
 import stat
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from cryptography import x509
 
-from tandem import certs, enrollment
+from tandem import certs, enrollment, grpcserver, tls
+from tandem.v1 import admin_pb2, inference_pb2, inference_pb2_grpc
 from tandem_cli import procs
+from tests.conftest import APP
 from tests.support.cluster import Cluster
+from tests.support.inference import arrays_for, inputs, publish, request
 
 pytestmark = pytest.mark.process
 
@@ -69,5 +78,136 @@ async def test_an_agent_with_only_a_token_and_the_ca_bundle_enrols_and_connects(
         assert 'tandem_enrollments_total{outcome="issued"} 1.0' in text
         assert 'tandem_enrollments_total{outcome="replayed"} 1.0' in text
         assert token not in ca_log.read_text()
+    finally:
+        procs.stop(ca)
+
+
+def _metric(port: int, name: str, **labels: str) -> float:
+    """The sum of a counter's series (matching `labels`) on a process's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+def _start_ca(tmp_path: Path, certs_dir: Path, cert_hours: float) -> tuple[subprocess.Popen[bytes], dict[str, Any], Path]:
+    ca_dir = tmp_path / "ca"
+    if not ca_dir.exists():
+        _tandem("certs", "intermediate", "--dir", str(certs_dir), "--out", str(ca_dir))
+    ready = tmp_path / "ca.ready.json"
+    ready.unlink(missing_ok=True)
+    log = tmp_path / "ca.log"
+    ca = procs.tandem_process(["ca", "--dir", str(ca_dir), "--listen", "127.0.0.1:0", "--renew-listen", "127.0.0.1:0",
+                               "--metrics", "127.0.0.1:0", "--cert-hours", str(cert_hours), "--ready-file", str(ready)],
+                              log)
+    return ca, procs.wait_ready(ca, ready, log, "enrollment service"), ca_dir
+
+
+def _enrol_flags(tmp_path: Path, certs_dir: Path, ca_dir: Path, ports: dict[str, Any], name: str) -> list[str]:
+    token_file = tmp_path / f"{name}.token"
+    token_file.write_text(_tandem("certs", "token", name, "--ttl", "10m", "--ca-dir", str(ca_dir)))
+    return ["--enroll", f"localhost:{ports['port']}", "--renew", f"localhost:{ports['renew_port']}",
+            "--enroll-token-file", str(token_file), "--ca-file", str(certs_dir / "ca.pem")]
+
+
+async def test_renewal_under_load_fails_no_request_and_no_upload(
+    cluster: Cluster, tmp_path: Path, certs_dir: Path
+) -> None:
+    # 0.006 h: a 21.6 s certificate, renewed 14.4 s after it was issued, while the agent
+    # trains round after round (an upload each) and forwards inference to the cloud.
+    ca, ca_ports, ca_dir = _start_ca(tmp_path, certs_dir, cert_hours=0.006)
+    try:
+        cluster.cloud, cluster.ports = procs.start_cloud(
+            certs_dir, cluster.state, cluster.workdir / "cloud.log", extra=["--placement-interval", "0"])
+        await publish(cluster.target, certs_dir, "mlp", arrays_for("mlp", seed=1))
+        agent_certs = tmp_path / "agent-certs"
+        flags = _enrol_flags(tmp_path, certs_dir, ca_dir, ca_ports, "edge-renew")
+        proc, agent = procs.start_serving_agent(cluster.target, agent_certs, "edge-renew", "digits:0/2",
+                                                cluster.workdir / "edge-renew.log", ["mlp=cloud"], extra=flags)
+        cluster.agents["edge-renew"] = proc
+        await cluster.wait_connected(1, timeout=60)
+        cert_path = certs.agent_paths(agent_certs, "edge-renew")[0]
+        first = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        job = await cluster.admin("StartJob", admin_pb2.StartJobRequest(spec=admin_pb2.JobSpec(
+            model="mlp", rounds=1000, min_clients=1, round_deadline_seconds=60)))
+
+        answered, failed = 0, []
+        x = inputs(1)
+        async with grpcserver.secure_channel(f"localhost:{agent['inference_port']}",
+                                             tls.app_credentials(certs_dir, APP)) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            # Until the old certificate has expired and 3 s more: new connections need the new one.
+            until = first.not_valid_after_utc.timestamp() + 3
+            while time.time() < until:
+                try:
+                    reply = await stub.Infer(request("mlp", x), timeout=10)
+                    assert reply.placement == inference_pb2.PLACEMENT_CLOUD
+                    answered += 1
+                except grpc.aio.AioRpcError as exc:
+                    failed.append(f"{exc.code().name}: {exc.details()}")
+                await asyncio.sleep(0.05)
+        rounds = (await cluster.job(job.job_id)).rounds
+        await cluster.admin("StopJob", admin_pb2.StopJobRequest(job_id=job.job_id))
+
+        renewed = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        assert renewed.serial_number != first.serial_number, "the certificate was not renewed"
+        assert renewed.not_valid_after_utc > first.not_valid_after_utc
+        assert "renewed this agent's certificate" in (cluster.workdir / "edge-renew.log").read_text()
+        assert failed == [] and answered > 50
+        metrics_port = agent["metrics_port"]
+        assert _metric(metrics_port, "tandem_edge_inference_fallbacks_total") == 0  # every answer from the cloud
+        assert _metric(metrics_port, "tandem_edge_reconnects_total") == 0
+        assert _metric(metrics_port, "tandem_edge_tasks_total", outcome="uploaded") >= len(rounds) > 5
+        for outcome in ("failed", "rejected"):
+            assert _metric(metrics_port, "tandem_edge_tasks_total", outcome=outcome) == 0
+        assert all(r.accepted == 1 and r.attempts == 1 for r in rounds)
+        # Rounds went on after the old certificate expired: uploads on the new one.
+        assert any(r.round > 0 for r in rounds)
+        assert _metric(ca_ports["metrics_port"], "tandem_enrollments_total", outcome="renewed") >= 1
+    finally:
+        procs.stop(ca)
+
+
+async def test_an_agent_whose_certificate_expired_offline_enrols_again_only_with_a_new_token(
+    cluster: Cluster, tmp_path: Path, certs_dir: Path
+) -> None:
+    # 0.002 h: a 7.2 s certificate, expired by the time the agent comes back.
+    ca, ca_ports, ca_dir = _start_ca(tmp_path, certs_dir, cert_hours=0.002)
+    try:
+        cluster.start_cloud()
+        agent_certs = tmp_path / "agent-certs"
+        flags = _enrol_flags(tmp_path, certs_dir, ca_dir, ca_ports, "edge-away")
+        log = cluster.workdir / "edge-away.log"
+        cluster.agents["edge-away"] = procs.start_agent(cluster.target, agent_certs, "edge-away", "digits:0/2", log,
+                                                        extra=flags)
+        await cluster.wait_connected(1, timeout=60)
+        procs.stop(cluster.agents.pop("edge-away"))
+        cert_path = certs.agent_paths(agent_certs, "edge-away")[0]
+        expiry = x509.load_pem_x509_certificate(cert_path.read_bytes()).not_valid_after_utc.timestamp()
+        await asyncio.sleep(max(0.0, expiry - time.time()) + 0.5)
+
+        def edge(*extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "tandem_cli", "edge", "--cloud", cluster.target, "--certs", str(agent_certs),
+                 "--id", "edge-away", "--data", "digits:0/2", *extra],
+                capture_output=True, text=True, timeout=60, check=False)
+
+        # Without --enroll: one line, exit 2 (as for a missing certificate).
+        plain = edge()
+        assert plain.returncode == 2
+        assert plain.stderr.strip().splitlines()[-1].startswith("error: the certificate of agent 'edge-away'")
+        assert "expired at" in plain.stderr and "Traceback" not in plain.stderr
+        # With the token it enrolled with: spent, refused.
+        again = edge(*flags)
+        assert again.returncode == 1
+        assert "error: UNAUTHENTICATED: this enrollment token has already been used" in again.stderr
+        # With a new token: enrolled again, and connected.
+        fresh = _enrol_flags(tmp_path, certs_dir, ca_dir, ca_ports, "edge-away")
+        cluster.agents["edge-away"] = procs.start_agent(cluster.target, agent_certs, "edge-away", "digits:0/2", log,
+                                                        extra=fresh)
+        await cluster.wait_connected(1, timeout=60)
+        assert x509.load_pem_x509_certificate(cert_path.read_bytes()).not_valid_after_utc.timestamp() > expiry
     finally:
         procs.stop(ca)
