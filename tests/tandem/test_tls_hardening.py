@@ -340,16 +340,19 @@ async def test_real_certificates_of_the_wrong_kind_are_refused(
 _WEAK = {"NULL", "RC4", "EXP", "EXPORT", "ANON", "ADH", "AECDH", "DES", "3DES", "DES40", "CBC3", "MD5"}
 
 
-@pytest.mark.process
-@pytest.mark.skipif(shutil.which("sslscan") is None, reason="sslscan not installed (apt-get install sslscan; .ci/run does)")
-async def test_sslscan_finds_only_modern_protocols_and_ciphers(coordinator: Coordinator, certs_dir: Path) -> None:
-    # With a client certificate: the server asks for one, and without it sslscan lists
+needs_sslscan = pytest.mark.skipif(shutil.which("sslscan") is None,
+                                   reason="sslscan not installed (apt-get install sslscan; .ci/run does)")
+
+
+async def _assert_only_modern_tls(port: int, client: tuple[Path, Path] | None) -> None:
+    """sslscan of a loopback port finds no old protocol and no weak cipher, and TLS 1.3."""
+    # With a client certificate where the server asks for one: without it sslscan lists
     # no TLS 1.2 cipher at all (the handshake ends before it can tell).
-    cert, key = certs.agent_paths(certs_dir, "agent-0")
+    flags = [f"--certs={client[0]}", f"--pk={client[1]}"] if client else []
     process = await asyncio.create_subprocess_exec(
-        "sslscan", "--no-colour", "--xml=-", f"--certs={cert}", f"--pk={key}", f"127.0.0.1:{coordinator.port}",
+        "sslscan", "--no-colour", "--xml=-", *flags, f"127.0.0.1:{port}",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # asynchronous: the coordinator answers on this event loop
+    )  # asynchronous: the server answers on this event loop
     out, err = await asyncio.wait_for(process.communicate(), 120)
     assert process.returncode == 0, err.decode()
     root = ET.fromstring(out)
@@ -364,6 +367,28 @@ async def test_sslscan_finds_only_modern_protocols_and_ciphers(coordinator: Coor
     assert enabled.get("tls1.3") == "1"
     weak = [c for c in ciphers if _WEAK & set(re.split(r"[-_]", c[1].upper())) or c[2] not in ("strong", "acceptable")]
     assert weak == []
+
+
+@pytest.mark.process
+@needs_sslscan
+async def test_sslscan_finds_only_modern_protocols_and_ciphers(coordinator: Coordinator, certs_dir: Path) -> None:
+    await _assert_only_modern_tls(coordinator.port, certs.agent_paths(certs_dir, "agent-0"))
+
+
+@pytest.mark.process
+@needs_sslscan
+async def test_sslscan_of_the_enrollment_service_finds_only_modern_tls(certs_dir: Path, tmp_path: Path) -> None:
+    from cloud.enrollment import CaConfig, CaServer
+    from tandem import enrollment
+
+    enrollment.create_intermediate(certs_dir, tmp_path / "ca")
+    server = CaServer(CaConfig(ca_dir=tmp_path / "ca", listen="127.0.0.1:0", renew_listen="127.0.0.1:0"))
+    await server.start()
+    try:
+        await _assert_only_modern_tls(server.port, None)  # enrollment: server-authenticated only
+        await _assert_only_modern_tls(server.renew_port, certs.agent_paths(certs_dir, "agent-0"))
+    finally:
+        await server.stop()
 
 
 # --- pickle is never loaded ---------------------------------------------------------
