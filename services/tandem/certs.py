@@ -301,6 +301,38 @@ def init_deployment(directory: Path, agents: Sequence[str], hosts: Sequence[str]
     write_file(directory / "ca.pem", ca.cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)
 
 
+def rotate_servers(directory: Path, days: int = 365) -> list[Path]:
+    """New keys and certificates for the coordinator (`cloud`) and the inference replicas,
+    under the names their current certificates carry, signed by the root in `directory`;
+    returns the certificates written.
+
+    Each file is replaced in one rename (key, then certificate): the running servers'
+    credentials follow their files, so new connections get the new pair without a
+    restart (one read between the renames sees a key that does not match, and keeps the
+    old pair until the certificate follows); open connections keep theirs.
+    """
+    directory = Path(directory)
+    check_days(days)
+    ca = load_issuer(directory)
+    written: list[Path] = []
+    for cn, identity, usage, stem in (
+        (SERVER_CN, Identity(ROLE_SERVER, SERVER_NAME), ExtendedKeyUsageOID.SERVER_AUTH, "cloud"),
+        (REPLICA_NAME, Identity(ROLE_REPLICA, REPLICA_NAME), _AGENT_USAGES, REPLICA_NAME),
+    ):
+        cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+        try:
+            current = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{cert_path} not found: rotate only renews what `tandem certs init` made") from None
+        names = [n for n in current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                 if not isinstance(n, x509.UniformResourceIdentifier)]
+        cert, key = _issue(ca, cn, identity, usage, days, names)
+        replace_file(key_path, key_pem(key), KEY_MODE)
+        replace_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), CERT_MODE)
+        written.append(cert_path)
+    return written
+
+
 def add_agent(directory: Path, name: str, days: int = 365, hosts: Sequence[str] = ()) -> tuple[Path, Path]:
     """Issue a certificate for a new agent from the deployment's CA; returns (cert, key) paths.
 

@@ -244,6 +244,54 @@ async def test_rotated_certificates_serve_new_connections_and_keep_open_ones(
         assert await _code(_list_agents(channel)) == UNAVAILABLE
 
 
+def _served_serial(port: int, deployment: Path) -> int:
+    """The serial of the certificate a server presents to a new connection (as the admin)."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(deployment / "ca.pem"))
+    context.set_alpn_protocols(["h2"])
+    context.load_cert_chain(deployment / "admin.pem", deployment / "admin.key")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as wrapped:
+        der = wrapped.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+async def test_certs_rotate_gives_running_servers_new_keys_for_new_connections(
+    own_coordinator: Coordinator, deployment: Path
+) -> None:
+    from tandem_cli.main import main
+
+    port = own_coordinator.port
+    before = await asyncio.to_thread(_served_serial, port, deployment)
+    old_key = (deployment / "cloud.key").read_bytes()
+    old_names = x509.load_pem_x509_certificate((deployment / "cloud.pem").read_bytes()).extensions \
+        .get_extension_for_class(x509.SubjectAlternativeName).value
+    async with agent_channel(port, deployment, "agent-0") as open_before:
+        assert await _code(_probe(open_before)) == OK
+        assert main(["certs", "rotate", "--dir", str(deployment), "--days", "30"]) == 0
+        assert (deployment / "cloud.key").read_bytes() != old_key
+        new = x509.load_pem_x509_certificate((deployment / "cloud.pem").read_bytes())
+        assert new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == old_names
+        assert (new.not_valid_after_utc - new.not_valid_before_utc).days == 30
+        assert await asyncio.to_thread(_served_serial, port, deployment) == new.serial_number != before
+        assert await _code(_probe(open_before)) == OK  # open connections keep theirs
+    async with agent_channel(port, deployment, "agent-1") as channel:
+        assert await _code(_probe(channel)) == OK
+    replica = x509.load_pem_x509_certificate(tls.replica_paths(deployment)[0].read_bytes())
+    assert (replica.not_valid_after_utc - replica.not_valid_before_utc).days == 30
+
+
+def test_certs_rotate_without_a_deployment_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tandem_cli.main import main
+
+    assert main(["certs", "rotate", "--dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
 async def test_half_rotated_files_keep_the_previous_pair(
     own_coordinator: Coordinator, deployment: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

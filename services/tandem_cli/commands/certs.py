@@ -1,4 +1,4 @@
-"""`tandem certs init|add-agent|add-client|revoke|intermediate|token`: the deployment's CA, its
+"""`tandem certs init|add-agent|add-client|revoke|rotate|intermediate|token`: the deployment's CA, its
 certificates, and what enrollment needs (an intermediate CA for agents, one-time tokens)."""
 
 from __future__ import annotations
@@ -51,6 +51,14 @@ def register(subparsers: Subparsers) -> None:
                    help="also deny it in the enrollment service's directory (`tandem ca --dir`), so that it cannot "
                         "renew its certificate")
     p.set_defaults(func=_revoke)
+
+    p = certs_sub.add_parser("rotate", help="new keys and certificates for the coordinator and the inference "
+                                            "replicas, picked up by the running servers without a restart")
+    p.add_argument("--dir", type=Path, default=certs_default(),
+                   help="the deployment's certificate directory, with the root CA (env TANDEM_CERTS; "
+                        "default %(default)s)")
+    p.add_argument("--days", type=int, default=365, help="validity of the new certificates, in days")
+    p.set_defaults(func=_rotate)
 
     p = certs_sub.add_parser("intermediate", help="sign an intermediate CA for enrolled agents with the root "
                                                   "(run once, where the root key is)")
@@ -117,6 +125,18 @@ def _revoke(args: argparse.Namespace) -> int:
 
         _write_k8s_secrets(args.dir, *k8s_secrets.deployed(secrets_file))
         print(f"rewrote {secrets_file} with the deny list: kubectl apply -f {secrets_file}")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    for path in certs.rotate_servers(args.dir, days=args.days):
+        print(f"wrote {path} and its key: servers reading {args.dir} use them for new connections")
+    secrets_file = args.dir / "k8s" / "secrets.yaml"
+    if secrets_file.exists():
+        from tandem import k8s_secrets
+
+        _write_k8s_secrets(args.dir, *k8s_secrets.deployed(secrets_file))
+        print(f"rewrote {secrets_file}: kubectl apply -f {secrets_file}")
     return 0
 
 
