@@ -45,9 +45,9 @@ def register(subparsers: Subparsers) -> None:
                    help="seconds between link probes while no request measures the link")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
     p.add_argument("--enroll", default=None, metavar="HOST:PORT",
-                   help="enrol at this `tandem ca` service when CERTS has no certificate for --id: the agent makes its "
-                        "own key (0600, never sent) and gets a short-lived certificate (needs --enroll-token-file "
-                        "and --ca-file)")
+                   help="enrol at this `tandem ca` service when CERTS has no usable certificate for --id (none yet, or "
+                        "expired): the agent makes its own key (0600, never sent) and gets a short-lived certificate "
+                        "(needs --enroll-token-file and --ca-file)")
     p.add_argument("--renew", default=None, metavar="HOST:PORT",
                    help="renew the certificate at this `tandem ca` renewal port once two thirds of its life have "
                         "passed, without a restart (default with --enroll: its host, the next port)")
