@@ -412,7 +412,7 @@ def revoke(directory: Path, name: str, role: str | None = None) -> Identity:
                   if paths(directory, name)[0].exists()]
         if not issued:
             raise FileNotFoundError(f"no agent or client named {name!r} in {directory}; name its role to revoke "
-                                    "a certificate that is no longer there")
+                                    "a certificate that is not there (an enrolled agent's: --role agent, or --ca-dir)")
         if len(issued) > 1:
             raise ValueError(f"{name!r} is both an agent and a client in {directory}: name the role to revoke")
         role = issued[0]

@@ -198,3 +198,33 @@ def test_serving_and_placement_numbers_out_of_range_are_one_line_and_exit_2(
     assert main([command, "--certs", str(deployment), *where, *flags]) == 2
     err = capsys.readouterr().err
     assert why in err and "Traceback" not in err, err
+
+
+def test_enrollment_commands_refuse_wrong_inputs_in_one_line(
+        deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    token = tmp_path / "token"
+    token.write_text("t")
+
+    def refused(args: list[str], why: str) -> None:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {why}") and len(err.strip().splitlines()) == 1, err
+
+    # A malformed --enroll is found before the agent writes a key or calls anything.
+    refused(["edge", "--certs", str(tmp_path / "agent"), "--id", "a", "--cloud", "localhost:1", "--data",
+             "digits:0/2", "--enroll", "nohost", "--enroll-token-file", str(token), "--ca-file",
+             str(deployment / "ca.pem")], "--enroll 'nohost': expected HOST:PORT")
+    assert not (tmp_path / "agent").exists()
+    assert main(["certs", "intermediate", "--dir", str(deployment), "--out", str(tmp_path / "ca")]) == 0
+    capsys.readouterr()
+    refused(["certs", "token", "a", "--ca-dir", str(tmp_path / "ca"), "--state", str(tmp_path / "none")],
+            f"--state {tmp_path / 'none'}: no such directory")
+    refused(["certs", "revoke", "a", "--dir", str(deployment), "--ca-dir", str(tmp_path / "none")],
+            f"--ca-dir {tmp_path / 'none'}: no enrollment service's directory there")
+    refused(["certs", "revoke", "never-issued", "--dir", str(deployment)],
+            "no agent or client named 'never-issued'")
+    refused(["certs", "rotate", "--dir", str(deployment), "--days", "0"], "certificate lifetime must be at least 1 day")
+    # An enrolled agent's name is not in --dir: with --ca-dir it is taken for an agent, and denied in both.
+    assert main(["certs", "revoke", "enrolled-1", "--dir", str(deployment), "--ca-dir", str(tmp_path / "ca")]) == 0
+    assert "agent/enrolled-1" in (deployment / "revoked.txt").read_text()
+    assert "agent/enrolled-1" in (tmp_path / "ca" / "revoked.txt").read_text()

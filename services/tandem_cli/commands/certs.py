@@ -167,6 +167,8 @@ def _token(args: argparse.Namespace) -> int:
     if not (args.ca_dir / enrollment.INTERMEDIATE_CERT).is_file():
         raise FileNotFoundError(f"no intermediate CA in {args.ca_dir} (run `tandem certs intermediate --out "
                                 f"{args.ca_dir}` first)")
+    if args.state is not None and not args.state.is_dir():
+        raise FileNotFoundError(f"--state {args.state}: no such directory")
     store = enrollment.TokenStore(args.ca_dir if args.state is None else args.state)
     try:
         print(store.create(args.name, args.ttl))

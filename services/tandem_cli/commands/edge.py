@@ -76,10 +76,10 @@ async def run_edge(args: argparse.Namespace) -> int:
                              "(short names or PACKAGE.MODULE:ATTRIBUTE)")
     renew = args.renew
     if args.enroll is not None:
-        await _enroll_if_needed(args)
         from edge import enroll
 
-        renew = renew or enroll.default_renew_target(args.enroll)
+        renew = renew or enroll.default_renew_target(args.enroll)  # a malformed --enroll says so before anything
+        await _enroll_if_needed(args)
     else:
         _check_not_expired(args)
     # TLS handshake failures, its port's and its own towards the cloud (a certificate the
