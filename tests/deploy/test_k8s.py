@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
+import os
 import re
 import shlex
 import shutil
@@ -11,17 +13,23 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from cryptography import x509
 
+from tandem import certs, k8s_secrets
 from tandem_cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ["base", "overlays/dev", "overlays/gpu", "overlays/prometheus-operator"]
+OVERLAYS = ["base", "overlays/dev", "overlays/gpu", "overlays/prometheus-operator", "overlays/cert-manager"]
 OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # CRDs: no schema in kubernetes-validate
+# cert-manager's kinds: validated strictly with deploy/k8s/schemas/cert-manager (see its README), and against
+# the pinned release's CRDs too when $TANDEM_CERT_MANAGER_CRDS names a directory holding them.
+CERT_MANAGER_KINDS = {"Issuer": "issuer", "ClusterIssuer": "clusterissuer", "Certificate": "certificate"}
+CERT_MANAGER_SECRETS = {"tandem-cloud-tls", "tandem-inference-tls"}  # what its Certificates write
 WORKLOADS = {"StatefulSet", "Deployment", "DaemonSet"}
 SECRETS = {"tandem-cloud", "tandem-inference", "tandem-admin", "tandem-ca"}  # `tandem certs init --k8s` writes
 CA_BUNDLE = "tandem-ca-bundle"  # a ConfigMap, written with them: the root certificate and the deny list
@@ -95,6 +103,40 @@ def mounted_secrets(workload: Obj) -> set[str]:
     return names
 
 
+def _strict(schema: Any) -> Any:
+    """A CRD's openAPIV3Schema with unknown fields refused, as the API server's strict field validation does."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out \
+                and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+def validate_cert_manager(obj: Obj) -> None:
+    """Raises jsonschema.ValidationError unless `obj` is a well-formed cert-manager object."""
+    stem = CERT_MANAGER_KINDS[obj["kind"]]
+    ours = json.loads((K8S / "schemas" / "cert-manager" / f"{stem}.schema.json").read_text())
+    jsonschema.validate(obj, ours, cls=jsonschema.Draft202012Validator)
+    crds = os.environ.get("TANDEM_CERT_MANAGER_CRDS")
+    if crds:
+        crd = yaml.safe_load((Path(crds) / f"{stem}s.yaml").read_text())
+        version = next(v for v in crd["spec"]["versions"] if f"cert-manager.io/{v['name']}" == obj["apiVersion"])
+        schema = _strict(version["schema"]["openAPIV3Schema"])
+        schema["properties"]["metadata"] = {"type": "object"}
+        jsonschema.validate(obj, schema, cls=jsonschema.Draft7Validator)
+
+
+def go_duration_hours(text: str) -> float:
+    units = {"h": 1.0, "m": 1 / 60, "s": 1 / 3600}
+    parts = re.findall(r"([0-9.]+)([hms])", text)
+    assert "".join(n + u for n, u in parts) == text, text
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 def certs_init_k8s(directory: Path, namespace: str = "factory") -> list[Obj]:
     assert main(["certs", "init", "--dir", str(directory), "--agents", "edge-node-1,edge-node-2",
                  "--k8s", namespace]) == 0
@@ -112,6 +154,10 @@ def test_overlay_renders_and_validates_strictly(overlay: str) -> None:
         if obj["kind"] in OPERATOR_KINDS:
             assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["spec"]
             continue
+        if obj["kind"] in CERT_MANAGER_KINDS:
+            validate_cert_manager(obj)  # raises ValidationError
+            assert obj["metadata"]["namespace"] == "tandem", obj["metadata"]["name"]
+            continue
         kubernetes_validate.validate(obj, "1.37.0", strict=True)  # raises ValidationError
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == "tandem", obj["metadata"]["name"]
@@ -119,11 +165,13 @@ def test_overlay_renders_and_validates_strictly(overlay: str) -> None:
 
 @pytest.mark.process  # kubectl kustomize
 @needs_kubectl
-def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve() -> None:
-    objs = render("base")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve(overlay: str) -> None:
+    objs = render(overlay)
     config = find(objs, "ConfigMap", "tandem-config")["data"]
+    enrollment = {"tandem-ca"} if overlay != "overlays/cert-manager" else set()  # cert-manager's CSI driver instead
     assert {o["metadata"]["name"] for o in objs if o["kind"] in WORKLOADS} == {
-        "tandem-coordinator", "tandem-inference", "tandem-ca", "tandem-edge-agent"}
+        "tandem-coordinator", "tandem-inference", "tandem-edge-agent", *enrollment}
     for workload in (o for o in objs if o["kind"] in WORKLOADS):
         name = workload["metadata"]["name"]
         pod = workload["spec"]["template"]
@@ -149,7 +197,8 @@ def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve() -> None:
         main_container = pod["spec"]["containers"][0]
         args = main_container["args"]
         # The args are the real CLI's: they parse, with the ConfigMap's values put in.
-        parse_args(args, {**config, "NODE_NAME": "edge-node-1", "POD_NAMESPACE": "tandem"})
+        parse_args(args, {**config, "NODE_NAME": "edge-node-1", "POD_NAMESPACE": "tandem",
+                          "POD_NAME": "tandem-edge-agent-x7k2p"})
         ports = {p["name"]: p["containerPort"] for p in main_container["ports"]}
         # Every port declared is one the process serves, and every one it serves is declared.
         served = {port_of(flag(args, f)) for f in ("listen", "renew-listen", "health", "metrics") if flag(args, f)}
@@ -168,8 +217,8 @@ def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve() -> None:
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert main_container[probe]["tcpSocket"]["port"] == ports["enroll"], (name, probe)
         volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-        secrets = {v["secret"]["secretName"] for v in volumes.values() if "secret" in v}
-        assert secrets <= SECRETS
+        secrets = mounted_secrets(workload)
+        assert secrets <= SECRETS | CERT_MANAGER_SECRETS
         assert bool(secrets) == (name != "tandem-edge-agent")  # the edge agent mounts no Secret
         mounts = {m["mountPath"]: m["name"] for m in main_container["volumeMounts"]}
         certs_dir = flag(args, "certs") or flag(args, "dir")
@@ -185,7 +234,7 @@ def test_certificates_are_mounted_whole_so_that_rotations_reach_the_servers(over
     renewed intermediate would not reach the process (the servers reload changed files)."""
     for workload in (o for o in render(overlay) if o["kind"] in WORKLOADS):
         spec = workload["spec"]["template"]["spec"]
-        projected = {v["name"] for v in spec["volumes"] if {"secret", "configMap", "projected"} & v.keys()}
+        projected = {v["name"] for v in spec["volumes"] if {"secret", "configMap", "projected", "csi"} & v.keys()}
         for c in containers(workload):
             for mount in c.get("volumeMounts", []):
                 if mount["name"] in projected:
@@ -304,6 +353,69 @@ def test_overlays_change_what_they_say() -> None:
         "tandem-ca": "tandem-ca"}
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules" / "tandem.rules.yml").read_text())
     assert find(operator, "PrometheusRule", "tandem")["spec"]["groups"] == rules["groups"]
+
+
+@pytest.mark.process  # kubectl kustomize
+@needs_kubectl
+def test_cert_manager_overlay_makes_agent_keys_on_nodes_and_renews_the_servers() -> None:
+    objs = render("overlays/cert-manager")
+    config = find(objs, "ConfigMap", "tandem-config")["data"]
+    assert not [o for o in objs if o["metadata"]["name"] in {"tandem-ca", "tandem-ca-metrics"}]  # no enrollment service
+    issuers = {o["metadata"]["name"]: o["spec"]["ca"]["secretName"] for o in objs if o["kind"] == "Issuer"}
+    assert issuers == {"tandem-agents": "tandem-agents-issuer", "tandem-servers": "tandem-servers-issuer"}
+    workloads = [o for o in objs if o["kind"] in WORKLOADS]
+    assert not {s for w in workloads for s in mounted_secrets(w)} & set(issuers.values())  # CA keys: cert-manager's
+
+    # Agents: the CSI driver makes the key on the node and has tandem-agents sign tandem://agent/POD_NAME.
+    daemonset = find(objs, "DaemonSet", "tandem-edge-agent")
+    pod = daemonset["spec"]["template"]["spec"]
+    agent = pod["containers"][0]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert mounted_secrets(daemonset) == set()
+    assert [v["hostPath"]["path"] for v in volumes.values() if "hostPath" in v] == ["/var/lib/tandem/data"]
+    (tls,) = [v["csi"] for v in volumes.values() if "csi" in v]
+    attributes = tls["volumeAttributes"]
+    assert tls["driver"] == "csi.cert-manager.io" and tls["readOnly"] is True
+    assert attributes["csi.cert-manager.io/issuer-name"] == "tandem-agents"
+    assert attributes["csi.cert-manager.io/issuer-kind"] == "Issuer"
+    assert attributes["csi.cert-manager.io/uri-sans"] == "tandem://agent/${POD_NAME}"
+    assert attributes["csi.cert-manager.io/common-name"] == "${POD_NAME}"
+    assert set(attributes["csi.cert-manager.io/key-usages"].split(",")) == {"digital signature", "client auth",
+                                                                             "server auth"}
+    assert attributes["csi.cert-manager.io/fs-group"] == str(pod["securityContext"]["fsGroup"])
+    assert go_duration_hours(attributes["csi.cert-manager.io/renew-before"]) < go_duration_hours(
+        attributes["csi.cert-manager.io/duration"])
+    assert flag(agent["args"], "id") == "$(POD_NAME)" and flag(agent["args"], "enroll") is None
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in agent["env"]
+    mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
+    assert mounts["certs"] == config["TANDEM_CERTS"] and "emptyDir" in volumes["certs"]
+    (layout,) = pod["initContainers"]
+    links = layout["command"][-1]
+    for volume, name, target in (("tls", "tls.crt", "agents/$(POD_NAME).pem"), ("tls", "tls.key", "agents/$(POD_NAME).key"),
+                                 ("ca-bundle", "ca.pem", "ca.pem"), ("ca-bundle", "revoked.txt", "revoked.txt")):
+        link = rf'ln -sfn {re.escape(mounts[volume])}/{re.escape(name)} "?/certs/{re.escape(target)}"?( |$)'
+        assert re.search(link, links), (volume, name)
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in layout["env"]
+
+    # Servers: Certificates from tandem-servers, renewed before expiry, with the names `certs init --k8s` gives,
+    # mounted (whole, as the files Tandem reads) by the coordinator and the replicas.
+    hosts = {str(n.value) for n in certs._host_names(k8s_secrets.service_hosts("tandem"))}
+    for name, owner, leaf, identity in (
+            ("tandem-cloud", find(objs, "StatefulSet", "tandem-coordinator"), "cloud", "tandem://server/cloud"),
+            ("tandem-inference", find(objs, "Deployment", "tandem-inference"), "inference",
+             "tandem://replica/inference")):
+        spec = find(objs, "Certificate", name)["spec"]
+        assert spec["issuerRef"] == {"name": "tandem-servers", "kind": "Issuer", "group": "cert-manager.io"}
+        assert 0 < go_duration_hours(spec["renewBefore"]) < go_duration_hours(spec["duration"])
+        assert spec["uris"] == [identity] and spec["privateKey"]["rotationPolicy"] == "Always"
+        assert {*spec["dnsNames"], *spec["ipAddresses"]} == hosts
+        (certs_volume,) = [v for v in owner["spec"]["template"]["spec"]["volumes"] if v["name"] == "certs"]
+        sources = {next(iter(s)): s[next(iter(s))] for s in certs_volume["projected"]["sources"]}
+        assert sources["secret"]["name"] == spec["secretName"]
+        assert {i["key"]: i["path"] for i in sources["secret"]["items"]} == {"tls.crt": f"{leaf}.pem",
+                                                                              "tls.key": f"{leaf}.key"}
+        assert sources["configMap"]["name"] == CA_BUNDLE
+        assert {i["path"] for i in sources["configMap"]["items"]} == {"ca.pem", "revoked.txt"}
 
 
 def test_certs_init_k8s_writes_the_secrets_the_manifests_mount(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
