@@ -33,8 +33,9 @@ CERT_MANAGER_SECRETS = {"tandem-cloud-tls", "tandem-inference-tls"}  # what its 
 WORKLOADS = {"StatefulSet", "Deployment", "DaemonSet"}
 SECRETS = {"tandem-cloud", "tandem-inference", "tandem-admin", "tandem-ca"}  # `tandem certs init --k8s` writes
 CA_BUNDLE = "tandem-ca-bundle"  # a ConfigMap, written with them: the root certificate and the deny list
-# Flags the manifests use that the lead adds on main in parallel (`tandem ca --state --renew-listen`,
-# `tandem edge --renew`): tolerated as unknown until that merge, after which none is unknown.
+# Flags the manifests use that are being added to the CLI in parallel with them (issue 19's renewal:
+# `tandem ca --state --renew-listen`, `tandem edge --renew`): tolerated as unknown until that work is merged,
+# after which none is unknown and this set can go.
 PENDING_FLAGS = {"--state", "--renew-listen", "--renew"}
 PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
