@@ -1,30 +1,35 @@
 """Kubernetes Secrets for a deployment's certificates (`tandem certs init --k8s NAMESPACE`).
 
-The manifests in deploy/k8s mount these by name:
-- `tandem-cloud`: the coordinator's server certificate;
-- `tandem-inference`: the inference replicas' certificate (client of the coordinator,
-  server of Inference);
-- `tandem-agents`: every agent's certificate and key, named after its edge node (an
-  init container gives each agent pod only its own);
-- `tandem-admin`: the admin certificate, for an operator's pod or a CI job.
-Each also carries the CA certificate (never its key), and the ones mounted by servers
-that check client certificates (coordinator, replicas, agents) the deny list
-`revoked.txt`: Kubernetes updates a mounted Secret's files in place, and servers reload
-the list when it changes, so after `tandem certs revoke` an `kubectl apply` of the
-rewritten file revokes without a restart.
+The manifests in deploy/k8s mount these by name; each holds at most one private key:
+- `tandem-cloud`: the coordinator's server certificate and key;
+- `tandem-inference`: the inference replicas' certificate and key (client of the
+  coordinator, server of Inference);
+- `tandem-admin`: the admin certificate and key, for an operator's pod or a CI job;
+- `tandem-ca`: the agents' intermediate CA and its key, read only by the enrollment
+  service (`tandem ca`), which issues short-lived agent certificates for one-time tokens;
+- `tandem-ca-bundle` (a ConfigMap: it holds no key): the root CA certificate and the
+  deny list, mounted by the edge agents.
+No agent's key is here: each agent makes its own on its node and enrols
+(docs/kubernetes.md). Each object carries the root CA certificate (never its key), and
+the ones mounted by servers that check client certificates (coordinator, replicas, the
+enrollment service, agents) the deny list `revoked.txt`: Kubernetes updates a mounted
+Secret's or ConfigMap's files in place, and servers reload the list when it changes, so
+after `tandem certs revoke` an `kubectl apply` of the rewritten file revokes without a restart.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tandem import certs, revocation
+from tandem import certs, enrollment, revocation
 
 SERVICES = ("tandem-coordinator", "tandem-inference")
 COORDINATOR_POD = "tandem-coordinator-0"
+CA_SERVICE = "tandem-ca"  # the enrollment service's Service; its own certificate names come from `tandem ca --hosts`
+CA_STATEFULSET_POD = "tandem-ca-0"
+INTERMEDIATE_DIR = "ca"  # the agents' intermediate CA, under the certificate directory
 
 
 def service_hosts(namespace: str) -> list[str]:
@@ -38,45 +43,73 @@ def service_hosts(namespace: str) -> list[str]:
     return hosts
 
 
-def _secret(name: str, namespace: str, files: dict[str, Path]) -> dict[str, Any]:
-    def content(path: Path) -> bytes:
-        # No deny list yet is an empty one, shipped all the same so that it can change in place.
-        return path.read_bytes() if path.exists() or path.name != revocation.FILE_NAME else b""
+def intermediate_dir(directory: Path) -> Path:
+    return Path(directory) / INTERMEDIATE_DIR
 
+
+def _content(path: Path) -> bytes:
+    # No deny list yet is an empty one, shipped all the same so that it can change in place.
+    return path.read_bytes() if path.exists() or path.name != revocation.FILE_NAME else b""
+
+
+def _metadata(name: str, namespace: str) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "tandem"}}
+
+
+def _secret(name: str, namespace: str, files: dict[str, Path]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "tandem"}},
+        "metadata": _metadata(name, namespace),
         "type": "Opaque",
-        "data": {key: base64.b64encode(content(path)).decode() for key, path in files.items()},
+        "data": {key: base64.b64encode(_content(path)).decode() for key, path in files.items()},
     }
 
 
-def secrets(directory: Path, namespace: str, agents: Sequence[str]) -> list[dict[str, Any]]:
-    """The four Secrets, from the files `tandem certs init` wrote in `directory`."""
+def _config_map(name: str, namespace: str, files: dict[str, Path]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(name, namespace),
+        "data": {key: _content(path).decode() for key, path in files.items()},
+    }
+
+
+def secrets(directory: Path, namespace: str) -> list[dict[str, Any]]:
+    """The Secrets and the CA bundle ConfigMap, from the files `tandem certs init` and
+    `tandem certs intermediate --out DIR/ca` wrote in `directory`."""
     certs.validate_name(namespace)
     d = Path(directory)
+    ca_dir = intermediate_dir(d)
+    if not (ca_dir / enrollment.INTERMEDIATE_CERT).is_file():
+        raise FileNotFoundError(f"no intermediate CA for agents in {ca_dir} "
+                                f"(`tandem certs intermediate --dir {d} --out {ca_dir}`)")
     ca = {"ca.pem": d / "ca.pem"}
     deny = {revocation.FILE_NAME: d / revocation.FILE_NAME}
-    agent_files: dict[str, Path] = {**ca, **deny}
-    for name in agents:
-        cert, key = certs.agent_paths(d, name)
-        agent_files |= {f"{name}.pem": cert, f"{name}.key": key}
     replica = certs.REPLICA_NAME
     return [
         _secret("tandem-cloud", namespace, {**ca, **deny, "cloud.pem": d / "cloud.pem", "cloud.key": d / "cloud.key"}),
         _secret("tandem-inference", namespace,
                 {**ca, **deny, f"{replica}.pem": d / f"{replica}.pem", f"{replica}.key": d / f"{replica}.key"}),
-        _secret("tandem-agents", namespace, agent_files),
         _secret("tandem-admin", namespace, {**ca, "admin.pem": d / "admin.pem", "admin.key": d / "admin.key"}),
+        _secret(CA_SERVICE, namespace, {
+            enrollment.INTERMEDIATE_CERT: ca_dir / enrollment.INTERMEDIATE_CERT,
+            enrollment.INTERMEDIATE_KEY: ca_dir / enrollment.INTERMEDIATE_KEY, **ca, **deny}),
+        _config_map("tandem-ca-bundle", namespace, {**ca, **deny}),
     ]
 
 
-def deployed(path: Path) -> tuple[str, list[str]]:
-    """The namespace and agents of a Secrets file written before, to write it again."""
+def deployed(path: Path) -> tuple[str, bool]:
+    """The namespace of a Secrets file written before, to write it again, and whether an
+    older `tandem certs init --k8s` wrote it (with every agent's key in `tandem-agents`)."""
     import yaml
 
     docs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(path.read_text()) if d}
-    agents = docs["tandem-agents"]["data"]
-    names = sorted(key[: -len(".pem")] for key in agents if key.endswith(".pem") and key != "ca.pem")
-    return docs["tandem-agents"]["metadata"]["namespace"], names
+    return docs["tandem-cloud"]["metadata"]["namespace"], "tandem-agents" in docs
+
+
+def token_command(namespace: str, agent: str, ttl: str = "1h") -> str:
+    """The admin's command that makes agent `agent`'s one-time token in the cluster."""
+    certs.validate_name(agent)
+    return (f"kubectl exec -n {namespace} {CA_STATEFULSET_POD} -- tandem certs token {agent} "
+            f"--ca-dir /ca --state /state --ttl {ttl}")

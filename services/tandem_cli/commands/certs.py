@@ -18,12 +18,15 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--dir", type=Path, default=certs_default(),
                    help="directory to write (must not hold a CA yet; env TANDEM_CERTS; default %(default)s, where "
                         "every other command looks)")
-    p.add_argument("--agents", default="", help="comma-separated agent names")
+    p.add_argument("--agents", default="",
+                   help="comma-separated agent names (with --k8s: the edge nodes that will enrol; no certificate is "
+                        "made for them, and the command making each one's token is printed)")
     p.add_argument("--hosts", default="", help="extra server names or IPs for the cloud certificate, comma-separated")
     p.add_argument("--days", type=int, default=365, help="validity of the leaf certificates")
     p.add_argument("--k8s", default=None, metavar="NAMESPACE",
                    help="also name the Kubernetes services of deploy/k8s in NAMESPACE in the server certificates, "
-                        "and write their Secrets to DIR/k8s/secrets.yaml (agents are named after edge nodes)")
+                        "make the agents' intermediate CA in DIR/ca, and write the Secrets (one private key each, "
+                        "none of an agent) to DIR/k8s/secrets.yaml; agents enrol, named after their edge nodes")
     p.set_defaults(func=_init)
     p = certs_sub.add_parser("add-agent", help="issue a certificate for one more agent")
     p.add_argument("name", help="the agent's name: its identity everywhere")
@@ -83,14 +86,32 @@ def _init(args: argparse.Namespace) -> int:
     agents = [a for a in args.agents.split(",") if a]
     hosts = [h for h in args.hosts.split(",") if h]
     if args.k8s:
-        from tandem import k8s_secrets
-
-        hosts += k8s_secrets.service_hosts(args.k8s)
+        return _init_k8s(args, agents, hosts)
     certs.init_deployment(args.dir, agents, hosts, days=args.days)
     print(f"wrote CA, cloud, admin, inference and {len(agents)} agent certificates to {args.dir}")
-    if args.k8s:
-        path = _write_k8s_secrets(args.dir, args.k8s, agents)
-        print(f"wrote Kubernetes Secrets for namespace {args.k8s} to {path} (kubectl apply -f {path})")
+    return 0
+
+
+def _init_k8s(args: argparse.Namespace, agents: list[str], hosts: list[str]) -> int:
+    """A deployment for deploy/k8s: no agent key is made here, agents enrol on their nodes."""
+    from tandem import enrollment, k8s_secrets
+
+    for name in agents:  # a bad name is refused before anything is written
+        certs.validate_name(name)
+    certs.init_deployment(args.dir, [], hosts + k8s_secrets.service_hosts(args.k8s), days=args.days)
+    print(f"wrote CA, cloud, admin and inference certificates to {args.dir}")
+    ca_dir = k8s_secrets.intermediate_dir(args.dir)
+    if not (ca_dir / enrollment.INTERMEDIATE_CERT).exists():
+        enrollment.create_intermediate(args.dir, ca_dir, days=args.days)
+        print(f"wrote the agents' intermediate CA to {ca_dir}")
+    path = _write_k8s_secrets(args.dir, args.k8s)
+    print(f"wrote Kubernetes Secrets for namespace {args.k8s} to {path} (kubectl apply -f {path}); "
+          f"keep {args.dir / 'ca.key'} offline")
+    if agents:
+        print("agents enrol with a one-time token placed on their node at /etc/tandem/enroll/token "
+              "(docs/kubernetes.md); make each one's, once tandem-ca-0 runs, with:")
+        for name in agents:
+            print(f"  {k8s_secrets.token_command(args.k8s, name)}")
     return 0
 
 
@@ -121,10 +142,18 @@ def _revoke(args: argparse.Namespace) -> int:
         print(f"and the enrollment service reading {args.ca_dir} refuses to renew its certificate")
     secrets_file = args.dir / "k8s" / "secrets.yaml"
     if secrets_file.exists():
-        from tandem import k8s_secrets
+        from tandem import enrollment, k8s_secrets
 
-        _write_k8s_secrets(args.dir, *k8s_secrets.deployed(secrets_file))
+        namespace, legacy = k8s_secrets.deployed(secrets_file)
+        if not (k8s_secrets.intermediate_dir(args.dir) / enrollment.INTERMEDIATE_CERT).exists():
+            print(f"did not rewrite {secrets_file}: an older `tandem certs init --k8s` wrote it, with every agent's "
+                  f"key in one Secret; see docs/kubernetes.md, \"Upgrading from tandem-agents\"")
+            return 0
+        _write_k8s_secrets(args.dir, namespace)
         print(f"rewrote {secrets_file} with the deny list: kubectl apply -f {secrets_file}")
+        if legacy:
+            print(f"it no longer holds tandem-agents: once the edge agents have enrolled, "
+                  f"kubectl delete secret -n {namespace} tandem-agents")
     return 0
 
 
@@ -177,14 +206,14 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_k8s_secrets(directory: Path, namespace: str, agents: list[str]) -> Path:
+def _write_k8s_secrets(directory: Path, namespace: str) -> Path:
     import yaml
 
     from tandem import k8s_secrets
 
     path = directory / "k8s" / "secrets.yaml"
     path.parent.mkdir(exist_ok=True)
-    text = yaml.safe_dump_all(k8s_secrets.secrets(directory, namespace, agents), sort_keys=False)
+    text = yaml.safe_dump_all(k8s_secrets.secrets(directory, namespace), sort_keys=False)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds private keys
     with os.fdopen(fd, "w") as out:
         out.write(text)
