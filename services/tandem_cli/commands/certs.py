@@ -140,33 +140,34 @@ def _revoke(args: argparse.Namespace) -> int:
     if args.ca_dir is not None:
         certs.revoke(args.ca_dir, args.name, role=identity.role)
         print(f"and the enrollment service reading {args.ca_dir} refuses to renew its certificate")
-    secrets_file = args.dir / "k8s" / "secrets.yaml"
-    if secrets_file.exists():
-        from tandem import enrollment, k8s_secrets
-
-        namespace, legacy = k8s_secrets.deployed(secrets_file)
-        if not (k8s_secrets.intermediate_dir(args.dir) / enrollment.INTERMEDIATE_CERT).exists():
-            print(f"did not rewrite {secrets_file}: an older `tandem certs init --k8s` wrote it, with every agent's "
-                  f"key in one Secret; see docs/kubernetes.md, \"Upgrading from tandem-agents\"")
-            return 0
-        _write_k8s_secrets(args.dir, namespace)
-        print(f"rewrote {secrets_file} with the deny list: kubectl apply -f {secrets_file}")
-        if legacy:
-            print(f"it no longer holds tandem-agents: once the edge agents have enrolled, "
-                  f"kubectl delete secret -n {namespace} tandem-agents")
+    _rewrite_k8s_secrets(args.dir, "with the deny list")
     return 0
 
 
 def _rotate(args: argparse.Namespace) -> int:
     for path in certs.rotate_servers(args.dir, days=args.days):
         print(f"wrote {path} and its key: servers reading {args.dir} use them for new connections")
-    secrets_file = args.dir / "k8s" / "secrets.yaml"
-    if secrets_file.exists():
-        from tandem import k8s_secrets
-
-        _write_k8s_secrets(args.dir, *k8s_secrets.deployed(secrets_file))
-        print(f"rewrote {secrets_file}: kubectl apply -f {secrets_file}")
+    _rewrite_k8s_secrets(args.dir, "with the new certificates")
     return 0
+
+
+def _rewrite_k8s_secrets(directory: Path, what: str) -> None:
+    """Write DIR/k8s/secrets.yaml again, if `tandem certs init --k8s` wrote one."""
+    secrets_file = directory / "k8s" / "secrets.yaml"
+    if not secrets_file.exists():
+        return
+    from tandem import enrollment, k8s_secrets
+
+    namespace, legacy = k8s_secrets.deployed(secrets_file)
+    if not (k8s_secrets.intermediate_dir(directory) / enrollment.INTERMEDIATE_CERT).exists():
+        print(f"did not rewrite {secrets_file}: an older `tandem certs init --k8s` wrote it, with every agent's "
+              f"key in one Secret; see docs/kubernetes.md, \"Upgrading from tandem-agents\"")
+        return
+    _write_k8s_secrets(directory, namespace)
+    print(f"rewrote {secrets_file} {what}: kubectl apply -f {secrets_file}")
+    if legacy:
+        print(f"it no longer holds tandem-agents: once the edge agents have enrolled, "
+              f"kubectl delete secret -n {namespace} tandem-agents")
 
 
 def _duration(text: str) -> float:
