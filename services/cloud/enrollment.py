@@ -116,20 +116,20 @@ class OwnCertificate:
                  clock: Callable[[], float] = time.time) -> None:
         self._issuer, self._hosts, self._lifetime, self._clock = issuer, hosts, lifetime, clock
         self._lock = threading.Lock()
-        self.generation = 0
-        self._make()
+        self.generation = 1
+        self.pair, self.not_after, self._renew_at = self._make()
 
-    def _make(self) -> None:
+    def _make(self) -> tuple[tuple[bytes, bytes], datetime.datetime, float]:
+        """A new (key, chain), its expiry, and when to make the next: halfway."""
         key, chain, not_after = self._issuer.server_certificate(self._hosts, self._lifetime)
         now = self._clock()
-        self.pair, self.not_after = (key, chain), not_after
-        self._renew_at = now + (not_after.timestamp() - now) / 2
-        self.generation += 1
+        return (key, chain), not_after, now + (not_after.timestamp() - now) / 2
 
     def _current(self) -> int:
         with self._lock:
             if self._clock() >= self._renew_at:
-                self._make()
+                self.pair, self.not_after, self._renew_at = self._make()
+                self.generation += 1
                 log.info("the enrollment service's own certificate was made again (valid until %s)",
                          self.not_after.isoformat(timespec="seconds"))
             return self.generation
