@@ -428,8 +428,10 @@ def test_the_cloud_namespace_enforces_restricted_and_only_the_edge_namespace_rel
         assert all(ns == CLOUD_NS for ns, w, _ in pods(objs) if w["metadata"]["name"] == name), name
         for field in ("hostNetwork", "hostPID", "hostIPC"):
             assert not spec.get(field), (name, field)
-        for volume in spec.get("volumes", []):
+        for volume in spec.get("volumes", []):  # restricted admits these volume types only (so no hostPath)
             assert "hostPath" not in volume, (name, volume["name"])
+            assert volume.keys() - {"name"} <= {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                                               "persistentVolumeClaim", "projected", "secret"}, (name, volume)
         pod_sc = spec.get("securityContext", {})
         assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
         assert pod_sc.get("runAsUser") != 0, name
