@@ -8,7 +8,12 @@ The manifests in deploy/k8s mount these by name; each holds at most one private 
 - `tandem-ca`: the agents' intermediate CA and its key, read only by the enrollment
   service (`tandem ca`), which issues short-lived agent certificates for one-time tokens;
 - `tandem-ca-bundle` (a ConfigMap: it holds no key): the root CA certificate and the
-  deny list, mounted by the edge agents.
+  deny list, mounted by the edge agents. They run in a namespace of their own,
+  NAMESPACE-edge (`edge_namespace`), which admits their hostPaths and hostPort while
+  NAMESPACE enforces the "restricted" Pod Security Standard; a pod mounts only
+  ConfigMaps of its own namespace, so the bundle is written there. It is also written
+  into NAMESPACE, where the cert-manager overlay's servers project it. The Secrets stay
+  in NAMESPACE.
 No agent's key is here: each agent makes its own on its node and enrols
 (docs/kubernetes.md). Each object carries the root CA certificate (never its key), and
 the ones mounted by servers that check client certificates (coordinator, replicas, the
@@ -29,6 +34,7 @@ SERVICES = ("tandem-coordinator", "tandem-inference")
 COORDINATOR_POD = "tandem-coordinator-0"
 CA_SERVICE = "tandem-ca"  # the enrollment service's Service; its own certificate names come from `tandem ca --hosts`
 CA_STATEFULSET_POD = "tandem-ca-0"
+CA_BUNDLE = "tandem-ca-bundle"  # the ConfigMap: root certificate and deny list, no key
 INTERMEDIATE_DIR = "ca"  # the agents' intermediate CA, under the certificate directory
 
 
@@ -41,6 +47,19 @@ def service_hosts(namespace: str) -> list[str]:
                   f"{service}.{namespace}.svc.cluster.local"]
     hosts.append(f"{COORDINATOR_POD}.tandem-coordinator.{namespace}.svc.cluster.local")
     return hosts
+
+
+EDGE_SUFFIX = "-edge"
+
+
+def edge_namespace(namespace: str) -> str:
+    """The edge agents' namespace for a deployment in `namespace` (deploy/k8s/base/namespace.yaml)."""
+    certs.validate_name(namespace)
+    edge = namespace + EDGE_SUFFIX
+    if len(edge) > 63:
+        raise ValueError(f"namespace {namespace!r} is too long: the edge agents' namespace {edge!r} would "
+                         f"exceed 63 characters")
+    return edge
 
 
 def intermediate_dir(directory: Path) -> Path:
@@ -76,9 +95,10 @@ def _config_map(name: str, namespace: str, files: dict[str, Path]) -> dict[str, 
 
 
 def secrets(directory: Path, namespace: str) -> list[dict[str, Any]]:
-    """The Secrets and the CA bundle ConfigMap, from the files `tandem certs init` and
-    `tandem certs intermediate --out DIR/ca` wrote in `directory`."""
-    certs.validate_name(namespace)
+    """The Secrets (in `namespace`) and the CA bundle ConfigMap (in `namespace` and in its edge
+    namespace), from the files `tandem certs init` and `tandem certs intermediate --out DIR/ca`
+    wrote in `directory`."""
+    edge = edge_namespace(namespace)
     d = Path(directory)
     ca_dir = intermediate_dir(d)
     if not (ca_dir / enrollment.INTERMEDIATE_CERT).is_file():
@@ -95,7 +115,8 @@ def secrets(directory: Path, namespace: str) -> list[dict[str, Any]]:
         _secret(CA_SERVICE, namespace, {
             enrollment.INTERMEDIATE_CERT: ca_dir / enrollment.INTERMEDIATE_CERT,
             enrollment.INTERMEDIATE_KEY: ca_dir / enrollment.INTERMEDIATE_KEY, **ca, **deny}),
-        _config_map("tandem-ca-bundle", namespace, {**ca, **deny}),
+        _config_map(CA_BUNDLE, namespace, {**ca, **deny}),
+        _config_map(CA_BUNDLE, edge, {**ca, **deny}),
     ]
 
 

@@ -33,6 +33,10 @@ CERT_MANAGER_SECRETS = {"tandem-cloud-tls", "tandem-inference-tls"}  # what its 
 WORKLOADS = {"StatefulSet", "Deployment", "DaemonSet"}
 SECRETS = {"tandem-cloud", "tandem-inference", "tandem-admin", "tandem-ca"}  # `tandem certs init --k8s` writes
 CA_BUNDLE = "tandem-ca-bundle"  # a ConfigMap, written with them: the root certificate and the deny list
+CLOUD_NS = "tandem"  # the coordinator, the replicas, the enrollment service: Pod Security "restricted", enforced
+EDGE_NS = "tandem-edge"  # the edge agents (hostPaths, a hostPort): the one namespace that relaxes enforcement
+EDGE = "edge-agent"  # the app.kubernetes.io/component of every object in EDGE_NS
+PSS = "pod-security.kubernetes.io/enforce"
 # Flags the manifests use that are being added to the CLI in parallel with them (issue 19's renewal:
 # `tandem ca --state --renew-listen`, `tandem edge --renew`): tolerated as unknown until that work is merged,
 # after which none is unknown and this set can go.
@@ -48,10 +52,60 @@ def render(overlay: str) -> list[Obj]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-def find(objs: list[Obj], kind: str, name: str) -> Obj:
-    matches = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
-    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+def find(objs: list[Obj], kind: str, name: str, namespace: str | None = None) -> Obj:
+    """The one object of that kind and name (in `namespace`, if given: tandem-config is in both namespaces)."""
+    matches = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name
+               and namespace in (None, o["metadata"].get("namespace"))]
+    assert len(matches) == 1, f"{kind}/{name} in {namespace}: {len(matches)} found"
     return matches[0]
+
+
+def namespace_of(obj: Obj) -> str:
+    return str(obj["metadata"]["namespace"])
+
+
+def settings(objs: list[Obj], namespace: str) -> dict[str, str]:
+    """The tandem-config ConfigMap the workloads of `namespace` read."""
+    return dict(find(objs, "ConfigMap", "tandem-config", namespace)["data"])
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert selector.keys() <= {"matchLabels"}, selector  # the manifests use matchLabels only
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
+
+
+def namespace_labels(objs: list[Obj], namespace: str) -> dict[str, str]:
+    """A namespace's labels as the API server has them (it adds kubernetes.io/metadata.name)."""
+    ours = [o for o in objs if o["kind"] == "Namespace" and o["metadata"]["name"] == namespace]
+    return {**(ours[0]["metadata"].get("labels", {}) if ours else {}), "kubernetes.io/metadata.name": namespace}
+
+
+def admitted(objs: list[Obj], pod: Obj, namespace: str, port: int, source: dict[str, str], source_ns: str) -> bool:
+    """Whether the NetworkPolicies let a pod labelled `source` in `source_ns` reach `port` of the pod template
+    `pod` in `namespace` (Ingress only: no policy here restricts egress)."""
+    labels = pod["metadata"]["labels"]
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy" and namespace_of(o) == namespace
+                and selects(o["spec"]["podSelector"], labels)]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            if rule.get("ports") and port not in {p["port"] for p in rule["ports"]}:
+                continue
+            for peer in rule.get("from") or [{"namespaceSelector": {}}]:
+                assert "ipBlock" not in peer, peer
+                if "namespaceSelector" in peer:
+                    in_ns = selects(peer["namespaceSelector"], namespace_labels(objs, source_ns))
+                else:
+                    in_ns = source_ns == namespace
+                if in_ns and selects(peer.get("podSelector", {}), source):
+                    return True
+    return False
+
+
+def pods(objs: list[Obj]) -> list[tuple[str, Obj, Obj]]:
+    """(namespace, workload, pod template) of every workload."""
+    return [(namespace_of(o), o, o["spec"]["template"]) for o in objs if o["kind"] in WORKLOADS]
 
 
 def containers(workload: Obj) -> list[Obj]:
@@ -151,16 +205,21 @@ def test_overlay_renders_and_validates_strictly(overlay: str) -> None:
     assert {o["kind"] for o in objs} >= {"Namespace", "StatefulSet", "Deployment", "DaemonSet", "Service",
                                         "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"}
     for obj in objs:
+        # Every object in one of the two namespaces: the edge agents' in EDGE_NS, the rest in CLOUD_NS.
+        component = obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        expected = EDGE_NS if component == EDGE else CLOUD_NS
+        if obj["kind"] == "Namespace":
+            assert obj["metadata"]["name"] in {CLOUD_NS, EDGE_NS} and "namespace" not in obj["metadata"]
+        else:
+            assert obj["metadata"].get("namespace") == expected, (obj["kind"], obj["metadata"]["name"])
         if obj["kind"] in OPERATOR_KINDS:
             assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["spec"]
             continue
         if obj["kind"] in CERT_MANAGER_KINDS:
             validate_cert_manager(obj)  # raises ValidationError
-            assert obj["metadata"]["namespace"] == "tandem", obj["metadata"]["name"]
             continue
         kubernetes_validate.validate(obj, "1.37.0", strict=True)  # raises ValidationError
-        if obj["kind"] != "Namespace":
-            assert obj["metadata"]["namespace"] == "tandem", obj["metadata"]["name"]
+    assert {o["metadata"]["name"] for o in objs if o["kind"] == "Namespace"} == {CLOUD_NS, EDGE_NS}
 
 
 @pytest.mark.process  # kubectl kustomize
@@ -168,13 +227,13 @@ def test_overlay_renders_and_validates_strictly(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve(overlay: str) -> None:
     objs = render(overlay)
-    config = find(objs, "ConfigMap", "tandem-config")["data"]
     enrollment = {"tandem-ca"} if overlay != "overlays/cert-manager" else set()  # cert-manager's CSI driver instead
     assert {o["metadata"]["name"] for o in objs if o["kind"] in WORKLOADS} == {
         "tandem-coordinator", "tandem-inference", "tandem-edge-agent", *enrollment}
     for workload in (o for o in objs if o["kind"] in WORKLOADS):
         name = workload["metadata"]["name"]
         pod = workload["spec"]["template"]
+        config = settings(objs, namespace_of(workload))  # the ConfigMap of its own namespace
         assert workload["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
         assert pod["spec"]["automountServiceAccountToken"] is False
@@ -197,7 +256,7 @@ def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve(overlay: s
         main_container = pod["spec"]["containers"][0]
         args = main_container["args"]
         # The args are the real CLI's: they parse, with the ConfigMap's values put in.
-        parse_args(args, {**config, "NODE_NAME": "edge-node-1", "POD_NAMESPACE": "tandem",
+        parse_args(args, {**config, "NODE_NAME": "edge-node-1", "POD_NAMESPACE": namespace_of(workload),
                           "POD_NAME": "tandem-edge-agent-x7k2p"})
         ports = {p["name"]: p["containerPort"] for p in main_container["ports"]}
         # Every port declared is one the process serves, and every one it serves is declared.
@@ -223,7 +282,7 @@ def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve(overlay: s
         mounts = {m["mountPath"]: m["name"] for m in main_container["volumeMounts"]}
         certs_dir = flag(args, "certs") or flag(args, "dir")
         assert certs_dir is not None
-        assert mounts[re.sub(r"\$\((\w+)\)", lambda m: config[m.group(1)], certs_dir)] in volumes
+        assert mounts[re.sub(r"\$\((\w+)\)", lambda m, config=config: config[m.group(1)], certs_dir)] in volumes
 
 
 @pytest.mark.process  # kubectl kustomize
@@ -246,14 +305,16 @@ def test_certificates_are_mounted_whole_so_that_rotations_reach_the_servers(over
 @needs_kubectl
 def test_services_policies_and_scaling_point_at_real_pods() -> None:
     objs = render("base")
-    pods = [o["spec"]["template"] for o in objs if o["kind"] in WORKLOADS]
-    for service in (o for o in objs if o["kind"] == "Service"):
-        selected = [p for p in pods if service["spec"]["selector"].items() <= p["metadata"]["labels"].items()]
+    templates = pods(objs)
+    for service in (o for o in objs if o["kind"] == "Service"):  # a Service selects pods of its own namespace
+        selected = [p for ns, _, p in templates if ns == namespace_of(service)
+                    and service["spec"]["selector"].items() <= p["metadata"]["labels"].items()]
         assert selected, service["metadata"]["name"]
         names = {port["name"] for p in selected for port in p["spec"]["containers"][0]["ports"]}
         assert {port["targetPort"] for port in service["spec"]["ports"]} <= names
     for pdb in (o for o in objs if o["kind"] == "PodDisruptionBudget"):
-        assert any(pdb["spec"]["selector"]["matchLabels"].items() <= p["metadata"]["labels"].items() for p in pods)
+        assert any(pdb["spec"]["selector"]["matchLabels"].items() <= p["metadata"]["labels"].items()
+                   for ns, _, p in templates if ns == namespace_of(pdb))
     hpa = find(objs, "HorizontalPodAutoscaler", "tandem-inference")
     assert find(objs, "Deployment", hpa["spec"]["scaleTargetRef"]["name"])
 
@@ -268,7 +329,7 @@ def test_services_policies_and_scaling_point_at_real_pods() -> None:
     assert any(t["key"] == "node-role.kubernetes.io/edge" and t["effect"] == "NoSchedule" for t in agents["tolerations"])
 
     # The enrollment service: its tokens on its own volume, the intermediate from the tandem-ca Secret.
-    config = find(objs, "ConfigMap", "tandem-config")["data"]
+    config = settings(objs, EDGE_NS)  # the agents'
     ca = find(objs, "StatefulSet", "tandem-ca")
     ca_pod = ca["spec"]["template"]["spec"]
     ca_args = ca_pod["containers"][0]["args"]
@@ -279,12 +340,20 @@ def test_services_policies_and_scaling_point_at_real_pods() -> None:
     ca_dir = ca_mounts[flag(ca_args, "dir")]
     assert ca_dir["readOnly"] is True
     assert {v["name"]: v for v in ca_pod["volumes"]}[ca_dir["name"]]["secret"]["secretName"] == "tandem-ca"
-    hosts = (flag(ca_args, "hosts") or "").replace("$(POD_NAMESPACE)", "tandem").split(",")
+    hosts = (flag(ca_args, "hosts") or "").replace("$(POD_NAMESPACE)", namespace_of(ca)).split(",")
     ca_service = find(objs, "Service", "tandem-ca")
     assert {"tandem-ca", "tandem-ca.tandem.svc", "tandem-ca.tandem.svc.cluster.local"} <= set(hosts)
     ports = {p["port"]: p["targetPort"] for p in ca_service["spec"]["ports"]}
     assert ports == {7445: "enroll", 7446: "renew"}
-    assert config["TANDEM_CA"] == "tandem-ca:7445" and config["TANDEM_CA_RENEW"] == "tandem-ca:7446"
+    # The agents, in their own namespace, reach the cloud's Services by names their certificates carry.
+    assert config["TANDEM_CA"] == "tandem-ca.tandem.svc:7445" and config["TANDEM_CA_RENEW"] == "tandem-ca.tandem.svc:7446"
+    assert {config["TANDEM_CA"].rsplit(":", 1)[0], config["TANDEM_CA_RENEW"].rsplit(":", 1)[0]} <= set(hosts)
+    server_names = set(k8s_secrets.service_hosts(CLOUD_NS))
+    for key, service in (("TANDEM_CLOUD", "tandem-coordinator"), ("TANDEM_INFERENCE", "tandem-inference")):
+        host, port = config[key].rsplit(":", 1)
+        assert host == f"{service}.{CLOUD_NS}.svc" and host in server_names, key
+        assert int(port) in {p["port"] for p in find(objs, "Service", service, CLOUD_NS)["spec"]["ports"]}, key
+    assert namespace_of(ca_service) == CLOUD_NS
 
     # The edge agent: its key made and kept on its node, its token from the node, the CA bundle keyless.
     agent = agents["containers"][0]
@@ -312,12 +381,15 @@ def test_services_policies_and_scaling_point_at_real_pods() -> None:
     for name in ("ca.pem", "revoked.txt"):
         assert f"ln -sfn {bundle_mount['mountPath']}/{name} /certs/{name}" in layout
 
-    assert find(objs, "NetworkPolicy", "tandem-default-deny")["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    for deny in ("tandem-default-deny", "tandem-edge-default-deny"):  # both namespaces closed by default
+        assert find(objs, "NetworkPolicy", deny)["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
     grpc_in = find(objs, "NetworkPolicy", "tandem-coordinator")["spec"]["ingress"]
     assert [p["port"] for rule in grpc_in for p in rule["ports"]] == [7443]
     callers = [peer["podSelector"]["matchLabels"] for rule in grpc_in for peer in rule["from"]]
     assert callers == [{"app.kubernetes.io/component": "edge-agent"}, {"app.kubernetes.io/component": "inference"},
                        {"tandem.dev/admin": "true"}]
+    edge_ns = {"matchLabels": {"kubernetes.io/metadata.name": EDGE_NS}}
+    assert grpc_in[0]["from"][0]["namespaceSelector"] == edge_ns  # the agents: from their namespace only
     # Enrollment and renewal: edge agents only, whichever policy selects the CA's pods.
     ca_labels = ca["spec"]["template"]["metadata"]["labels"]
     reaching = []
@@ -327,11 +399,103 @@ def test_services_policies_and_scaling_point_at_real_pods() -> None:
                 opened = {p["port"] for p in rule.get("ports", [])}
                 if not rule.get("ports") or opened & {7445, 7446}:
                     reaching.append((policy["metadata"]["name"], rule.get("from"), opened))
-    assert reaching == [("tandem-ca", [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "edge-agent"}}}],
+    assert reaching == [("tandem-ca", [{"namespaceSelector": edge_ns,
+                                        "podSelector": {"matchLabels": {"app.kubernetes.io/component": "edge-agent"}}}],
                          {7445, 7446})]
-    metrics_in = find(objs, "NetworkPolicy", "tandem-metrics")["spec"]["ingress"]
-    assert [peer["podSelector"]["matchLabels"] for rule in metrics_in for peer in rule["from"]] == [
-        {"app.kubernetes.io/name": "prometheus"}]
+    for name in ("tandem-metrics", "tandem-edge-metrics"):
+        metrics_in = find(objs, "NetworkPolicy", name)["spec"]["ingress"]
+        assert [peer["podSelector"]["matchLabels"] for rule in metrics_in for peer in rule["from"]] == [
+            {"app.kubernetes.io/name": "prometheus"}]
+
+
+@pytest.mark.process  # kubectl kustomize
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_cloud_namespace_enforces_restricted_and_only_the_edge_namespace_relaxes_it(overlay: str) -> None:
+    """The "restricted" Pod Security Standard, as far as a test of the manifests can check it, for every pod
+    of the cloud's namespace, which enforces it; the edge agents' DaemonSet alone runs where it is relaxed."""
+    objs = render(overlay)
+    enforced = {o["metadata"]["name"]: o["metadata"].get("labels", {}) for o in objs if o["kind"] == "Namespace"}
+    assert enforced[CLOUD_NS][PSS] == "restricted"
+    assert {name for name, labels in enforced.items() if labels.get(PSS) != "restricted"} == {EDGE_NS}
+    assert enforced[EDGE_NS][PSS] == "privileged"  # no level between baseline and privileged admits a hostPort
+    assert enforced[EDGE_NS]["pod-security.kubernetes.io/warn"] in {"baseline", "restricted"}
+    relaxed = [(w["kind"], w["metadata"]["name"]) for ns, w, _ in pods(objs) if ns == EDGE_NS]
+    assert relaxed == [("DaemonSet", "tandem-edge-agent")]
+    cloud = [(w["metadata"]["name"], p["spec"]) for ns, w, p in pods(objs) if ns != EDGE_NS]
+    assert {name for name, _ in cloud} >= {"tandem-coordinator", "tandem-inference"}
+    for name, spec in cloud:
+        assert all(ns == CLOUD_NS for ns, w, _ in pods(objs) if w["metadata"]["name"] == name), name
+        for field in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(field), (name, field)
+        for volume in spec.get("volumes", []):  # restricted admits these volume types only (so no hostPath)
+            assert "hostPath" not in volume, (name, volume["name"])
+            assert volume.keys() - {"name"} <= {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                                               "persistentVolumeClaim", "projected", "secret"}, (name, volume)
+        pod_sc = spec.get("securityContext", {})
+        assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        assert pod_sc.get("runAsUser") != 0, name
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            sc = c.get("securityContext", {})
+            assert (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))) is True, (name, c["name"])
+            assert sc.get("runAsUser", pod_sc.get("runAsUser")) not in (0, None), (name, c["name"])
+            assert sc.get("seccompProfile", {}).get("type", "RuntimeDefault") == "RuntimeDefault", (name, c["name"])
+            assert sc.get("allowPrivilegeEscalation") is False and not sc.get("privileged"), (name, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), (name, c["name"])
+            assert not any(p.get("hostPort") for p in c.get("ports", [])), (name, c["name"])
+
+
+@pytest.mark.process  # kubectl kustomize
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_edge_agents_reach_exactly_the_cloud_ports_they_use_across_namespaces(overlay: str) -> None:
+    """The agents, in their own namespace, reach the ports of the cloud's pods that their settings name (the
+    coordinator, the replicas, enrollment and renewal) and no other; a pod in the cloud's namespace that merely
+    carries the agents' labels is not let in as one; Prometheus still reaches every metrics port."""
+    objs = render(overlay)
+    daemonset = find(objs, "DaemonSet", "tandem-edge-agent")
+    assert namespace_of(daemonset) == EDGE_NS
+    agent_pod = daemonset["spec"]["template"]
+    agent_labels = agent_pod["metadata"]["labels"]
+    config = settings(objs, EDGE_NS)
+    args = [re.sub(r"\$\((\w+)\)", lambda m: config.get(m.group(1), m.group(0)), a)
+            for a in agent_pod["spec"]["containers"][0]["args"]]
+    # What the agent calls: SERVICE.NAMESPACE.svc:PORT, each a Service's port, to the pods' container port.
+    used: set[tuple[str, int]] = set()
+    for option in ("cloud", "inference-cloud", "enroll", "renew"):
+        address = flag(args, option)
+        if address is None:
+            continue  # the cert-manager overlay: no enrollment
+        host, port = address.rsplit(":", 1)
+        service_name, namespace, svc = host.split(".")
+        assert (namespace, svc) == (CLOUD_NS, "svc"), address
+        service = find(objs, "Service", service_name, namespace)
+        (target,) = [p["targetPort"] for p in service["spec"]["ports"] if p["port"] == int(port)]
+        selected = [(w, p) for ns, w, p in pods(objs) if ns == namespace
+                    and service["spec"]["selector"].items() <= p["metadata"]["labels"].items()]
+        assert selected, address
+        for workload, pod in selected:
+            (container_port,) = [p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]
+                                 if p["name"] == target]
+            used.add((workload["metadata"]["name"], container_port))
+    expected = {("tandem-coordinator", 7443), ("tandem-inference", 7450)}
+    if overlay != "overlays/cert-manager":
+        expected |= {("tandem-ca", 7445), ("tandem-ca", 7446)}
+    assert used == expected
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    for ns, workload, pod in pods(objs):
+        for port in (p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])):
+            key = (workload["metadata"]["name"], port)
+            if ns == CLOUD_NS:
+                assert admitted(objs, pod, ns, port, agent_labels, EDGE_NS) == (key in used), key
+                # The agents' labels alone, from the cloud's own namespace, are not an agent.
+                assert not admitted(objs, pod, ns, port, agent_labels, CLOUD_NS) or key[1] == 7450, key
+            if port in (9100, 9101):
+                assert admitted(objs, pod, ns, port, prometheus, "monitoring"), key
+                assert not admitted(objs, pod, ns, port, {"app.kubernetes.io/name": "other"}, "monitoring"), key
+    # The agents' own ports: Inference (7460) for local applications, metrics for Prometheus only, nothing else.
+    for port, open_to_all in ((7460, True), (7461, False), (9101, False)):
+        assert admitted(objs, agent_pod, EDGE_NS, port, {"app": "client"}, "apps") is open_to_all, port
 
 
 @pytest.mark.process  # kubectl kustomize
@@ -351,6 +515,15 @@ def test_overlays_change_what_they_say() -> None:
     assert {name: ep["relabelings"][0]["replacement"] for name, ep in jobs.items()} == {
         "tandem-cloud": "tandem-cloud", "tandem-inference": "tandem-inference", "tandem-edge": "tandem-edge",
         "tandem-ca": "tandem-ca"}
+    # Each monitor selects its targets' namespace: the agents' PodMonitor the edge namespace.
+    targets = {"tandem-cloud": "coordinator", "tandem-inference": "inference", "tandem-edge": EDGE, "tandem-ca": "ca"}
+    for monitor in (m for m in operator if m["kind"] in {"ServiceMonitor", "PodMonitor"}):
+        component = targets[monitor["metadata"]["name"]]
+        (namespace,) = {namespace_of(w) for w in operator if w["kind"] in WORKLOADS and w["spec"]["template"][
+            "metadata"]["labels"]["app.kubernetes.io/component"] == component}
+        assert monitor["spec"]["namespaceSelector"] == {"matchNames": [namespace]}, monitor["metadata"]["name"]
+        assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == component
+    assert find(operator, "PodMonitor", "tandem-edge")["spec"]["namespaceSelector"] == {"matchNames": [EDGE_NS]}
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules" / "tandem.rules.yml").read_text())
     assert find(operator, "PrometheusRule", "tandem")["spec"]["groups"] == rules["groups"]
 
@@ -359,10 +532,16 @@ def test_overlays_change_what_they_say() -> None:
 @needs_kubectl
 def test_cert_manager_overlay_makes_agent_keys_on_nodes_and_renews_the_servers() -> None:
     objs = render("overlays/cert-manager")
-    config = find(objs, "ConfigMap", "tandem-config")["data"]
+    config = settings(objs, EDGE_NS)
     assert not [o for o in objs if o["metadata"]["name"] in {"tandem-ca", "tandem-ca-metrics"}]  # no enrollment service
     issuers = {o["metadata"]["name"]: o["spec"]["ca"]["secretName"] for o in objs if o["kind"] == "Issuer"}
     assert issuers == {"tandem-agents": "tandem-agents-issuer", "tandem-servers": "tandem-servers-issuer"}
+    # A namespaced Issuer signs the requests of its own namespace only: the agents' (the CSI driver requests in
+    # the pod's namespace) is in theirs, the servers' with the Certificates.
+    assert namespace_of(find(objs, "Issuer", "tandem-agents")) == namespace_of(
+        find(objs, "DaemonSet", "tandem-edge-agent")) == EDGE_NS
+    assert namespace_of(find(objs, "Issuer", "tandem-servers")) == CLOUD_NS
+    assert {namespace_of(o) for o in objs if o["kind"] == "Certificate"} == {CLOUD_NS}
     workloads = [o for o in objs if o["kind"] in WORKLOADS]
     assert not {s for w in workloads for s in mounted_secrets(w)} & set(issuers.values())  # CA keys: cert-manager's
 
@@ -425,8 +604,14 @@ def test_certs_init_k8s_writes_the_secrets_the_manifests_mount(tmp_path: Path, c
     assert path.stat().st_mode & 0o777 == 0o600
     secrets = {s["metadata"]["name"]: s for s in objs if s["kind"] == "Secret"}
     assert secrets.keys() == SECRETS
-    bundle = find(objs, "ConfigMap", CA_BUNDLE)["data"]
-    assert all(s["metadata"]["namespace"] == "factory" for s in objs)
+    # The Secrets in the namespace given; the key-less bundle in the edge agents' namespace (and in the cloud's,
+    # where the cert-manager overlay's servers project it).
+    assert all(namespace_of(s) == "factory" for s in secrets.values())
+    bundles = {namespace_of(o): o for o in objs if o["kind"] == "ConfigMap"}
+    assert bundles.keys() == {"factory", "factory-edge"} and {o["metadata"]["name"] for o in bundles.values()} == {
+        CA_BUNDLE}
+    assert bundles["factory"]["data"] == bundles["factory-edge"]["data"]
+    bundle = bundles["factory-edge"]["data"]
     # No agent was given a key, here or in the Secrets: they enrol; the admin is told how to make their tokens.
     assert not (directory / "agents" / "edge-node-1.key").exists()
     out = capsys.readouterr().out
@@ -457,6 +642,13 @@ def test_certs_init_k8s_refuses_a_bad_agent_name_before_writing(tmp_path: Path) 
     assert not (directory / "ca.pem").exists()
 
 
+def test_certs_init_k8s_refuses_a_namespace_whose_edge_namespace_is_too_long(tmp_path: Path) -> None:
+    directory = tmp_path / "certs"
+    assert main(["certs", "init", "--dir", str(directory), "--k8s", "n" * 59]) == 2  # n...n-edge: 64 characters
+    assert not (directory / "ca.pem").exists()
+    assert k8s_secrets.edge_namespace("n" * 58) == "n" * 58 + "-edge"
+
+
 @pytest.mark.process  # kubectl kustomize
 @needs_kubectl
 def test_no_secret_holds_more_than_one_private_key_and_edge_nodes_mount_none(tmp_path: Path) -> None:
@@ -464,9 +656,11 @@ def test_no_secret_holds_more_than_one_private_key_and_edge_nodes_mount_none(tmp
     overlay and of the file `tandem certs init --k8s` writes: at most one private key each, and the
     edge workloads mount no Secret holding a key (their keys are made on their nodes)."""
     generated = certs_init_k8s(tmp_path / "certs")
-    keyed = {o["metadata"]["name"]: private_keys(o) for o in generated if o["kind"] in {"Secret", "ConfigMap"}}
+    keyed = {(namespace_of(o), o["metadata"]["name"]): private_keys(o) for o in generated
+             if o["kind"] in {"Secret", "ConfigMap"}}
     assert {name: n for name, n in keyed.items() if n > 1} == {}
-    assert keyed == {"tandem-cloud": 1, "tandem-inference": 1, "tandem-admin": 1, "tandem-ca": 1, CA_BUNDLE: 0}
+    assert keyed == {("factory", "tandem-cloud"): 1, ("factory", "tandem-inference"): 1, ("factory", "tandem-admin"): 1,
+                     ("factory", "tandem-ca"): 1, ("factory", CA_BUNDLE): 0, ("factory-edge", CA_BUNDLE): 0}
     for overlay in OVERLAYS:
         objs = render(overlay)
         available = {o["metadata"]["name"]: o for o in [*generated, *objs] if o["kind"] == "Secret"}
@@ -484,22 +678,38 @@ def test_no_secret_holds_more_than_one_private_key_and_edge_nodes_mount_none(tmp
 
 def test_certs_revoke_rewrites_the_secrets_with_the_deny_list(tmp_path: Path) -> None:
     directory = tmp_path / "certs"
-    before = {s["metadata"]["name"]: s for s in certs_init_k8s(directory)}
+    before = {(namespace_of(s), s["metadata"]["name"]): s for s in certs_init_k8s(directory)}
     path = directory / "k8s" / "secrets.yaml"
     servers = ("tandem-cloud", "tandem-inference", "tandem-ca")  # every server that checks client certificates
+    bundles = (("factory-edge", CA_BUNDLE), ("factory", CA_BUNDLE))  # the agents', the cert-manager servers'
 
-    def deny_lists(objs: dict[str, Obj]) -> dict[str, bytes]:
-        lists = {name: base64.b64decode(objs[name]["data"]["revoked.txt"]) for name in servers}
-        return {**lists, CA_BUNDLE: objs[CA_BUNDLE]["data"]["revoked.txt"].encode()}  # the agents'
+    def deny_lists(objs: dict[tuple[str, str], Obj]) -> dict[tuple[str, str], bytes]:
+        lists = {("factory", name): base64.b64decode(objs["factory", name]["data"]["revoked.txt"]) for name in servers}
+        return {**lists, **{key: objs[key]["data"]["revoked.txt"].encode() for key in bundles}}
 
     assert set(deny_lists(before).values()) == {b""}
     assert main(["certs", "revoke", "edge-node-2", "--dir", str(directory), "--role", "agent"]) == 0
-    after = {s["metadata"]["name"]: s for s in yaml.safe_load_all(path.read_text())}
+    after = {(namespace_of(s), s["metadata"]["name"]): s for s in yaml.safe_load_all(path.read_text())}
     deny = (directory / "revoked.txt").read_bytes()
     assert b"agent/edge-node-2" in deny
     assert set(deny_lists(after).values()) == {deny}
-    assert all(o["metadata"]["namespace"] == "factory" for o in after.values())
+    assert after.keys() == before.keys()  # the same objects in the same namespaces, the bundle still in factory-edge
     assert {n: o["data"].keys() for n, o in after.items()} == {n: o["data"].keys() for n, o in before.items()}
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_certs_rotate_rewrites_the_secrets_and_keeps_the_bundle_in_the_edge_namespace(tmp_path: Path) -> None:
+    directory = tmp_path / "certs"
+    before = {(namespace_of(o), o["metadata"]["name"]): o for o in certs_init_k8s(directory)}
+    path = directory / "k8s" / "secrets.yaml"
+    assert main(["certs", "rotate", "--dir", str(directory), "--days", "30"]) == 0
+    after = {(namespace_of(o), o["metadata"]["name"]): o for o in yaml.safe_load_all(path.read_text()) if o}
+    assert after.keys() == before.keys() and ("factory-edge", CA_BUNDLE) in after
+    for name, leaf in (("tandem-cloud", "cloud.pem"), ("tandem-inference", "inference.pem")):
+        new = after["factory", name]["data"][leaf]
+        assert new != before["factory", name]["data"][leaf]
+        assert base64.b64decode(new) == (directory / leaf).read_bytes()
+    assert after["factory-edge", CA_BUNDLE] == before["factory-edge", CA_BUNDLE]
     assert path.stat().st_mode & 0o777 == 0o600
 
 

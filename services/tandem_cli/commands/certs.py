@@ -25,8 +25,10 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--days", type=int, default=365, help="validity of the leaf certificates")
     p.add_argument("--k8s", default=None, metavar="NAMESPACE",
                    help="also name the Kubernetes services of deploy/k8s in NAMESPACE in the server certificates, "
-                        "make the agents' intermediate CA in DIR/ca, and write the Secrets (one private key each, "
-                        "none of an agent) to DIR/k8s/secrets.yaml; agents enrol, named after their edge nodes")
+                        "make the agents' intermediate CA in DIR/ca, and write the Secrets (in NAMESPACE, one private "
+                        "key each, none of an agent) and the key-less tandem-ca-bundle ConfigMap (in NAMESPACE-edge, "
+                        "the edge agents' namespace, and in NAMESPACE) to DIR/k8s/secrets.yaml; agents enrol, named "
+                        "after their edge nodes")
     p.set_defaults(func=_init)
     p = certs_sub.add_parser("add-agent", help="issue a certificate for one more agent")
     p.add_argument("name", help="the agent's name: its identity everywhere")
@@ -98,6 +100,7 @@ def _init_k8s(args: argparse.Namespace, agents: list[str], hosts: list[str]) -> 
 
     for name in agents:  # a bad name is refused before anything is written
         certs.validate_name(name)
+    edge = k8s_secrets.edge_namespace(args.k8s)  # and so is a namespace too long for its edge namespace
     certs.init_deployment(args.dir, [], hosts + k8s_secrets.service_hosts(args.k8s), days=args.days)
     print(f"wrote CA, cloud, admin and inference certificates to {args.dir}")
     ca_dir = k8s_secrets.intermediate_dir(args.dir)
@@ -105,7 +108,8 @@ def _init_k8s(args: argparse.Namespace, agents: list[str], hosts: list[str]) -> 
         enrollment.create_intermediate(args.dir, ca_dir, days=args.days)
         print(f"wrote the agents' intermediate CA to {ca_dir}")
     path = _write_k8s_secrets(args.dir, args.k8s)
-    print(f"wrote Kubernetes Secrets for namespace {args.k8s} to {path} (kubectl apply -f {path}); "
+    print(f"wrote Kubernetes Secrets for namespace {args.k8s}, and the agents' CA bundle for {edge} (and "
+          f"{args.k8s}), to {path} (kubectl apply -f {path}, after deploy/k8s/base/namespace.yaml); "
           f"keep {args.dir / 'ca.key'} offline")
     if agents:
         print("agents enrol with a one-time token placed on their node at /etc/tandem/enroll/token "
