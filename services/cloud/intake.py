@@ -34,6 +34,7 @@ from cloud.spool import Spool
 from cloud.store import Store, UpdateRow
 from cloud.tensorfile import TensorFile
 from tandem import compression, deltas, metrics, wire
+from tandem.certs import ROLE_AGENT, ROLE_REGION
 from tandem.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -41,6 +42,7 @@ from tandem.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     TandemError,
 )
@@ -54,12 +56,38 @@ PARTIAL_BUDGET_BYTES = 4 << 30  # on disk, all kept partial uploads together
 UPLOAD_IDLE_SECONDS = 120.0
 
 UploadKey = tuple[str, int, str]  # job, round, agent
+MAX_CONTRIBUTORS = 1_000_000  # agents behind one partial aggregate
 
 
 def update_digest(header: pb.UpdateHeader, content_sha256: str) -> str:
     """Identity of an update's content: what a byte-identical re-send reproduces."""
     text = f"{header.base_version}\0{header.num_examples}\0{header.local_loss!r}\0{header.codec}\0{content_sha256}"
+    if header.contributors > 1:  # a partial aggregate (one agent's update keeps the digest it always had)
+        text += f"\0{header.contributors}"
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_contributors(header: pb.UpdateHeader, role: str, spec: JobSpec) -> int:
+    """How many agents' updates an upload stands for; a partial aggregate (more than 1)
+    only from a region's certificate, and only for a job whose aggregation is a plain
+    weighted mean (what partial sums can give)."""
+    if not 0 <= header.contributors <= MAX_CONTRIBUTORS:
+        raise InvalidArgument(f"contributors must be in 0..{MAX_CONTRIBUTORS}, got {header.contributors}",
+                              reason="malformed")
+    if header.contributors <= 1:
+        return 1
+    if role != ROLE_REGION:
+        raise PermissionDenied("only a region's certificate may upload a partial aggregate (contributors > 1); "
+                               f"this is a {role}'s", reason="not_region")
+    if not spec.defence.streams:
+        d = spec.defence
+        why = (f"aggregator {d.aggregator}" if not d.rule.streams else
+               "differential privacy" if d.private else "clipping each update's norm")
+        raise FailedPrecondition(
+            f"this job's aggregation ({why}) needs each agent's own update, which a partial aggregate (a sum) "
+            "does not give: its agents must upload to this coordinator, or the region aggregate robustly and "
+            "the job average regions in a job of its own", reason="partial_refused")
+    return int(header.contributors)
 
 
 @dataclass
@@ -122,9 +150,11 @@ class UpdateIntake:
             self._partials.pop(key).spool.discard()
         _count_partials(self._partials)
 
-    async def receive(self, agent: str, messages: AsyncIterator[pb.UpdateChunk]) -> pb.UpdateReceipt:
-        """Take in one upload stream. A refusal ends the stream at once (`EndsStream`)
-        with the refusal's own status: the rest of the stream is not read."""
+    async def receive(self, agent: str, messages: AsyncIterator[pb.UpdateChunk],
+                      role: str = ROLE_AGENT) -> pb.UpdateReceipt:
+        """Take in one upload stream from member `agent` (an agent, or a region: `role`).
+        A refusal ends the stream at once (`EndsStream`) with the refusal's own status:
+        the rest of the stream is not read."""
         try:
             first = await self._next(messages)
         except DeadlineExceeded as exc:
@@ -141,7 +171,7 @@ class UpdateIntake:
             if self._disk is not None:
                 self._disk.check()
             async with self._lock(key):
-                receipt = await self._receive(key, header, messages, watch)
+                receipt = await self._receive(key, header, messages, watch, role)
         except (TandemError, wire.WireError, compression.CompressionError, DecodeError) as exc:
             error = exc if isinstance(exc, TandemError) else InvalidArgument(
                 str(exc) if not isinstance(exc, DecodeError) else f"malformed message: {exc}", reason="malformed")
@@ -165,7 +195,8 @@ class UpdateIntake:
             ) from None
 
     async def _receive(
-        self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk], watch: Stopwatch
+        self, key: UploadKey, header: pb.UpdateHeader, messages: AsyncIterator[pb.UpdateChunk], watch: Stopwatch,
+        role: str,
     ) -> pb.UpdateReceipt:
         agent = key[2]
         if not header.job_id:
@@ -189,6 +220,7 @@ class UpdateIntake:
         except ValueError as exc:
             raise InvalidArgument(str(exc), reason="malformed") from None
         spec = runner.spec if runner is not None else job.spec  # parsed once, by the runner
+        _check_contributors(header, role, spec)
         specs = self._models.specs(spec.model)
         return await self._assemble(key, header, messages, spec, specs, update_codec, existing, runner, watch)
 
@@ -262,7 +294,7 @@ class UpdateIntake:
         await asyncio.to_thread(partial.spool.move, path)
         try:
             row = UpdateRow(agent, digest, header.num_examples, header.local_loss, str(path), path.stat().st_size,
-                            header.codec, dict(header.metrics))
+                            header.codec, dict(header.metrics), contributors=max(1, header.contributors))
             # Once the record is committed the update must be folded in and counted,
             # even if this call is cancelled meanwhile: shield the three together.
             phases = {**agent_reported(header.phase_seconds), **watch.phases}

@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import Message
 
 from tandem import tls
-from tandem.certs import ROLE_AGENT, Identity
+from tandem.certs import MEMBER_ROLES, Identity
 from tandem.errors import Malformed, ResourceExhausted, TandemError, drain
 from tandem.interceptors import Wrapped, guarded
 
@@ -37,7 +37,7 @@ class LimitsConfig:
     request_burst: int = 10_000  # calls at once above the sustained rate
     bytes_per_second: float = 256 << 20  # request bytes (uploads, mostly), sustained
     byte_burst: int = 1 << 30  # request bytes at once above the sustained rate
-    roles: tuple[str, ...] = (ROLE_AGENT,)  # whose certificates are limited; admins and replicas are operators'
+    roles: tuple[str, ...] = MEMBER_ROLES  # whose certificates are limited; admins and replicas are operators'
     # Control-stream messages. An agent heartbeats every few seconds (5 s by default, and at
     # once when it measured its link): 5 per second is ten times the fastest honest rate
     # at `--heartbeat 0.5`, and a flooding agent's stream ends after the burst.

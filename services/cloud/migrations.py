@@ -192,8 +192,15 @@ def _v9_round_phases(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE rounds ADD COLUMN phases TEXT NOT NULL DEFAULT '{}'")
 
 
+def _v10_partial_aggregates(db: sqlite3.Connection) -> None:
+    """Version 10 (issue 20: regional aggregators): how many agents' updates an update
+    stands for (more than 1: a region's partial aggregate; 1 for every update before)."""
+    db.execute("ALTER TABLE updates ADD COLUMN contributors INTEGER NOT NULL DEFAULT 1")
+
+
 MIGRATIONS: list[Migration] = [_v1_tables, _v2_grouped_specs, _v3_file_integrity, _v4_weight_caps, _v5_task_metrics,
-                               _v6_model_lifecycle, _v7_task_failures, _v8_rollouts, _v9_round_phases]
+                               _v6_model_lifecycle, _v7_task_failures, _v8_rollouts, _v9_round_phases,
+                               _v10_partial_aggregates]
 
 
 def schema_version(db: sqlite3.Connection) -> int:

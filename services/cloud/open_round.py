@@ -67,6 +67,7 @@ class OpenRound:
         self._codecs: dict[str, str] = {}  # agent -> codec of its task, chosen once per round
         # Agents whose update is recorded: the one set, kept with the sum under the lock.
         self._submitted: set[str] = set()
+        self._contributors: dict[str, int] = {}  # member -> agents its update stands for (a region's: more than 1)
         self._accepting = True
         # Held while an accepted update is recorded and folded in, and by the close, so
         # that the close sees every acknowledged update in the sum.
@@ -110,6 +111,12 @@ class OpenRound:
         return frozenset(self._submitted)
 
     @property
+    def contributed(self) -> int:
+        """Agents behind the updates delivered: what quorums count (a region's partial
+        aggregate counts its contributors, not the region)."""
+        return sum(self._contributors.get(member, 1) for member in self._submitted)
+
+    @property
     def accepting(self) -> bool:
         """False once the close has begun: no update joins any more."""
         return self._accepting
@@ -124,11 +131,12 @@ class OpenRound:
     def _restore(self, updates: list[UpdateRow]) -> None:
         for update in updates:
             if update.agent not in self._submitted and update.path is not None:
-                weight = self._provisional(update.num_examples)
+                weight = self._provisional(update)
                 self._accumulator.fold(weight, TensorFile(Path(update.path)).arrays(),
                                        compression.parse_codec(update.codec))
                 self._folded[update.agent] = weight
             self._submitted.add(update.agent)
+            self._contributors[update.agent] = update.contributors
             self._codecs[update.agent] = update.codec
 
     def bound_weights(self, cap: float | None) -> None:
@@ -136,9 +144,11 @@ class OpenRound:
         what the selected agents' Hellos predict the close's cap will be (None: none)."""
         self._provisional_cap = cap if cap is not None and cap > 0 else None
 
-    def _provisional(self, num_examples: int) -> float:
+    def _provisional(self, update: UpdateRow) -> float:
         cap = self._provisional_cap
-        return float(num_examples) if cap is None else min(float(num_examples), cap)
+        if cap is None or update.partial:  # a region's weight is exact: it capped its agents' claims
+            return float(update.num_examples)
+        return min(float(update.num_examples), cap)
 
     async def reweigh(self, updates: list[UpdateRow], factor: float) -> Weighting:
         """After `close`: cap every folded update's claim at `factor` x the round's median
@@ -147,7 +157,8 @@ class OpenRound:
         if self._accepting:
             raise RuntimeError(f"round {self._number} is still accepting updates")
         folded = [u for u in updates if u.agent in self._folded]
-        result = weighting({u.agent: u.num_examples for u in folded}, factor)
+        result = weighting({u.agent: u.num_examples for u in folded if not u.partial}, factor,
+                           exact={u.agent: u.num_examples for u in folded if u.partial})
         async with self._lock:
             await asyncio.to_thread(self._correct, folded, result)
         return result
@@ -272,10 +283,11 @@ class OpenRound:
                     reason="conflict",
                 )
             self._records.add_update(self._job_id, self._number, row, wire_bytes)
-            weight = self._provisional(row.num_examples)
+            weight = self._provisional(row)
             await asyncio.to_thread(self._accumulator.fold, weight, components, codec)
             self._folded[row.agent] = weight
             self._submitted.add(row.agent)
+            self._contributors[row.agent] = row.contributors
             self._codecs[row.agent] = row.codec
             self.clock.arrived(row.agent, {**(phases or {}), "fold": time.perf_counter() - started})
             self._arrived.set()

@@ -33,6 +33,7 @@ from cloud.store import JobState, Store, UpdateRow, VersionRow
 from cloud.tensorfile import TensorFile, read_tensors, write_tensors
 from tandem import compression, measurements, metrics
 from tandem import config as task_config
+from tandem.certs import REGION_PREFIX
 from tandem.errors import FailedPrecondition, InvalidArgument, Unavailable, out_of_space
 from tandem.timestamps import timestamp
 from tandem.v1 import coordinator_pb2 as pb
@@ -43,6 +44,13 @@ log = logging.getLogger(__name__)
 FAILURES_TO_EXCLUDE = 2
 FAILURE_NAMES = {value: name.removeprefix("TASK_FAILURE_") for name, value in pb.TaskFailure.items()
                  if value != pb.TASK_FAILURE_UNSPECIFIED}
+
+
+def _agents_of(session: Session) -> int:
+    """The agents a connected member stands for: 1, or a region's as its Hello says."""
+    if session.agent_id.startswith(REGION_PREFIX) and session.hello.agents > 0:
+        return int(session.hello.agents)
+    return 1
 
 
 class NoQuorum(Exception):
@@ -209,7 +217,7 @@ class JobRunner:
         # Open for uploads at once: after a restart, agents selected before it may
         # deliver while this round still waits for enough agents to reconnect.
         self._round = rnd
-        if close_at_quorum and len(rnd.submitted) >= self.spec.min_clients:
+        if close_at_quorum and rnd.contributed >= self.spec.min_clients:
             await self._close(rnd)
             return
         while True:
@@ -224,12 +232,12 @@ class JobRunner:
                     self._registry.send(agent, self._task_message(rnd, agent))
             rnd.clock.dispatching(selecting)
             await rnd.wait()
-            if len(rnd.submitted) >= self.spec.min_clients:
+            if rnd.contributed >= self.spec.min_clients:
                 await self._close(rnd)
                 return
             metrics.ROUNDS.labels("retried").inc()
             log.warning(
-                "job %s round %d: %d of %d updates needed %s; retrying", self.job_id, number, len(rnd.submitted),
+                "job %s round %d: updates of %d of %d agents needed %s; retrying", self.job_id, number, rnd.contributed,
                 self.spec.min_clients,
                 "at the deadline" if time.time() >= rnd.deadline else "and no selected agent left to wait for",
             )
@@ -239,7 +247,7 @@ class JobRunner:
         meanwhile), saying so in the job's message; NoQuorum once exclusions leave too
         few agents that could ever train the job."""
         waiting = False
-        while (have := len(set(self._eligible()) | rnd.submitted)) < self.spec.min_clients:
+        while (have := self._agents_behind(rnd)) < self.spec.min_clients:
             self._check_quorum(rnd)
             waiting = True
             self._say(f"waiting for agents: {have} of {self.spec.min_clients} needed are connected and eligible")
@@ -260,12 +268,21 @@ class JobRunner:
         names = self.spec.selection.agents
         absent = {a.agent for a in self._store.list_agents()
                   if a.agent not in connected and a.agent not in out and (not names or a.agent in names)}
-        possible = set(self._eligible()) | rnd.submitted | absent
-        if len(possible) >= self.spec.min_clients:
+        possible = self._agents_behind(rnd) + len(absent - rnd.submitted - set(self._eligible()))
+        if possible >= self.spec.min_clients:
             return
         reasons = "; ".join(f"{e.agent} excluded: {e.code}: {e.reason}" for e in excluded)
-        raise NoQuorum(f"no quorum possible: {len(possible)} of {self.spec.min_clients} needed agents can train "
+        raise NoQuorum(f"no quorum possible: {possible} of {self.spec.min_clients} needed agents can train "
                        f"job {self.job_id} ({reasons})")
+
+    def _agents_behind(self, rnd: OpenRound) -> int:
+        """Agents a quorum can count on now: those behind the updates delivered, and each
+        eligible connected member that has not delivered (a region: the agents its Hello
+        says it holds). min_clients counts agents, not regions: a job asks for that many
+        agents' data whatever the tree."""
+        waiting = sum(_agents_of(s) for s in self._registry.sessions()
+                      if s.agent_id not in rnd.submitted and self._eligibility.eligible(s.agent_id, s.hello))
+        return rnd.contributed + waiting
 
     def _eligible(self) -> list[str]:
         """Connected agents the job may select (cloud.eligibility; the others are excluded once)."""
@@ -285,7 +302,9 @@ class JobRunner:
         """The cap on claimed example counts the selected agents' Hellos predict (an
         update never claims more than its agent's Hello): the streaming sum's provisional
         bound (`OpenRound.bound_weights`). None when no agent declared any example."""
-        declared = [n for n in (self._store.agent_examples(a) for a in agents) if n > 0]
+        # Regions' declared counts are their agents' sums: their partial aggregates are not capped.
+        declared = [n for n in (self._store.agent_examples(a) for a in agents if not a.startswith(REGION_PREFIX))
+                    if n > 0]
         return cap_of(declared, self.spec.defence.weight_cap) if declared else None
 
     def _on_connect(self, session: Session) -> None:

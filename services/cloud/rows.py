@@ -200,6 +200,11 @@ class UpdateRow:
     bytes: int
     codec: str
     metrics: Mapping[str, float] = field(default_factory=dict)  # the agent's training metrics
+    contributors: int = 1  # more than 1: a region's partial aggregate of that many agents' updates
+
+    @property
+    def partial(self) -> bool:
+        return self.contributors > 1
 
 
 @dataclass(frozen=True)

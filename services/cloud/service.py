@@ -21,7 +21,7 @@ from cloud.rollouts import Rollouts
 from cloud.spec import JobSpec
 from cloud.store import ModelEvent, Stage, Store, VersionRow
 from tandem import config, metrics, staged, tasks
-from tandem.certs import ROLE_ADMIN, ROLE_AGENT, ROLE_REPLICA
+from tandem.certs import MEMBER_ROLES, ROLE_ADMIN, ROLE_REGION, ROLE_REPLICA, member_id
 from tandem.errors import InvalidArgument, NotFound, ResourceExhausted, TandemError, clip, drain, grpc_errors, grpc_stream_errors
 from tandem.timestamps import timestamp
 from tandem.tls import Peer, require_peer, require_role
@@ -33,6 +33,7 @@ HELLO_TIMEOUT_SECONDS = 30.0
 # largest public image sets are of that order), and far below where a claim could
 # overflow a weight or swamp every other agent's in a float64 sum.
 MAX_HELLO_EXAMPLES = 10**9
+MAX_HELLO_AGENTS = 10**6  # agents a region may say it holds
 MAX_PROBE_BYTES = 1 << 20
 REFUSAL_DELAY_SECONDS = 1.0  # a control stream over its agent's rates ends this late
 MAX_MEASUREMENTS = 256  # link, and per served model its stage times and request rate
@@ -85,8 +86,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CoordinatorMessage]:
         """The control stream: a Hello, then messages for the agent until it goes or is replaced."""
-        peer = require_peer(context, ROLE_AGENT)  # parsed once: each heartbeat only checks revocation
+        peer = require_peer(context, *MEMBER_ROLES)  # parsed once: each heartbeat only checks revocation
         identity = peer.identity
+        member = member_id(identity)  # an agent's name, or region:NAME
         counters = self._limits.connect(identity) if self._limits is not None else None
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
@@ -101,17 +103,21 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if not 0 <= hello.num_examples <= MAX_HELLO_EXAMPLES:
             raise InvalidArgument(f"malformed Hello: num_examples {hello.num_examples} is not within "
                                   f"0..{MAX_HELLO_EXAMPLES:.0e}")
+        if not 0 <= hello.agents <= MAX_HELLO_AGENTS:
+            raise InvalidArgument(f"malformed Hello: agents {hello.agents} is not within 0..{MAX_HELLO_AGENTS:.0e}")
+        if identity.role != ROLE_REGION:
+            hello.agents = 0  # only a region stands for agents of its own
         if len(hello.device) > 64 or len(hello.models) > 256:
             raise InvalidArgument("malformed Hello: device over 64 characters or over 256 models")
         _check_offers(hello)
-        session = await self._registry.connect(identity.name, hello, context.peer())
+        session = await self._registry.connect(member, hello, context.peer())
         reader: asyncio.Task[Exception | None] | None = None
         try:
-            self._store.agent_connected(identity.name, hello.num_examples, hello.device)
+            self._store.agent_connected(member, hello.num_examples, hello.device)
             session.send(
                 pb.CoordinatorMessage(
-                    welcome=pb.Welcome(agent_id=identity.name, heartbeat_interval_seconds=self._heartbeat_interval,
-                                       models=self._rollouts.notices(identity.name))
+                    welcome=pb.Welcome(agent_id=member, heartbeat_interval_seconds=self._heartbeat_interval,
+                                       models=self._rollouts.notices(member))
                 )
             )
             self._registry.announce(session)
@@ -125,7 +131,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         finally:
             if reader is not None:
                 reader.cancel()
-            self._store.agent_seen(identity.name, session.last_seen)  # heartbeats stay in memory until here
+            self._store.agent_seen(member, session.last_seen)  # heartbeats stay in memory until here
             await self._registry.disconnect(session)
 
     async def _read(
@@ -163,14 +169,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     async def UploadUpdate(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
     ) -> pb.UpdateReceipt:
-        identity = require_role(context, ROLE_AGENT)
-        return await self._intake.receive(identity.name, request_iterator)
+        identity = require_role(context, *MEMBER_ROLES)
+        return await self._intake.receive(member_id(identity), request_iterator, identity.role)
 
     @grpc_stream_errors
     async def DownloadModel(  # noqa: N802
         self, request: pb.ModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelChunk]:
-        require_role(context, ROLE_AGENT, ROLE_ADMIN, ROLE_REPLICA)
+        require_role(context, *MEMBER_ROLES, ROLE_ADMIN, ROLE_REPLICA)
         if request.skip_chunks < 0 or request.have_version < 0:
             raise InvalidArgument("skip_chunks and have_version must not be negative")
         # Checked against its recorded hash first: a corrupt file is DATA_LOSS before any byte goes out.
@@ -194,13 +200,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     async def UploadStatus(  # noqa: N802
         self, request: pb.UpdateHeader, context: grpc.aio.ServicerContext
     ) -> pb.UploadProgress:
-        identity = require_role(context, ROLE_AGENT)
-        return pb.UploadProgress(chunks_received=self._intake.progress(identity.name, request))
+        identity = require_role(context, *MEMBER_ROLES)
+        return pb.UploadProgress(chunks_received=self._intake.progress(member_id(identity), request))
 
 
     @grpc_errors
     async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeResponse:  # noqa: N802
-        require_role(context, ROLE_AGENT)
+        require_role(context, *MEMBER_ROLES)
         if not 0 <= request.reply_bytes <= MAX_PROBE_BYTES:
             raise InvalidArgument(f"reply_bytes must be in 0..{MAX_PROBE_BYTES}")
         return pb.ProbeResponse(payload=bytes(request.reply_bytes))

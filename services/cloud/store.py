@@ -46,7 +46,7 @@ from cloud.rows import (
 
 __all__ = ["AgentRow", "Exclusion", "FailureRow", "FileKind", "JobRow", "JobState", "ModelEvent", "QuarantineRow",
            "RolloutRow", "RolloutState", "RoundRow", "RoundState", "Stage", "Store", "UpdateRow", "VersionRow"]
-_UPDATE_COLUMNS = "agent, digest, num_examples, local_loss, path, bytes, codec, metrics"
+_UPDATE_COLUMNS = "agent, digest, num_examples, local_loss, path, bytes, codec, metrics, contributors"
 
 class Store:
     """The coordinator's records. Called from the event loop; every call is short."""
@@ -350,9 +350,9 @@ class Store:
     def add_update(self, job_id: str, round_: int, row: UpdateRow, wire_bytes: int) -> None:
         with self._tx() as db:
             db.execute(
-                f"INSERT INTO updates (job_id, round, received, {_UPDATE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO updates (job_id, round, received, {_UPDATE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (job_id, round_, time.time(), row.agent, row.digest, row.num_examples, row.local_loss, row.path,
-                 row.bytes, row.codec, json.dumps(dict(row.metrics))),
+                 row.bytes, row.codec, json.dumps(dict(row.metrics)), row.contributors),
             )
             db.execute(
                 "UPDATE rounds SET bytes_up = bytes_up + ? WHERE job_id = ? AND round = ?", (wire_bytes, job_id, round_)

@@ -31,8 +31,13 @@ ROLE_ADMIN = "admin"
 ROLE_SERVER = "server"
 ROLE_CLIENT = "client"  # a local application calling an edge agent's (or the cloud's) Inference
 ROLE_REPLICA = "replica"  # a cloud inference replica: reads published models, serves Inference
-ROLES = frozenset({ROLE_AGENT, ROLE_ADMIN, ROLE_SERVER, ROLE_CLIENT, ROLE_REPLICA})
-REVOCABLE_ROLES = (ROLE_AGENT, ROLE_CLIENT)  # the identities `tandem certs add-*` hands out
+# A regional aggregator: to its parent, an agent that may also upload partial aggregates;
+# to its own agents, a coordinator (a server under the names of its certificate).
+ROLE_REGION = "region"
+ROLES = frozenset({ROLE_AGENT, ROLE_ADMIN, ROLE_SERVER, ROLE_CLIENT, ROLE_REPLICA, ROLE_REGION})
+REVOCABLE_ROLES = (ROLE_AGENT, ROLE_CLIENT, ROLE_REGION)  # the identities `tandem certs add-*` hands out
+MEMBER_ROLES = (ROLE_AGENT, ROLE_REGION)  # who holds a control stream and trains (or aggregates) for jobs
+REGION_PREFIX = "region:"  # a region's id among a coordinator's members: never an agent's (no ':' in names)
 # Agents are clients of the cloud and servers of Inference to local applications.
 _AGENT_USAGES = (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)
 
@@ -333,6 +338,34 @@ def rotate_servers(directory: Path, days: int = 365) -> list[Path]:
     return written
 
 
+def member_id(identity: Identity) -> str:
+    """The id a coordinator knows a member by: an agent's name, or `region:NAME`, so that a
+    region's certificate can never stand in for the agent of the same name."""
+    return f"{REGION_PREFIX}{identity.name}" if identity.role == ROLE_REGION else identity.name
+
+
+def region_paths(directory: Path, name: str) -> tuple[Path, Path]:
+    """The (certificate, key) paths of region `name` in a deployment directory."""
+    validate_name(name)
+    regions = Path(directory) / "regions"
+    return regions / f"{name}.pem", regions / f"{name}.key"
+
+
+def add_region(directory: Path, name: str, days: int = 365, hosts: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Issue a regional aggregator's certificate: its identity `region/NAME` towards its
+    parent, and a server certificate for its agents under localhost and `hosts`."""
+    directory = Path(directory)
+    check_days(days)
+    cert_path, key_path = region_paths(directory, name)
+    issuer = load_issuer(directory)
+    if cert_path.exists() or key_path.exists():
+        raise FileExistsError(f"region {name!r} already exists in {directory} ({cert_path})")
+    cert, key = _issue(issuer, name, Identity(ROLE_REGION, name), _AGENT_USAGES, days, host_names(hosts))
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_pair(cert_path, key_path, cert, key)
+    return cert_path, key_path
+
+
 def add_agent(directory: Path, name: str, days: int = 365, hosts: Sequence[str] = ()) -> tuple[Path, Path]:
     """Issue a certificate for a new agent from the deployment's CA; returns (cert, key) paths.
 
@@ -408,16 +441,18 @@ def revoke(directory: Path, name: str, role: str | None = None) -> Identity:
     if not (directory / "ca.pem").is_file():
         raise FileNotFoundError(f"no deployment in {directory} (no ca.pem)")
     if role is None:
-        issued = [r for r, paths in ((ROLE_AGENT, agent_paths), (ROLE_CLIENT, client_paths))
+        issued = [r for r, paths in ((ROLE_AGENT, agent_paths), (ROLE_CLIENT, client_paths),
+                                     (ROLE_REGION, region_paths))
                   if paths(directory, name)[0].exists()]
         if not issued:
             raise FileNotFoundError(f"no agent or client named {name!r} in {directory}; name its role to revoke "
                                     "a certificate that is not there (an enrolled agent's: --role agent, or --ca-dir)")
         if len(issued) > 1:
-            raise ValueError(f"{name!r} is both an agent and a client in {directory}: name the role to revoke")
+            raise ValueError(f"{name!r} names {' and '.join(issued)} certificates in {directory}: "
+                             "name the role to revoke")
         role = issued[0]
     elif role not in REVOCABLE_ROLES:
-        raise ValueError(f"cannot revoke role {role!r}; only {' and '.join(REVOCABLE_ROLES)} certificates")
+        raise ValueError(f"cannot revoke role {role!r}; only {', '.join(REVOCABLE_ROLES)} certificates")
     identity = Identity(role, name)
     revocation.add(directory, [str(identity)])
     return identity

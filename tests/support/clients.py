@@ -39,6 +39,14 @@ def agent_channel(port: int, certs_dir: Path, name: str) -> grpc.aio.Channel:
     return grpcserver.secure_channel(target(port), tls.agent_credentials(certs_dir, name))
 
 
+def region_credentials(certs_dir: Path, name: str) -> grpc.ChannelCredentials:
+    """A region's certificate (`tandem certs add-region NAME`) towards its parent."""
+    from tandem import certs
+
+    cert, key = certs.region_paths(certs_dir, name)
+    return tls.client_credentials(certs_dir, cert, key)
+
+
 def admin_channel(port: int, certs_dir: Path) -> grpc.aio.Channel:
     return grpcserver.secure_channel(target(port), tls.admin_credentials(certs_dir))
 
@@ -46,16 +54,19 @@ def admin_channel(port: int, certs_dir: Path) -> grpc.aio.Channel:
 class ControlStream:
     """An agent's control stream, driven by the test: says hello, collects messages."""
 
-    def __init__(self, port: int, certs_dir: Path, name: str) -> None:
+    def __init__(self, port: int, certs_dir: Path, name: str,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.name = name
-        self.channel = agent_channel(port, certs_dir, name)
+        self.channel = grpcserver.secure_channel(
+            target(port), credentials if credentials is not None else tls.agent_credentials(certs_dir, name))
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.messages: asyncio.Queue[pb.CoordinatorMessage] = asyncio.Queue()
         self._outgoing: asyncio.Queue[pb.AgentMessage | None] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
 
-    async def open(self, num_examples: int = 1000) -> pb.Welcome:
-        self._outgoing.put_nowait(pb.AgentMessage(hello=pb.Hello(num_examples=num_examples, device="cpu")))
+    async def open(self, num_examples: int = 1000, agents: int = 0) -> pb.Welcome:
+        self._outgoing.put_nowait(pb.AgentMessage(hello=pb.Hello(num_examples=num_examples, device="cpu",
+                                                                  agents=agents)))
 
         async def requests() -> AsyncIterator[pb.AgentMessage]:
             while (message := await self._outgoing.get()) is not None:

@@ -166,7 +166,7 @@ def test_revoke_checks_its_arguments_and_writes_each_identity_once(deployment: P
     with pytest.raises(FileNotFoundError, match="no deployment"):
         certs.revoke(tmp_path / "elsewhere", "agent-0", role=certs.ROLE_AGENT)
     certs.add_agent(deployment, "cam")  # now both an agent and a client
-    with pytest.raises(ValueError, match="both an agent and a client"):
+    with pytest.raises(ValueError, match="names agent and client certificates"):
         certs.revoke(deployment, "cam")
     with pytest.raises(ValueError, match="not ROLE/NAME"):
         revocation.add(deployment, ["agent/x y"])

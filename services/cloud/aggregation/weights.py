@@ -31,11 +31,14 @@ def cap_of(counts: list[int], factor: float) -> float:
     return factor * float(np.median(counts)) if counts else 0.0
 
 
-def weighting(claims: Mapping[str, int], factor: float) -> Weighting:
-    """Each agent's claimed example count, capped at `factor` x the round's median claim."""
+def weighting(claims: Mapping[str, int], factor: float, exact: Mapping[str, int] | None = None) -> Weighting:
+    """Each agent's claimed example count, capped at `factor` x the round's median claim;
+    `exact` weights (regions' partial aggregates, whose agents' claims the region capped)
+    are taken as they are, and count in neither the median nor the cap."""
     cap = cap_of(list(claims.values()), factor)
     return Weighting(
         cap=cap,
-        weights={agent: min(float(n), cap) for agent, n in claims.items()},
+        weights={**{agent: min(float(n), cap) for agent, n in claims.items()},
+                 **{member: float(n) for member, n in (exact or {}).items()}},
         capped=tuple(sorted(agent for agent, n in claims.items() if n > cap)),
     )

@@ -91,7 +91,7 @@ class ConfigValue(_message.Message):
     def __init__(self, text: _Optional[str] = ..., integer: _Optional[int] = ..., number: _Optional[float] = ..., flag: _Optional[bool] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("agent_version", "num_examples", "device", "models", "labels", "tasks")
+    __slots__ = ("agent_version", "num_examples", "device", "models", "labels", "tasks", "agents")
     class ModelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,13 +112,15 @@ class Hello(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
     agent_version: str
     num_examples: int
     device: str
     models: _containers.ScalarMap[str, int]
     labels: _containers.ScalarMap[str, str]
     tasks: _containers.RepeatedCompositeFieldContainer[TaskOffer]
-    def __init__(self, agent_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., device: _Optional[str] = ..., models: _Optional[_Mapping[str, int]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tasks: _Optional[_Iterable[_Union[TaskOffer, _Mapping]]] = ...) -> None: ...
+    agents: int
+    def __init__(self, agent_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., device: _Optional[str] = ..., models: _Optional[_Mapping[str, int]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tasks: _Optional[_Iterable[_Union[TaskOffer, _Mapping]]] = ..., agents: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("seq", "measurements", "serving")
@@ -283,7 +285,7 @@ class UpdateChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("job_id", "round", "base_version", "num_examples", "codec", "local_loss", "content_sha256", "skip_chunks", "metrics", "task_fingerprint", "phase_seconds")
+    __slots__ = ("job_id", "round", "base_version", "num_examples", "codec", "local_loss", "content_sha256", "skip_chunks", "metrics", "task_fingerprint", "phase_seconds", "contributors")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +311,7 @@ class UpdateHeader(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TASK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PHASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     base_version: int
@@ -320,7 +323,8 @@ class UpdateHeader(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     task_fingerprint: str
     phase_seconds: _containers.ScalarMap[str, float]
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., codec: _Optional[str] = ..., local_loss: _Optional[float] = ..., content_sha256: _Optional[str] = ..., skip_chunks: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., task_fingerprint: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    contributors: int
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., codec: _Optional[str] = ..., local_loss: _Optional[float] = ..., content_sha256: _Optional[str] = ..., skip_chunks: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., task_fingerprint: _Optional[str] = ..., phase_seconds: _Optional[_Mapping[str, float]] = ..., contributors: _Optional[int] = ...) -> None: ...
 
 class UpdateReceipt(_message.Message):
     __slots__ = ("job_id", "round", "agent_id", "digest", "duplicate", "bytes_received")

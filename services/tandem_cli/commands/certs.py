@@ -1,4 +1,4 @@
-"""`tandem certs init|add-agent|add-client|revoke|rotate|intermediate|token`: the deployment's CA, its
+"""`tandem certs init|add-agent|add-region|add-client|revoke|rotate|intermediate|token`: the deployment's CA, its
 certificates, and what enrollment needs (an intermediate CA for agents, one-time tokens)."""
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--days", type=int, default=365, help="validity of the certificate, in days")
     p.add_argument("--hosts", default="", help="names or IPs local applications reach the agent by, comma-separated")
     p.set_defaults(func=_add_agent)
+    p = certs_sub.add_parser("add-region", help="issue a certificate for a regional aggregator (`tandem region`)")
+    p.add_argument("name", help="the region's name: its identity towards its parent is region/NAME")
+    p.add_argument("--dir", type=Path, default=certs_default(),
+                   help="the deployment's certificate directory (env TANDEM_CERTS; default %(default)s)")
+    p.add_argument("--days", type=int, default=365, help="validity of the certificate, in days")
+    p.add_argument("--hosts", default="", help="names or IPs the region's agents reach it by, comma-separated")
+    p.set_defaults(func=_add_region)
     p = certs_sub.add_parser("add-client", help="issue a certificate for a local application that calls Inference")
     p.add_argument("name", help="the application's name")
     p.add_argument("--dir", type=Path, default=certs_default(),
@@ -50,7 +57,7 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--dir", type=Path, default=certs_default(),
                    help="the deployment's certificate directory (env TANDEM_CERTS; default %(default)s)")
     p.add_argument("--role", choices=certs.REVOCABLE_ROLES, default=None,
-                   help="needed only when the name is both an agent and a client, or its certificate is gone "
+                   help="needed only when the name has certificates of two roles, or its certificate is gone "
                         "(an enrolled agent's never was in DIR: with --ca-dir, a name with no certificate is an agent)")
     p.add_argument("--ca-dir", type=Path, default=None,
                    help="also deny it in the enrollment service's directory (`tandem ca --dir`), so that it cannot "
@@ -122,6 +129,12 @@ def _init_k8s(args: argparse.Namespace, agents: list[str], hosts: list[str]) -> 
 def _add_agent(args: argparse.Namespace) -> int:
     hosts = [h for h in args.hosts.split(",") if h]
     cert, _ = certs.add_agent(args.dir, args.name, days=args.days, hosts=hosts)
+    print(f"wrote {cert}")
+    return 0
+
+
+def _add_region(args: argparse.Namespace) -> int:
+    cert, _ = certs.add_region(args.dir, args.name, days=args.days, hosts=[h for h in args.hosts.split(",") if h])
     print(f"wrote {cert}")
     return 0
 
