@@ -290,3 +290,26 @@ async def test_a_runner_opens_a_round_collects_updates_and_publishes(tmp_path: P
         np.testing.assert_allclose(after[name], before[name] + 0.5, rtol=1e-5, atol=1e-6)
     assert not list((tmp_path / "state").rglob("*.sum"))  # the running sum was released
     store.close()
+
+
+async def test_a_restored_partial_aggregate_keeps_its_contributors_and_exact_weight(
+    tmp_path: Path, records: FakeRecords
+) -> None:
+    path = tmp_path / "region.safetensors"
+    write_tensors(path, components(2.0))
+    restored = OpenRound("job", 1, BASE, 0, ["region:eu", "a"], time.time() + 60,
+                         Accumulator(SPECS, tmp_path / "sum"), records, None)
+    restored.bound_weights(10.0)  # an agent's claim is folded at most at 10 until the close
+    partial = UpdateRow("region:eu", "d", 300, 0.5, str(path), 1, "none", {}, contributors=3)
+    await restored.restore([partial])
+    assert restored.contributed == 3  # the quorum counts the region's agents after a restart too
+    agent_path = tmp_path / "a.safetensors"
+    write_tensors(agent_path, components(4.0))
+    agent = row("a", 100, str(agent_path))
+    await restored.commit(agent, 1, components(4.0), NONE)  # folded at 10 until the close
+    assert restored.contributed == 4
+    await restored.close()
+    weights = await restored.reweigh([partial, agent], 1.0)
+    assert weights.weights == {"region:eu": 300.0, "a": 100.0}  # the partial's weight is exact, never capped
+    np.testing.assert_allclose(restored.mean()["w"], (300 * 2.0 + 100 * 4.0) / 400, rtol=1e-6)
+    await restored.release()
