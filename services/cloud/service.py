@@ -243,6 +243,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 info.measurements.update(session.measurements)
                 info.labels.update(session.hello.labels)
                 info.tasks.extend(session.hello.tasks)
+                info.agents = session.hello.agents  # a region's; 0 for an agent (cleared at its hello)
             response.agents.append(info)
         return response
 

@@ -233,16 +233,17 @@ async def agent_rows(stub: admin_pb2_grpc.AdminStub) -> list[dict[str, Any]]:
     return [{"agent_id": a.agent_id, "connected": a.connected, "num_examples": a.num_examples,
              "connects": a.connects, "measurements": dict(a.measurements), "labels": dict(sorted(a.labels.items())),
              "tasks": [{"name": t.name, "fingerprint": t.fingerprint, "ready": t.ready, "reason": t.reason}
-                       for t in a.tasks]} for a in agents]
+                       for t in a.tasks], **({"agents": a.agents} if a.agents else {})} for a in agents]
 
 
 def agent_line(row: dict[str, Any]) -> str:
-    """One agent: state, examples, connects, then its labels (k=v) and task offers (a task
-    it cannot train is marked `!`, its reason shown by --json)."""
+    """One agent (or region): state, examples, connects, a region's agents, then its labels
+    (k=v) and task offers (a task it cannot train is marked `!`, its reason shown by --json)."""
     labels = ",".join(f"{k}={v}" for k, v in row.get("labels", {}).items())
     offers = ",".join(t["name"] + ("" if t["ready"] else "!") for t in row.get("tasks", []))
+    region = f"  region of {row['agents']} agents" if row.get("agents") else ""
     return (f"{row['agent_id']:<20} {'connected' if row['connected'] else 'offline':<10} "
-            f"{row['num_examples']:>7} examples  {row['connects']} connects"
+            f"{row['num_examples']:>7} examples  {row['connects']} connects" + region
             + (f"  labels {labels}" if labels else "") + (f"  tasks {offers}" if offers else ""))
 
 

@@ -18,6 +18,7 @@ from cloud.aggregation import weighting
 from cloud.app import Coordinator
 from tandem import certs, compression, grpcserver, wire
 from tandem.v1 import admin_pb2, admin_pb2_grpc, coordinator_pb2_grpc
+from tandem_cli.admin import agent_line, agent_rows
 from tests.support.clients import (
     SPECS,
     ControlStream,
@@ -53,7 +54,11 @@ async def test_a_regions_certificate_is_a_member_under_its_own_id_and_cannot_act
         assert (await agent.open()).agent_id == "agent-0"
         async with admin_channel(coordinator.port, certs_dir) as channel:
             listed = (await admin_pb2_grpc.AdminStub(channel).ListAgents(admin_pb2.ListAgentsRequest())).agents
+            lines = {r["agent_id"]: agent_line(r) for r in await agent_rows(admin_pb2_grpc.AdminStub(channel))}
         assert {a.agent_id for a in listed if a.connected} >= {"agent-0", "region:agent-0"}
+        shown = {a.agent_id: a.agents for a in listed}
+        assert shown["region:agent-0"] == 3 and shown["agent-0"] == 0  # the tree: a region and its agents
+        assert "region of 3 agents" in lines["region:agent-0"] and "region of" not in lines["agent-0"]
         async with grpcserver.secure_channel(target(coordinator.port), _region(certs_dir, "agent-0")) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await admin_pb2_grpc.AdminStub(channel).ListAgents(admin_pb2.ListAgentsRequest(), timeout=5)

@@ -29,7 +29,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "connected", "connected_since", "last_seen", "num_examples", "device", "connects", "measurements", "labels", "tasks")
+    __slots__ = ("agent_id", "connected", "connected_since", "last_seen", "num_examples", "device", "connects", "measurements", "labels", "tasks", "agents")
     class MeasurementsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class AgentInfo(_message.Message):
     MEASUREMENTS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     connected: bool
     connected_since: _timestamp_pb2.Timestamp
@@ -64,7 +65,8 @@ class AgentInfo(_message.Message):
     measurements: _containers.ScalarMap[str, float]
     labels: _containers.ScalarMap[str, str]
     tasks: _containers.RepeatedCompositeFieldContainer[_coordinator_pb2.TaskOffer]
-    def __init__(self, agent_id: _Optional[str] = ..., connected: _Optional[bool] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., num_examples: _Optional[int] = ..., device: _Optional[str] = ..., connects: _Optional[int] = ..., measurements: _Optional[_Mapping[str, float]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tasks: _Optional[_Iterable[_Union[_coordinator_pb2.TaskOffer, _Mapping]]] = ...) -> None: ...
+    agents: int
+    def __init__(self, agent_id: _Optional[str] = ..., connected: _Optional[bool] = ..., connected_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., num_examples: _Optional[int] = ..., device: _Optional[str] = ..., connects: _Optional[int] = ..., measurements: _Optional[_Mapping[str, float]] = ..., labels: _Optional[_Mapping[str, str]] = ..., tasks: _Optional[_Iterable[_Union[_coordinator_pb2.TaskOffer, _Mapping]]] = ..., agents: _Optional[int] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents",)
