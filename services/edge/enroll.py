@@ -24,14 +24,17 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tandem import certs, enrollment, grpcserver, tls
+from tandem.files import replace_durably
 from tandem.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_SECONDS = 30.0
 RENEW_AT = 2 / 3  # of a certificate's life
+EXPIRED = "its certificate expired"  # how `needed` begins for an expired certificate
 RETRY_FIRST, RETRY_CAP = 5.0, 600.0  # seconds between failed renewals: doubling, with jitter
 
 
@@ -53,7 +56,7 @@ def needed(certs_dir: Path, name: str, now: datetime.datetime | None = None) -> 
     except ValueError:
         return f"{path} is not a certificate"
     if cert.not_valid_after_utc <= (now or datetime.datetime.now(datetime.UTC)):
-        return f"its certificate expired at {cert.not_valid_after_utc.isoformat(timespec='seconds')}"
+        return f"{EXPIRED} at {cert.not_valid_after_utc.isoformat(timespec='seconds')}"
     key_path = certs.agent_paths(certs_dir, name)[1]
     try:  # a renewal cut short between its two renames leaves a key the certificate does not match
         tls.check_pair(path.read_bytes(), key_path.read_bytes(), path.read_bytes(), Path(certs_dir))
@@ -76,22 +79,40 @@ async def enroll(certs_dir: Path, name: str, config: EnrollConfig) -> Path:
     cert_path, key_path = certs.agent_paths(certs_dir, name)
     key, csr_pem = enrollment.make_request(name)
     cert_path.parent.mkdir(parents=True, exist_ok=True)
-    certs.write_file(key_path, certs.key_pem(key), certs.KEY_MODE)  # before anything is sent
-    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
-    async with grpcserver.secure_channel(config.target, credentials) as channel:
-        try:
-            reply: enrollment_pb2.EnrollResponse = await enrollment_pb2_grpc.EnrollmentStub(channel).Enroll(
-                enrollment_pb2.EnrollRequest(name=name, token=token, csr_pem=csr_pem), timeout=TIMEOUT_SECONDS)
-        except grpc.aio.AioRpcError as exc:  # the command line ends with its code and details, in one line
-            log.error("enrollment of %r at %s failed: %s", name, config.target, exc.code().name)
-            raise
-    chain = reply.certificate_chain_pem
-    leaf = certs.identity_from_pem(chain)
-    if leaf != certs.Identity(certs.ROLE_AGENT, name):
-        raise ValueError(f"the enrollment service returned a certificate for {leaf}, not agent/{name}")
+    # The new key, 0600, before anything is sent; beside the old pair (an agent enrolling
+    # again after its certificate expired), which it replaces only once enrolled.
+    pending = key_path.with_name(key_path.name + ".new")
+    certs.write_file(pending, certs.key_pem(key), certs.KEY_MODE)
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+        async with grpcserver.secure_channel(config.target, credentials) as channel:
+            try:
+                reply: enrollment_pb2.EnrollResponse = await enrollment_pb2_grpc.EnrollmentStub(channel).Enroll(
+                    enrollment_pb2.EnrollRequest(name=name, token=token, csr_pem=csr_pem), timeout=TIMEOUT_SECONDS)
+            except grpc.aio.AioRpcError as exc:  # the command line ends with its code and details, in one line
+                log.error("enrollment of %r at %s failed: %s", name, config.target, exc.code().name)
+                raise
+        chain = reply.certificate_chain_pem
+        _check_issued(chain, name, key, "enrollment")
+        replace_durably(pending, key_path)
+    finally:
+        pending.unlink(missing_ok=True)
     enrollment.write_chain(certs_dir, name, chain, ca_pem)
     log.info("enrolled as agent %r at %s; certificate in %s", name, config.target, cert_path)
     return cert_path
+
+
+def _check_issued(chain: bytes, name: str, key: ec.EllipticCurvePrivateKey, service: str) -> x509.Certificate:
+    """The leaf of an issued chain, if it is agent `name`'s for `key`; ValueError otherwise."""
+    leaf = x509.load_pem_x509_certificate(chain)
+    identity = certs.identity_from_pem(chain)
+    if identity != certs.Identity(certs.ROLE_AGENT, name):
+        raise ValueError(f"the {service} service returned a certificate for {identity}, not agent/{name}")
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(serialization.Encoding.DER, public) != key.public_key().public_bytes(
+            serialization.Encoding.DER, public):
+        raise ValueError(f"the {service} service returned a certificate for another key")
+    return leaf
 
 
 # --- renewal --------------------------------------------------------------------------
@@ -165,13 +186,7 @@ class Renewer:
             reply: enrollment_pb2.EnrollResponse = await enrollment_pb2_grpc.RenewalStub(channel).Renew(
                 enrollment_pb2.RenewRequest(csr_pem=csr_pem), timeout=TIMEOUT_SECONDS)
         chain = reply.certificate_chain_pem
-        leaf = x509.load_pem_x509_certificate(chain)
-        if certs.identity_from_pem(chain) != certs.Identity(certs.ROLE_AGENT, self.name):
-            raise ValueError(f"the renewal service returned a certificate for {certs.identity_from_pem(chain)}")
-        public = serialization.PublicFormat.SubjectPublicKeyInfo
-        if leaf.public_key().public_bytes(serialization.Encoding.DER, public) != key.public_key().public_bytes(
-                serialization.Encoding.DER, public):
-            raise ValueError("the renewal service returned a certificate for another key")
+        leaf = _check_issued(chain, self.name, key, "renewal")
         cert_path, key_path = certs.agent_paths(self.certs_dir, self.name)
         # Key, then certificate, each in one rename: a reader between the two sees a pair that does
         # not match, which servers and the agent's channels refuse and read again (tls.check_pair).

@@ -351,6 +351,6 @@ def write_chain(certs_dir: Path, name: str, chain_pem: bytes, ca_pem: bytes) -> 
     ca_path = Path(certs_dir) / "ca.pem"
     if not ca_path.exists():
         certs.write_file(ca_path, ca_pem, certs.CERT_MODE)
-    # Last: its presence means enrolled (an agent enrols only while it is missing).
-    certs.write_file(cert_path, chain_pem, certs.CERT_MODE)
+    # Last, in one rename: a usable certificate means enrolled (edge.enroll.needed).
+    certs.replace_file(cert_path, chain_pem, certs.CERT_MODE)
     return cert_path

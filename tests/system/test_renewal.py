@@ -260,3 +260,19 @@ async def test_the_services_own_certificate_is_made_again_halfway_through_its_li
         assert renewal.serial_number == second.serial_number
     finally:
         await server.stop()
+
+
+async def test_a_failed_enrolment_leaves_the_agents_old_key_and_certificate_as_they_were(
+    ca_server: CaServer, ca_dir: Path, certs_dir: Path, tmp_path: Path
+) -> None:
+    directory = tmp_path / "agent"
+    cert_path = await _enrolled(ca_server, ca_dir, certs_dir, directory, "renew-g")
+    key_path = certs.agent_paths(directory, "renew-g")[1]
+    old = cert_path.read_bytes(), key_path.read_bytes()
+    spent = directory.parent / "renew-g.token"  # the token it enrolled with: used
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await enroll.enroll(directory, "renew-g",
+                            enroll.EnrollConfig(f"localhost:{ca_server.port}", spent, certs_dir / "ca.pem"))
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (cert_path.read_bytes(), key_path.read_bytes()) == old
+    assert sorted(p.name for p in key_path.parent.iterdir()) == ["renew-g.key", "renew-g.pem"]

@@ -122,18 +122,12 @@ async def _enroll_if_needed(args: argparse.Namespace) -> None:
 def _check_not_expired(args: argparse.Namespace) -> None:
     """An agent started without --enroll on an expired certificate stops with one line
     (the coordinator would refuse every reconnect)."""
-    import datetime
-
-    from cryptography import x509
-
+    from edge import enroll
     from tandem import certs
 
-    path = certs.agent_paths(args.certs, args.id)[0]
-    try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError):
-        return  # missing or unreadable: the channels say which file, as before
-    if cert.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
-        raise ValueError(f"the certificate of agent {args.id!r} ({path}) expired at "
-                         f"{cert.not_valid_after_utc.isoformat(timespec='seconds')}: enrol it again with a new token "
-                         "(--enroll, --enroll-token-file) or issue a new one (`tandem certs add-agent`)")
+    why = enroll.needed(args.certs, args.id)
+    if why is not None and why.startswith(enroll.EXPIRED):
+        path = certs.agent_paths(args.certs, args.id)[0]
+        raise ValueError(f"the certificate of agent {args.id!r} ({path}) {why.removeprefix('its certificate ')}: "
+                         "enrol it again with a new token (--enroll, --enroll-token-file) or issue a new one "
+                         "(`tandem certs add-agent`)")
