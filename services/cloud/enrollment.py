@@ -77,11 +77,10 @@ class RenewalService(enrollment_pb2_grpc.RenewalServicer):
     async def Renew(  # noqa: N802 - gRPC's method name
         self, request: enrollment_pb2.RenewRequest, context: grpc.aio.ServicerContext
     ) -> enrollment_pb2.EnrollResponse:
-        caller = "?"
+        caller: certs.Identity | str = "an unknown caller"
         try:
-            caller = str(_caller(context).identity)
-            name = caller.split("/", 1)[1]
-            issued = await asyncio.to_thread(self.issuer.renew, name, request.csr_pem)
+            caller = _caller(context).identity
+            issued = await asyncio.to_thread(self.issuer.renew, caller.name, request.csr_pem)
         except TandemError as exc:
             metrics.ENROLLMENTS.labels(outcome=exc.reason).inc()
             log.warning("renewal of %s from %s refused (%s): %s", caller, context.peer(), exc.code.name, exc)

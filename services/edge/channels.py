@@ -59,8 +59,9 @@ class CloudChannels:
         tls.check_pair(cert_pem, key_pem, ca_pem, self._certs_dir)
         return ca_pem, cert_pem, key_pem
 
-    async def open(self) -> None:
-        ca_pem, cert_pem, key_pem = self._read()
+    async def open(self, files: tuple[bytes, bytes, bytes] | None = None) -> None:
+        """Make the channels from `files` (CA bundle, certificate, key), read now if not given."""
+        ca_pem, cert_pem, key_pem = files if files is not None else self._read()
         credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem,
                                                    certificate_chain=cert_pem)
         self.coordinator = grpcserver.secure_channel(self._cloud, credentials)
@@ -74,10 +75,11 @@ class CloudChannels:
         """Make the channels again if the certificate files changed; whether they were.
         The old ones are retired, not closed: what runs on them goes on (`drop_retired`)."""
         try:
-            if hashlib.sha256(b"".join(self._read())).hexdigest() == self._files:
+            files = self._read()
+            if hashlib.sha256(b"".join(files)).hexdigest() == self._files:
                 return False
             old = (self.coordinator, self.inference)
-            await self.open()
+            await self.open(files)
         except (OSError, ValueError) as exc:  # caught between the renames of a rotation: next time
             log.warning("certificate files unusable (%s); keeping the current channels", exc)
             return False

@@ -14,7 +14,7 @@ import functools
 import ipaddress
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,16 +354,7 @@ def region_paths(directory: Path, name: str) -> tuple[Path, Path]:
 def add_region(directory: Path, name: str, days: int = 365, hosts: Sequence[str] = ()) -> tuple[Path, Path]:
     """Issue a regional aggregator's certificate: its identity `region/NAME` towards its
     parent, and a server certificate for its agents under localhost and `hosts`."""
-    directory = Path(directory)
-    check_days(days)
-    cert_path, key_path = region_paths(directory, name)
-    issuer = load_issuer(directory)
-    if cert_path.exists() or key_path.exists():
-        raise FileExistsError(f"region {name!r} already exists in {directory} ({cert_path})")
-    cert, key = _issue(issuer, name, Identity(ROLE_REGION, name), _AGENT_USAGES, days, host_names(hosts))
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_pair(cert_path, key_path, cert, key)
-    return cert_path, key_path
+    return _add_leaf(directory, Identity(ROLE_REGION, name), region_paths, _AGENT_USAGES, days, host_names(hosts))
 
 
 def add_agent(directory: Path, name: str, days: int = 365, hosts: Sequence[str] = ()) -> tuple[Path, Path]:
@@ -371,13 +362,23 @@ def add_agent(directory: Path, name: str, days: int = 365, hosts: Sequence[str] 
 
     It serves Inference to local applications as well, so it names localhost,
     127.0.0.1 and `hosts` like the cloud's server certificate."""
+    return _add_leaf(directory, Identity(ROLE_AGENT, name), agent_paths, _AGENT_USAGES, days, host_names(hosts))
+
+
+def _add_leaf(
+    directory: Path, identity: Identity, paths: Callable[[Path, str], tuple[Path, Path]],
+    usages: x509.ObjectIdentifier | Sequence[x509.ObjectIdentifier], days: int,
+    hosts: Sequence[x509.GeneralName] = (),
+) -> tuple[Path, Path]:
+    """Issue one more leaf certificate from the deployment's CA where `paths` puts it,
+    refusing to replace one; returns its (cert, key) paths."""
     directory = Path(directory)
     check_days(days)
-    cert_path, key_path = agent_paths(directory, name)
+    cert_path, key_path = paths(directory, identity.name)
     issuer = load_issuer(directory)
     if cert_path.exists() or key_path.exists():
-        raise FileExistsError(f"agent {name!r} already exists in {directory} ({cert_path})")
-    cert, key = _issue(issuer, name, Identity(ROLE_AGENT, name), _AGENT_USAGES, days, host_names(hosts))
+        raise FileExistsError(f"{identity.role} {identity.name!r} already exists in {directory} ({cert_path})")
+    cert, key = _issue(issuer, identity.name, identity, usages, days, hosts)
     cert_path.parent.mkdir(parents=True, exist_ok=True)
     _write_pair(cert_path, key_path, cert, key)
     return cert_path, key_path
@@ -392,16 +393,7 @@ def client_paths(directory: Path, name: str) -> tuple[Path, Path]:
 
 def add_client(directory: Path, name: str, days: int = 365) -> tuple[Path, Path]:
     """Issue a certificate for a local application that calls Inference (and nothing else)."""
-    directory = Path(directory)
-    check_days(days)
-    cert_path, key_path = client_paths(directory, name)
-    issuer = load_issuer(directory)
-    if cert_path.exists() or key_path.exists():
-        raise FileExistsError(f"client {name!r} already exists in {directory} ({cert_path})")
-    cert, key = _issue(issuer, name, Identity(ROLE_CLIENT, name), ExtendedKeyUsageOID.CLIENT_AUTH, days)
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_pair(cert_path, key_path, cert, key)
-    return cert_path, key_path
+    return _add_leaf(directory, Identity(ROLE_CLIENT, name), client_paths, ExtendedKeyUsageOID.CLIENT_AUTH, days)
 
 
 @functools.lru_cache(maxsize=1024)

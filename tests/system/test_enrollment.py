@@ -7,38 +7,21 @@ import asyncio
 import base64
 import sqlite3
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
-import pytest_asyncio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from cloud.app import Coordinator
-from cloud.enrollment import CaConfig, CaServer
+from cloud.enrollment import CaServer
 from edge import enroll
 from tandem import certs, enrollment, grpcserver, metrics, tls
 from tandem.v1 import admin_pb2, admin_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
 from tests.support.clients import ControlStream, admin_channel
-
-
-@pytest.fixture(scope="module")
-def ca_dir(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("enrollment-ca")
-    enrollment.create_intermediate(certs_dir, out)
-    return out
-
-
-@pytest_asyncio.fixture
-async def ca_server(ca_dir: Path) -> AsyncIterator[CaServer]:
-    server = CaServer(CaConfig(ca_dir=ca_dir, listen="127.0.0.1:0", cert_hours=2))
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def _token(ca_dir: Path, name: str, ttl: float = 3600) -> str:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import pytest_asyncio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
@@ -25,21 +24,6 @@ from edge.channels import CloudChannels
 from tandem import certs, enrollment, grpcserver, metrics, revocation, tls
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
-
-
-@pytest.fixture(scope="module")
-def ca_dir(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("renewal-ca")
-    enrollment.create_intermediate(certs_dir, out)
-    return out
-
-
-@pytest_asyncio.fixture
-async def ca_server(ca_dir: Path) -> AsyncIterator[CaServer]:
-    server = CaServer(CaConfig(ca_dir=ca_dir, listen="127.0.0.1:0", renew_listen="127.0.0.1:0", cert_hours=2))
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def _enrolled(server: CaServer, ca_dir: Path, certs_dir: Path, directory: Path, name: str) -> Path:

@@ -32,30 +32,26 @@ def register(subparsers: Subparsers) -> None:
     p.set_defaults(func=_init)
     p = certs_sub.add_parser("add-agent", help="issue a certificate for one more agent")
     p.add_argument("name", help="the agent's name: its identity everywhere")
-    p.add_argument("--dir", type=Path, default=certs_default(),
-                   help="the deployment's certificate directory (env TANDEM_CERTS; default %(default)s)")
+    _deployment_dir(p)
     p.add_argument("--days", type=int, default=365, help="validity of the certificate, in days")
     p.add_argument("--hosts", default="", help="names or IPs local applications reach the agent by, comma-separated")
     p.set_defaults(func=_add_agent)
-    p = certs_sub.add_parser("add-region", help="issue a certificate for a regional aggregator (`tandem region`)")
+    p = certs_sub.add_parser("add-region", help="issue a certificate for a regional aggregator (docs/scale-out.md)")
     p.add_argument("name", help="the region's name: its identity towards its parent is region/NAME")
-    p.add_argument("--dir", type=Path, default=certs_default(),
-                   help="the deployment's certificate directory (env TANDEM_CERTS; default %(default)s)")
+    _deployment_dir(p)
     p.add_argument("--days", type=int, default=365, help="validity of the certificate, in days")
     p.add_argument("--hosts", default="", help="names or IPs the region's agents reach it by, comma-separated")
     p.set_defaults(func=_add_region)
     p = certs_sub.add_parser("add-client", help="issue a certificate for a local application that calls Inference")
     p.add_argument("name", help="the application's name")
-    p.add_argument("--dir", type=Path, default=certs_default(),
-                   help="the deployment's certificate directory (env TANDEM_CERTS; default %(default)s)")
+    _deployment_dir(p)
     p.add_argument("--days", type=int, default=365, help="validity of the certificate, in days")
     p.set_defaults(func=_add_client)
 
     p = certs_sub.add_parser("revoke", help="deny an agent's or application's certificate on every server, "
                                             "without a restart")
     p.add_argument("name", help="the agent's or application's name")
-    p.add_argument("--dir", type=Path, default=certs_default(),
-                   help="the deployment's certificate directory (env TANDEM_CERTS; default %(default)s)")
+    _deployment_dir(p)
     p.add_argument("--role", choices=certs.REVOCABLE_ROLES, default=None,
                    help="needed only when the name has certificates of two roles, or its certificate is gone "
                         "(an enrolled agent's never was in DIR: with --ca-dir, a name with no certificate is an agent)")
@@ -66,17 +62,13 @@ def register(subparsers: Subparsers) -> None:
 
     p = certs_sub.add_parser("rotate", help="new keys and certificates for the coordinator and the inference "
                                             "replicas, picked up by the running servers without a restart")
-    p.add_argument("--dir", type=Path, default=certs_default(),
-                   help="the deployment's certificate directory, with the root CA (env TANDEM_CERTS; "
-                        "default %(default)s)")
+    _deployment_dir(p, ", with the root CA")
     p.add_argument("--days", type=int, default=365, help="validity of the new certificates, in days")
     p.set_defaults(func=_rotate)
 
     p = certs_sub.add_parser("intermediate", help="sign an intermediate CA for enrolled agents with the root "
                                                   "(run once, where the root key is)")
-    p.add_argument("--dir", type=Path, default=certs_default(),
-                   help="the deployment's certificate directory, with the root CA (env TANDEM_CERTS; "
-                        "default %(default)s)")
+    _deployment_dir(p, ", with the root CA")
     p.add_argument("--out", type=Path, required=True,
                    help="directory for the intermediate CA: only `tandem ca` reads it")
     p.add_argument("--days", type=int, default=365, help="validity of the intermediate CA, in days")
@@ -89,6 +81,11 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--ttl", type=_duration, default=3600.0, metavar="DURATION",
                    help="how long the token is valid: seconds, or a number with s, m, h or d (default 1h)")
     p.set_defaults(func=_token)
+
+
+def _deployment_dir(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--dir", type=Path, default=certs_default(),
+                   help=f"the deployment's certificate directory{what} (env TANDEM_CERTS; default %(default)s)")
 
 
 def _init(args: argparse.Namespace) -> int:
