@@ -25,11 +25,13 @@ after `tandem certs revoke` an `kubectl apply` of the rewritten file revokes wit
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 from typing import Any
 
 from tandem import certs, enrollment, revocation
 
+_NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 SERVICES = ("tandem-coordinator", "tandem-inference")
 COORDINATOR_POD = "tandem-coordinator-0"
 CA_SERVICE = "tandem-ca"  # the enrollment service's Service; its own certificate names come from `tandem ca --hosts`
@@ -38,9 +40,18 @@ CA_BUNDLE = "tandem-ca-bundle"  # the ConfigMap: root certificate and deny list,
 INTERMEDIATE_DIR = "ca"  # the agents' intermediate CA, under the certificate directory
 
 
+def check_namespace(namespace: str) -> str:
+    """`namespace` if Kubernetes takes it as a namespace name (an RFC 1123 label: lowercase
+    letters, digits and '-'; a Tandem name may also hold '.' and '_', which it does not)."""
+    if not _NAMESPACE_RE.fullmatch(namespace):
+        raise ValueError(f"invalid Kubernetes namespace {namespace!r}: use 1-63 lowercase letters, digits or '-', "
+                         "starting and ending with a letter or digit")
+    return namespace
+
+
 def service_hosts(namespace: str) -> list[str]:
     """Every name a pod in the cluster may use for the coordinator and the replicas."""
-    certs.validate_name(namespace)
+    check_namespace(namespace)
     hosts: list[str] = []
     for service in SERVICES:
         hosts += [service, f"{service}.{namespace}", f"{service}.{namespace}.svc",
@@ -54,7 +65,7 @@ EDGE_SUFFIX = "-edge"
 
 def edge_namespace(namespace: str) -> str:
     """The edge agents' namespace for a deployment in `namespace` (deploy/k8s/base/namespace.yaml)."""
-    certs.validate_name(namespace)
+    check_namespace(namespace)
     edge = namespace + EDGE_SUFFIX
     if len(edge) > 63:
         raise ValueError(f"namespace {namespace!r} is too long: the edge agents' namespace {edge!r} would "

@@ -649,6 +649,16 @@ def test_certs_init_k8s_refuses_a_namespace_whose_edge_namespace_is_too_long(tmp
     assert k8s_secrets.edge_namespace("n" * 58) == "n" * 58 + "-edge"
 
 
+@pytest.mark.parametrize("namespace", ["bad_ns", "bad.ns", "Bad", "bad-"])
+def test_certs_init_k8s_refuses_what_kubernetes_would_not_take_as_a_namespace(
+        tmp_path: Path, namespace: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Tandem names allow '.' and '_'; namespaces do not: the Secrets would be refused at kubectl apply.
+    directory = tmp_path / "certs"
+    assert main(["certs", "init", "--dir", str(directory), "--k8s", namespace]) == 2
+    assert capsys.readouterr().err.startswith(f"error: invalid Kubernetes namespace {namespace!r}")
+    assert not directory.exists()
+
+
 @pytest.mark.process  # kubectl kustomize
 @needs_kubectl
 def test_no_secret_holds_more_than_one_private_key_and_edge_nodes_mount_none(tmp_path: Path) -> None:
