@@ -162,8 +162,13 @@ async def start_job(port: int, certs_dir: Path, **spec: object) -> admin_pb2.Job
 
 
 async def get_job(port: int, certs_dir: Path, job_id: str) -> admin_pb2.Job:
+    """The job as the coordinator sees it now. Tests poll this many times a second, a new
+    connection each time, while agents train in the same process: on a loaded 2-core
+    machine one handshake can miss the server's 5 s deadline (CI saw "Handshake read
+    failed"), so the call waits for a connection instead of failing on the first."""
     async with admin_channel(port, certs_dir) as channel:
-        job: admin_pb2.Job = await admin_pb2_grpc.AdminStub(channel).GetJob(admin_pb2.GetJobRequest(job_id=job_id))
+        job: admin_pb2.Job = await admin_pb2_grpc.AdminStub(channel).GetJob(
+            admin_pb2.GetJobRequest(job_id=job_id), wait_for_ready=True, timeout=30)
         return job
 
 
