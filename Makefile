@@ -34,7 +34,7 @@ run: $(STAMP) certs
 
 # Strict typing of everything but the generated code (and of the examples).
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy -p tandem -p cloud -p edge -p tandem_cli -p tandem_lab
+	$(VENV)/bin/mypy -p tandem -p cloud -p edge -p region -p tandem_cli -p tandem_lab
 	$(VENV)/bin/mypy $(foreach e,$(EXAMPLES),$(e)/tandem_example_$(notdir $(e)))
 
 # Lint rules (pyproject.toml [tool.ruff]): pyflakes, pycodestyle, bugbear, import order, naming.

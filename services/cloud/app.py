@@ -50,6 +50,7 @@ class CloudConfig:
     limits: LimitsConfig = LimitsConfig()  # per agent: streams open at once, requests and request bytes per second
     disk_reserve: int = DEFAULT_RESERVE_BYTES  # free bytes on the state volume below which uploads are refused
     upload_idle_seconds: float = UPLOAD_IDLE_SECONDS  # an upload silent this long is ended DEADLINE_EXCEEDED
+    identity: tuple[Path, Path] | None = None  # the server's (certificate, key); None: cloud.pem in `certs`
 
 
 class Coordinator:
@@ -99,7 +100,7 @@ class Coordinator:
         # Every address bound before anything starts: one in use refuses the start (one
         # line), with nothing to undo but the lock.
         try:
-            self.port = grpcserver.bind(self.server, cfg.listen, tls.server_credentials(cfg.certs))
+            self.port = grpcserver.bind(self.server, cfg.listen, tls.server_credentials(cfg.certs, cfg.identity))
             if cfg.metrics:
                 _, self.metrics_port = metrics.serve_metrics(cfg.metrics)
             self.health_server, self.health_port = await grpcserver.start_health_only(cfg.health, self.health)

@@ -209,8 +209,10 @@ class UpdateIntake:
         if existing is None:
             runner = self._jobs.runner(header.job_id)
             runner.check_update(agent, header)
+            # An agent's claim is bounded by its hello; a region's by the job's max_examples
+            # alone (check_update): its agents come and go after its hello.
             declared = self._store.agent_examples(agent)
-            if header.num_examples > declared:
+            if role != ROLE_REGION and header.num_examples > declared:
                 raise InvalidArgument(
                     f"num_examples {header.num_examples} is more than the {declared} the agent declared in its hello",
                     reason="malformed",

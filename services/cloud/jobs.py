@@ -13,7 +13,7 @@ from cloud.models import ModelRepository
 from cloud.open_round import OpenRound
 from cloud.registry import Registry
 from cloud.rollouts import NothingToCanary, Rollouts
-from cloud.rounds import JobRunner
+from cloud.rounds import JobRunner, MeanListener, RoundMean
 from cloud.spec import SERVING, JobSpec, promote_metric_parts
 from cloud.store import JobRow, JobState, RoundState, Store, VersionRow
 from cloud.tensorfile import read_tensors
@@ -43,9 +43,19 @@ class JobManager:
         # Called with (job id, round) when a round ends: closed, or its job stopped,
         # completed or failed (the update intake frees what it kept for that round).
         self._round_end_listeners: list[Callable[[str, int], None]] = []
+        self._mean_listeners: list[MeanListener] = []  # given each round's mean before it steps
 
     def add_round_end_listener(self, listener: Callable[[str, int], None]) -> None:
         self._round_end_listeners.append(listener)
+
+    def add_mean_listener(self, listener: MeanListener) -> None:
+        """`listener` is awaited with every closing round's mean (rounds.RoundMean) before
+        the server steps and the close commits: a region's relay keeps it there."""
+        self._mean_listeners.append(listener)
+
+    async def _aggregated(self, mean: RoundMean) -> None:
+        for listener in self._mean_listeners:
+            await listener(mean)
 
     def _round_ended(self, job_id: str, round_: int) -> None:
         for listener in self._round_end_listeners:
@@ -80,12 +90,12 @@ class JobManager:
             # initial model is freed once written, before the first task goes out.
             initial = await asyncio.to_thread(self._models.initial_arrays, spec.model, spec.seed)  # builds it
             version = await self._models.publish(spec.model, initial, job_id, 0)
-        self._store.create_job(job_id, spec.to_dict(), version.version)
+        self._store.create_job(job_id, spec.to_dict(), version.version, spec.first_round)
         self._launch(job_id, spec)
         return job_id
 
     def _launch(self, job_id: str, spec: JobSpec) -> None:
-        runner = JobRunner(job_id, spec, self._store, self._registry, self._models, self._round_ended)
+        runner = JobRunner(job_id, spec, self._store, self._registry, self._models, self._round_ended, self._aggregated)
         self._runners[job_id] = runner
         runner.start()
         self._watch(job_id, runner)

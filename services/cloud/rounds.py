@@ -13,8 +13,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +47,29 @@ FAILURE_NAMES = {value: name.removeprefix("TASK_FAILURE_") for name, value in pb
 
 
 def _agents_of(session: Session) -> int:
-    """The agents a connected member stands for: 1, or a region's as its Hello says."""
-    if session.agent_id.startswith(REGION_PREFIX) and session.hello.agents > 0:
-        return int(session.hello.agents)
-    return 1
+    """The agents a connected member stands for: 1, or a region's as its last heartbeat
+    (else its Hello) says."""
+    if not session.agent_id.startswith(REGION_PREFIX):
+        return 1
+    agents = session.measurements.get(measurements.AGENTS, float(session.hello.agents))
+    return max(1, int(agents)) if math.isfinite(agents) else 1
+
+
+@dataclass(frozen=True)
+class RoundMean:
+    """A closing round's weighted mean update and what stands behind it, before the
+    server steps: what a region sends its parent as one partial aggregate."""
+
+    job_id: str
+    round: int
+    mean: Mapping[str, np.ndarray]  # read lazily: valid only while the listener runs
+    weight: float  # the (capped) example counts the mean is weighted by, summed
+    contributors: int  # agents behind it (a region's partial counts its own)
+    local_loss: float
+    metrics: dict[str, float]
+
+
+MeanListener = Callable[[RoundMean], Awaitable[None]]
 
 
 class NoQuorum(Exception):
@@ -62,10 +81,11 @@ class JobRunner:
 
     def __init__(
         self, job_id: str, spec: JobSpec, store: Store, registry: Registry, models: ModelRepository,
-        round_ended: Callable[[str, int], None] | None = None,
+        round_ended: Callable[[str, int], None] | None = None, aggregated: MeanListener | None = None,
     ) -> None:
         self.job_id = job_id
         self._round_ended = round_ended  # told when a round is released: closed, or the job ended
+        self._aggregated = aggregated  # given each round's mean before the server steps (a region's relay)
         self.spec = spec
         self._store = store
         self._registry = registry
@@ -370,7 +390,7 @@ class JobRunner:
                     epochs=training.epochs, batch_size=training.batch_size, learning_rate=training.learning_rate,
                     mu=self.spec.strategy.mu,
                 ),
-                task_fingerprint=self._eligibility.fingerprint,
+                task_fingerprint=self._eligibility.fingerprint, weight_cap=self.spec.defence.weight_cap,
             )
         )
         task_config.to_proto(self.spec.task_config(), message.task.config)
@@ -425,6 +445,12 @@ class JobRunner:
             metrics.WEIGHTS_CAPPED.inc(len(weights.capped))
             log.warning("job %s round %d: example counts of %s capped at %g", self.job_id, rnd.number,
                         list(weights.capped), weights.cap)
+        examples = sum(weights.weights.get(u.agent, 0.0) for u in updates)
+        local_loss = sum(weights.weights.get(u.agent, 0.0) * u.local_loss for u in updates) / examples
+        trained = evaluation.weighted({u.agent: (weights.weights.get(u.agent, 0.0), u.metrics) for u in updates})
+        if self._aggregated is not None:  # before the close commits: a restart closes the round again
+            await self._aggregated(RoundMean(self.job_id, rnd.number, mean, examples, sum(u.contributors for u in updates),
+                                             trained.get("loss", local_loss), trained))
         change_of, delta, delta_bytes = await asyncio.to_thread(downlink.next_change, self._optimizer, self._downlink,
                                                                     mean, previous, residual)
         version = await self._models.write_changed(self.spec.model, base, change_of, self.job_id, rnd.number)
@@ -454,9 +480,6 @@ class JobRunner:
         if state:
             await asyncio.to_thread(write_tensors, self._store.job_state_path(self.job_id, rnd.number), state)
         del state, residual, base
-        examples = sum(weights.weights.get(u.agent, 0.0) for u in updates)
-        local_loss = sum(weights.weights.get(u.agent, 0.0) * u.local_loss for u in updates) / examples
-        trained = evaluation.weighted({u.agent: (weights.weights.get(u.agent, 0.0), u.metrics) for u in updates})
         accuracy, loss = evaluated.get("accuracy"), evaluated.get("loss")
         final = rnd.number >= self.spec.rounds
         watch.lap("publish")

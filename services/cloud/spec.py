@@ -153,6 +153,11 @@ class JobSpec:
     promote_metric: str = ""
     from_version: str = ""
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)  # how a promotion reaches the edge
+    # A region's relay of its parent's task (region.relay): the parent's job, and the
+    # parent's round number, which this job's only round takes (agents seed their
+    # shuffles with it). Never on the Admin wire: users start jobs from round 1.
+    parent_job: str = ""
+    first_round: int = 1
 
     @property
     def from_version_number(self) -> int | None:
@@ -179,6 +184,7 @@ class JobSpec:
         except config.ConfigError as exc:
             raise InvalidArgument(str(exc)) from None
         _check(1 <= self.rounds <= 100_000, f"rounds must be in 1..100000, got {self.rounds}")
+        _check(1 <= self.first_round <= self.rounds, f"first_round must be in 1..rounds, got {self.first_round}")
         _check(1 <= self.min_clients <= 100_000, f"min_clients must be >= 1, got {self.min_clients}")
         _check(
             self.clients_per_round == 0 or self.clients_per_round >= self.min_clients,
@@ -304,7 +310,7 @@ class JobSpec:
             del record["selection"]
         if self.rollout == RolloutPolicy():
             del record["rollout"]
-        for key in ("promote", "promote_metric", "from_version"):  # issue 16: stored once set
+        for key in ("promote", "promote_metric", "from_version", "parent_job", "first_round"):  # stored once set
             if record[key] == getattr(JobSpec, key):
                 del record[key]
         return record

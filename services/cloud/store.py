@@ -252,12 +252,12 @@ class Store:
 
     # ---- jobs -------------------------------------------------------------
 
-    def create_job(self, job_id: str, spec: Mapping[str, Any], version: int) -> None:
+    def create_job(self, job_id: str, spec: Mapping[str, Any], version: int, first_round: int = 1) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (job_id, spec, state, current_round, version, message, created)"
                 " VALUES (?,?,?,?,?,?,?)",
-                (job_id, json.dumps(dict(spec)), JobState.RUNNING.value, 1, version, "", time.time()),
+                (job_id, json.dumps(dict(spec)), JobState.RUNNING.value, first_round, version, "", time.time()),
             )
 
     def set_promotion(self, job_id: str, decision: str, message: str) -> None:

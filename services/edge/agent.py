@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from edge.router import EdgeRouter, RouterConfig
 from edge.trainer import Trainer
 from tandem import __version__, data, measurements, metrics, placement, staged, training, transfer
 from tandem.batching import Batcher, keep_profiled
+from tandem.certs import agent_paths
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc, inference_pb2_grpc
 
@@ -60,6 +61,8 @@ class AgentConfig:
     labels: tuple[tuple[str, str], ...] = ()
     warmup: bool = True  # pay torch's first-use costs at start (edge.warmup), not in the first round
     renew: str | None = None  # HOST:PORT of `tandem ca`'s renewal port: renew the certificate before it expires
+    # Where this member's certificate and key are in `certs` (a region's are under regions/).
+    identity: Callable[[Path, str], tuple[Path, Path]] = agent_paths
 
 
 class Agent:
@@ -139,7 +142,8 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a control stream open until `stop` is set, reconnecting with backoff."""
         await self.prepare()
-        channels = CloudChannels(self.config.certs, self.config.agent_id, self.config.cloud, self.config.inference_cloud)
+        channels = CloudChannels(self.config.certs, self.config.agent_id, self.config.cloud, self.config.inference_cloud,
+                                 self.config.identity)
         await channels.open()
         self._use(channels)
         prober: asyncio.Task[None] | None = None
@@ -216,12 +220,7 @@ class Agent:
         """One control stream; returns whether the coordinator welcomed us, and how it ended."""
         outgoing: asyncio.Queue[pb.AgentMessage] = asyncio.Queue()
         self._outgoing = outgoing
-        offers = self.offers()
-        outgoing.put_nowait(pb.AgentMessage(hello=pb.Hello(
-            agent_version=__version__, num_examples=offers.num_examples, device="cpu",
-            models={name: held.version for name, held in self.held.items()},
-            labels=dict(self.config.labels), tasks=offers.offers(),
-        )))
+        outgoing.put_nowait(pb.AgentMessage(hello=self._hello()))
 
         async def requests() -> AsyncIterator[pb.AgentMessage]:
             while True:
@@ -269,6 +268,15 @@ class Agent:
                 heartbeat.cancel()
             call.cancel()
         return welcomed, code
+
+    def _hello(self) -> pb.Hello:
+        """What this member says of itself when its control stream opens."""
+        offers = self.offers()
+        return pb.Hello(
+            agent_version=__version__, num_examples=offers.num_examples, device="cpu",
+            models={name: held.version for name, held in self.held.items()},
+            labels=dict(self.config.labels), tasks=offers.offers(),
+        )
 
     async def _heartbeats(self, outgoing: asyncio.Queue[pb.AgentMessage], interval: float) -> None:
         """A heartbeat every `interval`, and sooner when a new measurement is in, but not

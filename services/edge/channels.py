@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -42,8 +43,9 @@ class Backoff:
 
 
 class CloudChannels:
-    def __init__(self, certs_dir: Path, agent_id: str, cloud: str, inference_cloud: str | None = None) -> None:
-        self._certs_dir, self._agent_id = certs_dir, agent_id
+    def __init__(self, certs_dir: Path, agent_id: str, cloud: str, inference_cloud: str | None = None,
+                 identity: Callable[[Path, str], tuple[Path, Path]] = certs.agent_paths) -> None:
+        self._certs_dir, self._agent_id, self._identity = certs_dir, agent_id, identity
         self._cloud, self._inference_cloud = cloud, inference_cloud
         self._files = ""
         self.coordinator: grpc.aio.Channel | None = None
@@ -54,7 +56,7 @@ class CloudChannels:
     def _read(self) -> tuple[bytes, bytes, bytes]:
         """The CA bundle, certificate and key, checked to belong together (a renewal between
         its two renames is not: ValueError, and the files are read again next time)."""
-        cert, key = certs.agent_paths(self._certs_dir, self._agent_id)
+        cert, key = self._identity(self._certs_dir, self._agent_id)
         ca_pem, cert_pem, key_pem = (path.read_bytes() for path in (self._certs_dir / "ca.pem", cert, key))
         tls.check_pair(cert_pem, key_pem, ca_pem, self._certs_dir)
         return ca_pem, cert_pem, key_pem

@@ -66,6 +66,12 @@ class UnknownTask(RuntimeError):
     """A TrainTask names a task that is not offered here (any more)."""
 
 
+class NothingToUpload(Exception):
+    """The training step has no update for this round, and no failure to report (a
+    region whose own agents missed its quorum): the task is left undone, so that the
+    coordinator's next sending of it is tried again."""
+
+
 class Trainer:
     """Runs the coordinator's training tasks for one agent: a newer round of a job
     supersedes the older one, tasks of different jobs run side by side."""
@@ -96,8 +102,9 @@ class Trainer:
         self._feedback: dict[str, compression.ErrorFeedback] = {}  # job -> error-feedback residual
         self._downloads: dict[tuple[str, int], transfer.Download] = {}
         self._uploads: dict[tuple[str, int], tuple[transfer.Upload, dict[str, np.ndarray]]] = {}
-        # (job, round) -> the training's metrics and example count, for the update's header.
-        self._results: dict[tuple[str, int], tuple[dict[str, float], int]] = {}
+        # (job, round) -> the training's metrics, example count and contributing agents,
+        # for the update's header.
+        self._results: dict[tuple[str, int], tuple[dict[str, float], int, int]] = {}
         # (job, round) -> seconds by phase (download, train, encode), for the update's header.
         self._phases: dict[tuple[str, int], dict[str, float]] = {}
         # job -> this agent's tensors that never leave it (local layers, integer counters),
@@ -174,6 +181,9 @@ class Trainer:
         except asyncio.CancelledError:
             metrics.EDGE_TASKS.labels("superseded").inc()
             raise
+        except NothingToUpload as exc:
+            metrics.EDGE_TASKS.labels("skipped").inc()
+            log.warning("job %s round %d: no update: %s", task.job_id, task.round, exc)
         except grpc.aio.AioRpcError as exc:
             # Not marked done: if the coordinator sends this task again, it is tried again.
             metrics.EDGE_TASKS.labels("rejected").inc()
@@ -266,11 +276,12 @@ class Trainer:
             phases = self._phases.setdefault(key, {})
             phases["encode"] = time.perf_counter() - started
             after = trial.residual
-            trained, examples = self._results.get(key, ({}, self._offers().num_examples))
+            trained, examples, contributors = self._results.get(key, ({}, self._offers().num_examples, 1))
             header = pb.UpdateHeader(
                 job_id=task.job_id, round=task.round, base_version=task.base_version,
                 num_examples=examples, codec=task.codec, local_loss=loss, metrics=trained,
                 task_fingerprint=self.prepared(task).offer.fingerprint, phase_seconds=phases,
+                contributors=contributors if contributors > 1 else 0,
             )
             pending = self._uploads[key] = (transfer.Upload(header, components), after)
         upload, after = pending
@@ -278,6 +289,12 @@ class Trainer:
         feedback.residual = after
         self._measure(measurements.UPLINK_BYTES_PER_SECOND, transfer.throughput(upload.wire, upload.seconds))
         return receipt
+
+    def record(self, task: pb.TrainTask, trained: dict[str, float], examples: int, contributors: int = 1) -> None:
+        """What a training step says of its update, for the update's header: its metrics,
+        the example count it is weighted by, and the agents behind it (above 1: a
+        region's partial aggregate)."""
+        self._results[(task.job_id, task.round)] = (trained, examples, contributors)
 
     def _measure(self, name: str, value: float | None) -> None:
         """Exponentially weighted, so one odd transfer does not swing the codec choice."""
@@ -296,7 +313,6 @@ class Trainer:
         loaded = prepared.loaded
         assert loaded is not None
         config = task_config.from_proto(task.config)
-        key = (task.job_id, task.round)
 
         def work() -> tuple[dict[str, np.ndarray], float, dict[str, float], int, dict[str, torch.Tensor]]:
             model = loaded.build(0)
@@ -328,7 +344,7 @@ class Trainer:
         if task.round >= self._local.get(task.job_id, (0, {}))[0]:
             self._local[task.job_id] = (task.round, local)
         seconds = time.perf_counter() - start
-        self._results[key] = (trained, examples)
+        self.record(task, trained, examples)
         metrics.EDGE_TRAIN_SECONDS.observe(seconds)
         metrics.EDGE_LOCAL_LOSS.set(loss)
         self._measurements[measurements.TRAIN_SECONDS] = seconds

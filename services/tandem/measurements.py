@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 EXAMPLES = "examples"  # local training examples the agent holds
+AGENTS = "agents"  # a region's connected agents, now (its Hello says how many it had when it connected)
 TRAIN_SECONDS = "train_seconds"  # the last local training's wall time
 # Throughput of training transfers (model downloads, update uploads), smoothed.
 UPLINK_BYTES_PER_SECOND = "uplink_bytes_per_second"

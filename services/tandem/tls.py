@@ -120,9 +120,11 @@ def _server_credentials(certs_dir: Path, cert: Path, key: Path) -> grpc.ServerCr
     return grpc.dynamic_ssl_server_credentials(files.initial, files, require_client_authentication=True)
 
 
-def server_credentials(certs_dir: Path) -> grpc.ServerCredentials:
-    """The cloud's server certificate; clients must present one from the same CA."""
-    return _server_credentials(certs_dir, certs_dir / "cloud.pem", certs_dir / "cloud.key")
+def server_credentials(certs_dir: Path, identity: tuple[Path, Path] | None = None) -> grpc.ServerCredentials:
+    """The cloud's server certificate, or the (certificate, key) `identity` (a region's);
+    clients must present one from the same CA."""
+    cert, key = identity or (certs_dir / "cloud.pem", certs_dir / "cloud.key")
+    return _server_credentials(certs_dir, cert, key)
 
 
 def agent_server_credentials(certs_dir: Path, name: str) -> grpc.ServerCredentials:

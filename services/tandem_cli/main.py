@@ -14,12 +14,12 @@ from typing import Any
 
 import grpc
 
-from tandem_cli.commands import agents, ca, certs, cloud, demo, edge, infer, job, models, placement, serve, status, tasks
+from tandem_cli.commands import agents, ca, certs, cloud, demo, edge, infer, job, models, placement, region, serve, status, tasks
 from tandem_cli.options import Command, Handler, env
 
 # In the order `tandem --help` and the README's reference list them.
 COMMANDS: tuple[Command, ...] = (
-    certs, ca, cloud, edge, serve, job, placement, infer, status, agents, models, tasks, demo,
+    certs, ca, cloud, region, edge, serve, job, placement, infer, status, agents, models, tasks, demo,
 )
 
 

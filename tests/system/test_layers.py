@@ -1,7 +1,8 @@
 """The layering rule, as a test: cloud and edge share only `tandem` and the wire contract.
 
 Arrows point one way: `cloud` and `edge` import `tandem`; `tandem` imports neither
-of them nor the command line; the command line (`tandem_cli`) wires both sides; the
+of them nor the command line; the command line (`tandem_cli`) wires both sides, and so does the regional
+aggregator (`region`: a coordinator to its agents, an agent to its parent); the
 lab (`tandem_lab`: benchmarks, scenarios, fuzzers, network emulation) may import
 anything, and nothing else imports the lab.
 """
@@ -18,9 +19,10 @@ SERVICES = Path(__file__).resolve().parents[2] / "services"
 
 # package -> top-level packages it must never import
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "tandem": frozenset({"cloud", "edge", "tandem_cli", "tandem_lab"}),
-    "cloud": frozenset({"edge", "tandem_cli", "tandem_lab"}),
-    "edge": frozenset({"cloud", "tandem_cli", "tandem_lab"}),
+    "tandem": frozenset({"cloud", "edge", "region", "tandem_cli", "tandem_lab"}),
+    "cloud": frozenset({"edge", "region", "tandem_cli", "tandem_lab"}),
+    "edge": frozenset({"cloud", "region", "tandem_cli", "tandem_lab"}),
+    "region": frozenset({"tandem_cli", "tandem_lab"}),  # wires cloud and edge, as the command line does
     "tandem_cli": frozenset({"tandem_lab"}),
     "tandem_lab": frozenset(),
 }

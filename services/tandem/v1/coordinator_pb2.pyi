@@ -220,7 +220,7 @@ class TrainingConfig(_message.Message):
     def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., mu: _Optional[float] = ...) -> None: ...
 
 class TrainTask(_message.Message):
-    __slots__ = ("job_id", "round", "model", "base_version", "base_sha256", "training", "codec", "deadline", "max_update_bytes", "base_seed", "config", "task_fingerprint")
+    __slots__ = ("job_id", "round", "model", "base_version", "base_sha256", "training", "codec", "deadline", "max_update_bytes", "base_seed", "config", "task_fingerprint", "weight_cap")
     class ConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class TrainTask(_message.Message):
     BASE_SEED_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     TASK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_CAP_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     model: str
@@ -252,7 +253,8 @@ class TrainTask(_message.Message):
     base_seed: int
     config: _containers.MessageMap[str, ConfigValue]
     task_fingerprint: str
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., model: _Optional[str] = ..., base_version: _Optional[int] = ..., base_sha256: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., codec: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., base_seed: _Optional[int] = ..., config: _Optional[_Mapping[str, ConfigValue]] = ..., task_fingerprint: _Optional[str] = ...) -> None: ...
+    weight_cap: float
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., model: _Optional[str] = ..., base_version: _Optional[int] = ..., base_sha256: _Optional[str] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., codec: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_update_bytes: _Optional[int] = ..., base_seed: _Optional[int] = ..., config: _Optional[_Mapping[str, ConfigValue]] = ..., task_fingerprint: _Optional[str] = ..., weight_cap: _Optional[float] = ...) -> None: ...
 
 class ModelNotice(_message.Message):
     __slots__ = ("model", "version", "sha256", "job_id", "serving", "canary")
