@@ -24,7 +24,8 @@ from tandem_cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
-OVERLAYS = ["base", "overlays/dev", "overlays/gpu", "overlays/prometheus-operator", "overlays/cert-manager"]
+OVERLAYS = ["base", "overlays/dev", "overlays/gpu", "overlays/prometheus-operator", "overlays/cert-manager",
+            "overlays/regional"]
 OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # CRDs: no schema in kubernetes-validate
 # cert-manager's kinds: validated strictly with deploy/k8s/schemas/cert-manager (see its README), and against
 # the pinned release's CRDs too when $TANDEM_CERT_MANAGER_CRDS names a directory holding them.
@@ -32,6 +33,11 @@ CERT_MANAGER_KINDS = {"Issuer": "issuer", "ClusterIssuer": "clusterissuer", "Cer
 CERT_MANAGER_SECRETS = {"tandem-cloud-tls", "tandem-inference-tls"}  # what its Certificates write
 WORKLOADS = {"StatefulSet", "Deployment", "DaemonSet"}
 SECRETS = {"tandem-cloud", "tandem-inference", "tandem-admin", "tandem-ca"}  # `tandem certs init --k8s` writes
+# The regional overlay's one region (its StatefulSet, Services, NetworkPolicy, and the Secret with its certificate,
+# which `tandem certs init --k8s` does not write: docs/kubernetes.md, "Regional aggregators", has the commands).
+REGIONAL = "overlays/regional"
+REGION = "tandem-region-west"
+REGION_SECRETS = {REGION}
 CA_BUNDLE = "tandem-ca-bundle"  # a ConfigMap, written with them: the root certificate and the deny list
 CLOUD_NS = "tandem"  # the coordinator, the replicas, the enrollment service: Pod Security "restricted", enforced
 EDGE_NS = "tandem-edge"  # the edge agents (hostPaths, a hostPort): the one namespace that relaxes enforcement
@@ -125,12 +131,55 @@ def port_of(address: str | None) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+def subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    return {name for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices}
+
+
+def announced_region_parser() -> argparse.ArgumentParser:
+    """`tandem region`'s command line as announced for issue 20 (docs/scale-out.md), which the regional overlay
+    runs while the command itself is being written. parse_args uses it only while the real CLI has no `region`;
+    from then on the real parser checks the manifest, and this can go."""
+    p = argparse.ArgumentParser(prog="tandem region", exit_on_error=False)
+    p.add_argument("--parent", required=True, metavar="HOST:PORT")
+    p.add_argument("--id", required=True)
+    p.add_argument("--certs", type=Path, required=True)
+    p.add_argument("--listen", required=True, metavar="[HOST]:PORT")
+    p.add_argument("--state", type=Path, required=True)
+    p.add_argument("--metrics", metavar="[HOST]:PORT")
+    p.add_argument("--health", metavar="[HOST]:PORT")
+    p.add_argument("--min-clients", type=int)
+    return p
+
+
 def parse_args(args: list[str], env: dict[str, str]) -> argparse.Namespace:
     """A container's args through the real CLI, with $(VAR)s put in from `env`."""
     expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
-    parsed, unknown = build_parser().parse_known_args(expanded)
+    parser = build_parser()
+    if expanded[:1] == ["region"] and "region" not in subcommands(parser):
+        parsed, unknown = announced_region_parser().parse_known_args(expanded[1:])
+    else:
+        parsed, unknown = parser.parse_known_args(expanded)
     assert unknown == [], unknown
     return parsed
+
+
+def reached(objs: list[Obj], address: str, namespace: str) -> set[tuple[str, int]]:
+    """(workload, container port) of the pods behind HOST:PORT, for a caller in `namespace`: HOST a Service's name
+    (in the caller's namespace) or SERVICE.NAMESPACE[.svc[.cluster.local]], PORT one of its ports."""
+    host, port = address.rsplit(":", 1)
+    service_name, *rest = host.split(".")
+    assert rest[1:] in ([], ["svc"], ["svc", "cluster", "local"]), address
+    service = find(objs, "Service", service_name, rest[0] if rest else namespace)
+    (target,) = [p["targetPort"] for p in service["spec"]["ports"] if p["port"] == int(port)]
+    found = set()
+    for ns, workload, pod in pods(objs):
+        if ns == namespace_of(service) and service["spec"]["selector"].items() <= pod["metadata"]["labels"].items():
+            (container_port,) = [p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]
+                                 if p["name"] == target]
+            found.add((workload["metadata"]["name"], container_port))
+    assert found, address
+    return found
 
 
 def private_keys(obj: Obj) -> int:
@@ -228,8 +277,9 @@ def test_overlay_renders_and_validates_strictly(overlay: str) -> None:
 def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve(overlay: str) -> None:
     objs = render(overlay)
     enrollment = {"tandem-ca"} if overlay != "overlays/cert-manager" else set()  # cert-manager's CSI driver instead
+    regions = {REGION} if overlay == REGIONAL else set()
     assert {o["metadata"]["name"] for o in objs if o["kind"] in WORKLOADS} == {
-        "tandem-coordinator", "tandem-inference", "tandem-edge-agent", *enrollment}
+        "tandem-coordinator", "tandem-inference", "tandem-edge-agent", *enrollment, *regions}
     for workload in (o for o in objs if o["kind"] in WORKLOADS):
         name = workload["metadata"]["name"]
         pod = workload["spec"]["template"]
@@ -277,7 +327,7 @@ def test_workloads_are_locked_down_and_probed_on_the_ports_they_serve(overlay: s
                 assert main_container[probe]["tcpSocket"]["port"] == ports["enroll"], (name, probe)
         volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
         secrets = mounted_secrets(workload)
-        assert secrets <= SECRETS | CERT_MANAGER_SECRETS
+        assert secrets <= SECRETS | CERT_MANAGER_SECRETS | (REGION_SECRETS if name == REGION else set())
         assert bool(secrets) == (name != "tandem-edge-agent")  # the edge agent mounts no Secret
         mounts = {m["mountPath"]: m["name"] for m in main_container["volumeMounts"]}
         certs_dir = flag(args, "certs") or flag(args, "dir")
@@ -450,8 +500,9 @@ def test_the_cloud_namespace_enforces_restricted_and_only_the_edge_namespace_rel
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_edge_agents_reach_exactly_the_cloud_ports_they_use_across_namespaces(overlay: str) -> None:
     """The agents, in their own namespace, reach the ports of the cloud's pods that their settings name (the
-    coordinator, the replicas, enrollment and renewal) and no other; a pod in the cloud's namespace that merely
-    carries the agents' labels is not let in as one; Prometheus still reaches every metrics port."""
+    coordinator, or their region in the regional overlay; the replicas, enrollment and renewal) and no other; a
+    pod in the cloud's namespace that merely carries the agents' labels is not let in as one; Prometheus still
+    reaches every metrics port."""
     objs = render(overlay)
     daemonset = find(objs, "DaemonSet", "tandem-edge-agent")
     assert namespace_of(daemonset) == EDGE_NS
@@ -466,19 +517,9 @@ def test_edge_agents_reach_exactly_the_cloud_ports_they_use_across_namespaces(ov
         address = flag(args, option)
         if address is None:
             continue  # the cert-manager overlay: no enrollment
-        host, port = address.rsplit(":", 1)
-        service_name, namespace, svc = host.split(".")
-        assert (namespace, svc) == (CLOUD_NS, "svc"), address
-        service = find(objs, "Service", service_name, namespace)
-        (target,) = [p["targetPort"] for p in service["spec"]["ports"] if p["port"] == int(port)]
-        selected = [(w, p) for ns, w, p in pods(objs) if ns == namespace
-                    and service["spec"]["selector"].items() <= p["metadata"]["labels"].items()]
-        assert selected, address
-        for workload, pod in selected:
-            (container_port,) = [p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]
-                                 if p["name"] == target]
-            used.add((workload["metadata"]["name"], container_port))
-    expected = {("tandem-coordinator", 7443), ("tandem-inference", 7450)}
+        assert address.rsplit(":", 1)[0].split(".")[1:] == [CLOUD_NS, "svc"], address
+        used |= reached(objs, address, EDGE_NS)
+    expected = {(REGION if overlay == REGIONAL else "tandem-coordinator", 7443), ("tandem-inference", 7450)}
     if overlay != "overlays/cert-manager":
         expected |= {("tandem-ca", 7445), ("tandem-ca", 7446)}
     assert used == expected
@@ -595,6 +636,116 @@ def test_cert_manager_overlay_makes_agent_keys_on_nodes_and_renews_the_servers()
                                                                               "tls.key": f"{leaf}.key"}
         assert sources["configMap"]["name"] == CA_BUNDLE
         assert {i["path"] for i in sources["configMap"]["items"]} == {"ca.pem", "revoked.txt"}
+
+
+@pytest.mark.process  # kubectl kustomize
+@needs_kubectl
+def test_regional_overlay_puts_a_region_between_the_agents_and_the_cloud() -> None:
+    objs = render(REGIONAL)
+    cloud_config, edge_config = settings(objs, CLOUD_NS), settings(objs, EDGE_NS)
+    region = find(objs, "StatefulSet", REGION, CLOUD_NS)
+    region_pod = region["spec"]["template"]
+    container = region_pod["spec"]["containers"][0]
+    assert container["args"][0] == "region" and region["spec"]["replicas"] == 1
+    args = parse_args(container["args"], cloud_config)
+    listen = port_of(args.listen)
+
+    # Its state on a volume of its own: the StatefulSet's claim, mounted writable where --state points.
+    (claim,) = region["spec"]["volumeClaimTemplates"]
+    state = {m["mountPath"]: m for m in container["volumeMounts"]}[str(args.state)]
+    assert state["name"] == claim["metadata"]["name"] and not state.get("readOnly")
+    assert state["name"] not in {v["name"] for v in region_pod["spec"]["volumes"]}  # no pod volume shadows the claim
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+
+    # Its parent: the cloud Service's coordinator port, by a name the coordinator's certificate carries.
+    assert reached(objs, args.parent, CLOUD_NS) == {("tandem-coordinator", 7443)}
+    assert args.parent.rsplit(":", 1)[0] in k8s_secrets.service_hosts(CLOUD_NS)
+
+    # Its certificate directory: regions/ID.pem and .key from its Secret, ca.pem and the deny list from the bundle.
+    certs_mount = {m["mountPath"]: m for m in container["volumeMounts"]}[str(args.certs)]
+    (certs_volume,) = [v for v in region_pod["spec"]["volumes"] if v["name"] == certs_mount["name"]]
+    files = {item["path"]: (kind, source["name"], item["key"]) for entry in certs_volume["projected"]["sources"]
+             for kind, source in entry.items() for item in source["items"]}
+    cert_path, key_path = (str(p.relative_to(args.certs)) for p in certs.region_paths(args.certs, args.id))
+    assert files == {cert_path: ("secret", REGION, f"{args.id}.pem"), key_path: ("secret", REGION, f"{args.id}.key"),
+                     "ca.pem": ("configMap", CA_BUNDLE, "ca.pem"), "revoked.txt": ("configMap", CA_BUNDLE, "revoked.txt")}
+
+    # The agents: their coordinator is the region's Service; enrollment and renewal stay at tandem-ca.
+    daemonset = find(objs, "DaemonSet", "tandem-edge-agent", EDGE_NS)
+    agent_pod = daemonset["spec"]["template"]
+    agent_args = parse_args(agent_pod["spec"]["containers"][0]["args"],
+                            {**edge_config, "NODE_NAME": "edge-node-1"})
+    assert reached(objs, agent_args.cloud, EDGE_NS) == {(REGION, listen)}
+    assert reached(objs, agent_args.enroll, EDGE_NS) == {("tandem-ca", 7445)}
+    assert reached(objs, agent_args.renew, EDGE_NS) == {("tandem-ca", 7446)}
+    region_name = region_pod["metadata"]["labels"]["tandem.dev/region"]
+    agent_labels = agent_pod["metadata"]["labels"]
+    assert agent_labels["tandem.dev/region"] == region_name == daemonset["spec"]["selector"]["matchLabels"][
+        "tandem.dev/region"] == agent_pod["spec"]["nodeSelector"]["tandem.dev/region"]
+
+    # NetworkPolicies: agents -> their region; the region -> the cloud's coordinator; not agents -> the coordinator.
+    coordinator_pod = find(objs, "StatefulSet", "tandem-coordinator", CLOUD_NS)["spec"]["template"]
+    region_labels = region_pod["metadata"]["labels"]
+    assert admitted(objs, region_pod, CLOUD_NS, listen, agent_labels, EDGE_NS)
+    assert not admitted(objs, region_pod, CLOUD_NS, listen, {**agent_labels, "tandem.dev/region": "east"}, EDGE_NS)
+    assert not admitted(objs, region_pod, CLOUD_NS, port_of(args.health), agent_labels, EDGE_NS)
+    assert admitted(objs, coordinator_pod, CLOUD_NS, 7443, region_labels, CLOUD_NS)
+    assert not admitted(objs, coordinator_pod, CLOUD_NS, 7443, region_labels, EDGE_NS)
+    assert not admitted(objs, coordinator_pod, CLOUD_NS, 7443, agent_labels, EDGE_NS)
+    # And the base, for contrast: there the agents reach the coordinator.
+    base = render("base")
+    base_agent = find(base, "DaemonSet", "tandem-edge-agent", EDGE_NS)["spec"]["template"]["metadata"]["labels"]
+    base_coordinator = find(base, "StatefulSet", "tandem-coordinator", CLOUD_NS)["spec"]["template"]
+    assert admitted(base, base_coordinator, CLOUD_NS, 7443, base_agent, EDGE_NS)
+
+
+def documented_commands(section: str) -> list[list[str]]:
+    """The shell commands of the code blocks of docs/kubernetes.md's `## section`, split into words."""
+    text = (ROOT / "docs" / "kubernetes.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", text, re.S)
+    return [shlex.split(line, comments=True) for block in blocks
+            for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.process  # kubectl kustomize
+@needs_kubectl
+def test_documented_region_commands_make_the_secret_the_regional_overlay_mounts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tandem certs init --k8s` does not write the region's Secret: docs/kubernetes.md says how. Its commands,
+    run here, make a Secret with the keys the overlay mounts and one private key, and a certificate that the
+    agents' --cloud host and the deployment's root vouch for."""
+    objs = render(REGIONAL)
+    region_pod = find(objs, "StatefulSet", REGION, CLOUD_NS)["spec"]["template"]["spec"]
+    (certs_volume,) = [v for v in region_pod["volumes"] if v["name"] == "certs"]
+    (mounted,) = [s["secret"] for s in certs_volume["projected"]["sources"] if "secret" in s]
+    edge_config = settings(objs, EDGE_NS)
+
+    commands = documented_commands("Regional aggregators")
+    monkeypatch.chdir(tmp_path)
+    certs_init_k8s(Path("certs"), namespace=CLOUD_NS)
+    (add_region,) = [c for c in commands if c[:3] == ["tandem", "certs", "add-region"]]
+    assert main(add_region[1:]) == 0
+    (create,) = [c for c in commands if c[:4] == ["kubectl", "create", "secret", "generic"]]
+    assert create[4] == mounted["name"] == REGION and create[create.index("-n") + 1] == CLOUD_NS
+    data: dict[str, bytes] = {}
+    paths: set[Path] = set()
+    for arg in create:
+        if arg.startswith("--from-file="):
+            key, _, path = arg.removeprefix("--from-file=").rpartition("=")
+            data[key or Path(path).name] = Path(path).read_bytes()
+            paths.add(Path(path))
+    assert data.keys() == {item["key"] for item in mounted["items"]}
+    # The files of the region the overlay runs (its --id), as `add-region` wrote them.
+    assert add_region[3] == flag(region_pod["containers"][0]["args"], "id")
+    assert paths == set(certs.region_paths(Path("certs"), add_region[3]))
+    secret = {"kind": "Secret", "data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
+    assert private_keys(secret) == 1
+    (pem,) = [v for k, v in data.items() if k.endswith(".pem")]
+    cert = x509.load_pem_x509_certificate(pem)
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(Path("certs/ca.pem").read_bytes()))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == [f"tandem://region/{add_region[3]}"]
+    assert edge_config["TANDEM_CLOUD"].rsplit(":", 1)[0] in names.get_values_for_type(x509.DNSName)
 
 
 def test_certs_init_k8s_writes_the_secrets_the_manifests_mount(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
