@@ -43,9 +43,6 @@ CLOUD_NS = "tandem"  # the coordinator, the replicas, the enrollment service: Po
 EDGE_NS = "tandem-edge"  # the edge agents (hostPaths, a hostPort): the one namespace that relaxes enforcement
 EDGE = "edge-agent"  # the app.kubernetes.io/component of every object in EDGE_NS
 PSS = "pod-security.kubernetes.io/enforce"
-# Flags the manifests use that are being added to the CLI in parallel with them (issue 19's renewal:
-# `tandem ca --state --renew-listen`, `tandem edge --renew`): tolerated as unknown until that work is merged,
-# after which none is unknown and this set can go.
 PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
@@ -136,30 +133,10 @@ def subcommands(parser: argparse.ArgumentParser) -> set[str]:
             for name in action.choices}
 
 
-def announced_region_parser() -> argparse.ArgumentParser:
-    """`tandem region`'s command line as announced for issue 20 (docs/scale-out.md), which the regional overlay
-    runs while the command itself is being written. parse_args uses it only while the real CLI has no `region`;
-    from then on the real parser checks the manifest, and this can go."""
-    p = argparse.ArgumentParser(prog="tandem region", exit_on_error=False)
-    p.add_argument("--parent", required=True, metavar="HOST:PORT")
-    p.add_argument("--id", required=True)
-    p.add_argument("--certs", type=Path, required=True)
-    p.add_argument("--listen", required=True, metavar="[HOST]:PORT")
-    p.add_argument("--state", type=Path, required=True)
-    p.add_argument("--metrics", metavar="[HOST]:PORT")
-    p.add_argument("--health", metavar="[HOST]:PORT")
-    p.add_argument("--min-clients", type=int)
-    return p
-
-
 def parse_args(args: list[str], env: dict[str, str]) -> argparse.Namespace:
     """A container's args through the real CLI, with $(VAR)s put in from `env`."""
     expanded = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
-    parser = build_parser()
-    if expanded[:1] == ["region"] and "region" not in subcommands(parser):
-        parsed, unknown = announced_region_parser().parse_known_args(expanded[1:])
-    else:
-        parsed, unknown = parser.parse_known_args(expanded)
+    parsed, unknown = build_parser().parse_known_args(expanded)
     assert unknown == [], unknown
     return parsed
 
