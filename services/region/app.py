@@ -27,6 +27,7 @@ class RegionConfig:
     metrics: str | None = None
     health: str | None = None
     min_clients: int = 1  # agents a local round needs before the parent's deadline
+    clients_per_round: int = 0  # agents a local round selects (0: every eligible connected one)
     heartbeat_interval: float = 5.0
     tasks: tuple[str, ...] | None = None  # offered to the parent (None: every installed one)
     backoff_initial: float = 0.5
@@ -40,6 +41,9 @@ class Region:
     def __init__(self, config: RegionConfig) -> None:
         if config.min_clients < 1:
             raise ValueError(f"--min-clients must be at least 1, got {config.min_clients}")
+        if config.clients_per_round and config.clients_per_round < config.min_clients:
+            raise ValueError(f"--clients-per-round ({config.clients_per_round}) must be 0 (all) or at least "
+                             f"--min-clients ({config.min_clients})")
         self.config = config
         identity = certs.region_paths(config.certs, config.name)
         for path in identity:
@@ -49,7 +53,7 @@ class Region:
             listen=config.listen, certs=config.certs, state=config.state, metrics=config.metrics,
             health=config.health, heartbeat_interval=config.heartbeat_interval, identity=identity,
         ))
-        self.relay = Relay(self.coordinator, config.state / "relay", config.min_clients)
+        self.relay = Relay(self.coordinator, config.state / "relay", config.min_clients, config.clients_per_round)
         self.member = RegionMember(AgentConfig(
             cloud=config.parent, certs=config.certs, agent_id=config.name, data="", tasks=config.tasks,
             warmup=False, identity=certs.region_paths, backoff_initial=config.backoff_initial,

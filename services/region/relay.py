@@ -59,11 +59,12 @@ class Partial:
 class Relay:
     """Turns the parent's tasks into local rounds, and their means into partials."""
 
-    def __init__(self, coordinator: Coordinator, outbox: Path, min_clients: int) -> None:
+    def __init__(self, coordinator: Coordinator, outbox: Path, min_clients: int, clients_per_round: int = 0) -> None:
         self._coordinator = coordinator
         self._outbox = Path(outbox)
         self._outbox.mkdir(parents=True, exist_ok=True)
         self.min_clients = min_clients
+        self.clients_per_round = clients_per_round
         self._bases: dict[tuple[str, str], int] = {}  # (model, sha256) -> the local version holding it
         coordinator.jobs.add_mean_listener(self._keep)
 
@@ -135,6 +136,7 @@ class Relay:
         training = task.training
         return JobSpec(
             model=task.model, rounds=task.round, first_round=task.round, min_clients=self.min_clients,
+            clients_per_round=self.clients_per_round,
             deadline=seconds, parent_job=task.job_id, from_version=str(version), promote="never",
             training=LocalTraining(epochs=training.epochs, batch_size=training.batch_size,
                                    learning_rate=training.learning_rate),

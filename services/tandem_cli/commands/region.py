@@ -28,6 +28,8 @@ def register(subparsers: Subparsers) -> None:
     p.add_argument("--health", default=None, help="plaintext gRPC health-only address HOST:PORT, for probes")
     p.add_argument("--min-clients", type=int, default=1,
                    help="agents of this region a round needs before it goes up to the parent")
+    p.add_argument("--clients-per-round", type=int, default=0,
+                   help="agents of this region a round selects (0: every eligible connected one)")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between its agents' heartbeats")
     p.add_argument("--tasks", default=None, metavar="A,B,...",
                    help="comma-separated tasks offered to the parent (default: every installed task)")
@@ -57,8 +59,8 @@ async def run_region(args: argparse.Namespace) -> int:
     lifecycle.tune_for_serving(0)
     region = Region(RegionConfig(
         parent=args.parent, name=args.id, certs=args.certs, listen=args.listen, state=args.state,
-        metrics=args.metrics, health=args.health, min_clients=args.min_clients, heartbeat_interval=args.heartbeat,
-        tasks=names,
+        metrics=args.metrics, health=args.health, min_clients=args.min_clients,
+        clients_per_round=args.clients_per_round, heartbeat_interval=args.heartbeat, tasks=names,
     ))
     stop = lifecycle.stop_event()
     await region.start()
