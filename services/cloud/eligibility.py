@@ -13,6 +13,7 @@ import logging
 from cloud.spec import JobSpec
 from cloud.store import Store
 from tandem import config, tasks, zoo
+from tandem.certs import REGION_PREFIX
 from tandem.v1 import coordinator_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class Eligibility:
         if agent in self._excluded or not self.selects(agent, hello):
             return False
         problem = offer_problem(agent, hello, self._spec.model, self.fingerprint)
+        if problem is None and agent.startswith(REGION_PREFIX) and self._spec.defence.partials_refused:
+            problem = FAILED_PRECONDITION, f"{agent} sends partial aggregates: {self._spec.defence.partials_refused}"
         if problem is None:
             return True
         self.exclude(agent, *problem)

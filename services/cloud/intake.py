@@ -79,14 +79,8 @@ def _check_contributors(header: pb.UpdateHeader, role: str, spec: JobSpec) -> in
     if role != ROLE_REGION:
         raise PermissionDenied("only a region's certificate may upload a partial aggregate (contributors > 1); "
                                f"this is a {role}'s", reason="not_region")
-    if not spec.defence.streams:
-        d = spec.defence
-        why = (f"aggregator {d.aggregator}" if not d.rule.streams else
-               "differential privacy" if d.private else "clipping each update's norm")
-        raise FailedPrecondition(
-            f"this job's aggregation ({why}) needs each agent's own update, which a partial aggregate (a sum) "
-            "does not give: its agents must upload to this coordinator, or the region aggregate robustly and "
-            "the job average regions in a job of its own", reason="partial_refused")
+    if spec.defence.partials_refused:
+        raise FailedPrecondition(spec.defence.partials_refused, reason="partial_refused")
     return int(header.contributors)
 
 

@@ -26,6 +26,7 @@ from tests.support.clients import (
     agent_channel,
     delta,
     download,
+    get_job,
     header_for,
     region_credentials,
     start_job,
@@ -35,6 +36,7 @@ from tests.support.clients import (
     upload_code,
     wait_rounds,
 )
+from tests.support.waiting import wait_for
 
 
 def _region(certs_dir: Path, name: str) -> grpc.ChannelCredentials:
@@ -113,18 +115,44 @@ async def test_jobs_that_need_each_agents_update_refuse_partial_aggregates_sayin
     coordinator: Coordinator, certs_dir: Path, settings: dict[str, object], why: str
 ) -> None:
     region = ControlStream(coordinator.port, certs_dir, "us", credentials=_region(certs_dir, "us"))
+    agent = ControlStream(coordinator.port, certs_dir, "agent-0")
     try:
         await region.open(num_examples=3000, agents=3)
-        await start_job(coordinator.port, certs_dir, model="mlp", rounds=1, min_clients=3, round_deadline_seconds=60,
-                        **settings)
-        task = (await region.next("task")).task
+        await agent.open(num_examples=500)
+        job = await start_job(coordinator.port, certs_dir, model="mlp", rounds=1, min_clients=1,
+                              round_deadline_seconds=60, **settings)
+        task = (await agent.next("task")).task
+        # The region is never selected: excluded from the job, saying why (`tandem job status`).
+        status = await get_job(coordinator.port, certs_dir, job.job_id)
+        (excluded,) = status.excluded
+        assert excluded.agent == "region:us" and excluded.code == "FAILED_PRECONDITION"
+        assert why in excluded.reason and "partial aggregate" in excluded.reason
+        # A partial sent anyway (the region saw the task elsewhere) is refused: it was not
+        # selected (the intake would refuse the partial sum too, saying the above).
         async with grpcserver.secure_channel(target(coordinator.port), _region(certs_dir, "us")) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await upload(stub, update_messages(header_for(task, num_examples=2400, contributors=3),
                                                    delta(0.03)))
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert why in (error.value.details() or "") and "partial aggregate" in (error.value.details() or "")
+    finally:
+        await region.close()
+        await agent.close()
+
+
+async def test_a_job_only_regions_could_train_fails_saying_why(coordinator: Coordinator, certs_dir: Path) -> None:
+    region = ControlStream(coordinator.port, certs_dir, "us", credentials=_region(certs_dir, "us"))
+    try:
+        await region.open(num_examples=3000, agents=3)
+        job = await start_job(coordinator.port, certs_dir, model="mlp", rounds=1, min_clients=3,
+                              round_deadline_seconds=60, aggregator="median")
+
+        async def failed() -> admin_pb2.Job | None:
+            status = await get_job(coordinator.port, certs_dir, job.job_id)
+            return status if status.state == admin_pb2.JOB_STATE_FAILED else None
+
+        status = await wait_for(failed, timeout=10, message="the job to fail")
+        assert "no quorum possible" in status.message and "aggregator median" in status.message
     finally:
         await region.close()
 

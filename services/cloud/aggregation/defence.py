@@ -45,6 +45,19 @@ class Defence:
     def private(self) -> bool:
         return self.dp_noise_multiplier > 0
 
+    @property
+    def partials_refused(self) -> str:
+        """Why this aggregation cannot take a region's partial aggregate ("" if it can): a
+        median, a trimmed mean, Krum, per-update clipping and DP need each agent's own
+        update, which a weighted sum does not give."""
+        if self.streams:
+            return ""
+        why = (f"aggregator {self.aggregator}" if not self.rule.streams else
+               "differential privacy" if self.private else "clipping each update's norm")
+        return (f"this job's aggregation ({why}) needs each agent's own update, which a region's partial aggregate "
+                "(a sum) does not give: its agents must upload to this coordinator, or the region aggregate robustly "
+                "and the job average regions in a job of its own")
+
     def problems(self, n: int) -> list[str]:
         """Why these settings cannot defend a round of `n` updates against `hostile` of
         them (empty: they can). `n` is the fewest updates a round may close with."""
