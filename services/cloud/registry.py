@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tandem import metrics
+from tandem import measurements, metrics
+from tandem.certs import REGION_PREFIX
 from tandem.errors import Aborted, AlreadyExists, TandemError
 from tandem.v1 import coordinator_pb2 as pb
 
@@ -24,6 +26,27 @@ class Session:
     measurements: dict[str, float] = field(default_factory=dict)
     queue: asyncio.Queue[pb.CoordinatorMessage | None] = field(default_factory=asyncio.Queue)
     ended_by: TandemError | None = None  # why the coordinator ended the stream, if for a reason to tell
+
+    @property
+    def is_region(self) -> bool:
+        return self.agent_id.startswith(REGION_PREFIX)
+
+    @property
+    def agents(self) -> int:
+        """The agents this member stands for: 1, or a region's as its last heartbeat (else
+        its Hello) says."""
+        if not self.is_region:
+            return 1
+        agents = self.measurements.get(measurements.AGENTS, float(self.hello.agents))
+        return max(1, int(agents)) if math.isfinite(agents) else 1
+
+    @property
+    def examples(self) -> int:
+        """The examples this member holds: its Hello's, or a region's agents' now."""
+        if self.is_region and measurements.EXAMPLES in self.measurements:
+            examples = self.measurements[measurements.EXAMPLES]
+            return int(examples) if math.isfinite(examples) and examples >= 0 else 0
+        return int(self.hello.num_examples)
 
     def send(self, message: pb.CoordinatorMessage) -> None:
         self.queue.put_nowait(message)

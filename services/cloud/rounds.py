@@ -46,15 +46,6 @@ FAILURE_NAMES = {value: name.removeprefix("TASK_FAILURE_") for name, value in pb
                  if value != pb.TASK_FAILURE_UNSPECIFIED}
 
 
-def _agents_of(session: Session) -> int:
-    """The agents a connected member stands for: 1, or a region's as its last heartbeat
-    (else its Hello) says."""
-    if not session.agent_id.startswith(REGION_PREFIX):
-        return 1
-    agents = session.measurements.get(measurements.AGENTS, float(session.hello.agents))
-    return max(1, int(agents)) if math.isfinite(agents) else 1
-
-
 @dataclass(frozen=True)
 class RoundMean:
     """A closing round's weighted mean update and what stands behind it, before the
@@ -300,7 +291,7 @@ class JobRunner:
         eligible connected member that has not delivered (a region: the agents its Hello
         says it holds). min_clients counts agents, not regions: a job asks for that many
         agents' data whatever the tree."""
-        waiting = sum(_agents_of(s) for s in self._registry.sessions()
+        waiting = sum(s.agents for s in self._registry.sessions()
                       if s.agent_id not in rnd.submitted and self._eligibility.eligible(s.agent_id, s.hello))
         return rnd.contributed + waiting
 

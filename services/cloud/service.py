@@ -243,7 +243,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 info.measurements.update(session.measurements)
                 info.labels.update(session.hello.labels)
                 info.tasks.extend(session.hello.tasks)
-                info.agents = session.hello.agents  # a region's; 0 for an agent (cleared at its hello)
+                if session.is_region:  # its agents now, as its heartbeats say (its Hello: when it connected)
+                    info.agents, info.num_examples = session.agents, session.examples
             response.agents.append(info)
         return response
 

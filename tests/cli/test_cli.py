@@ -228,3 +228,26 @@ def test_enrollment_commands_refuse_wrong_inputs_in_one_line(
     assert main(["certs", "revoke", "enrolled-1", "--dir", str(deployment), "--ca-dir", str(tmp_path / "ca")]) == 0
     assert "agent/enrolled-1" in (deployment / "revoked.txt").read_text()
     assert "agent/enrolled-1" in (tmp_path / "ca" / "revoked.txt").read_text()
+
+
+def test_region_refuses_wrong_inputs_in_one_line_before_writing_state(
+        deployment: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "state"
+
+    def refused(flags: list[str], why: str) -> None:
+        assert main(["region", "--certs", str(deployment), "--state", str(state), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {why}") and len(err.strip().splitlines()) == 1, err
+        assert not state.exists()
+
+    ok = ["--parent", "localhost:7443", "--id", "west"]
+    refused(["--parent", "localhost", "--id", "west"], "--parent 'localhost' is not HOST:PORT")
+    refused(["--parent", "localhost:0", "--id", "west"], "--parent 'localhost:0' is not HOST:PORT")
+    refused(["--parent", "localhost:7443", "--id", "Bad Name"], "invalid name 'Bad Name'")
+    refused(ok, f"no {deployment / 'regions' / 'west.pem'}: run `tandem certs add-region west --dir {deployment}`")
+    assert main(["certs", "add-region", "west", "--dir", str(deployment)]) == 0
+    capsys.readouterr()
+    refused([*ok, "--min-clients", "0"], "--min-clients must be at least 1, got 0")
+    refused([*ok, "--min-clients", "3", "--clients-per-round", "2"],
+            "--clients-per-round (2) must be 0 (all) or at least --min-clients (3)")
+    refused([*ok, "--tasks", " , "], "--tasks ' , ': expected comma-separated task names")
