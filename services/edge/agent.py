@@ -32,6 +32,8 @@ from tandem.v1 import coordinator_pb2_grpc, inference_pb2_grpc
 log = logging.getLogger(__name__)
 
 EARLY_HEARTBEAT_GAP = 0.5  # seconds: at most two heartbeats a second for new measurements
+# How a connect that found no coordinator ends: then the next of --fallback is tried.
+FAIL_OVER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ class AgentConfig:
     labels: tuple[tuple[str, str], ...] = ()
     warmup: bool = True  # pay torch's first-use costs at start (edge.warmup), not in the first round
     renew: str | None = None  # HOST:PORT of `tandem ca`'s renewal port: renew the certificate before it expires
+    # Coordinators tried in turn after a connect to the current one failed (another region,
+    # the cloud), back to `cloud` after the last.
+    fallbacks: tuple[str, ...] = ()
     # Where this member's certificate and key are in `certs` (a region's are under regions/).
     identity: Callable[[Path, str], tuple[Path, Path]] = agent_paths
 
@@ -75,6 +80,7 @@ class Agent:
         self.warmup_seconds = 0.0  # what `prepare` spent warming torch and the tasks up
         self.welcomed = asyncio.Event()  # set while the control stream is up
         self._stub: coordinator_pb2_grpc.CoordinatorStub | None = None  # once run() has opened the channels
+        self._channels: CloudChannels | None = None
         self._outgoing: asyncio.Queue[pb.AgentMessage] | None = None  # the open control stream's queue
         self._measurements: dict[str, float] = {}
         self._measured = asyncio.Event()  # a link measurement the coordinator has not heard yet
@@ -143,7 +149,8 @@ class Agent:
         """Keep a control stream open until `stop` is set, reconnecting with backoff."""
         await self.prepare()
         channels = CloudChannels(self.config.certs, self.config.agent_id, self.config.cloud, self.config.inference_cloud,
-                                 self.config.identity)
+                                 self.config.identity, self.config.fallbacks)
+        self._channels = channels
         await channels.open()
         self._use(channels)
         prober: asyncio.Task[None] | None = None
@@ -194,6 +201,8 @@ class Agent:
                     pass
                 if await channels.refresh():
                     self._use(channels)
+                elif not welcomed and code in FAIL_OVER and await channels.fail_over():
+                    self._use(channels)
                 channels.drop_retired()  # the stream that used them has ended
         finally:
             self.trainer.cancel()
@@ -203,6 +212,9 @@ class Agent:
                 if background is not None:
                     background.cancel()
             await channels.close()
+
+    def _target(self) -> str:
+        return self._channels.target if self._channels is not None else self.config.cloud
 
     def _use(self, channels: CloudChannels) -> None:
         assert channels.coordinator is not None and channels.inference is not None
@@ -240,7 +252,7 @@ class Agent:
                     interval = message.welcome.heartbeat_interval_seconds or 5.0
                     self._heartbeat_interval = interval
                     heartbeat = asyncio.create_task(self._heartbeats(outgoing, interval))
-                    log.info("connected to %s as %s", self.config.cloud, message.welcome.agent_id)
+                    log.info("connected to %s as %s", self._target(), message.welcome.agent_id)
                     for notice in message.welcome.models:
                         self._announced(notice)
                 elif kind == "task":

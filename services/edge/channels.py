@@ -44,10 +44,17 @@ class Backoff:
 
 class CloudChannels:
     def __init__(self, certs_dir: Path, agent_id: str, cloud: str, inference_cloud: str | None = None,
-                 identity: Callable[[Path, str], tuple[Path, Path]] = certs.agent_paths) -> None:
+                 identity: Callable[[Path, str], tuple[Path, Path]] = certs.agent_paths,
+                 fallbacks: tuple[str, ...] = ()) -> None:
+        """`cloud` is the coordinator (the cloud's, or the agent's region); `fallbacks` the
+        ones tried in turn after a connect to the current one failed, back to `cloud` after
+        the last."""
         self._certs_dir, self._agent_id, self._identity = certs_dir, agent_id, identity
-        self._cloud, self._inference_cloud = cloud, inference_cloud
+        self._targets = (cloud, *fallbacks)
+        self._current = 0
+        self._inference_cloud = inference_cloud
         self._files = ""
+        self._bytes: tuple[bytes, bytes, bytes] | None = None  # the files the channels were made with
         self.coordinator: grpc.aio.Channel | None = None
         self.inference: grpc.aio.Channel | None = None  # the coordinator's channel unless inference_cloud is set
         self._retired: list[grpc.aio.Channel] = []
@@ -66,12 +73,30 @@ class CloudChannels:
         ca_pem, cert_pem, key_pem = files if files is not None else self._read()
         credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem,
                                                    certificate_chain=cert_pem)
-        self.coordinator = grpcserver.secure_channel(self._cloud, credentials)
+        self.coordinator = grpcserver.secure_channel(self.target, credentials)
+        self._bytes = (ca_pem, cert_pem, key_pem)
         self.inference = self.coordinator
         if self._inference_cloud:
             self.inference = grpcserver.secure_channel(self._inference_cloud, credentials)
         # Only once made: files that could not be used are tried again.
         self._files = hashlib.sha256(ca_pem + cert_pem + key_pem).hexdigest()
+
+    @property
+    def target(self) -> str:
+        """The coordinator the channels lead to now."""
+        return self._targets[self._current]
+
+    async def fail_over(self) -> bool:
+        """After a failed connect: the channels lead to the next coordinator (the old ones
+        retired); False when there is no other."""
+        if len(self._targets) < 2 or self._bytes is None:
+            return False
+        old = (self.coordinator, self.inference)
+        self._current = (self._current + 1) % len(self._targets)
+        await self.open(self._bytes)
+        self._retired += [c for c in dict.fromkeys(old) if c is not None]
+        log.warning("failing over to %s", self.target)
+        return True
 
     async def refresh(self) -> bool:
         """Make the channels again if the certificate files changed; whether they were.

@@ -74,6 +74,9 @@ class Region:
                  self.config.parent)
 
     async def stop(self) -> None:
+        """Leave the parent, then drain the agents' side (a second call does nothing)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._member_task is not None:
             await self._member_task

@@ -53,11 +53,13 @@ async def coordinator(state: Path, certs_dir: Path) -> AsyncIterator[Coordinator
 
 
 @asynccontextmanager
-async def agents(ports: list[int], certs_dir: Path) -> AsyncIterator[list[Agent]]:
+async def agents(ports: list[int], certs_dir: Path, fallback: int | None = None) -> AsyncIterator[list[Agent]]:
     """One daemon per agent, agent i on partition i of 4, connected to ports[i]."""
     stop = asyncio.Event()
+    fallbacks = (f"localhost:{fallback}",) if fallback else ()
     daemons = [Agent(AgentConfig(cloud=f"localhost:{port}", certs=certs_dir, agent_id=name,
-                                 data=f"digits:{i}/{len(AGENT_NAMES)}", backoff_initial=0.1, backoff_max=0.5))
+                                 data=f"digits:{i}/{len(AGENT_NAMES)}", backoff_initial=0.1, backoff_max=0.5,
+                                 fallbacks=fallbacks))
                for i, (name, port) in enumerate(zip(AGENT_NAMES, ports, strict=True))]
     tasks = [asyncio.create_task(d.run(stop)) for d in daemons]
     try:
@@ -190,3 +192,21 @@ async def test_a_version_the_parent_serves_is_served_by_the_region(tmp_path: Pat
                 async with admin_channel(north.port, regional_certs) as channel:
                     listed = await admin_pb2_grpc.AdminStub(channel).ListAgents(admin_pb2.ListAgentsRequest())
                 assert {a.agent_id for a in listed.agents if a.connected} == set(AGENT_NAMES)
+
+
+async def test_agents_of_a_lost_region_fail_over_to_another(tmp_path: Path, regional_certs: Path) -> None:
+    async with coordinator(tmp_path / "parent", regional_certs) as parent:
+        async with regions(parent.port, tmp_path, regional_certs) as (north, south):
+            async with agents([north.port, north.port, south.port, south.port], regional_certs,
+                              fallback=south.port) as daemons:
+                await wait_for(lambda: len(north.coordinator.registry.connected()) == 2, timeout=10,
+                               message="two agents in the north")
+                await north.stop()  # the region is lost: its agents go to their fallback
+                await wait_for(lambda: len(south.coordinator.registry.connected()) == 4, timeout=30,
+                               message="all four agents in the south")
+                assert all(d.welcomed.is_set() for d in daemons)
+                job = await start_job(parent.port, regional_certs, **{**SPEC, "min_clients": 4, "rounds": 1})
+                done = await finished(parent.port, regional_certs, job.job_id)
+                partials = parent.store.list_updates(job.job_id, 1)
+    assert done.state == admin_pb2.JOB_STATE_COMPLETED, done.message
+    assert [(u.agent, u.contributors) for u in partials] == [("region:south", 4)]

@@ -36,6 +36,9 @@ def register(subparsers: Subparsers) -> None:
                         "cloud) or cascade:T[:CLOUD_MODEL] (the cloud answers when the edge's confidence is "
                         "below T); repeatable; models not named run at the edge. The cloud's placement "
                         "controller replaces these as it decides (`tandem placement pin` fixes one)")
+    p.add_argument("--fallback", action="append", default=[], metavar="HOST:PORT",
+                   help="another coordinator (another region, or the cloud) tried when a connect to the current one "
+                        "fails; repeatable, tried in order, then --cloud again")
     p.add_argument("--inference-cloud", default=None, metavar="HOST:PORT",
                    help="where cloud and split inference requests go, e.g. the inference replicas' Service "
                         "(default: the coordinator at --cloud)")
@@ -96,7 +99,7 @@ async def run_edge(args: argparse.Namespace) -> int:
         cloud_timeout=args.cloud_timeout, tasks=names, labels=tuple(sorted(labels.items())),
         probe_interval=args.probe_interval, device=args.device, max_batch=args.max_batch,
         max_delay=args.max_delay_ms / 1000, max_queue_rows=args.max_queue_rows, max_request_rows=args.max_request_rows,
-        inline_below=args.inline_below_ms / 1000, warmup=args.warmup, renew=renew,
+        inline_below=args.inline_below_ms / 1000, warmup=args.warmup, renew=renew, fallbacks=tuple(args.fallback),
     )
     app = EdgeApp(config)
     stop = lifecycle.stop_event()
