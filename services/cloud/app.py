@@ -117,6 +117,8 @@ class Coordinator:
         await grpcserver.set_serving(self.health, SERVICES, True)
         self._disk_watch = asyncio.create_task(self.disk.run(self._disk_health))
         self._rollout_judge = asyncio.create_task(self.rollouts.run(), name="rollouts")
+        if cfg.identity is None:  # a region's coordinator: the region says its tier
+            metrics.TIER.labels("cloud", "").set(1)
         log.info("coordinator listening on port %d", self.port)
 
     async def _disk_health(self, low: bool) -> None:

@@ -148,6 +148,8 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a control stream open until `stop` is set, reconnecting with backoff."""
         await self.prepare()
+        if self.config.identity is agent_paths:  # a region's member: the region says its tier
+            metrics.TIER.labels("edge", self.config.agent_id).set(1)
         channels = CloudChannels(self.config.certs, self.config.agent_id, self.config.cloud, self.config.inference_cloud,
                                  self.config.identity, self.config.fallbacks)
         self._channels = channels

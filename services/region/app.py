@@ -12,7 +12,7 @@ from cloud.app import CloudConfig, Coordinator
 from edge.agent import AgentConfig
 from region.member import RegionMember
 from region.relay import Relay
-from tandem import certs
+from tandem import certs, metrics
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class Region:
     async def start(self) -> None:
         """Serve the region's agents, then connect to the parent."""
         await self.coordinator.start()
+        metrics.TIER.labels("region", self.config.name).set(1)
         self._member_task = asyncio.create_task(self.member.run(self._stop), name="region-member")
         log.info("region %s serving its agents on port %d; parent %s", self.config.name, self.port,
                  self.config.parent)

@@ -14,8 +14,9 @@ import numpy as np
 from cloud.app import Coordinator
 from edge.agent import Agent, AgentConfig
 from edge.offers import Offers, Prepared
+from edge.trainer import NothingToUpload
 from region.relay import Relay
-from tandem import measurements, tasks, training, transfer
+from tandem import measurements, metrics, tasks, training, transfer
 from tandem.errors import TandemError
 from tandem.v1 import coordinator_pb2 as pb
 
@@ -79,6 +80,7 @@ class RegionMember(Agent):
         """The parent hears of agents coming and going in the next heartbeat."""
         while not stop.is_set():
             agents, examples = self._agents()
+            metrics.REGION_AGENTS.set(agents)
             if self._measurements.get(measurements.AGENTS) != agents:
                 self._measurements[measurements.AGENTS] = float(agents)
                 self._measurements[measurements.EXAMPLES] = float(examples)
@@ -87,7 +89,13 @@ class RegionMember(Agent):
 
     async def _train(self, task: pb.TrainTask, base: transfer.HeldVersion) -> tuple[dict[str, np.ndarray], float, float]:
         started = time.perf_counter()
-        partial = await self._relay.relay(task, base)
+        try:
+            partial = await self._relay.relay(task, base)
+        except NothingToUpload:
+            metrics.REGION_PARTIALS.labels("skipped").inc()
+            raise
+        metrics.REGION_PARTIALS.labels("ready").inc()
+        metrics.REGION_ROUND_SECONDS.observe(time.perf_counter() - started)
         # The header's example count is an integer: the region's total, rounded (capped
         # agents' weights may be fractional).
         self.trainer.record(task, partial.metrics, max(1, round(partial.weight)), partial.contributors)

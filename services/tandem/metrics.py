@@ -185,6 +185,17 @@ PLACEMENT_SWITCHES = Counter("tandem_placement_switches_total", "Placement chang
 
 # ---- edge agent -------------------------------------------------------------
 
+# The tree (docs/scale-out.md): which tier a process is, joined to its other series by
+# instance; a region's own series, beside the coordinator's and the agent's it also exports.
+TIER = Gauge("tandem_tier_info", "1, labelled with this process's tier (cloud, region, edge) and name.",
+             ["tier", "name"])
+REGION_AGENTS = Gauge("tandem_region_agents", "Agents connected to this region, as it tells its parent.")
+REGION_PARTIALS = Counter("tandem_region_partials_total",
+                          "The parent's tasks relayed, by outcome: ready (a partial aggregate to send) or skipped "
+                          "(the region's agents missed its quorum before the parent's deadline).", ["outcome"])
+REGION_ROUND_SECONDS = Histogram("tandem_region_round_seconds",
+                                 "From the parent's task to its partial aggregate: the region's own round.",
+                                 buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600))
 EDGE_CONNECTED = Gauge("tandem_edge_connected", "1 while the agent's control stream to the cloud is open.")
 EDGE_RECONNECTS = Counter("tandem_edge_reconnects_total", "Control stream re-openings after a break.")
 EDGE_BYTES_SENT = Counter("tandem_edge_sent_bytes_total", "Tensor bytes sent by the agent, by kind.", ["kind"])

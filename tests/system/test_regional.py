@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from region.app import Region, RegionConfig
 
 from cloud.app import CloudConfig, Coordinator
@@ -205,8 +206,16 @@ async def test_agents_of_a_lost_region_fail_over_to_another(tmp_path: Path, regi
                 await wait_for(lambda: len(south.coordinator.registry.connected()) == 4, timeout=30,
                                message="all four agents in the south")
                 assert all(d.welcomed.is_set() for d in daemons)
+                before = sample("tandem_region_partials_total", outcome="ready")
                 job = await start_job(parent.port, regional_certs, **{**SPEC, "min_clients": 4, "rounds": 1})
                 done = await finished(parent.port, regional_certs, job.job_id)
                 partials = parent.store.list_updates(job.job_id, 1)
+                assert sample("tandem_region_agents") == 4
     assert done.state == admin_pb2.JOB_STATE_COMPLETED, done.message
     assert [(u.agent, u.contributors) for u in partials] == [("region:south", 4)]
+    assert sample("tandem_region_partials_total", outcome="ready") == before + 1
+    assert sample("tandem_tier_info", tier="region", name="south") == 1
+
+
+def sample(metric: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(metric, labels) or 0.0
