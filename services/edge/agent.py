@@ -99,8 +99,7 @@ class Agent:
         warm torch and them up (tasks.UnknownTask for a task named in --tasks that is not
         installed)."""
         if self._offers is None:
-            tasks = list(self.config.tasks) if self.config.tasks is not None else None
-            self._offers = await asyncio.to_thread(Offers.prepare, tasks, self.config.data)
+            self._offers = await asyncio.to_thread(self._load_offers)
             if self.config.warmup:  # before the hello: a job's first task then costs what later ones do
                 self.warmup_seconds = await asyncio.to_thread(warmup.warm, self._offers)
             self._measurements[measurements.EXAMPLES] = float(self._offers.num_examples)
@@ -108,6 +107,10 @@ class Agent:
             log.info("offering tasks %s (ready: %s), %d examples", [o.name for o in self._offers.offers()], ready,
                      self._offers.num_examples)
         return self._offers
+
+    def _load_offers(self) -> Offers:
+        """The allowed tasks, loaded with this agent's data (blocking: off the event loop)."""
+        return Offers.prepare(list(self.config.tasks) if self.config.tasks is not None else None, self.config.data)
 
     def offers(self) -> Offers:
         """The tasks this agent offers (after `prepare`)."""

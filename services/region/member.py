@@ -57,10 +57,8 @@ class RegionMember(Agent):
         sessions = self._region.registry.sessions()
         return len(sessions), sum(int(s.hello.num_examples) for s in sessions)
 
-    async def prepare(self) -> Offers:
-        if self._offers is None:
-            self._offers = await asyncio.to_thread(relayed_offers, self.config.tasks)
-        return self._offers
+    def _load_offers(self) -> Offers:
+        return relayed_offers(self.config.tasks)
 
     def _hello(self) -> pb.Hello:
         hello = super()._hello()
