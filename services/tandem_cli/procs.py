@@ -36,6 +36,21 @@ def start_cloud(
     return proc, wait_ready(proc, ready, log, "coordinator")
 
 
+def start_region(
+    parent: str, certs: Path, name: str, state: Path, log: Path, listen: str = "127.0.0.1:0",
+    extra: list[str] | None = None,
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start a regional aggregator under `parent` (HOST:PORT); returns it and its bound ports."""
+    ready = state.with_name(state.name + ".ready.json")
+    ready.unlink(missing_ok=True)
+    proc = tandem_process(
+        ["region", "--parent", parent, "--id", name, "--listen", listen, "--certs", str(certs), "--state", str(state),
+         "--metrics", "127.0.0.1:0", "--ready-file", str(ready), *(extra or [])],
+        log,
+    )
+    return proc, wait_ready(proc, ready, log, f"region {name}")
+
+
 def wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path, what: str, timeout: float = 60) -> dict[str, Any]:
     """The JSON a child writes to its --ready-file once serving; raises if it exits first."""
     deadline = time.monotonic() + timeout
