@@ -93,7 +93,10 @@ class RegionMember(Agent):
             metrics.REGION_PARTIALS.labels("skipped").inc()
             raise
         metrics.REGION_PARTIALS.labels("ready").inc()
-        metrics.REGION_ROUND_SECONDS.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.REGION_ROUND_SECONDS.observe(seconds)
+        self._measurements[measurements.REGION_ROUND_SECONDS] = seconds  # the parent's `tandem agents` shows it
+        self._measured.set()
         # The header's example count is an integer: the region's total, rounded (capped
         # agents' weights may be fractional).
         self.trainer.record(task, partial.metrics, max(1, round(partial.weight)), partial.contributors)

@@ -13,6 +13,7 @@ from typing import TypeAlias
 
 EXAMPLES = "examples"  # local training examples the agent holds
 AGENTS = "agents"  # a region's connected agents, now (its Hello says how many it had when it connected)
+REGION_ROUND_SECONDS = "region_round_seconds"  # a region's last round: from its parent's task to its partial
 TRAIN_SECONDS = "train_seconds"  # the last local training's wall time
 # Throughput of training transfers (model downloads, update uploads), smoothed.
 UPLINK_BYTES_PER_SECOND = "uplink_bytes_per_second"

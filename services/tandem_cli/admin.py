@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tandem import config as task_config
-from tandem import grpcserver, tls, wire
+from tandem import grpcserver, measurements, tls, wire
 from tandem.v1 import admin_pb2, admin_pb2_grpc
 from tandem.v1 import coordinator_pb2 as cpb
 
@@ -242,6 +242,9 @@ def agent_line(row: dict[str, Any]) -> str:
     labels = ",".join(f"{k}={v}" for k, v in row.get("labels", {}).items())
     offers = ",".join(t["name"] + ("" if t["ready"] else "!") for t in row.get("tasks", []))
     region = f"  region of {row['agents']} agents" if row.get("agents") else ""
+    seconds = row.get("measurements", {}).get(measurements.REGION_ROUND_SECONDS)
+    if region and seconds is not None:
+        region += f", last round {seconds:.2f} s"
     return (f"{row['agent_id']:<20} {'connected' if row['connected'] else 'offline':<10} "
             f"{row['num_examples']:>7} examples  {row['connects']} connects" + region
             + (f"  labels {labels}" if labels else "") + (f"  tasks {offers}" if offers else ""))

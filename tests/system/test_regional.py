@@ -23,6 +23,7 @@ from cloud.tensorfile import read_tensors
 from edge.agent import Agent, AgentConfig
 from tandem import certs
 from tandem.v1 import admin_pb2, admin_pb2_grpc
+from tandem_cli.admin import agent_line, agent_rows
 from tests.support.clients import admin_channel, get_job, start_job
 from tests.support.waiting import wait_for
 
@@ -211,6 +212,15 @@ async def test_agents_of_a_lost_region_fail_over_to_another(tmp_path: Path, regi
                 done = await finished(parent.port, regional_certs, job.job_id)
                 partials = parent.store.list_updates(job.job_id, 1)
                 assert sample("tandem_region_agents") == 4
+
+                async def shown() -> str:  # the tree at the parent: the region, its agents, its round's time
+                    async with admin_channel(parent.port, regional_certs) as channel:
+                        rows = await agent_rows(admin_pb2_grpc.AdminStub(channel))
+                    return next((agent_line(r) for r in rows if r["agent_id"] == "region:south" and r["connected"]
+                                 and "last round" in agent_line(r)), "")
+
+                line = await wait_for(shown, timeout=10, message="the region's round in tandem agents")
+                assert "region of 4 agents, last round " in line
     assert done.state == admin_pb2.JOB_STATE_COMPLETED, done.message
     assert [(u.agent, u.contributors) for u in partials] == [("region:south", 4)]
     assert sample("tandem_region_partials_total", outcome="ready") == before + 1
