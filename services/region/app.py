@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.app import CloudConfig, Coordinator
+from cloud.placement import ControllerConfig
 from edge.agent import AgentConfig
 from region.member import RegionMember
 from region.relay import Relay
@@ -52,6 +53,9 @@ class Region:
         self.coordinator = Coordinator(CloudConfig(
             listen=config.listen, certs=config.certs, state=config.state, metrics=config.metrics,
             health=config.health, heartbeat_interval=config.heartbeat_interval, identity=identity,
+            # Its agents' placements are decided here, from their links to the region: the
+            # tier their cloud requests reach.
+            placement=ControllerConfig(),
         ))
         self.relay = Relay(self.coordinator, config.state / "relay", config.min_clients, config.clients_per_round)
         self.member = RegionMember(AgentConfig(
