@@ -31,13 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tandem import certs
 from tandem.v1 import admin_pb2
 from tandem_cli.admin import admin_channel, admin_stub, job_dict
 from tandem_lab.bench import machine
 from tandem_lab.scale_agents import agent_name, model_specs
+from tandem_lab.scale_report import by_window, plot, print_table, targets, timeline
 from tandem_lab.scale_tree import (
     Fleet,
     Probes,
@@ -60,24 +59,29 @@ def shares(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def quantiles(rtts: list[float]) -> dict[str, float | int | None]:
-    if not rtts:
-        return {"heartbeats": 0, "p50": None, "p99": None, "max": None}
-    p50, p99 = np.percentile(rtts, [50, 99])
-    return {"heartbeats": len(rtts), "p50": float(p50), "p99": float(p99), "max": float(max(rtts))}
+def cpu_of(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far of each group of processes."""
+    return {name: sum(cpu_seconds(pid) for pid in group) for name, group in pids.items()}
 
 
 async def run_job(server: Server, certs_dir: Path, spec: admin_pb2.JobSpec, timeout: float,
-                  watch: list[Server]) -> dict[str, Any]:
-    """Start `spec` on `server`; its rounds, and the server's CPU seconds and update bytes
-    received over the job, and the peak resident memory of the watched processes."""
+                  watch: list[Server], groups: dict[str, list[int]]) -> dict[str, Any]:
+    """Start `spec` on `server`; its rounds, the CPU seconds per round of each group of
+    processes, the update bytes `server` received, and the peak resident memory of `watch`."""
     peaks = {s.name: rss(s.proc.pid) for s in watch}
+    spans: list[list[float]] = []
     async with admin_channel(server.target, certs_dir) as channel:
         stub = admin_stub(channel)
-        cpu0, bytes0, started = cpu_seconds(server.proc.pid), server.received_bytes(), time.monotonic()
+        cpu0, bytes0, started, wall0 = cpu_of(groups), server.received_bytes(), time.monotonic(), time.time()
         job_id = (await stub.StartJob(admin_pb2.StartJobRequest(spec=spec))).job_id
+        current = 0
         while True:
             job = await stub.GetJob(admin_pb2.GetJobRequest(job_id=job_id))
+            if job.current_round != current:  # rounds as seen from here, to within the poll
+                if spans:
+                    spans[-1][1] = time.time()
+                spans.append([time.time(), math.nan])
+                current = job.current_round
             if job.state != admin_pb2.JOB_STATE_RUNNING:
                 break
             if time.monotonic() - started > timeout:
@@ -87,16 +91,18 @@ async def run_job(server: Server, certs_dir: Path, spec: admin_pb2.JobSpec, time
             for s in watch:
                 peaks[s.name] = max(peaks[s.name], rss(s.proc.pid))
             await asyncio.sleep(0.25)
-        seconds = time.monotonic() - started
-        cpu1, bytes1 = cpu_seconds(server.proc.pid), server.received_bytes()
+        wall1 = time.time()
+        cpu1, bytes1 = cpu_of(groups), server.received_bytes()
     out = job_dict(job)
     if out["state"] != "completed":
         raise RuntimeError(f"job {job_id} on {server.name} ended {out['state']}: {out['message']}")
     rounds = out["rounds"]
     return {
-        "job_id": job_id, "rounds": len(rounds), "seconds": seconds, "cpu_seconds": cpu1 - cpu0,
-        "cpu_seconds_per_round": (cpu1 - cpu0) / len(rounds),
+        "job_id": job_id, "rounds": len(rounds), "seconds": wall1 - wall0, "window": [wall0, wall1],
+        "round_spans": spans[:-1] if spans and math.isnan(spans[-1][1]) else spans,
+        "cpu_seconds_per_round": {k: (cpu1[k] - cpu0[k]) / len(rounds) for k in groups},
         "bytes_up_per_round": statistics.mean(r["bytes_up"] for r in rounds),
+        "bytes_down_per_round": statistics.mean(r["bytes_down"] for r in rounds),
         "metric_bytes_per_round": (bytes1 - bytes0) / len(rounds),
         "round_seconds": [r["seconds"] for r in rounds], "round_members": [len(r["agents"]) for r in rounds],
         "rss_peak_bytes": peaks,
@@ -108,11 +114,30 @@ def job_spec(args: argparse.Namespace, min_clients: int, per_round: int) -> admi
                              round_deadline_seconds=args.round_deadline, codec=args.codec, seed=1, promote="never")
 
 
-async def idle_cpu(servers: list[Server], seconds: float) -> dict[str, float]:
-    """Cores each server used over `seconds` of steady heartbeats, no job running."""
-    before = {s.name: cpu_seconds(s.proc.pid) for s in servers}
+async def idle_window(groups: dict[str, list[int]], seconds: float) -> tuple[dict[str, float], list[float]]:
+    """Cores each group used over `seconds` of steady heartbeats, no job running; the window."""
+    start, before = time.time(), cpu_of(groups)
     await asyncio.sleep(seconds)
-    return {s.name: (cpu_seconds(s.proc.pid) - before[s.name]) / seconds for s in servers}
+    after = cpu_of(groups)
+    return {k: (after[k] - before[k]) / seconds for k in groups}, [start, time.time()]
+
+
+def light_results(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fleets' counts, summed."""
+    codes: dict[str, int] = {}
+    for m in measured:
+        for upload in m["uploads"]:
+            codes[upload["code"]] = codes.get(upload["code"], 0) + 1
+    return {"uploads": codes, "failed_connects": sum(m["failed_connects"] for m in measured),
+            "notices": sum(m["notices"] for m in measured), "downloads": sum(m["downloads"] for m in measured),
+            "download_bytes": sum(m["download_bytes"] for m in measured),
+            "drop_reasons": [m["drop_reasons"] for m in measured if m["drop_reasons"]],
+            "fleet_cpu_seconds": [m["cpu_seconds"] for m in measured]}
+
+
+def tiers(named: dict[str, list[Any]], windows: dict[str, list[float]]) -> dict[str, Any]:
+    return {name: by_window([tuple(r) for r in rtts], {k: (w[0], w[1]) for k, w in windows.items()})
+            for name, rtts in named.items()}
 
 
 async def hierarchical(args: argparse.Namespace, work: Path, certs_dir: Path, shapes: Path) -> dict[str, Any]:
@@ -135,10 +160,9 @@ async def hierarchical(args: argparse.Namespace, work: Path, certs_dir: Path, sh
         for server in servers:
             server.rss_idle = rss(server.proc.pid)
         cloud_rss_regions = rss(cloud.proc.pid)
-        # Regions spread over the fleet processes, whole.
         started = time.monotonic()
         first = [sum(per_region[:i]) for i in range(args.regions)]
-        for f in range(args.fleets):
+        for f in range(args.fleets):  # whole regions to each fleet process
             mine = list(range(f, args.regions, args.fleets))
             groups = [f"{servers[i].target}={AGENT_PREFIX}:{first[i]}:{per_region[i]}" for i in mine]
             fleets.append(await Fleet.start(certs_dir, groups, sum(per_region[i] for i in mine), shapes, args.codec,
@@ -148,19 +172,22 @@ async def hierarchical(args: argparse.Namespace, work: Path, certs_dir: Path, sh
         connect_seconds = time.monotonic() - started
         await wait_members(cloud, certs_dir, 2 * args.regions, args.agents, timeout=60)
         print(f"  {args.agents} agents connected to {args.regions} regions in {connect_seconds:.0f} s", flush=True)
-        idle = await idle_cpu([cloud, *servers], args.idle_seconds)
-        rss_connected = {s.name: rss(s.proc.pid) for s in [cloud, *servers]}
-        fleet_rss = [rss(f.proc.pid) for f in fleets]
+        await asyncio.sleep(args.settle_seconds)
+        pids = {"cloud": [cloud.proc.pid], "regions": [s.proc.pid for s in servers],
+                "light agents": [f.proc.pid for f in fleets]}
         for fleet in fleets:
             await fleet.command("measure")
         probes.measure()
+        idle, idle_span = await idle_window(pids, args.idle_seconds)
+        rss_connected = {s.name: rss(s.proc.pid) for s in [cloud, *servers]}
+        fleet_rss = [rss(f.proc.pid) for f in fleets]
         print(f"  job: {args.rounds} rounds of {args.selected} agents ({selected[0]} in each region)", flush=True)
-        job = await run_job(cloud, certs_dir, job_spec(args, args.selected, 0), args.job_timeout, [cloud, *servers])
+        job = await run_job(cloud, certs_dir, job_spec(args, args.selected, 0), args.job_timeout, [cloud, *servers],
+                            pids)
         probe = await probes.stop()
         probes = None
         measured = [await fleet.stop() for fleet in fleets]
         fleets = []
-        region_cpu = {s.name: cpu_seconds(s.proc.pid) for s in servers}
     finally:
         if probes is not None:
             await probes.stop()
@@ -168,19 +195,20 @@ async def hierarchical(args: argparse.Namespace, work: Path, certs_dir: Path, sh
             fleet.kill()
         stop_all([*servers, cloud])
     assert cloud is not None
-    rtts = [r for m in measured for r in m["rtts"]]
+    rtts = {"agents_to_region": [r for m in measured for r in m["rtts"]], "region_to_cloud_probes": probe["rtts"]}
     per_agent = [(rss_connected[s.name] - s.rss_idle) / n for s, n in zip(servers, per_region, strict=True)]
-    heartbeats_per_second = [n / args.heartbeat for n in per_region]
+    agents_drops, probe_drops = sum(m["drops"] for m in measured), probe["drops"]
     return {
-        "agents": args.agents, "regions": args.regions, "agents_per_region": per_region,
-        "selected_per_region": selected, "fleets": args.fleets, "connect_seconds": connect_seconds,
-        "tiers": {"agents_to_region": quantiles(rtts), "region_to_cloud_probes": quantiles(probe["rtts"])},
-        "dropped_streams": sum(m["drops"] for m in measured) + probe["drops"],
-        "dropped_streams_by_tier": {"agents_to_region": sum(m["drops"] for m in measured),
-                                    "region_to_cloud_probes": probe["drops"]},
-        "drop_reasons": [m["drop_reasons"] for m in measured] + [probe["drop_reasons"]],
-        "failed_connects": sum(m["failed_connects"] for m in measured),
-        "uploads": _codes(measured),
+        "agents": args.agents, "regions": args.regions, "agents_per_region": per_region, "selected": args.selected,
+        "selected_per_region": selected, "codec": args.codec, "heartbeat": args.heartbeat,
+        "cloud_heartbeat": args.cloud_heartbeat, "probe_interval": PROBE_INTERVAL, "fleets": args.fleets,
+        "connect_seconds": connect_seconds,
+        "tiers": tiers(rtts, {"idle": idle_span, "job": job["window"]}),
+        "timelines": {name: timeline(r, idle_span[0]) for name, r in rtts.items()},
+        "job_offset_seconds": job["window"][0] - idle_span[0],
+        "dropped_streams": agents_drops + probe_drops,
+        "dropped_streams_by_tier": {"agents_to_region": agents_drops, "region_to_cloud_probes": probe_drops},
+        **light_results(measured),
         "memory": {
             "region_rss_idle_bytes": {s.name: s.rss_idle for s in servers},
             "region_rss_connected_bytes": {s.name: rss_connected[s.name] for s in servers},
@@ -192,19 +220,9 @@ async def hierarchical(args: argparse.Namespace, work: Path, certs_dir: Path, sh
             "fleet_rss_per_light_agent_bytes": sum(fleet_rss) / args.agents,
         },
         "idle_cores": idle,
-        "region_cpu_seconds_per_heartbeat": statistics.median(
-            idle[s.name] / hb for s, hb in zip(servers, heartbeats_per_second, strict=True)),
-        "region_cpu_seconds_total": region_cpu,
+        "region_cpu_seconds_per_heartbeat": idle["regions"] / (args.agents / args.heartbeat),
         "job": job,
     }
-
-
-def _codes(measured: list[dict[str, Any]]) -> dict[str, int]:
-    codes: dict[str, int] = {}
-    for m in measured:
-        for upload in m["uploads"]:
-            codes[upload["code"]] = codes.get(upload["code"], 0) + 1
-    return codes
 
 
 async def flat(args: argparse.Namespace, work: Path, certs_dir: Path, shapes: Path) -> dict[str, Any]:
@@ -215,18 +233,22 @@ async def flat(args: argparse.Namespace, work: Path, certs_dir: Path, shapes: Pa
         cloud = start_cloud(certs_dir, work, args.cloud_heartbeat)
         cloud.rss_idle = rss(cloud.proc.pid)
         probes = Probes(cloud.target, certs_dir, [f"probe-{i:02d}" for i in range(args.regions)], PROBE_INTERVAL)
+        started = time.monotonic()
         fleet = await Fleet.start(certs_dir, [f"{cloud.target}={AGENT_PREFIX}:0:{args.selected}"], args.selected,
                                   shapes, args.codec, 0.0, work / "fleet-flat.json", work / "fleet-flat.log")
         await fleet.wait_connected(args.connect_timeout)
+        connect_seconds = time.monotonic() - started
         await probes.wait_connected(60)
         await wait_members(cloud, certs_dir, args.selected + args.regions, 0, timeout=60)
-        idle = await idle_cpu([cloud], args.idle_seconds)
-        rss_connected = rss(cloud.proc.pid)
+        await asyncio.sleep(args.settle_seconds)
+        pids = {"cloud": [cloud.proc.pid], "light agents": [fleet.proc.pid]}
         await fleet.command("measure")
         probes.measure()
+        idle, idle_span = await idle_window(pids, args.idle_seconds)
+        rss_connected = rss(cloud.proc.pid)
         print(f"  flat job: {args.rounds} rounds of {args.selected} agents", flush=True)
         job = await run_job(cloud, certs_dir, job_spec(args, args.selected, args.selected), args.job_timeout,
-                            [cloud])
+                            [cloud], pids)
         probe = await probes.stop()
         probes = None
         measured = await fleet.stop()
@@ -238,86 +260,16 @@ async def flat(args: argparse.Namespace, work: Path, certs_dir: Path, shapes: Pa
             fleet.kill()
         stop_all([cloud])
     assert cloud is not None
+    rtts = {"agents_to_cloud": measured["rtts"], "probes_to_cloud": probe["rtts"]}
     return {
-        "agents": args.selected, "tiers": {"agents_to_cloud": quantiles(measured["rtts"]),
-                                           "probes_to_cloud": quantiles(probe["rtts"])},
-        "dropped_streams": measured["drops"] + probe["drops"], "uploads": _codes([measured]),
+        "agents": args.selected, "codec": args.codec, "heartbeat": args.cloud_heartbeat,
+        "connect_seconds": connect_seconds, "tiers": tiers(rtts, {"idle": idle_span, "job": job["window"]}),
+        "dropped_streams": measured["drops"] + probe["drops"], **light_results([measured]),
         "update_bytes": measured["update_bytes"],
         "memory": {"cloud_rss_idle_bytes": cloud.rss_idle, "cloud_rss_connected_bytes": rss_connected,
                    "cloud_rss_per_agent_bytes": (rss_connected - cloud.rss_idle) / args.selected},
         "idle_cores": idle, "job": job,
     }
-
-
-def _target(measured: float | None, goal: float, op: str, how: str) -> dict[str, Any]:
-    if measured is None or not math.isfinite(measured):
-        return {"measured": measured, "goal": goal, "op": op, "met": False, "how": how}
-    met = measured <= goal if op == "<=" else measured >= goal
-    return {"measured": measured, "goal": goal, "op": op, "met": met, "how": how}
-
-
-def targets(result: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    tree, one = result.get("hierarchical"), result.get("flat")
-    if tree:
-        tiers = {name: t["p99"] for name, t in tree["tiers"].items()}
-        worst = max(tiers.values(), key=lambda v: math.inf if v is None else v)
-        shown = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} none" for k, v in tiers.items())
-        out["heartbeat_p99_seconds"] = _target(worst, 1.0, "<=", (
-            f"99th percentile heartbeat-to-acknowledgement seconds, the worse tier ({shown}), "
-            f"{tree['agents']} agents over {tree['regions']} regions while the job ran"))
-        out["dropped_streams"] = _target(tree["dropped_streams"], 0, "<=",
-                                         "control streams (agents' and probes') that broke after they opened")
-    if tree and one:
-        out["cloud_bytes_per_round_vs_flat"] = _target(
-            tree["job"]["bytes_up_per_round"] / one["job"]["bytes_up_per_round"], 0.1, "<=",
-            f"update bytes into the cloud per round (RoundResult.bytes_up), {tree['regions']} regions / flat, "
-            f"{result['config']['selected']} selected agents, codec {result['config']['codec']}")
-        out["cloud_cpu_per_round_vs_flat"] = _target(
-            tree["job"]["cpu_seconds_per_round"] / one["job"]["cpu_seconds_per_round"], 0.1, "<=",
-            "the cloud process's CPU seconds over the job / rounds, hierarchical / flat (idle work included)")
-    real = result.get("real") or {}
-    equality = real.get("equality")
-    if equality:
-        out["model_max_abs_diff_vs_flat"] = _target(
-            equality["max_abs_diff"], 1e-5, "<=",
-            f"largest |flat - two-tier| coordinate of the final models, {equality['agents']} real agents, "
-            f"{equality['rounds']} rounds, FedAvg, codec none (sha256 equal: {equality['sha256_equal']})")
-        out["accuracy_diff_vs_flat"] = _target(
-            abs(equality["flat"]["accuracy"] - equality["hierarchical"]["accuracy"]), 0.01, "<=",
-            "|final test accuracy flat - two-tier|")
-    kill = real.get("region_kill")
-    if kill:
-        out["acked_updates_lost_region_kill"] = _target(
-            kill["acked_lost"], 0, "<=",
-            f"updates a region acknowledged before SIGKILL ({kill['acked_before_kill']}) missing from the partial "
-            f"it sent up after its restart; job {kill['job_state']}")
-        out["region_kill_job_completed"] = _target(
-            1.0 if kill["job_state"] == "completed" else 0.0, 1.0, ">=", "the job completed after the kill")
-    return out
-
-
-def print_table(result: dict[str, Any]) -> None:
-    tree, one = result.get("hierarchical"), result.get("flat")
-    if tree:
-        print(f"\n{tree['agents']} agents, {tree['regions']} regions, connected in {tree['connect_seconds']:.0f} s")
-        for name, t in tree["tiers"].items():
-            if t["p99"] is not None:
-                print(f"  {name:<24} {t['heartbeats']:>8} heartbeats  p50 {1e3 * t['p50']:7.1f} ms  "
-                      f"p99 {1e3 * t['p99']:7.1f} ms  max {1e3 * t['max']:7.1f} ms")
-        mem = tree["memory"]
-        print(f"  region RSS per agent {mem['region_rss_per_agent_bytes'] / 1024:.0f} KiB, cloud RSS per agent "
-              f"{mem['cloud_rss_per_agent_bytes'] / 1024:.1f} KiB, light agent (client) "
-              f"{mem['fleet_rss_per_light_agent_bytes'] / 1024:.0f} KiB; dropped streams {tree['dropped_streams']}")
-    for name, run in (("hierarchical", tree), ("flat", one)):
-        if run:
-            job = run["job"]
-            print(f"  {name:<13} cloud bytes/round {job['bytes_up_per_round']:>12,.0f}  CPU s/round "
-                  f"{job['cpu_seconds_per_round']:6.3f}  median round {statistics.median(job['round_seconds']):.2f} s")
-    print()
-    for name, t in result["targets"].items():
-        shown = "none" if t["measured"] is None else f"{t['measured']:.4g}"
-        print(f"{'met ' if t['met'] else 'MISS'} {name:<34} {shown} {t['op']} {t['goal']:.4g}")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -370,6 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cloud-heartbeat", type=float, default=5.0,
                    help="seconds between the members' heartbeats to the cloud (regions; flat: the agents)")
     p.add_argument("--fleets", type=int, default=4, help="processes the light agents are spread over")
+    p.add_argument("--settle-seconds", type=float, default=5.0, help="wait once every agent is connected")
     p.add_argument("--idle-seconds", type=float, default=10.0, help="steady heartbeats measured before the job")
     p.add_argument("--round-deadline", type=float, default=120.0)
     p.add_argument("--connect-timeout", type=float, default=600.0)
@@ -397,12 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print_table(result)
-    try:
-        from tandem_lab.scale_plot import plot
-
-        plot(result, args.out.with_suffix(".png"))
-    except ImportError:
-        pass
+    plot(result, args.out.with_suffix(".png"))
     return 0
 
 

@@ -79,7 +79,10 @@ class Tally:
     """What the light agents of one process saw (one event loop: no locks)."""
 
     measuring: bool = True
-    rtts: list[float] = field(default_factory=list)
+    rtts: list[tuple[float, float]] = field(default_factory=list)  # (when acknowledged, seconds)
+    notices: int = 0  # ModelNotices received (every version a coordinator publishes is announced to all)
+    downloads: int = 0
+    download_bytes: int = 0
     uploads: list[Acked] = field(default_factory=list)
     drops: int = 0  # control streams that ended while the fleet ran
     failed_connects: int = 0  # attempts that never got a Welcome (a handshake timed out in a connect storm)
@@ -90,9 +93,10 @@ class Tally:
 
 class LightAgent:
     """One member: a channel, a control stream (reopened when it breaks), heartbeats timed
-    by the coordinator's acknowledgement, and tasks answered with `update`, after `delay`
-    seconds in the rounds `delay_rounds` (every round: None). `offers` in its Hello (a task
-    nobody trains keeps a probe out of every job).
+    by the coordinator's acknowledgement, and tasks answered as a real agent answers them
+    (the base version downloaded unless held or seeded), with `update` in place of
+    training, after `delay` seconds in the rounds `delay_rounds` (every round: None).
+    `offers` in its Hello (a task nobody trains keeps a probe out of every job).
 
     A task for a round whose update was acknowledged is not answered again: a coordinator
     that lost an acknowledged update does not get it back from here (it is counted in
@@ -105,6 +109,7 @@ class LightAgent:
         self.interval, self.delay, self.delay_rounds, self.examples = interval, delay, delay_rounds, examples
         self.answered: set[tuple[str, int]] = set()  # (job, round) answered OK or being answered
         self.acked: set[tuple[str, int]] = set()
+        self.held: dict[str, int] = {}  # model -> the version last downloaded
         self.resent = 0  # tasks received again for a round already acknowledged
         self.offers = [pb.TaskOffer(name=n, ready=False, reason="a probe: trains nothing") for n in offers]
         self.channel = grpcserver.secure_channel(target, tls.agent_credentials(certs_dir, name))
@@ -154,13 +159,15 @@ class LightAgent:
                 if kind == "heartbeat_ack":
                     started = sent.pop(message.heartbeat_ack.seq, None)
                     if started is not None and self.tally.measuring:
-                        self.tally.rtts.append(time.perf_counter() - started)
+                        self.tally.rtts.append((time.time(), time.perf_counter() - started))
                 elif kind == "welcome":
                     welcomed = True
                     self.tally.connected += 1
                     self.tally.changed.set()
                     interval = self.interval or message.welcome.heartbeat_interval_seconds or 5.0
                     beating.append(asyncio.create_task(self._heartbeats(call, sent, interval)))
+                elif kind == "model":
+                    self.tally.notices += 1
                 elif kind == "task" and self.update is not None:
                     answer = asyncio.create_task(self._answer(message.task))
                     self._answering.add(answer)
@@ -196,6 +203,24 @@ class LightAgent:
                 return  # the stream is gone: the reader says why
             await asyncio.sleep(interval)
 
+    async def _fetch(self, task: pb.TrainTask) -> None:
+        """The task's base version, as a real agent gets it: nothing when it is the job's
+        seeded initial model or the version held, else downloaded (the differences from
+        the version held, when the coordinator has them). What arrives is counted, not kept."""
+        if task.HasField("base_seed"):  # built from the seed, as a real agent does: held from now on
+            self.held[task.model] = task.base_version
+        if self.held.get(task.model) == task.base_version:
+            return
+        request = pb.ModelRequest(model=task.model, version=task.base_version,
+                                  have_version=self.held.get(task.model, 0))
+        try:
+            async for message in self.stub.DownloadModel(request, timeout=120):
+                self.tally.download_bytes += message.ByteSize()
+        except grpc.aio.AioRpcError:
+            return  # the upload goes ahead: the coordinator does not know what was downloaded
+        self.tally.downloads += 1
+        self.held[task.model] = task.base_version
+
     async def _answer(self, task: pb.TrainTask) -> None:
         update = self.update
         assert update is not None
@@ -204,6 +229,7 @@ class LightAgent:
             self.resent += key in self.acked
             return
         self.answered.add(key)
+        await self._fetch(task)
         if self.delay and (self.delay_rounds is None or task.round in self.delay_rounds):
             await asyncio.sleep(self.delay)
         if task.codec and task.codec != update.codec:
@@ -315,7 +341,8 @@ async def fleet(args: argparse.Namespace) -> dict[str, Any]:
     reporter.cancel()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
-        "agents": len(agents), "rtts": [round(r, 6) for r in tally.rtts], "drops": tally.drops,
+        "agents": len(agents), "rtts": [(round(t, 3), round(r, 6)) for t, r in tally.rtts],
+        "notices": tally.notices, "downloads": tally.downloads, "download_bytes": tally.download_bytes, "drops": tally.drops,
         "drop_reasons": dict(tally.reasons), "failed_connects": tally.failed_connects,
         "dropped_agents": sorted(a.name for a in agents if a.drops and a.drops[0] >= measured_at),
         "drops_while_measuring": sum(1 for a in agents for t in a.drops if measured_at <= t <= stopped_at),
