@@ -215,6 +215,7 @@ async def hierarchical(args: argparse.Namespace, work: Path, certs_dir: Path, sh
             "region_rss_per_agent_bytes": statistics.median(per_agent),
             "region_rss_per_agent_bytes_range": [min(per_agent), max(per_agent)],
             "cloud_rss_idle_bytes": cloud.rss_idle, "cloud_rss_with_regions_bytes": cloud_rss_regions,
+            "cloud_rss_per_member_bytes": (cloud_rss_regions - cloud.rss_idle) / (2 * args.regions),
             "cloud_rss_connected_bytes": rss_connected["cloud"],
             "cloud_rss_per_agent_bytes": (rss_connected["cloud"] - cloud.rss_idle) / args.agents,
             "fleet_rss_per_light_agent_bytes": sum(fleet_rss) / args.agents,
@@ -230,7 +231,7 @@ async def flat(args: argparse.Namespace, work: Path, certs_dir: Path, shapes: Pa
     fleet: Fleet | None = None
     probes: Probes | None = None
     try:
-        cloud = start_cloud(certs_dir, work, args.cloud_heartbeat)
+        cloud = start_cloud(certs_dir, work, args.heartbeat)  # its agents heartbeat as the regions' do
         cloud.rss_idle = rss(cloud.proc.pid)
         probes = Probes(cloud.target, certs_dir, [f"probe-{i:02d}" for i in range(args.regions)], PROBE_INTERVAL)
         started = time.monotonic()
@@ -262,7 +263,7 @@ async def flat(args: argparse.Namespace, work: Path, certs_dir: Path, shapes: Pa
     assert cloud is not None
     rtts = {"agents_to_cloud": measured["rtts"], "probes_to_cloud": probe["rtts"]}
     return {
-        "agents": args.selected, "codec": args.codec, "heartbeat": args.cloud_heartbeat,
+        "agents": args.selected, "codec": args.codec, "heartbeat": args.heartbeat,
         "connect_seconds": connect_seconds, "tiers": tiers(rtts, {"idle": idle_span, "job": job["window"]}),
         "dropped_streams": measured["drops"] + probe["drops"], **light_results([measured]),
         "update_bytes": measured["update_bytes"],
@@ -320,10 +321,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codec", default="topk:0.01+int8", help="the update codec of both jobs")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds between the agents' heartbeats to a region")
     p.add_argument("--cloud-heartbeat", type=float, default=5.0,
-                   help="seconds between the members' heartbeats to the cloud (regions; flat: the agents)")
+                   help="seconds between the regions' heartbeats to the cloud (flat: the agents heartbeat every "
+                        "--heartbeat seconds, as under a region)")
     p.add_argument("--fleets", type=int, default=4, help="processes the light agents are spread over")
-    p.add_argument("--settle-seconds", type=float, default=5.0, help="wait once every agent is connected")
-    p.add_argument("--idle-seconds", type=float, default=10.0, help="steady heartbeats measured before the job")
+    p.add_argument("--settle-seconds", type=float, default=10.0, help="wait once every agent is connected")
+    p.add_argument("--idle-seconds", type=float, default=20.0, help="steady heartbeats measured before the job")
     p.add_argument("--round-deadline", type=float, default=120.0)
     p.add_argument("--connect-timeout", type=float, default=600.0)
     p.add_argument("--job-timeout", type=float, default=900.0)
