@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.slow, pytest.mark.process]
 
 async def test_a_tiny_bench_scale_writes_every_named_target(tmp_path: Path) -> None:
     args = parse_args(["--agents", "20", "--regions", "2", "--selected", "4", "--rounds", "2", "--fleets", "1",
-                       "--idle-seconds", "1", "--settle-seconds", "0", "--real-agents", "0", "--kill-agents", "2", "--heartbeat", "1",
-                       "--out", str(tmp_path / "scale.json")])
+                       "--idle-seconds", "1", "--settle-seconds", "0", "--real-agents", "0", "--kill-agents", "2",
+                       "--heartbeat", "1", "--out", str(tmp_path / "scale.json")])
     result = json.loads(json.dumps(await run(args)))  # what main writes
     targets = result["targets"]
     assert set(SKIPPED) <= set(targets)
