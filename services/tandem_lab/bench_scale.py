@@ -332,6 +332,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--real-agents", type=int, default=8,
                    help="real `tandem edge` processes for the equality check, half under each of 2 regions (0: skip)")
     p.add_argument("--real-rounds", type=int, default=5)
+    p.add_argument("--no-real-control", dest="real_control", action="store_false",
+                   help="skip the second flat run (how far flat is from itself, run to run)")
     p.add_argument("--kill-agents", type=int, default=6,
                    help="light agents of the region killed mid-round (0: skip the region kill)")
     p.add_argument("--skip-light", action="store_true", help="only the real-process checks")

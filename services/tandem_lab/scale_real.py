@@ -55,15 +55,21 @@ async def start_job(server: Server, certs_dir: Path, **spec: Any) -> str:
     return str(reply.job_id)
 
 
-async def final_model(server: Server, certs_dir: Path, job: dict[str, Any]) -> tuple[dict[str, np.ndarray], str]:
-    """The job's last version, downloaded as an agent would (through the admin's certificate)."""
-    version = job["rounds"][-1]["version"]
-    sha256 = job["rounds"][-1]["sha256"]
+async def round_models(server: Server, certs_dir: Path, job: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+    """The version each round of the job published, downloaded as an agent would (through
+    the admin's certificate)."""
     specs = await asyncio.to_thread(training.state_specs, job["spec"]["model"])
+    models = []
     async with admin_channel(server.target, certs_dir) as channel:
-        arrays = await transfer.Download(job["spec"]["model"], version, sha256, specs).run(
-            coordinator_pb2_grpc.CoordinatorStub(channel), timeout=120)
-    return arrays, sha256
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        for r in job["rounds"]:
+            models.append(await transfer.Download(job["spec"]["model"], r["version"], r["sha256"], specs).run(
+                stub, timeout=120))
+    return models
+
+
+def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
 # ---- the same model, flat and under two regions ---------------------------------
@@ -96,27 +102,40 @@ async def _train(work: Path, certs_dir: Path, n: int, rounds: int, tiered: bool)
         if job["state"] != "completed":
             raise RuntimeError(f"{'two-tier' if tiered else 'flat'} job ended {job['state']}: {job['message']}; "
                                f"see {work}")
-        arrays, sha256 = await final_model(cloud, certs_dir, job)
+        models = await round_models(cloud, certs_dir, job)
     finally:
         for proc in agents:
             procs.stop(proc)
         stop_all([*regions, cloud])
     last = job["rounds"][-1]
-    return {"arrays": arrays, "sha256": sha256, "accuracy": last["accuracy"], "loss": last["loss"],
-            "seconds": seconds, "members": sorted(last["agents"]), "version": last["version"]}
+    return {"models": models, "sha256": last["sha256"], "accuracy": last["accuracy"], "loss": last["loss"],
+            "seconds": seconds, "members": sorted(last["agents"]), "version": last["version"],
+            "accuracies": [r["accuracy"] for r in job["rounds"]]}
 
 
-async def equality(work: Path, certs_dir: Path, n: int, rounds: int) -> dict[str, Any]:
+async def equality(work: Path, certs_dir: Path, n: int, rounds: int, control: bool) -> dict[str, Any]:
+    """Flat, then two tiers; with `control`, flat once more: updates are folded in the
+    order they arrive, so flat is not bit for bit the same from run to run either."""
     print(f"  equality: {n} real agents flat ...", flush=True)
     flat = await _train(work / "flat", certs_dir, n, rounds, tiered=False)
     print(f"  equality: {n} real agents under {len(REGIONS)} regions ...", flush=True)
     tiered = await _train(work / "tiered", certs_dir, n, rounds, tiered=True)
-    a, b = flat.pop("arrays"), tiered.pop("arrays")
-    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
-    largest = max(float(np.max(np.abs(a[k]))) for k in a)
-    return {"agents": n, "rounds": rounds, "max_abs_diff": worst, "largest_coordinate": largest,
-            "float32_epsilons_of_largest": worst / (largest * float(np.finfo(np.float32).eps)),
-            "sha256_equal": flat["sha256"] == tiered["sha256"], "flat": flat, "hierarchical": tiered}
+    a, b = flat.pop("models"), tiered.pop("models")
+    by_round = [max_abs_diff(x, y) for x, y in zip(a, b, strict=True)]
+    largest = max(float(np.max(np.abs(a[-1][k]))) for k in a[-1])
+    eps = float(np.finfo(np.float32).eps)
+    out = {"agents": n, "rounds": rounds, "max_abs_diff": by_round[-1], "max_abs_diff_by_round": by_round,
+           "largest_coordinate": largest, "float32_epsilons_of_largest": by_round[-1] / (largest * eps),
+           "accuracy_by_round": {"flat": flat.pop("accuracies"), "hierarchical": tiered.pop("accuracies")},
+           "sha256_equal": flat["sha256"] == tiered["sha256"], "flat": flat, "hierarchical": tiered}
+    if control:
+        print(f"  equality: {n} real agents flat again (run-to-run control) ...", flush=True)
+        again = await _train(work / "flat-again", certs_dir, n, rounds, tiered=False)
+        c = again.pop("models")
+        out["flat_again_max_abs_diff_by_round"] = [max_abs_diff(x, y) for x, y in zip(a, c, strict=True)]
+        out["flat_again_sha256_equal"] = again["sha256"] == flat["sha256"]
+        out["flat_again_accuracy"] = again["accuracy"]
+    return out
 
 
 # ---- a region killed mid-round ------------------------------------------------------
@@ -209,7 +228,8 @@ async def run_real(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         certs.add_region(certs_dir, name)
     out: dict[str, Any] = {}
     if args.real_agents:
-        out["equality"] = await equality(work / "equality", certs_dir, args.real_agents, args.real_rounds)
+        out["equality"] = await equality(work / "equality", certs_dir, args.real_agents, args.real_rounds,
+                                         args.real_control)
     if args.kill_agents:
         print(f"  region kill: {args.kill_agents} light agents in {REGIONS[0]}, 2 in {REGIONS[1]} ...", flush=True)
         out["region_kill"] = await region_kill(work / "kill", certs_dir, light)

@@ -74,6 +74,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
             equality["max_abs_diff"], 1e-5, "<=",
             f"largest |flat - two-tier| coordinate of the final models, {equality['agents']} real agents, "
             f"{equality['rounds']} rounds, FedAvg, codec none (sha256 equal: {equality['sha256_equal']})")
+        if "flat_again_max_abs_diff_by_round" in equality:
+            out["model_max_abs_diff_vs_flat"]["flat_vs_flat_again"] = equality["flat_again_max_abs_diff_by_round"][-1]
         out["accuracy_diff_vs_flat"] = _target(
             abs(equality["flat"]["accuracy"] - equality["hierarchical"]["accuracy"]), 0.01, "<=",
             "|final test accuracy flat - two-tier|")
