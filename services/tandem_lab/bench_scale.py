@@ -227,48 +227,56 @@ async def hierarchical(args: argparse.Namespace, work: Path, certs_dir: Path, sh
 
 
 async def flat(args: argparse.Namespace, work: Path, certs_dir: Path, shapes: Path) -> dict[str, Any]:
+    """--flat-agents light agents (by default: only the selected ones, all selected every
+    round) connected to one cloud, which selects --selected of them each round."""
+    n = args.flat_agents
     cloud: Server | None = None
-    fleet: Fleet | None = None
+    fleets: list[Fleet] = []
     probes: Probes | None = None
     try:
         cloud = start_cloud(certs_dir, work, args.heartbeat)  # its agents heartbeat as the regions' do
         cloud.rss_idle = rss(cloud.proc.pid)
         probes = Probes(cloud.target, certs_dir, [f"probe-{i:02d}" for i in range(args.regions)], PROBE_INTERVAL)
         started = time.monotonic()
-        fleet = await Fleet.start(certs_dir, [f"{cloud.target}={AGENT_PREFIX}:0:{args.selected}"], args.selected,
-                                  shapes, args.codec, 0.0, work / "fleet-flat.json", work / "fleet-flat.log")
-        await fleet.wait_connected(args.connect_timeout)
+        first = 0
+        for f, count in enumerate(shares(n, min(args.fleets, max(1, n // 500)))):  # a process per 500 or more
+            fleets.append(await Fleet.start(certs_dir, [f"{cloud.target}={AGENT_PREFIX}:{first}:{count}"], count, shapes,
+                                            args.codec, 0.0, work / f"fleet-flat-{f}.json", work / f"fleet-flat-{f}.log"))
+            first += count
+        for fleet in fleets:
+            await fleet.wait_connected(args.connect_timeout)
         connect_seconds = time.monotonic() - started
         await probes.wait_connected(60)
-        await wait_members(cloud, certs_dir, args.selected + args.regions, 0, timeout=60)
+        await wait_members(cloud, certs_dir, n + args.regions, 0, timeout=60)
         await asyncio.sleep(args.settle_seconds)
-        pids = {"cloud": [cloud.proc.pid], "light agents": [fleet.proc.pid]}
-        await fleet.command("measure")
+        pids = {"cloud": [cloud.proc.pid], "light agents": [f.proc.pid for f in fleets]}
+        for fleet in fleets:
+            await fleet.command("measure")
         probes.measure()
         idle, idle_span = await idle_window(pids, args.idle_seconds)
         rss_connected = rss(cloud.proc.pid)
-        print(f"  flat job: {args.rounds} rounds of {args.selected} agents", flush=True)
+        print(f"  flat job: {args.rounds} rounds of {args.selected} of {n} agents", flush=True)
         job = await run_job(cloud, certs_dir, job_spec(args, args.selected, args.selected), args.job_timeout,
                             [cloud], pids)
         probe = await probes.stop()
         probes = None
-        measured = await fleet.stop()
-        fleet = None
+        measured = [await fleet.stop() for fleet in fleets]
+        fleets = []
     finally:
         if probes is not None:
             await probes.stop()
-        if fleet is not None:
+        for fleet in fleets:
             fleet.kill()
         stop_all([cloud])
     assert cloud is not None
-    rtts = {"agents_to_cloud": measured["rtts"], "probes_to_cloud": probe["rtts"]}
+    rtts = {"agents_to_cloud": [r for m in measured for r in m["rtts"]], "probes_to_cloud": probe["rtts"]}
     return {
-        "agents": args.selected, "codec": args.codec, "heartbeat": args.heartbeat,
+        "agents": n, "selected": args.selected, "codec": args.codec, "heartbeat": args.heartbeat,
         "connect_seconds": connect_seconds, "tiers": tiers(rtts, {"idle": idle_span, "job": job["window"]}),
-        "dropped_streams": measured["drops"] + probe["drops"], **light_results([measured]),
-        "update_bytes": measured["update_bytes"],
+        "dropped_streams": sum(m["drops"] for m in measured) + probe["drops"], **light_results(measured),
+        "update_bytes": measured[0]["update_bytes"],
         "memory": {"cloud_rss_idle_bytes": cloud.rss_idle, "cloud_rss_connected_bytes": rss_connected,
-                   "cloud_rss_per_agent_bytes": (rss_connected - cloud.rss_idle) / args.selected},
+                   "cloud_rss_per_agent_bytes": (rss_connected - cloud.rss_idle) / n},
         "idle_cores": idle, "job": job,
     }
 
@@ -282,7 +290,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         certs_dir = work / "certs"
-        names = [agent_name(AGENT_PREFIX, i) for i in range(max(args.agents, args.selected))]
+        names = [agent_name(AGENT_PREFIX, i) for i in range(max(args.agents, args.flat_agents))]
         started = time.monotonic()
         certs.init_deployment(certs_dir, [*names, *(f"probe-{i:02d}" for i in range(args.regions))])
         for i in range(args.regions):
@@ -291,11 +299,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{time.monotonic() - started:.1f} s", flush=True)
         shapes = work / "shapes.json"
         shapes.write_text(json.dumps(model_specs(MODEL)))
-        if not args.skip_light:
-            for phase in ("flat", "tree"):
-                (work / phase).mkdir()
-            print(f"flat: {args.selected} light agents on one cloud ...", flush=True)
+        if "flat" in args.phases:
+            (work / "flat").mkdir()
+            print(f"flat: {args.flat_agents} light agents on one cloud ...", flush=True)
             result["flat"] = await flat(args, work / "flat", certs_dir, shapes)
+        if "tree" in args.phases:
+            (work / "tree").mkdir()
             print(f"hierarchical: {args.agents} light agents over {args.regions} regions ...", flush=True)
             result["hierarchical"] = await hierarchical(args, work / "tree", certs_dir, shapes)
         if args.real_agents or args.kill_agents:
@@ -336,7 +345,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the second flat run (how far flat is from itself, run to run)")
     p.add_argument("--kill-agents", type=int, default=6,
                    help="light agents of the region killed mid-round (0: skip the region kill)")
+    p.add_argument("--flat-agents", type=int, default=0,
+                   help="light agents connected to the flat cloud (default: --selected, all selected every round)")
     p.add_argument("--skip-light", action="store_true", help="only the real-process checks")
+    p.add_argument("--phases", default="flat,tree", help="light-agent phases to run: flat, tree (hierarchical)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, state)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -345,6 +357,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.real_agents and (args.real_agents < 2 or args.real_agents % 2):
         p.error("--real-agents: an even number, at least 2 (or 0)")
     args.fleets = max(1, min(args.fleets, args.regions))
+    args.flat_agents = args.flat_agents or args.selected
+    if args.flat_agents < args.selected:
+        p.error("--flat-agents must be at least --selected")
+    args.phases = set() if args.skip_light else {x.strip() for x in args.phases.split(",") if x.strip()}
+    if not args.phases <= {"flat", "tree"}:
+        p.error(f"--phases: flat and tree only, got {sorted(args.phases)}")
     return args
 
 

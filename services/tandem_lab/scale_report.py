@@ -95,8 +95,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
 
 # The targets, and the flag that leaves each out.
 SKIPPED = {
-    "heartbeat_p99_seconds": "--skip-light", "cloud_bytes_per_round_vs_flat": "--skip-light",
-    "cloud_cpu_per_round_vs_flat": "--skip-light", "model_max_abs_diff_vs_flat": "--real-agents 0",
+    "heartbeat_p99_seconds": "--skip-light or --phases", "cloud_bytes_per_round_vs_flat": "--skip-light or --phases",
+    "cloud_cpu_per_round_vs_flat": "--skip-light or --phases", "model_max_abs_diff_vs_flat": "--real-agents 0",
     "acked_updates_lost_region_kill": "--kill-agents 0",
 }
 
