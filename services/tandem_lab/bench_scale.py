@@ -360,8 +360,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.flat_agents = args.flat_agents or args.selected
     if args.flat_agents < args.selected:
         p.error("--flat-agents must be at least --selected")
-    args.phases = set() if args.skip_light else {x.strip() for x in args.phases.split(",") if x.strip()}
-    if not args.phases <= {"flat", "tree"}:
+    args.phases = [] if args.skip_light else sorted({x.strip() for x in args.phases.split(",") if x.strip()})
+    if not set(args.phases) <= {"flat", "tree"}:
         p.error(f"--phases: flat and tree only, got {sorted(args.phases)}")
     return args
 
