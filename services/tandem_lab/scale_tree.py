@@ -150,12 +150,16 @@ class Fleet:
         self.updated.set()
 
     async def wait_connected(self, timeout: float) -> None:
-        async with asyncio.timeout(timeout):
-            while self.connected < self.agents:
-                if self.proc.returncode is not None:
-                    raise RuntimeError(f"a fleet exited with {self.proc.returncode}; see {self.log}")
-                self.updated.clear()
-                await self.updated.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while self.connected < self.agents:
+                    if self.proc.returncode is not None:
+                        raise RuntimeError(f"a fleet exited with {self.proc.returncode}; see {self.log}")
+                    self.updated.clear()
+                    await self.updated.wait()
+        except TimeoutError:
+            raise RuntimeError(f"{self.connected} of a fleet's {self.agents} agents connected after {timeout:.0f} s; "
+                               f"see {self.log}") from None
 
     async def command(self, line: str) -> None:
         assert self.proc.stdin is not None
