@@ -89,7 +89,7 @@ bench-placement: $(STAMP)
 	$(PY) -m tandem_lab.bench_placement --phase-seconds 30 --agents 1,4 --out bench/results/placement.json
 
 # Regional aggregators (issue 20): 10,000 light agents over 20 `tandem region` processes against one flat
-# coordinator, 8 real agents flat and under 2 regions, a region killed mid-round (about 8 minutes on 2 cores).
+# coordinator, 8 real agents flat and under 2 regions, a region killed mid-round (about 6.5 minutes on 2 cores).
 bench-scale: $(STAMP)
 	$(PY) -m tandem_lab.bench_scale --agents 10000 --regions 20 --selected 300 --rounds 5 --heartbeat 20 \
 		--out bench/results/scale.json
