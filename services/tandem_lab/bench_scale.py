@@ -50,7 +50,6 @@ from tandem_lab.scale_tree import (
 )
 
 AGENT_PREFIX = "light-"
-PROBE_INTERVAL = 1.0  # seconds between a probe's heartbeats (the cloud allows 5 a second)
 MODEL = "mlp"
 
 
@@ -153,7 +152,8 @@ async def hierarchical(args: argparse.Namespace, work: Path, certs_dir: Path, sh
         cloud.rss_idle = rss(cloud.proc.pid)
         servers = await asyncio.to_thread(start_regions, certs_dir, work, regions, cloud.ports["port"], selected,
                                           args.heartbeat)
-        probes = Probes(cloud.target, certs_dir, [f"probe-{i:02d}" for i in range(args.regions)], PROBE_INTERVAL)
+        probes = Probes(cloud.target, certs_dir, [f"probe-{i:02d}" for i in range(args.regions)],
+                        args.probe_interval)
         await probes.wait_connected(60)
         await wait_members(cloud, certs_dir, 2 * args.regions, 0, timeout=60)
         await asyncio.sleep(2.0)
@@ -201,7 +201,7 @@ async def hierarchical(args: argparse.Namespace, work: Path, certs_dir: Path, sh
     return {
         "agents": args.agents, "regions": args.regions, "agents_per_region": per_region, "selected": args.selected,
         "selected_per_region": selected, "codec": args.codec, "heartbeat": args.heartbeat,
-        "cloud_heartbeat": args.cloud_heartbeat, "probe_interval": PROBE_INTERVAL, "fleets": args.fleets,
+        "cloud_heartbeat": args.cloud_heartbeat, "probe_interval": args.probe_interval, "fleets": args.fleets,
         "connect_seconds": connect_seconds,
         "tiers": tiers(rtts, {"idle": idle_span, "job": job["window"]}),
         "timelines": {name: timeline(r, idle_span[0]) for name, r in rtts.items()},
@@ -236,7 +236,8 @@ async def flat(args: argparse.Namespace, work: Path, certs_dir: Path, shapes: Pa
     try:
         cloud = start_cloud(certs_dir, work, args.heartbeat)  # its agents heartbeat as the regions' do
         cloud.rss_idle = rss(cloud.proc.pid)
-        probes = Probes(cloud.target, certs_dir, [f"probe-{i:02d}" for i in range(args.regions)], PROBE_INTERVAL)
+        probes = Probes(cloud.target, certs_dir, [f"probe-{i:02d}" for i in range(args.regions)],
+                        args.probe_interval)
         started = time.monotonic()
         first = 0
         for f, count in enumerate(shares(n, min(args.fleets, max(1, n // 500)))):  # a process per 500 or more
@@ -332,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cloud-heartbeat", type=float, default=5.0,
                    help="seconds between the regions' heartbeats to the cloud (flat: the agents heartbeat every "
                         "--heartbeat seconds, as under a region)")
+    p.add_argument("--probe-interval", type=float, default=1.0,
+                   help="seconds between a probe's heartbeats to the cloud (it allows 5 a second)")
     p.add_argument("--fleets", type=int, default=4, help="processes the light agents are spread over")
     p.add_argument("--settle-seconds", type=float, default=10.0, help="wait once every agent is connected")
     p.add_argument("--idle-seconds", type=float, default=20.0, help="steady heartbeats measured before the job")
