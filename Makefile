@@ -10,7 +10,7 @@ AGENTS ?= edge-1,edge-2,edge-3,edge-4
 # entry points (tandem.tasks) make `resnet` and `forecast` known to the cloud and agents.
 EXAMPLES := examples/resnet examples/forecast examples/traffic
 
-.PHONY: install protos certs run test test-quick lint typecheck traffic traffic-ablation bench-fl bench-fl-shaped bench-auto bench-infer bench-placement reliability fuzz gpu-check clean
+.PHONY: install protos certs run test test-quick lint typecheck traffic traffic-ablation bench-fl bench-fl-shaped bench-auto bench-infer bench-placement bench-scale reliability fuzz gpu-check clean
 
 install: $(STAMP)
 
@@ -87,6 +87,12 @@ bench-infer: $(STAMP)
 bench-placement: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) -m tandem_lab.bench_placement --phase-seconds 30 --agents 1,4 --out bench/results/placement.json
+
+# Regional aggregators (issue 20): 10,000 light agents over 20 `tandem region` processes against one flat
+# coordinator, 8 real agents flat and under 2 regions, a region killed mid-round (about 6.5 minutes on 2 cores).
+bench-scale: $(STAMP)
+	$(PY) -m tandem_lab.bench_scale --agents 10000 --regions 20 --selected 300 --rounds 5 --heartbeat 20 \
+		--out bench/results/scale.json
 
 # Poisoning, churn, coordinator crashes, link faults, 500 agents, a 1 GB model, fuzzing: docs/reliability.md.
 reliability: $(STAMP)
