@@ -104,6 +104,13 @@ def serving_config(args: argparse.Namespace) -> ServingConfig:
     )
 
 
+def check_address(flag: str, value: str) -> None:
+    """ValueError (one line, exit 2) unless `value` is HOST:PORT with a port in 1..65535."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{flag} {value!r} is not HOST:PORT")
+
+
 def write_ready(path: Path, ports: dict[str, int]) -> None:
     """Bound ports as JSON, written atomically, for whoever started this process."""
     tmp = path.with_suffix(".tmp")

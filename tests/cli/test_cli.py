@@ -251,3 +251,10 @@ def test_region_refuses_wrong_inputs_in_one_line_before_writing_state(
     refused([*ok, "--min-clients", "3", "--clients-per-round", "2"],
             "--clients-per-round (2) must be 0 (all) or at least --min-clients (3)")
     refused([*ok, "--tasks", " , "], "--tasks ' , ': expected comma-separated task names")
+
+
+def test_edge_refuses_a_fallback_that_is_not_an_address(deployment: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["edge", "--certs", str(deployment), "--id", "ok", "--cloud", "localhost:1", "--data", "digits:0/2",
+                 "--fallback", "nohost"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --fallback 'nohost' is not HOST:PORT") and len(err.strip().splitlines()) == 1, err

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from tandem_cli.options import Subparsers, client_args, serving_args, write_ready
+from tandem_cli.options import Subparsers, check_address, client_args, serving_args, write_ready
 
 
 def register(subparsers: Subparsers) -> None:
@@ -70,6 +70,8 @@ async def run_edge(args: argparse.Namespace) -> int:
     from tandem import lifecycle, tasks
 
     labels = task_config.parse_labels(args.label)  # one line and exit 2 when malformed, before anything starts
+    for fallback in args.fallback:
+        check_address("--fallback", fallback)
     names = None
     if args.tasks is not None:
         names = tuple(name.strip() for name in args.tasks.split(",") if name.strip())

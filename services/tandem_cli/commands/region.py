@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from tandem_cli.options import Subparsers, certs_default, write_ready
+from tandem_cli.options import Subparsers, certs_default, check_address, write_ready
 
 
 def register(subparsers: Subparsers) -> None:
@@ -35,12 +35,6 @@ def register(subparsers: Subparsers) -> None:
                    help="comma-separated tasks offered to the parent (default: every installed task)")
     p.add_argument("--ready-file", type=Path, default=None, help="write the bound ports here as JSON once serving")
     p.set_defaults(func=lambda args: asyncio.run(run_region(args)))
-
-
-def check_address(flag: str, value: str) -> None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{flag} {value!r} is not HOST:PORT")
 
 
 async def run_region(args: argparse.Namespace) -> int:
