@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from cloud.store import JobState
 from cloud.tensorfile import read_tensors, write_tensors
 from edge.trainer import NothingToUpload
 from tandem import config as task_config
-from tandem import wire
+from tandem import files, wire
 from tandem.errors import TandemError
 from tandem.transfer import HeldVersion
 from tandem.v1 import coordinator_pb2 as pb
@@ -42,6 +43,18 @@ log = logging.getLogger(__name__)
 UPLOAD_SHARE = 0.2
 MIN_UPLOAD_SECONDS = 1.0
 MIN_ROUND_SECONDS = 1.0  # a local round needs at least this long (JobSpec's bound)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """`data` at `path` through a synced temporary file and a durable rename: the local
+    round's close commits after this, so a power cut cannot leave the round closed and
+    its partial gone."""
+    tmp = path.with_suffix(".part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    files.replace_durably(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -83,9 +96,7 @@ class Relay:
         await asyncio.to_thread(write_tensors, tensors, mean.mean)
         record = {"weight": mean.weight, "contributors": mean.contributors, "loss": mean.local_loss,
                   "metrics": mean.metrics}
-        partial = meta.with_suffix(".part")
-        partial.write_text(json.dumps(record))
-        partial.replace(meta)  # last: a partial whose record exists is whole
+        await asyncio.to_thread(_write_durably, meta, json.dumps(record).encode())  # last: a record means whole
 
     def _read(self, job_id: str) -> Partial | None:
         tensors, meta = self._paths(job_id)
